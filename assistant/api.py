@@ -1,0 +1,121 @@
+"""The JSON API: HTTP in, chat service call, HTTP out. No logic lives here.
+
+Routes (documented in the README):
+  POST /api/chat     {"conversation_id"?, "message"} -> pair of candidates
+  POST /api/vote     {"pair_id", "choice": "a"|"b"|"tie"|"both_bad"}
+  GET  /api/health
+  GET  /api/versions -> {"serving", "versions": [...]}
+  GET  /api/export?format=trl|hh -> JSON lines of preference data
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from assistant.chat_service import BusyError, ChatService, InvalidInputError
+from assistant.engine import EngineError, PromptTooLongError
+from storage import ConflictError, NotFoundError
+from storage.export import FORMATS
+
+MAX_BODY_BYTES = 256 * 1024
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def map_error(exc: Exception) -> JSONResponse:
+    """The one place where service errors become HTTP statuses."""
+    if isinstance(exc, InvalidInputError):
+        return error(exc.status, str(exc))
+    if isinstance(exc, NotFoundError):
+        return error(404, str(exc))
+    if isinstance(exc, ConflictError):
+        return error(409, str(exc))
+    if isinstance(exc, BusyError):
+        return error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, PromptTooLongError):
+        return error(
+            413,
+            f"the conversation no longer fits the model's context window; start a new chat ({exc})",
+        )
+    if isinstance(exc, EngineError):
+        return error(502, str(exc))
+    raise exc
+
+
+async def read_json(request: Request) -> dict:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidInputError(f"request body is over {MAX_BODY_BYTES} bytes", 413)
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidInputError("request body must be a JSON object")
+    return data
+
+
+def build_api_router(service: ChatService) -> APIRouter:
+    router = APIRouter(prefix="/api")
+
+    @router.post("/chat")
+    async def chat(request: Request):
+        try:
+            data = await read_json(request)
+            if "message" not in data:
+                raise InvalidInputError("missing 'message'")
+            result = await service.chat(
+                data.get("conversation_id"), data["message"], session_id=_session(request, data)
+            )
+        except Exception as exc:  # noqa: BLE001 - map_error re-raises what it does not know
+            return map_error(exc)
+        return result.as_json()
+
+    @router.post("/vote")
+    async def vote(request: Request):
+        try:
+            data = await read_json(request)
+            for key in ("pair_id", "choice"):
+                if key not in data:
+                    raise InvalidInputError(f"missing '{key}'")
+            voter = data.get("voter")
+            if voter is not None and not isinstance(voter, str):
+                raise InvalidInputError("'voter' must be a string", 422)
+            return await service.vote(
+                data["pair_id"], data["choice"], voter=voter, session_id=_session(request, data)
+            )
+        except Exception as exc:  # noqa: BLE001
+            return map_error(exc)
+
+    @router.get("/health")
+    async def health():
+        body = await service.health()
+        return JSONResponse(body, status_code=200 if body["engine"] else 503)
+
+    @router.get("/versions")
+    async def versions():
+        return service.versions()
+
+    @router.get("/export")
+    async def export(format: str = "trl"):  # noqa: A002 - the public query parameter name
+        if format not in FORMATS:
+            return error(422, f"format must be one of {', '.join(FORMATS)}")
+        records = await service.preference_data(format)
+        return PlainTextResponse(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+            media_type="application/x-ndjson",
+        )
+
+    return router
+
+
+def _session(request: Request, data: dict) -> str | None:
+    session = data.get("session_id") or request.headers.get("x-session-id")
+    if session is not None and not isinstance(session, str):
+        raise InvalidInputError("'session_id' must be a string", 422)
+    return session

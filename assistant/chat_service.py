@@ -1,0 +1,251 @@
+"""The chat service: one turn in, two candidates out; one vote in, the conversation goes on.
+
+The page and the JSON API both call this; it calls the engine for replies and the store for
+everything that must last. It knows no HTTP and no widgets: errors are exceptions that the edges
+map to status codes or page messages.
+
+Admission control lives here because vLLM's waiting queue is unbounded: past `max_backlog` turns
+generating at once, a new turn is refused with `BusyError` (HTTP 503 + Retry-After) instead of
+joining an ever-growing wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import unicodedata
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from assistant.config import SamplingConfig, ServeConfig
+from assistant.engine import Engine, PairProgress
+from storage import ConflictError, NotFoundError, Store
+from storage.export import preference_records
+from storage.store import VOTE_CHOICES, CandidateRecord
+
+SLOTS = ("a", "b")
+
+
+class InvalidInputError(ValueError):
+    """The request is malformed; the message says what is wrong (HTTP 400/413/422)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BusyError(RuntimeError):
+    """Too many turns are generating; retry after `retry_after_s` seconds (HTTP 503)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    conversation_id: str
+    pair_id: str
+    candidates: tuple[dict[str, str], dict[str, str]]  # [{"id", "text"}, ...] for A and B
+    model_version: str
+
+    def as_json(self) -> dict:
+        return {
+            "conversation_id": self.conversation_id,
+            "pair_id": self.pair_id,
+            "candidates": list(self.candidates),
+            "model_version": self.model_version,
+        }
+
+
+@dataclass(frozen=True)
+class TurnUpdate:
+    """What the page shows while a turn streams; `result` is set once the pair is stored."""
+
+    conversation_id: str
+    text_a: str
+    text_b: str
+    model_version: str
+    result: TurnResult | None = None
+
+
+def validate_message(message: object, max_chars: int) -> str:
+    if not isinstance(message, str):
+        raise InvalidInputError("'message' must be a string", 422)
+    if not message.strip():
+        raise InvalidInputError("'message' is empty: type something to ask")
+    if len(message) > max_chars:
+        raise InvalidInputError(
+            f"'message' is {len(message)} characters; the limit is {max_chars}", 413
+        )
+    bad = {c for c in message if unicodedata.category(c) == "Cc" and c not in "\n\r\t"}
+    if bad:
+        codes = ", ".join(f"U+{ord(c):04X}" for c in sorted(bad))
+        raise InvalidInputError(f"'message' contains control characters ({codes})")
+    return message
+
+
+def validate_choice(choice: object) -> str:
+    if choice not in VOTE_CHOICES:
+        raise InvalidInputError(
+            f"'choice' must be one of {', '.join(repr(c) for c in VOTE_CHOICES)}, got {choice!r}",
+            422,
+        )
+    return choice  # type: ignore[return-value]
+
+
+class ChatService:
+    def __init__(
+        self, store: Store, engine: Engine, sampling: SamplingConfig, serve: ServeConfig
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.sampling = sampling
+        self.serve = serve
+        self._generating = 0
+        self._conversations_generating: set[str] = set()
+
+    @property
+    def model_version(self) -> str:
+        return self.engine.model_version
+
+    @property
+    def generating(self) -> int:
+        return self._generating
+
+    # --- turns --------------------------------------------------------------------------
+
+    async def stream_turn(
+        self, conversation_id: str | None, message: object, *, session_id: str | None = None
+    ) -> AsyncIterator[TurnUpdate]:
+        """Generate both candidates for a user turn, streaming, then store the pair atomically.
+
+        Nothing is stored until both candidates are complete: a failed or cancelled turn
+        leaves no half-written pair behind.
+        """
+        text = validate_message(message, self.serve.max_message_chars)
+        if conversation_id is not None and not isinstance(conversation_id, str):
+            raise InvalidInputError("'conversation_id' must be a string", 422)
+        if self._generating >= self.serve.max_backlog:
+            raise BusyError(
+                f"busy: {self._generating} replies are being generated; retry in "
+                f"{self.serve.retry_after_s} s",
+                self.serve.retry_after_s,
+            )
+        # Admission is counted before the first await, so a burst cannot slip past the limit.
+        self._generating += 1
+        claimed: str | None = None
+        try:
+            if conversation_id is None:
+                conversation_id = await asyncio.to_thread(
+                    self.store.create_conversation, session_id
+                )
+            elif not await asyncio.to_thread(self.store.conversation_exists, conversation_id):
+                raise NotFoundError(f"unknown conversation_id {conversation_id!r}")
+            if conversation_id in self._conversations_generating:
+                raise ConflictError("this conversation is already generating a reply; wait")
+            self._conversations_generating.add(conversation_id)
+            claimed = conversation_id
+            pending = await asyncio.to_thread(self.store.pending_pair, conversation_id)
+            if pending is not None:
+                raise ConflictError(
+                    f"vote on pair {pending} first: the chosen reply continues the conversation"
+                )
+            history = await asyncio.to_thread(self.store.transcript, conversation_id)
+            prompt = self._system() + history + [{"role": "user", "content": text}]
+            seed = secrets.randbelow(2**31 - 2)
+            last: PairProgress | None = None
+            async for progress in self.engine.stream_pair(prompt, self.sampling.as_dict(), seed):
+                last = progress
+                a, b = progress.candidates
+                yield TurnUpdate(conversation_id, a.text, b.text, progress.model_version)
+            assert last is not None and last.final
+            records = tuple(
+                CandidateRecord(
+                    slot=SLOTS[d.index],
+                    text=d.text,
+                    model_version=last.model_version,
+                    sampling={**last.sampling, "seed": d.seed},
+                    prompt_tokens=last.prompt_tokens,
+                    completion_tokens=d.completion_tokens,
+                    finish_reason=d.finish_reason,
+                    latency_ms=d.latency_ms,
+                )
+                for d in last.candidates
+            )
+            stored = await asyncio.to_thread(
+                self.store.record_pair,
+                conversation_id,
+                text,
+                prompt,
+                last.model_version,
+                seed,
+                records,
+            )
+            result = TurnResult(
+                conversation_id,
+                stored.pair_id,
+                tuple(
+                    {"id": cid, "text": r.text}
+                    for cid, r in zip(stored.candidate_ids, records, strict=True)
+                ),
+                last.model_version,
+            )
+            yield TurnUpdate(
+                conversation_id, records[0].text, records[1].text, last.model_version, result
+            )
+        finally:
+            self._generating -= 1
+            if claimed is not None:
+                self._conversations_generating.discard(claimed)
+
+    async def chat(
+        self, conversation_id: str | None, message: object, *, session_id: str | None = None
+    ) -> TurnResult:
+        """One whole turn, not streamed (the JSON API)."""
+        result = None
+        async for update in self.stream_turn(conversation_id, message, session_id=session_id):
+            result = update.result
+        assert result is not None
+        return result
+
+    def _system(self) -> list[dict[str, str]]:
+        prompt = self.serve.system_prompt
+        return [{"role": "system", "content": prompt}] if prompt else []
+
+    # --- votes --------------------------------------------------------------------------
+
+    async def vote(
+        self,
+        pair_id: object,
+        choice: object,
+        *,
+        voter: str | None = None,
+        session_id: str | None = None,
+    ) -> dict:
+        if not isinstance(pair_id, str) or not pair_id:
+            raise InvalidInputError("'pair_id' must be a non-empty string", 422)
+        choice = validate_choice(choice)
+        return await asyncio.to_thread(
+            self.store.record_vote, pair_id, choice, voter=voter, session_id=session_id
+        )
+
+    async def preference_data(self, fmt: str) -> list[dict]:
+        """Decisive votes as preference records (`trl` or `hh`), for export."""
+        rows = await asyncio.to_thread(self.store.voted_pairs)
+        return preference_records(rows, fmt)
+
+    # --- status -------------------------------------------------------------------------
+
+    def versions(self) -> dict:
+        return {"serving": self.model_version, "versions": self.store.model_versions()}
+
+    async def health(self) -> dict:
+        engine_ok = await self.engine.healthy()
+        return {
+            "status": "ok" if engine_ok else "degraded",
+            "engine": engine_ok,
+            "model_version": self.model_version,
+            "generating": self._generating,
+            "max_backlog": self.serve.max_backlog,
+        }

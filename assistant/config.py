@@ -1,0 +1,140 @@
+"""Typed configuration for the serving side, one dataclass per subsystem.
+
+Every field has a default that works on the embedded default (CPU, SmolLM2-135M) and a one-line
+help string that the CLI shows. `AppConfig.validate()` is called once at start-up; it raises
+`ConfigError` with a message that says the fix, and never rewrites a value the user gave.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which one and how to fix it."""
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ASSISTANT_DATA_DIR", "data")).expanduser()
+
+
+@dataclass
+class EngineConfig:
+    """Where replies come from: an embedded vLLM server we start, or an external one by URL."""
+
+    model: str | None = _help(
+        "local checkpoint directory or hub id to serve; default: embedded SmolLM2-135M-Instruct",
+        default=None,
+    )
+    vllm_url: str | None = _help(
+        "base URL of an external vLLM OpenAI-compatible server (e.g. http://gpu-box:8000); "
+        "when set, no engine is started here",
+        default=None,
+    )
+    served_model_name: str = _help("model name the engine serves under", default="policy")
+    max_model_len: int = _help("context window in tokens (prompt + reply)", default=2048)
+    dtype: str = _help("weight dtype for the embedded engine", default="bfloat16")
+    max_num_seqs: int = _help(
+        "sequences the engine batches at once (each turn is 2 sequences)", default=32
+    )
+    gpu_memory_utilization: float = _help(
+        "vLLM memory fraction; on CPU builds it is the fraction of the NUMA node's RAM",
+        default=0.3,
+    )
+    kv_cache_gib: int = _help("CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", default=1)
+    engine_port: int = _help("port of the embedded engine (0: pick a free one)", default=0)
+    startup_timeout_s: float = _help("how long to wait for the engine to come up", default=600.0)
+    extra_args: list[str] = _help(
+        "extra command-line arguments passed to the embedded `vllm serve`", default_factory=list
+    )
+
+
+@dataclass
+class SamplingConfig:
+    """How the two candidates of a turn are sampled (one request, n=2, one seed)."""
+
+    temperature: float = _help("sampling temperature of both candidates", default=0.8)
+    top_p: float = _help("nucleus sampling threshold", default=0.95)
+    max_new_tokens: int = _help("longest reply in tokens", default=256)
+
+    def as_dict(self) -> dict:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_new_tokens,
+        }
+
+
+@dataclass
+class ServeConfig:
+    """The HTTP side: the page and the JSON API."""
+
+    host: str = _help(
+        "address to bind; keep 127.0.0.1 unless behind a reverse proxy", default="127.0.0.1"
+    )
+    port: int = _help("port of the page and API", default=7860)
+    max_backlog: int = _help(
+        "turns generating at once before new ones get HTTP 503 'busy, retry'", default=16
+    )
+    retry_after_s: int = _help("Retry-After seconds sent with a 503", default=5)
+    max_message_chars: int = _help("longest accepted user message in characters", default=8000)
+    system_prompt: str | None = _help("system prompt prepended to every conversation", default=None)
+
+
+@dataclass
+class AppConfig:
+    data_dir: Path = _help(
+        "where models, the database and caches live ($ASSISTANT_DATA_DIR)",
+        default_factory=default_data_dir,
+    )
+    db_path: Path | None = _help("DuckDB file; default: DATA_DIR/assistant.duckdb", default=None)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    @property
+    def database(self) -> Path:
+        return self.db_path if self.db_path is not None else self.data_dir / "assistant.duckdb"
+
+    def validate(self) -> AppConfig:
+        s, e, p = self.serve, self.engine, self.sampling
+        checks = [
+            (s.max_backlog >= 1, f"--max-backlog must be at least 1, got {s.max_backlog}"),
+            (s.max_message_chars >= 1, "--max-message-chars must be positive"),
+            (0 < s.port < 65536, f"--port must be in 1..65535, got {s.port}"),
+            (p.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+            (
+                p.temperature > 0,
+                "--temperature must be > 0: two candidates need sampling, "
+                "at temperature 0 both replies would be identical",
+            ),
+            (0 < p.top_p <= 1, f"--top-p must be in (0, 1], got {p.top_p}"),
+            (
+                e.max_model_len > p.max_new_tokens,
+                f"--max-model-len ({e.max_model_len}) must exceed --max-new-tokens "
+                f"({p.max_new_tokens}) to leave room for the prompt",
+            ),
+            (0 < e.gpu_memory_utilization <= 1, "--gpu-memory-utilization must be in (0, 1]"),
+            (
+                e.vllm_url is None or e.vllm_url.startswith(("http://", "https://")),
+                f"--vllm-url must start with http:// or https://, got {e.vllm_url!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help text of a config field, for the CLI."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)

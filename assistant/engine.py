@@ -1,0 +1,70 @@
+"""The engine interface the chat service depends on, and the plain data it returns.
+
+The service never sees vLLM: it asks an `Engine` for a pair of candidates (streamed), the serving
+weight version, and later a weight reload. `assistant.vllm_client.VLLMServerEngine` is the one
+real implementation (embedded or external vLLM server alike); tests may bring fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class EngineError(RuntimeError):
+    """The engine failed or is unreachable; the message is safe to show to a user."""
+
+
+class PromptTooLongError(EngineError):
+    """The conversation plus the reply budget does not fit the model's context window."""
+
+
+@dataclass
+class CandidateDraft:
+    """One candidate as it grows during streaming."""
+
+    index: int  # 0 -> 'a', 1 -> 'b'
+    seed: int
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    latency_ms: float | None = None  # from request start to this candidate's last token
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class PairProgress:
+    """A snapshot of both candidates; `final` is set on the last one of a request."""
+
+    candidates: tuple[CandidateDraft, CandidateDraft]
+    model_version: str
+    prompt_tokens: int | None = None
+    final: bool = False
+    sampling: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What the chat service needs from a policy server."""
+
+    @property
+    def model_version(self) -> str:
+        """The weight version that answers new requests."""
+        ...
+
+    def stream_pair(
+        self, messages: list[dict[str, str]], sampling: dict, seed: int
+    ) -> AsyncIterator[PairProgress]:
+        """Two candidates for the same prompt in one batched request, seeds `seed` and `seed+1`."""
+        ...
+
+    async def healthy(self) -> bool: ...
+
+    async def reload_weights(self, path: str, version: str) -> float:
+        """Swap the serving weights in place; returns seconds taken."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,160 @@
+"""Assemble and run the app: store, engine, chat service, JSON API and page on one port.
+
+Start-up fails fast, before any model loads, on an unwritable database path or a missing model.
+The embedded engine is started here and stopped on shutdown; an external one (`--vllm-url`) is
+only checked for reachability.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from assistant.config import AppConfig, ConfigError
+from assistant.engine import EngineError
+
+BASE_VERSION = "v0000"
+
+
+@dataclass
+class ModelSource:
+    path: str  # what the engine loads: a local directory or a hub id
+    description: str
+
+
+def resolve_model(config: AppConfig) -> ModelSource:
+    """The checkpoint to serve: --model, or the embedded default (provisioned on first use)."""
+    from assistant.provision import is_checkpoint, provision_embedded
+
+    model = config.engine.model
+    if model is None:
+        return ModelSource(
+            str(provision_embedded(config.data_dir).resolve()),
+            "SmolLM2-135M-Instruct (embedded default)",
+        )
+    path = Path(model).expanduser()
+    if path.exists():
+        if not is_checkpoint(path):
+            raise ConfigError(
+                f"--model {model}: the directory has no config.json and "
+                "*.safetensors weights; point it at a checkpoint directory"
+            )
+        return ModelSource(str(path.resolve()), str(path))
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_like_path:
+        raise ConfigError(
+            f"--model {model}: no such directory. Pass a checkpoint directory, a "
+            "hub id (org/name), or leave it out for the embedded default"
+        )
+    return ModelSource(_hub_snapshot(model), model)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """A hub id, from the local cache or downloaded; a clear error when neither works."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            repo_id,
+            local_files_only=True,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception:  # noqa: BLE001 - not cached; try the network below
+        pass
+    try:
+        print(f"[model] downloading {repo_id} from the hub ...", file=sys.stderr, flush=True)
+        return snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure means the same fix
+        raise ConfigError(
+            f"--model {repo_id}: not in the local hub cache and the hub cannot be reached "
+            f"({type(exc).__name__}). Download it on a machine with network access and pass the "
+            "directory with --model DIR, or leave --model out for the embedded default."
+        ) from exc
+
+
+def build_app(config: AppConfig):
+    """Return a FastAPI app whose lifespan owns the engine; raises ConfigError/StoreError early."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from assistant.api import build_api_router
+    from assistant.chat_service import ChatService
+    from assistant.vllm_client import VLLMServerEngine
+    from assistant.vllm_server import EmbeddedVLLMServer
+    from storage import Store
+    from ui.page import CSS, build_page
+
+    config.validate()
+    store = Store(config.database)  # fails fast on an unwritable path
+    embedded: EmbeddedVLLMServer | None = None
+    if config.engine.vllm_url:
+        url, source = config.engine.vllm_url, ModelSource(config.engine.vllm_url, "external")
+        _check_external(url)
+    else:
+        source = resolve_model(config)
+        embedded = EmbeddedVLLMServer(
+            source.path, config.engine, config.data_dir / "logs" / "engine.log"
+        )
+        embedded.start()
+        try:
+            embedded.wait_ready()
+        except BaseException:
+            embedded.stop()
+            raise
+        url = embedded.url
+    store.ensure_base_version(BASE_VERSION, source.path, {"model": source.description})
+    engine = VLLMServerEngine(url, config.engine.served_model_name, BASE_VERSION)
+    service = ChatService(store, engine, config.sampling, config.serve)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        try:
+            yield
+        finally:
+            await engine.aclose()
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+            store.close()
+
+    app = FastAPI(title="Aligned assistant", lifespan=lifespan)
+    app.include_router(build_api_router(service))
+    app.state.service = service
+    app.state.embedded_engine = embedded
+    page = build_page(service).queue(default_concurrency_limit=None)
+    return gr.mount_gradio_app(app, page, path="/", css=CSS, footer_links=["api"])
+
+
+def _check_external(url: str) -> None:
+    import httpx
+
+    try:
+        ok = httpx.get(url.rstrip("/") + "/health", timeout=10).status_code == 200
+    except httpx.HTTPError as exc:
+        raise EngineError(f"--vllm-url {url}: the server is unreachable ({exc!r})") from exc
+    if not ok:
+        raise EngineError(f"--vllm-url {url}: /health did not answer 200")
+
+
+def serve(config: AppConfig) -> None:
+    import uvicorn
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    app = build_app(config)
+    print(
+        f"[app] ready on http://{config.serve.host}:{config.serve.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=config.serve.host,
+        port=config.serve.port,
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,145 @@
+"""`Engine` over a vLLM OpenAI-compatible server: the embedded one we start, or an external one.
+
+One implementation serves both deployments, so what is tested here is what runs on a GPU box or
+against a cluster behind a URL. A turn is one `/v1/chat/completions` request with `n=2` and a seed
+(vLLM gives child i the seed `seed + i`), streamed; the engine batches concurrent turns.
+
+Weight swaps use the server's own endpoints: `/pause?mode=wait` (in-flight requests finish, new
+ones queue), `/collective_rpc` `reload_weights`, `/reset_prefix_cache` (cached blocks computed with
+the old weights must not be reused) and `/resume`. The server must run with
+`VLLM_SERVER_DEV_MODE=1` for the last three; the embedded one does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+
+from assistant.engine import CandidateDraft, EngineError, PairProgress, PromptTooLongError
+
+
+class VLLMServerEngine:
+    def __init__(
+        self, base_url: str, model_name: str, model_version: str, request_timeout_s: float = 600.0
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model_name = model_name
+        self._version = model_version
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(request_timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    @property
+    def model_version(self) -> str:
+        return self._version
+
+    async def healthy(self) -> bool:
+        try:
+            return (await self._http.get("/health", timeout=5.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def stream_pair(
+        self, messages: list[dict[str, str]], sampling: dict, seed: int
+    ) -> AsyncIterator[PairProgress]:
+        version = self._version  # the version that answers this request, even if a swap follows
+        body = {
+            "model": self.model_name,
+            "messages": messages,
+            "n": 2,
+            "seed": seed,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "return_token_ids": True,
+            **sampling,
+        }
+        drafts = (CandidateDraft(0, seed), CandidateDraft(1, seed + 1))
+        prompt_tokens: int | None = None
+        started = time.perf_counter()
+        try:
+            async with self._http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise _error_from(resp)
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    payload = line[len("data: ") :]
+                    if payload == "[DONE]":
+                        break
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        raise EngineError(f"the engine failed mid-reply: {chunk['error']}")
+                    if chunk.get("prompt_token_ids") is not None:
+                        prompt_tokens = len(chunk["prompt_token_ids"])
+                    changed = False
+                    for choice in chunk.get("choices") or []:
+                        draft = drafts[choice["index"]]
+                        delta = choice.get("delta") or {}
+                        if delta.get("content"):
+                            draft.text += delta["content"]
+                            changed = True
+                        draft.completion_tokens += len(choice.get("token_ids") or [])
+                        if choice.get("finish_reason"):
+                            draft.finish_reason = choice["finish_reason"]
+                            draft.latency_ms = (time.perf_counter() - started) * 1000
+                            changed = True
+                    if changed:
+                        yield PairProgress(drafts, version, prompt_tokens, sampling=sampling)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
+        if not all(d.done for d in drafts):
+            raise EngineError("the engine ended the reply stream before both candidates finished")
+        yield PairProgress(drafts, version, prompt_tokens, final=True, sampling=sampling)
+
+    async def reload_weights(self, path: str, version: str) -> float:
+        """Swap weights in place without failing requests: in-flight ones drain first."""
+        started = time.perf_counter()
+        await self._post("/pause", params={"mode": "wait"})
+        try:
+            await self._post(
+                "/collective_rpc",
+                json={"method": "reload_weights", "kwargs": {"weights_path": path}},
+            )
+            await self._post("/reset_prefix_cache")
+            self._version = version
+        finally:
+            await self._post("/resume")
+        return time.perf_counter() - started
+
+    async def _post(self, route: str, **kwargs) -> httpx.Response:
+        try:
+            resp = await self._http.post(route, **kwargs)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
+        if resp.status_code >= 400:
+            raise _error_from(resp)
+        return resp
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _error_from(resp: httpx.Response) -> EngineError:
+    try:
+        detail = resp.json()
+        message = (
+            (detail.get("error") or {}).get("message")
+            if isinstance(detail.get("error"), dict)
+            else detail.get("detail") or detail.get("message")
+        )
+    except ValueError:
+        message = resp.text
+    message = str(message or resp.reason_phrase)
+    if (
+        resp.status_code == 400
+        and "context length" in message.lower()
+        or ("maximum" in message.lower() and "token" in message.lower())
+    ):
+        return PromptTooLongError(message)
+    return EngineError(f"engine error {resp.status_code}: {message}")

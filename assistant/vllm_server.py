@@ -1,0 +1,151 @@
+"""Start and stop the embedded vLLM server in its own process group.
+
+On this kind of machine it is vLLM's CPU build; on a GPU box the official build; the command line
+is the same `vllm serve` either way. The engine core is a further child process of the server.
+This module only manages the process: talking to it is `assistant.vllm_client`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from assistant.config import EngineConfig
+from assistant.engine import EngineError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True
+
+
+class EmbeddedVLLMServer:
+    """A `vllm serve` child process bound to loopback."""
+
+    def __init__(self, model_path: str, config: EngineConfig, log_path: Path) -> None:
+        self.model_path = model_path
+        self.config = config
+        self.port = config.engine_port or free_port()
+        self.log_path = log_path
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        c = self.config
+        return [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_path,
+            "--served-model-name",
+            c.served_model_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(c.max_model_len),
+            "--max-num-seqs",
+            str(c.max_num_seqs),
+            "--dtype",
+            c.dtype,
+            "--gpu-memory-utilization",
+            str(c.gpu_memory_utilization),
+            "--disable-uvicorn-access-log",
+            *c.extra_args,
+        ]
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        # Weight hot-swap needs the dev endpoints (/collective_rpc, /reset_prefix_cache);
+        # they listen on loopback only.
+        env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+        if _on_cpu():
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        print(
+            f"[engine] starting vLLM on {self.url} (log: {self.log_path})",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group: we can stop the engine core too
+        )
+        log.close()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        last_report = time.monotonic()
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise EngineError(
+                    f"the vLLM engine exited with code {self._proc.returncode} while starting; "
+                    f"the last lines of {self.log_path}:\n{self.tail_log()}"
+                )
+            try:
+                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - last_report > 15:
+                print(
+                    "[engine] still loading (first start compiles the model; "
+                    "later starts use the cache) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                last_report = time.monotonic()
+            time.sleep(0.5)
+        self.stop()
+        raise EngineError(
+            f"the vLLM engine did not become ready in {self.config.startup_timeout_s:.0f} s; "
+            f"see {self.log_path}"
+        )
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def tail_log(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        try:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,80 @@
+"""Preference data out of the store, in the formats trainers read.
+
+- `trl`: TRL's conversational preference format, one row per decisive vote:
+  `{"prompt": [messages...], "chosen": [{"role": "assistant", ...}], "rejected": [...]}`.
+- `hh`: Anthropic HH-RLHF's text format: `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
+  "rejected": ...}`.
+
+Only decisive votes (a or b) become pairs: a tie says neither is preferred and both_bad gives no
+winner, so both are left out of preference data (they stay in the database).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+FORMATS = ("trl", "hh")
+
+
+def winner_loser(row: dict) -> tuple[str, str] | None:
+    if row["choice"] == "a":
+        return row["text_a"], row["text_b"]
+    if row["choice"] == "b":
+        return row["text_b"], row["text_a"]
+    return None
+
+
+def to_trl(row: dict) -> dict | None:
+    pair = winner_loser(row)
+    if pair is None:
+        return None
+    chosen, rejected = pair
+    return {
+        "prompt": row["prompt"],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def hh_transcript(messages: list[dict[str, str]]) -> str:
+    names = {"user": "Human", "assistant": "Assistant"}
+    return "".join(
+        f"\n\n{names[m['role']]}: {m['content']}" for m in messages if m["role"] in names
+    )
+
+
+def to_hh(row: dict) -> dict | None:
+    pair = winner_loser(row)
+    if pair is None:
+        return None
+    chosen, rejected = pair
+    context = hh_transcript(row["prompt"])
+    return {
+        "chosen": f"{context}\n\nAssistant: {chosen}",
+        "rejected": f"{context}\n\nAssistant: {rejected}",
+    }
+
+
+def preference_records(rows: Iterable[dict], fmt: str) -> list[dict]:
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    convert = to_trl if fmt == "trl" else to_hh
+    return [r for r in map(convert, rows) if r is not None]
+
+
+def write_records(records: list[dict], path: Path) -> None:
+    """Write JSONL or Parquet, chosen by the file suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    elif path.suffix in (".jsonl", ".json"):
+        with path.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    else:
+        raise ValueError(f"output must end in .jsonl or .parquet, got {path.name!r}")

@@ -1,0 +1,110 @@
+"""Numbered schema migrations for the DuckDB file.
+
+Each entry is applied once, in order, inside a transaction, and recorded in `schema_migrations`.
+Never edit a released migration: append a new one. The tables for the later stages (critiques,
+training runs, model versions, deployments) exist from the start so that a database written by
+this version can be read by the alignment loop without a rewrite.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "conversations, messages, candidate pairs, candidates, votes",
+        """
+        CREATE TABLE conversations (
+            id          VARCHAR PRIMARY KEY,
+            session_id  VARCHAR,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        -- The transcript the model sees: user turns and the chosen assistant replies.
+        -- A user turn voted both_bad is kept but marked superseded (the user asks again).
+        CREATE TABLE messages (
+            id              VARCHAR PRIMARY KEY,
+            conversation_id VARCHAR NOT NULL REFERENCES conversations(id),
+            position        INTEGER NOT NULL,
+            role            VARCHAR NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+            content         VARCHAR NOT NULL,
+            pair_id         VARCHAR,
+            superseded      BOOLEAN NOT NULL DEFAULT false,
+            created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+            UNIQUE (conversation_id, position)
+        );
+        -- One user turn answered twice. `prompt` is the exact message list sent to the engine.
+        CREATE TABLE pairs (
+            id              VARCHAR PRIMARY KEY,
+            conversation_id VARCHAR NOT NULL REFERENCES conversations(id),
+            position        INTEGER NOT NULL,
+            prompt          JSON NOT NULL,
+            model_version   VARCHAR NOT NULL,
+            seed            BIGINT NOT NULL,
+            created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE candidates (
+            id                VARCHAR PRIMARY KEY,
+            pair_id           VARCHAR NOT NULL REFERENCES pairs(id),
+            slot              VARCHAR NOT NULL CHECK (slot IN ('a', 'b')),
+            text              VARCHAR NOT NULL,
+            model_version     VARCHAR NOT NULL,
+            sampling          JSON NOT NULL,
+            prompt_tokens     INTEGER,
+            completion_tokens INTEGER,
+            finish_reason     VARCHAR,
+            latency_ms        DOUBLE,
+            created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+            UNIQUE (pair_id, slot)
+        );
+        CREATE TABLE votes (
+            id          VARCHAR PRIMARY KEY,
+            pair_id     VARCHAR NOT NULL UNIQUE REFERENCES pairs(id),
+            choice      VARCHAR NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
+            voter       VARCHAR,
+            session_id  VARCHAR,
+            source      VARCHAR NOT NULL DEFAULT 'human',
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+    (
+        2,
+        "tables for the alignment stages: critiques, training runs, model versions, deployments",
+        """
+        CREATE TABLE critiques (
+            id            VARCHAR PRIMARY KEY,
+            candidate_id  VARCHAR NOT NULL REFERENCES candidates(id),
+            round         INTEGER NOT NULL,
+            principle     VARCHAR NOT NULL,
+            critique      VARCHAR NOT NULL,
+            revision      VARCHAR NOT NULL,
+            model_version VARCHAR NOT NULL,
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE training_runs (
+            id          VARCHAR PRIMARY KEY,
+            kind        VARCHAR NOT NULL,
+            status      VARCHAR NOT NULL,
+            started_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+            finished_at TIMESTAMPTZ,
+            config      JSON,
+            metrics     JSON,
+            error       VARCHAR
+        );
+        CREATE TABLE model_versions (
+            version     VARCHAR PRIMARY KEY,
+            parent      VARCHAR,
+            path        VARCHAR NOT NULL,
+            status      VARCHAR NOT NULL,
+            manifest    JSON,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE deployments (
+            id            VARCHAR PRIMARY KEY,
+            version       VARCHAR NOT NULL,
+            previous      VARCHAR,
+            swap_seconds  DOUBLE,
+            deployed_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+]

@@ -1,0 +1,332 @@
+"""The one writer of the DuckDB file.
+
+DuckDB allows a single read-write process per file, so the app process owns one connection and
+serialises every statement through a lock: concurrent requests never interleave half-transactions.
+Each write is one transaction; once `commit` returns, DuckDB has written and synced its WAL, so an
+acknowledged vote survives `kill -9` of the app.
+
+The store speaks in plain dicts and dataclasses; it knows nothing of models, engines or pages.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from storage.migrations import MIGRATIONS
+
+VOTE_CHOICES = ("a", "b", "tie", "both_bad")
+
+
+class StoreError(RuntimeError):
+    """The database could not be opened or written; the message says why and what to do."""
+
+
+class NotFoundError(KeyError):
+    """An id that the caller sent does not exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
+class ConflictError(RuntimeError):
+    """The request contradicts stored state (a second vote on a pair, say)."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    slot: str  # 'a' or 'b'
+    text: str
+    model_version: str
+    sampling: dict
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    latency_ms: float | None
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    pair_id: str
+    candidate_ids: tuple[str, str]  # (a, b)
+
+
+class Store:
+    """Thread-safe access to one DuckDB file, schema migrated on open."""
+
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        if not read_only:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the database folder {self.path.parent}: {exc.strerror}. "
+                    "Pass --db with a writable path."
+                ) from exc
+        elif not self.path.exists():
+            raise StoreError(f"no database at {self.path}; start the app once or pass --db")
+        try:
+            self._con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as exc:
+            msg = str(exc)
+            if "lock" in msg.lower():
+                raise StoreError(
+                    f"the database {self.path} is in use by another process (only one process "
+                    f"may write it): {msg.splitlines()[0]}"
+                ) from exc
+            raise StoreError(
+                f"cannot open the database {self.path}: {msg.splitlines()[0]}. "
+                "Pass --db with a writable path."
+            ) from exc
+        if not read_only:
+            self._migrate()
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._lock:
+            self._con.begin()
+            try:
+                yield self._con
+            except BaseException:
+                self._con.rollback()
+                raise
+            self._con.commit()
+
+    def _rows(self, sql: str, params: list | tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._con.execute(sql, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                "description VARCHAR, applied_at TIMESTAMPTZ DEFAULT now())"
+            )
+            done = {
+                r[0] for r in self._con.execute("SELECT version FROM schema_migrations").fetchall()
+            }
+        for version, description, sql in MIGRATIONS:
+            if version in done:
+                continue
+            with self._transaction() as con:
+                con.execute(sql)
+                con.execute(
+                    "INSERT INTO schema_migrations (version, description) VALUES (?, ?)",
+                    [version, description],
+                )
+
+    def schema_version(self) -> int:
+        return self._rows("SELECT max(version) AS v FROM schema_migrations")[0]["v"] or 0
+
+    # --- conversations ------------------------------------------------------------------
+
+    def create_conversation(self, session_id: str | None = None) -> str:
+        conversation_id = new_id()
+        with self._transaction() as con:
+            con.execute(
+                "INSERT INTO conversations (id, session_id) VALUES (?, ?)",
+                [conversation_id, session_id],
+            )
+        return conversation_id
+
+    def conversation_exists(self, conversation_id: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM conversations WHERE id = ?", [conversation_id]))
+
+    def transcript(self, conversation_id: str) -> list[dict[str, str]]:
+        """The messages the model sees next: active user turns and chosen replies, in order."""
+        rows = self._rows(
+            "SELECT role, content FROM messages WHERE conversation_id = ? AND NOT superseded "
+            "ORDER BY position",
+            [conversation_id],
+        )
+        return [{"role": r["role"], "content": r["content"]} for r in rows]
+
+    def pending_pair(self, conversation_id: str) -> str | None:
+        """The pair of this conversation still waiting for a vote, if any."""
+        rows = self._rows(
+            "SELECT p.id FROM pairs p LEFT JOIN votes v ON v.pair_id = p.id "
+            "WHERE p.conversation_id = ? AND v.id IS NULL ORDER BY p.position DESC LIMIT 1",
+            [conversation_id],
+        )
+        return rows[0]["id"] if rows else None
+
+    # --- pairs and votes ----------------------------------------------------------------
+
+    def record_pair(
+        self,
+        conversation_id: str,
+        user_message: str,
+        prompt: list[dict[str, str]],
+        model_version: str,
+        seed: int,
+        candidates: tuple[CandidateRecord, CandidateRecord],
+    ) -> StoredPair:
+        """Store a user turn with its two candidates atomically: all of it or nothing."""
+        pair_id = new_id()
+        candidate_ids = (new_id(), new_id())
+        with self._transaction() as con:
+            position = con.execute(
+                "SELECT coalesce(max(position), -1) + 1 FROM messages WHERE conversation_id = ?",
+                [conversation_id],
+            ).fetchone()[0]
+            con.execute(
+                "INSERT INTO messages (id, conversation_id, position, role, content, pair_id) "
+                "VALUES (?, ?, ?, 'user', ?, ?)",
+                [new_id(), conversation_id, position, user_message, pair_id],
+            )
+            con.execute(
+                "INSERT INTO pairs (id, conversation_id, position, prompt, model_version, seed) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [pair_id, conversation_id, position, json.dumps(prompt), model_version, seed],
+            )
+            for cid, c in zip(candidate_ids, candidates, strict=True):
+                con.execute(
+                    "INSERT INTO candidates (id, pair_id, slot, text, model_version, sampling, "
+                    "prompt_tokens, completion_tokens, finish_reason, latency_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        cid,
+                        pair_id,
+                        c.slot,
+                        c.text,
+                        c.model_version,
+                        json.dumps(c.sampling),
+                        c.prompt_tokens,
+                        c.completion_tokens,
+                        c.finish_reason,
+                        c.latency_ms,
+                    ],
+                )
+        return StoredPair(pair_id, candidate_ids)
+
+    def record_vote(
+        self,
+        pair_id: str,
+        choice: str,
+        *,
+        voter: str | None = None,
+        session_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Store a vote and continue the conversation with the chosen reply, atomically.
+
+        a/b: that reply continues; tie: A continues; both_bad: no reply continues and the user
+        turn is marked superseded, so the user asks again.
+        """
+        if choice not in VOTE_CHOICES:
+            raise ValueError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got {choice!r}")
+        vote_id = new_id()
+        with self._transaction() as con:
+            pair = con.execute(
+                "SELECT conversation_id, position FROM pairs WHERE id = ?", [pair_id]
+            ).fetchone()
+            if pair is None:
+                raise NotFoundError(f"unknown pair_id {pair_id!r}")
+            conversation_id, position = pair
+            if con.execute("SELECT 1 FROM votes WHERE pair_id = ?", [pair_id]).fetchone():
+                raise ConflictError(f"pair {pair_id} already has a vote")
+            con.execute(
+                "INSERT INTO votes (id, pair_id, choice, voter, session_id) VALUES (?, ?, ?, ?, ?)",
+                [vote_id, pair_id, choice, voter, session_id],
+            )
+            chosen_text = None
+            if choice == "both_bad":
+                con.execute(
+                    "UPDATE messages SET superseded = true WHERE pair_id = ? AND role = 'user'",
+                    [pair_id],
+                )
+            else:
+                slot = "b" if choice == "b" else "a"
+                chosen_text = con.execute(
+                    "SELECT text FROM candidates WHERE pair_id = ? AND slot = ?", [pair_id, slot]
+                ).fetchone()[0]
+                con.execute(
+                    "INSERT INTO messages (id, conversation_id, position, role, content, pair_id) "
+                    "VALUES (?, ?, ?, 'assistant', ?, ?)",
+                    [new_id(), conversation_id, position + 1, chosen_text, pair_id],
+                )
+        return {
+            "vote_id": vote_id,
+            "pair_id": pair_id,
+            "choice": choice,
+            "conversation_id": conversation_id,
+            "continued_with": chosen_text,
+        }
+
+    def pair(self, pair_id: str) -> dict[str, Any]:
+        rows = self._rows("SELECT * FROM pairs WHERE id = ?", [pair_id])
+        if not rows:
+            raise NotFoundError(f"unknown pair_id {pair_id!r}")
+        pair = rows[0]
+        pair["prompt"] = json.loads(pair["prompt"])
+        pair["candidates"] = self._rows(
+            "SELECT * FROM candidates WHERE pair_id = ? ORDER BY slot", [pair_id]
+        )
+        votes = self._rows("SELECT * FROM votes WHERE pair_id = ?", [pair_id])
+        pair["vote"] = votes[0] if votes else None
+        return pair
+
+    def count(self, table: str) -> int:
+        if table not in {"conversations", "messages", "pairs", "candidates", "votes"}:
+            raise ValueError(f"unknown table {table!r}")
+        return self._rows(f"SELECT count(*) AS n FROM {table}")[0]["n"]
+
+    def voted_pairs(self) -> list[dict[str, Any]]:
+        """Every voted pair with its prompt and both candidate texts, oldest first."""
+        rows = self._rows(
+            "SELECT p.id AS pair_id, p.prompt, p.model_version, v.choice, v.source, "
+            "v.created_at AS voted_at, a.text AS text_a, b.text AS text_b "
+            "FROM votes v JOIN pairs p ON p.id = v.pair_id "
+            "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
+            "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
+            "ORDER BY v.created_at, v.id"
+        )
+        for r in rows:
+            r["prompt"] = json.loads(r["prompt"])
+        return rows
+
+    # --- model versions -----------------------------------------------------------------
+
+    def ensure_base_version(self, version: str, path: str, manifest: dict) -> None:
+        """Record the base checkpoint as a model version (idempotent)."""
+        with self._transaction() as con:
+            exists = con.execute(
+                "SELECT 1 FROM model_versions WHERE version = ?", [version]
+            ).fetchone()
+            if not exists:
+                con.execute(
+                    "INSERT INTO model_versions (version, parent, path, status, manifest) "
+                    "VALUES (?, NULL, ?, 'serving', ?)",
+                    [version, path, json.dumps(manifest)],
+                )
+
+    def model_versions(self) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT version, parent, path, status, manifest, created_at FROM model_versions "
+            "ORDER BY created_at, version"
+        )
+        for r in rows:
+            r["manifest"] = json.loads(r["manifest"]) if r["manifest"] else {}
+            r["created_at"] = r["created_at"].isoformat()
+        return rows
