@@ -26,6 +26,7 @@ RUN_OPTIONS = [
     ("--dtype", "engine", "dtype"),
     ("--gpu-memory-utilization", "engine", "gpu_memory_utilization"),
     ("--kv-cache-gib", "engine", "kv_cache_gib"),
+    ("--compile", "engine", "compile"),
     ("--host", "serve", "host"),
     ("--port", "serve", "port"),
     ("--max-backlog", "serve", "max_backlog"),

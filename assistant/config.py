@@ -48,6 +48,11 @@ class EngineConfig:
         default=0.3,
     )
     kv_cache_gib: int = _help("CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", default=1)
+    compile: str = _help(
+        "torch.compile the model: auto (GPU yes; CPU no: the CPU compile cache does not reload, "
+        "so each start would spend ~60 s compiling for ~1.25x decode speed), yes, no",
+        default="auto",
+    )
     engine_port: int = _help("port of the embedded engine (0: pick a free one)", default=0)
     startup_timeout_s: float = _help("how long to wait for the engine to come up", default=600.0)
     extra_args: list[str] = _help(
@@ -119,6 +124,10 @@ class AppConfig:
                 e.max_model_len > p.max_new_tokens,
                 f"--max-model-len ({e.max_model_len}) must exceed --max-new-tokens "
                 f"({p.max_new_tokens}) to leave room for the prompt",
+            ),
+            (
+                e.compile in ("auto", "yes", "no"),
+                f"--compile must be auto, yes or no, got {e.compile!r}",
             ),
             (0 < e.gpu_memory_utilization <= 1, "--gpu-memory-utilization must be in (0, 1]"),
             (

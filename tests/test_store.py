@@ -1,0 +1,123 @@
+"""The DuckDB store on a real file: migrations, atomic turns and votes, durability across reopen."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage import ConflictError, NotFoundError, Store, StoreError
+from storage.migrations import MIGRATIONS
+from storage.store import CandidateRecord
+
+
+def _candidates(text_a="reply A", text_b="reply B"):
+    return tuple(
+        CandidateRecord(
+            slot, text, "v0000", {"temperature": 0.8, "seed": 7 + i}, 12, 5 + i, "stop", 100.0 + i
+        )
+        for i, (slot, text) in enumerate((("a", text_a), ("b", text_b)))
+    )
+
+
+def _turn(store: Store, conversation_id: str, message: str, **kw):
+    prompt = store.transcript(conversation_id) + [{"role": "user", "content": message}]
+    return store.record_pair(conversation_id, message, prompt, "v0000", 7, _candidates(**kw))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "db" / "test.duckdb")
+    yield s
+    s.close()
+
+
+def test_migrations_apply_once_and_reopen_keeps_data(tmp_path):
+    path = tmp_path / "a.duckdb"
+    s = Store(path)
+    assert s.schema_version() == MIGRATIONS[-1][0]
+    conv = s.create_conversation("sess")
+    s.close()
+    s = Store(path)  # re-running migrations must be a no-op, not an error
+    assert s.schema_version() == MIGRATIONS[-1][0]
+    assert s.conversation_exists(conv)
+    assert s.count("conversations") == 1
+    s.close()
+
+
+def test_vote_a_continues_conversation_with_chosen_reply(store):
+    conv = store.create_conversation()
+    pair = _turn(store, conv, "hello", text_a="first", text_b="second")
+    assert store.pending_pair(conv) == pair.pair_id
+    result = store.record_vote(pair.pair_id, "b", session_id="s1")
+    assert result["continued_with"] == "second"
+    assert store.pending_pair(conv) is None
+    assert store.transcript(conv) == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "second"},
+    ]
+    pair2 = _turn(store, conv, "more")
+    stored = store.pair(pair2.pair_id)
+    # The second turn's prompt carries the chosen reply of the first.
+    assert stored["prompt"][1] == {"role": "assistant", "content": "second"}
+    assert [c["slot"] for c in stored["candidates"]] == ["a", "b"]
+    assert stored["candidates"][1]["completion_tokens"] == 6
+
+
+def test_tie_continues_with_a_and_both_bad_drops_the_turn(store):
+    conv = store.create_conversation()
+    store.record_vote(_turn(store, conv, "q1", text_a="A1").pair_id, "tie")
+    store.record_vote(_turn(store, conv, "q2").pair_id, "both_bad")
+    assert store.transcript(conv) == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "A1"},
+    ]
+    # The superseded user message is kept for the record, not in the transcript.
+    assert store.count("messages") == 3
+    assert store.count("votes") == 2
+
+
+def test_second_vote_unknown_pair_and_bad_choice_change_nothing(store):
+    conv = store.create_conversation()
+    pair = _turn(store, conv, "hi")
+    store.record_vote(pair.pair_id, "a")
+    with pytest.raises(ConflictError):
+        store.record_vote(pair.pair_id, "b")
+    with pytest.raises(NotFoundError):
+        store.record_vote("nope", "a")
+    with pytest.raises(ValueError):
+        store.record_vote(pair.pair_id, "c")
+    assert store.count("votes") == 1
+    assert store.count("messages") == 2  # the failed votes added no assistant message
+    assert store.pair(pair.pair_id)["vote"]["choice"] == "a"
+
+
+def test_voted_pairs_joins_prompt_and_both_texts(store):
+    conv = store.create_conversation()
+    pair = _turn(store, conv, "hi", text_a="x", text_b="y")
+    assert store.voted_pairs() == []
+    store.record_vote(pair.pair_id, "a")
+    (row,) = store.voted_pairs()
+    assert (row["choice"], row["text_a"], row["text_b"]) == ("a", "x", "y")
+    assert row["prompt"] == [{"role": "user", "content": "hi"}]
+
+
+def test_unwritable_location_fails_with_clear_message(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match="--db"):
+        Store(blocker / "sub" / "x.duckdb")
+
+
+def test_second_writer_process_is_refused_with_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "locked.duckdb"
+    s = Store(path)
+    code = (
+        "import sys; from storage import Store, StoreError\n"
+        f"try:\n    Store({str(path)!r})\nexcept StoreError as e:\n    print(e); sys.exit(3)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    s.close()
+    assert out.returncode == 3, out.stderr
+    assert "in use by another process" in out.stdout
