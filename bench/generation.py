@@ -56,8 +56,9 @@ async def api_latencies(url: str, users: int, turns_per_user: int) -> list[float
             out.append(time.perf_counter() - start)
             r.raise_for_status()
             conv = r.json()["conversation_id"]
-            await client.post(url + "/api/vote", json={"pair_id": r.json()["pair_id"],
-                                                       "choice": "a"})
+            await client.post(
+                url + "/api/vote", json={"pair_id": r.json()["pair_id"], "choice": "a"}
+            )
         return out
 
     async with httpx.AsyncClient(timeout=600) as client:
@@ -66,12 +67,20 @@ async def api_latencies(url: str, users: int, turns_per_user: int) -> list[float
 
 
 async def vllm_tokens_per_s(url: str, concurrency: int, max_tokens: int) -> float:
-    body = {"model": "policy", "n": 2, "temperature": 0.8, "top_p": 0.95,
-            "max_tokens": max_tokens, "ignore_eos": True}
+    body = {
+        "model": "policy",
+        "n": 2,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+    }
 
     async def one(client, i):
-        r = await client.post(url + "/v1/chat/completions", json={
-            **body, "seed": i, "messages": [{"role": "user", "content": PROMPTS[i]}]})
+        r = await client.post(
+            url + "/v1/chat/completions",
+            json={**body, "seed": i, "messages": [{"role": "user", "content": PROMPTS[i]}]},
+        )
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]
 
@@ -89,15 +98,27 @@ def transformers_tokens_per_s(model_dir: str, concurrency: int, max_tokens: int)
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                     add_generation_prompt=True) for p in PROMPTS[:concurrency]]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in PROMPTS[:concurrency]
+    ]
     batch = tok(texts, return_tensors="pt", padding=True)
-    kwargs = dict(do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=max_tokens,
-                  min_new_tokens=max_tokens, num_return_sequences=2,
-                  pad_token_id=tok.pad_token_id)
+    kwargs = dict(
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.95,
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        num_return_sequences=2,
+        pad_token_id=tok.pad_token_id,
+    )
     with torch.inference_mode():
-        model.generate(**tok(texts[:1], return_tensors="pt"), **{**kwargs, "max_new_tokens": 4,
-                                                                  "min_new_tokens": 4})
+        model.generate(
+            **tok(texts[:1], return_tensors="pt"),
+            **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4},
+        )
         start = time.perf_counter()
         out = model.generate(**batch, **kwargs)
         elapsed = time.perf_counter() - start

@@ -172,3 +172,49 @@ def test_acknowledged_vote_survives_kill_9(tiny_app_factory):
     stored = {r[0] for r in con.execute("SELECT pair_id FROM votes").fetchall()}
     con.close()
     assert set(acknowledged) == stored and len(stored) == 3
+
+
+def test_cli_export_reads_the_file_or_asks_the_running_app(tiny_app_factory, tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    app = tiny_app_factory()
+    turn = chat(app, "Export me").json()
+    vote(app, turn["pair_id"], "b")
+    winner = turn["candidates"][1]["text"]
+
+    def export(fmt, out):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "assistant",
+                "export",
+                "--db",
+                str(app.db),
+                "--format",
+                fmt,
+                "-o",
+                str(out),
+                "--url",
+                app.url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    live = export("hh", tmp_path / "live.jsonl")  # the app holds the file: export asks the app
+    assert live.returncode == 0, live.stderr
+    assert "in use by the running app" in live.stderr
+    (record,) = [json.loads(x) for x in (tmp_path / "live.jsonl").read_text().splitlines()]
+    assert record["chosen"].endswith(f"\n\nAssistant: {winner}")
+
+    app.stop()
+    offline = export("trl", tmp_path / "prefs.parquet")
+    assert offline.returncode == 0, offline.stderr
+    (row,) = pq.read_table(tmp_path / "prefs.parquet").to_pylist()
+    assert row["chosen"] == [{"role": "assistant", "content": winner}]
+    assert row["prompt"][-1] == {"role": "user", "content": "Export me"}

@@ -1,0 +1,55 @@
+"""Typed configuration of the alignment stages, one dataclass per stage.
+
+Defaults target the embedded default on a 2-core CPU; `fast()` variants are for tests on the
+tiny model. Every field has a default and a one-line help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class RewardConfig:
+    """Bradley-Terry reward model: LoRA on a sequence-classification head over the base model."""
+
+    lora_rank: int = _help("LoRA rank of the reward model adapter", default=8)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / rank)", default=16)
+    learning_rate: float = _help("AdamW learning rate", default=2e-4)
+    epochs: float = _help("passes over the training pairs", default=2.0)
+    batch_size: int = _help("pairs per optimisation step", default=8)
+    max_length: int = _help("longest prompt+reply in tokens; longer pairs are dropped", default=512)
+    heldout_fraction: float = _help("share of pairs held out to measure accuracy", default=0.2)
+    seed: int = _help("seed of the head initialisation and data order", default=0)
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a per-token KL penalty against the adapter-disabled reference, on LoRA."""
+
+    steps: int = _help("rollout-and-update rounds per cycle", default=4)
+    prompts_per_step: int = _help("prompts rolled out per round", default=8)
+    max_new_tokens: int = _help("rollout reply length in tokens", default=48)
+    temperature: float = _help("rollout sampling temperature", default=1.0)
+    ppo_epochs: int = _help("optimisation passes over each round's rollouts", default=2)
+    minibatch_size: int = _help("rollouts per gradient step", default=4)
+    learning_rate: float = _help("AdamW learning rate of LoRA and value head", default=1e-4)
+    lora_rank: int = _help("LoRA rank of the policy adapter", default=8)
+    lora_alpha: int = _help("LoRA alpha", default=16)
+    init_kl_coef: float = _help("initial beta of the KL penalty", default=0.2)
+    adaptive_kl: bool = _help("adapt beta toward target_kl (Ziegler et al.)", default=True)
+    target_kl: float = _help(
+        "target KL (nats per response) of the adaptive controller", default=6.0
+    )
+    kl_horizon: int = _help("horizon of the adaptive KL controller", default=10000)
+    gamma: float = _help("discount", default=1.0)
+    lam: float = _help("GAE lambda", default=0.95)
+    cliprange: float = _help("policy ratio clip", default=0.2)
+    cliprange_value: float = _help("value clip", default=0.2)
+    vf_coef: float = _help("value loss weight", default=0.1)
+    max_grad_norm: float = _help("gradient clipping", default=1.0)
+    seed: int = _help("seed of rollouts and updates", default=0)

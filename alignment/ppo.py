@@ -1,0 +1,245 @@
+"""PPO with a KL penalty on LoRA adapters: small and readable, since TRL >= 1.13 has no PPOTrainer.
+
+- Policy: base model + LoRA, with a scalar value head on the last hidden state.
+- Reference: the same model with the adapter disabled (`peft.disable_adapter()`), so the reference
+  costs no second copy of the weights.
+- Rollouts: sampled by the serving vLLM engine (`generate` callback), not a second generation stack.
+  Their log-probabilities are recomputed by the trainer, so the importance ratio is always against
+  the trainer's own policy at rollout time.
+- Rewards: reward-model score on the last token, minus beta * (log pi - log pi_ref) per token;
+  beta follows an adaptive controller toward a target KL. Advantages by GAE, whitened; clipped
+  surrogate and clipped value loss. See `alignment.ppo_math` for each formula.
+
+Per-step statistics (reward mean, KL, beta, entropy, clip fraction, losses) go to `on_step`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from alignment.config import PPOConfig
+from alignment.kl_controller import AdaptiveKLController, FixedKLController
+from alignment.ppo_math import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae,
+    kl_penalised_rewards,
+    whiten,
+)
+
+# prompts (chat messages) -> [(prompt_token_ids, response_token_ids)], one per prompt
+GenerateFn = Callable[
+    [list[list[dict[str, str]]], int, float, int], list[tuple[list[int], list[int]]]
+]
+# conversations (prompt + assistant reply) -> scores (B,)
+ScoreFn = Callable[[list[list[dict[str, str]]]], torch.Tensor]
+
+
+@dataclass
+class StepStats:
+    step: int
+    reward_mean: float
+    kl: float  # mean per-response KL(pi || pi_ref) estimate, nats
+    beta: float
+    entropy: float
+    clip_frac: float
+    policy_loss: float
+    value_loss: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PolicyWithValueHead(nn.Module):
+    """A peft LoRA causal LM plus a linear value head; `reference()` disables the adapter."""
+
+    def __init__(self, peft_model) -> None:
+        super().__init__()
+        self.lm = peft_model
+        hidden = peft_model.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_base(cls, base_model: str, config: PPOConfig) -> PolicyWithValueHead:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        return cls(get_peft_model(base, lora))
+
+    def forward(self, input_ids, attention_mask):
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)  # (B, L)
+        return out.logits.float(), values  # (B, L, V), (B, L)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids, attention_mask):
+        with self.lm.disable_adapter():
+            return self.lm(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits.float()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    response_mask: torch.Tensor  # (B, L) 1 on response tokens
+    prompts: list[list[dict[str, str]]]
+    responses: list[str]
+
+
+def _pack(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    length = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(pairs), length), dtype=torch.long)
+    resp = torch.zeros((len(pairs), length))
+    for i, (p, r) in enumerate(pairs):
+        seq = p + r
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        resp[i, len(p) : len(seq)] = 1
+    return ids, attn, resp
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) aligned to position t (position 0 gets 0). (B, L)"""
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, L-1, V) predicts tokens 1..L-1
+    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+    return torch.nn.functional.pad(picked, (1, 0))
+
+
+class PPOTrainer:
+    def __init__(
+        self,
+        policy: PolicyWithValueHead,
+        tokenizer,
+        generate: GenerateFn,
+        score: ScoreFn,
+        config: PPOConfig,
+    ) -> None:
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.generate = generate
+        self.score = score
+        self.config = config
+        self.kl_ctl = (
+            AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+            if config.adaptive_kl
+            else FixedKLController(config.init_kl_coef)
+        )
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.learning_rate)
+        self.rng = random.Random(config.seed)
+
+    def rollout(self, prompts: list[list[dict[str, str]]], step: int) -> Rollout:
+        c = self.config
+        pairs = self.generate(prompts, c.max_new_tokens, c.temperature, c.seed * 100003 + step)
+        pad = self.tokenizer.pad_token_id
+        ids, attn, resp = _pack(pairs, pad if pad is not None else 0)
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
+        return Rollout(ids, attn, resp, prompts, texts)
+
+    def step(self, prompts: list[list[dict[str, str]]], step: int) -> StepStats:
+        c = self.config
+        ro = self.rollout(prompts, step)
+        # Token t's log-prob sits at position t; the value of the state *before* token t is
+        # the value head's output at position t-1, so shift values right by one.
+        mask = ro.response_mask  # (B, L)
+        with torch.no_grad():
+            logits, values = self.policy(ro.input_ids, ro.attention_mask)
+            old_logprobs = token_logprobs(logits, ro.input_ids) * mask  # (B, L) log pi_old
+            ref_logprobs = (
+                token_logprobs(
+                    self.policy.reference_logits(ro.input_ids, ro.attention_mask), ro.input_ids
+                )
+                * mask
+            )  # (B, L) log pi_ref
+            old_values = torch.nn.functional.pad(values[:, :-1], (1, 0)) * mask  # (B, L)
+            scores = self.score(
+                [
+                    p + [{"role": "assistant", "content": r}]
+                    for p, r in zip(ro.prompts, ro.responses, strict=True)
+                ]
+            )
+            beta = self.kl_ctl.value
+            rewards, kl = kl_penalised_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+            advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+            advantages = whiten(advantages, mask)
+
+        batch = ro.input_ids.shape[0]
+        stats: dict[str, list[float]] = {"pl": [], "vl": [], "cf": [], "ent": []}
+        for _ in range(c.ppo_epochs):
+            order = list(range(batch))
+            self.rng.shuffle(order)
+            for start in range(0, batch, c.minibatch_size):
+                idx = torch.tensor(order[start : start + c.minibatch_size])
+                m = mask[idx]
+                logits, values = self.policy(ro.input_ids[idx], ro.attention_mask[idx])
+                logprobs = token_logprobs(logits, ro.input_ids[idx]) * m
+                values = torch.nn.functional.pad(values[:, :-1], (1, 0)) * m
+                pl, cf = clipped_policy_loss(
+                    logprobs, old_logprobs[idx], advantages[idx], m, c.cliprange
+                )
+                vl = clipped_value_loss(values, old_values[idx], returns[idx], m, c.cliprange_value)
+                loss = pl + c.vf_coef * vl
+                self.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                # logits at t-1 predict token t: shift the mask to score the right positions
+                ent_mask = torch.nn.functional.pad(m[:, 1:], (0, 1))
+                stats["pl"].append(pl.item())
+                stats["vl"].append(vl.item())
+                stats["cf"].append(cf.item())
+                stats["ent"].append(entropy_from_logits(logits.detach(), ent_mask).item())
+
+        mean_kl = kl.sum(dim=1).mean().item()  # per-response KL, nats
+        self.kl_ctl.update(mean_kl, batch)
+        return StepStats(
+            step=step,
+            reward_mean=scores.mean().item(),
+            kl=mean_kl,
+            beta=beta,
+            entropy=sum(stats["ent"]) / len(stats["ent"]),
+            clip_frac=sum(stats["cf"]) / len(stats["cf"]),
+            policy_loss=sum(stats["pl"]) / len(stats["pl"]),
+            value_loss=sum(stats["vl"]) / len(stats["vl"]),
+        )
+
+    def train(
+        self,
+        prompts: list[list[dict[str, str]]],
+        on_step: Callable[[StepStats], None] | None = None,
+    ) -> list[StepStats]:
+        if not prompts:
+            raise ValueError("no prompts to roll out: chat with the assistant first")
+        history = []
+        for step in range(self.config.steps):
+            batch = [self.rng.choice(prompts) for _ in range(self.config.prompts_per_step)]
+            stats = self.step(batch, step)
+            history.append(stats)
+            if on_step:
+                on_step(stats)
+        return history

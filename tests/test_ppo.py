@@ -1,0 +1,75 @@
+"""One PPO run on the tiny model, rollouts from the real vLLM engine, with a known reward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignment.config import PPOConfig
+from alignment.ppo import PolicyWithValueHead, PPOTrainer, token_logprobs
+from alignment.rollouts import vllm_generate
+
+PROMPTS = [
+    [{"role": "user", "content": q}]
+    for q in ("Why do things fall?", "What is photosynthesis?", "Say cheese in French.")
+]
+
+
+def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine_url):
+    config = PPOConfig(
+        steps=2,
+        prompts_per_step=4,
+        max_new_tokens=8,
+        minibatch_size=2,
+        ppo_epochs=1,
+        learning_rate=1e-2,
+        init_kl_coef=0.2,
+        target_kl=1.0,
+        kl_horizon=100,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = PolicyWithValueHead.from_base(str(tiny_model_dir), config)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+
+    def score(conversations):  # the "voter" likes varied replies: distinct characters
+        return torch.tensor([len(set(c[-1]["content"])) / 10 for c in conversations])
+
+    trainer = PPOTrainer(policy, tokenizer, vllm_generate(tiny_engine_url), score, config)
+    seen = []
+    history = trainer.train(PROMPTS, on_step=seen.append)
+    assert seen == history and len(history) == 2
+
+    # Before any update the adapter is a no-op (LoRA B = 0): policy == reference, KL exactly 0.
+    assert history[0].kl == pytest.approx(0.0, abs=1e-4)
+    assert history[0].beta == 0.2
+    # The adaptive controller lowered beta (KL 0 is under the target) by its formula.
+    assert history[1].beta == pytest.approx(0.2 * (1 - 0.2 * 4 / 100))
+    for s in history:
+        assert all(torch.isfinite(torch.tensor(v)) for v in s.as_dict().values())
+        assert 0.0 <= s.clip_frac <= 1.0 and s.entropy > 0
+
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and changed == trainable  # every LoRA matrix and the value head moved
+    assert all("lora_" in n or "value_head" in n for n in changed)  # base weights frozen
+
+    # The adapter-disabled model is exactly the original checkpoint: the free reference.
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = tokenizer("Plants convert sunlight", return_tensors="pt")
+    with torch.no_grad():
+        expected = original(**ids).logits
+        reference = policy.reference_logits(ids["input_ids"], ids["attention_mask"])
+        current, _ = policy(ids["input_ids"], ids["attention_mask"])
+    torch.testing.assert_close(reference, expected)
+    assert not torch.allclose(current, expected)  # while the policy itself has moved
+
+
+def test_token_logprobs_align_with_next_token():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = 10.0  # position 0 predicts token at position 1
+    ids = torch.tensor([[1, 2, 3]])
+    lp = token_logprobs(logits, ids)
+    assert lp.shape == (1, 3) and lp[0, 0] == 0.0
+    assert lp[0, 1].item() == pytest.approx(0.0, abs=1e-3)  # token 2 was near-certain
+    assert lp[0, 2].item() == pytest.approx(torch.log(torch.tensor(0.25)).item())

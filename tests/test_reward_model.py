@@ -1,0 +1,80 @@
+"""Reward model training (TRL RewardTrainer + LoRA) on the tiny model, with a learnable signal."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.config import RewardConfig
+from alignment.reward_model import RewardScorer, split_heldout, train_reward_model
+
+
+def synthetic_preferences(n: int, seed: int = 0) -> list[dict]:
+    """The voter always prefers the short plant answer over the long spacetime one."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"Question {i}: {rng.choice(['why', 'how'])}?"}]
+        good = "Plants convert sunlight into energy."
+        bad = "Gravity is the curvature of spacetime caused by mass-energy " * 2
+        records.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": good}],
+                "rejected": [{"role": "assistant", "content": bad}],
+            }
+        )
+    return records
+
+
+def test_heldout_split_is_deterministic_and_disjoint():
+    records = synthetic_preferences(50)
+    train, heldout = split_heldout(records, 0.2)
+    assert (train, heldout) == split_heldout(records, 0.2)
+    assert len(train) + len(heldout) == 50 and 0 < len(heldout) < 25
+    assert not [r for r in heldout if r in train]
+
+
+def test_reward_model_learns_preference_lora_moves_base_frozen(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    records = synthetic_preferences(40)
+    logs: list[dict] = []
+    config = RewardConfig(
+        learning_rate=5e-3, epochs=3, batch_size=8, heldout_fraction=0.25, max_length=256
+    )
+    result = train_reward_model(
+        str(tiny_model_dir), records, tmp_path / "rm", config, on_log=logs.append
+    )
+    losses = [entry["loss"] for entry in logs if "loss" in entry]
+    assert len(losses) == result.steps >= 6
+    assert losses[-1] < losses[0]  # Bradley-Terry loss goes down on the votes
+    assert result.heldout_accuracy == pytest.approx(1.0)
+    assert result.heldout_loss < 0.69  # better than chance (ln 2)
+
+    # The saved adapter holds LoRA matrices and the trained score head; the base is untouched.
+    adapter = load_file(str(tmp_path / "rm" / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in adapter) and any("score" in k for k in adapter)
+    base = {}
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            base[k] = f.get_tensor(k)
+    scorer = RewardScorer.load(str(tiny_model_dir), str(tmp_path / "rm"))
+    for name, param in scorer.model.base_model.model.model.named_parameters():
+        key = f"model.{name}".replace(".base_layer", "")
+        if key in base and "lora" not in name:
+            assert torch.equal(param.detach().to(base[key].dtype), base[key]), name
+
+    # Reloaded from disk, the model still ranks the preferred reply higher on new prompts.
+    fresh = synthetic_preferences(4, seed=99)
+    r_w = scorer.score([r["prompt"] + r["chosen"] for r in fresh])
+    r_l = scorer.score([r["prompt"] + r["rejected"] for r in fresh])
+    assert bool((r_w > r_l).all())
+
+
+def test_no_decisive_votes_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="no decisive votes"):
+        train_reward_model(str(tiny_model_dir), [], tmp_path / "rm", RewardConfig())
