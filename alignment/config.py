@@ -53,3 +53,15 @@ class PPOConfig:
     vf_coef: float = _help("value loss weight", default=0.1)
     max_grad_norm: float = _help("gradient clipping", default=1.0)
     seed: int = _help("seed of rollouts and updates", default=0)
+
+
+@dataclass
+class GateConfig:
+    """What a new policy must show on held-out prompts before it is served."""
+
+    min_win_rate: float = _help(
+        "reward-model win rate over the serving policy to deploy", default=0.5
+    )
+    max_kl: float = _help("largest mean KL(new || reference) per reply, nats", default=10.0)
+    eval_prompts: int = _help("held-out prompts compared", default=8)
+    max_new_tokens: int = _help("reply length in the comparison", default=48)

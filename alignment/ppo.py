@@ -152,6 +152,7 @@ class PPOTrainer:
         )
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.learning_rate)
         self.rng = random.Random(config.seed)
+        self.device = next(policy.parameters()).device
 
     def rollout(self, prompts: list[list[dict[str, str]]], step: int) -> Rollout:
         c = self.config
@@ -159,7 +160,8 @@ class PPOTrainer:
         pad = self.tokenizer.pad_token_id
         ids, attn, resp = _pack(pairs, pad if pad is not None else 0)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
-        return Rollout(ids, attn, resp, prompts, texts)
+        d = self.device
+        return Rollout(ids.to(d), attn.to(d), resp.to(d), prompts, texts)
 
     def step(self, prompts: list[list[dict[str, str]]], step: int) -> StepStats:
         c = self.config
@@ -182,7 +184,7 @@ class PPOTrainer:
                     p + [{"role": "assistant", "content": r}]
                     for p, r in zip(ro.prompts, ro.responses, strict=True)
                 ]
-            )
+            ).to(self.device)
             beta = self.kl_ctl.value
             rewards, kl = kl_penalised_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
             advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
@@ -194,7 +196,7 @@ class PPOTrainer:
             order = list(range(batch))
             self.rng.shuffle(order)
             for start in range(0, batch, c.minibatch_size):
-                idx = torch.tensor(order[start : start + c.minibatch_size])
+                idx = torch.tensor(order[start : start + c.minibatch_size], device=self.device)
                 m = mask[idx]
                 logits, values = self.policy(ro.input_ids[idx], ro.attention_mask[idx])
                 logprobs = token_logprobs(logits, ro.input_ids[idx]) * m

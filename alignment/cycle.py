@@ -1,0 +1,117 @@
+"""One retrain cycle, as a plain function over files and callbacks (no database, no server):
+
+  preference records -> reward model -> PPO on LoRA (rollouts from the serving engine)
+  -> gate against the serving policy -> merge into a new numbered version with a manifest.
+
+Hot-swapping the result into the engine and recording it in DuckDB belong to the caller, which owns
+the engine and the store. `progress` receives (stage, details) as the cycle goes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from alignment.config import GateConfig, PPOConfig, RewardConfig
+from alignment.gate import GateResult, evaluate
+from alignment.merge import merge_to_checkpoint
+from alignment.ppo import PolicyWithValueHead, PPOTrainer
+from alignment.reward_model import RewardScorer, split_heldout, train_reward_model
+
+Progress = Callable[[str, dict], None]
+
+
+@dataclass
+class CycleConfig:
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    heldout_prompt_fraction: float = 0.25
+
+
+@dataclass
+class CycleResult:
+    version: str
+    parent: str
+    path: str | None  # merged checkpoint, None when the gate rejected the policy
+    reward: dict
+    ppo_steps: list[dict]
+    gate: dict
+    seconds: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_cycle(
+    serving_model: str,
+    parent_version: str,
+    new_version: str,
+    records: list[dict],
+    prompts: list[list[dict[str, str]]],
+    serving_generate,
+    out_root: Path,
+    config: CycleConfig,
+    progress: Progress | None = None,
+) -> CycleResult:
+    from transformers import AutoTokenizer
+
+    say = progress or (lambda stage, details: None)
+    seconds: dict[str, float] = {}
+    work = out_root / "runs" / new_version
+
+    t = time.perf_counter()
+    say("reward_model", {"pairs": len(records)})
+    reward = train_reward_model(
+        serving_model,
+        records,
+        work / "reward_model",
+        config.reward,
+        on_log=lambda log: say("reward_model", log),
+    )
+    seconds["reward_model"] = time.perf_counter() - t
+
+    train_prompts, heldout_prompts = split_heldout(prompts, config.heldout_prompt_fraction)
+    heldout_prompts = heldout_prompts or train_prompts
+    scorer = RewardScorer.load(serving_model, reward.path)
+    tokenizer = AutoTokenizer.from_pretrained(serving_model)
+    policy = PolicyWithValueHead.from_base(serving_model, config.ppo)
+    trainer = PPOTrainer(policy, tokenizer, serving_generate, scorer.score, config.ppo)
+    t = time.perf_counter()
+    steps = trainer.train(train_prompts, on_step=lambda s: say("ppo", s.as_dict()))
+    seconds["ppo"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    say("gate", {})
+    gate: GateResult = evaluate(
+        policy, tokenizer, scorer.score, serving_generate, heldout_prompts, config.gate
+    )
+    seconds["gate"] = time.perf_counter() - t
+    say("gate", gate.as_dict())
+
+    path = None
+    if gate.deploy:
+        t = time.perf_counter()
+        manifest = {
+            "version": new_version,
+            "parent": parent_version,
+            "reward_model": reward.path,
+            "pairs": len(records),
+            "reward": reward.as_dict(),
+            "gate": gate.as_dict(),
+            "ppo_final": steps[-1].as_dict() if steps else None,
+        }
+        path = str(merge_to_checkpoint(policy, tokenizer, out_root / new_version, manifest))
+        seconds["merge"] = time.perf_counter() - t
+        say("merge", {"path": path})
+    return CycleResult(
+        new_version,
+        parent_version,
+        path,
+        reward.as_dict(),
+        [s.as_dict() for s in steps],
+        gate.as_dict(),
+        seconds,
+    )

@@ -1,0 +1,161 @@
+"""Training-step timings: reward-model step and PPO step on the embedded model's shape.
+
+- Reward model: one Bradley-Terry step (forward both sides, backward, AdamW) of LoRA on a
+  sequence-classification model, 8 pairs x `--seq` tokens.
+- PPO: one `PPOTrainer.step` (policy + value head + adapter-disabled reference forward, reward,
+  GAE, `ppo_epochs` x minibatch updates) on 8 rollouts of `--prompt` + `--response` tokens. The
+  rollouts here are fixed random token ids so that only training is timed (rollout generation is
+  vLLM's, measured in bench/generation.py); the reward is a stand-in function.
+
+`--random-init` builds SmolLM2-135M's architecture with random weights (timing depends on shapes,
+not values): this is how it runs on a lent GPU machine, where the checkpoint cannot be carried.
+
+Run: `.venv/bin/python -m bench.training [--random-init]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alignment.config import PPOConfig
+from alignment.losses import bradley_terry_loss
+from alignment.ppo import PolicyWithValueHead, PPOTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+SMOL = REPO / "data/models/SmolLM2-135M-Instruct"
+
+
+def random_smollm2(out: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        pad_token_id=2,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def time_reward_steps(model_dir: str, device: str, seq: int, repeats: int) -> list[float]:
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = 2
+    model = get_peft_model(
+        model,
+        LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules="all-linear"),
+    ).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, 49000, (16, seq), device=device)  # 8 chosen + 8 rejected
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        r = model(input_ids=ids).logits.squeeze(-1)
+        loss = bradley_terry_loss(r[:8], r[8:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times[1:]  # first step warms up
+
+
+def time_ppo_steps(
+    model_dir: str, device: str, prompt: int, response: int, repeats: int
+) -> list[float]:
+    from transformers import AutoTokenizer
+
+    config = PPOConfig(prompts_per_step=8, max_new_tokens=response, minibatch_size=4, ppo_epochs=2)
+    policy = PolicyWithValueHead.from_base(model_dir, config).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(SMOL) if SMOL.exists() else None
+
+    def generate(prompts, max_new_tokens, temperature, seed):
+        rng = random.Random(seed)
+        return [
+            (
+                [rng.randrange(3, 49000) for _ in range(prompt)],
+                [rng.randrange(3, 49000) for _ in range(max_new_tokens)],
+            )
+            for _ in prompts
+        ]
+
+    def score(conversations):
+        return torch.tensor([len(set(c[-1]["content"])) / 10 for c in conversations])
+
+    trainer = PPOTrainer(policy, tokenizer or _NullTokenizer(), generate, score, config)
+    prompts = [[{"role": "user", "content": "hi"}]] * 8
+    times = []
+    for step in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        trainer.step(prompts, step)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+class _NullTokenizer:
+    pad_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids[:20]))
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--random-init", action="store_true")
+    parser.add_argument("--seq", type=int, default=192)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--response", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(random_smollm2(Path(tmp) / "m") if args.random_init else SMOL)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rm = time_reward_steps(model_dir, device, args.seq, args.repeats)
+        ppo = time_ppo_steps(model_dir, device, args.prompt, args.response, args.repeats)
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{torch.get_num_threads()}"
+    print(f"device: {name}")
+    print("| step | shape | median s | min s |\n|---|---|---|---|")
+    print(
+        f"| reward model (LoRA, BT) | 8 pairs x {args.seq} tok | "
+        f"{statistics.median(rm):.3f} | {min(rm):.3f} |"
+    )
+    print(
+        f"| PPO (LoRA + value head + ref) | 8 x ({args.prompt}+{args.response}) tok, "
+        f"2 epochs x 2 minibatches | {statistics.median(ppo):.3f} | {min(ppo):.3f} |"
+    )
+    if device == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""A whole retrain cycle on the tiny model: votes -> reward model -> PPO -> gate -> merge ->
+hot-swap into the real vLLM engine, with chats in flight; and the gate refusing a KL blow-up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from alignment.config import GateConfig, PPOConfig, RewardConfig
+from alignment.cycle import CycleConfig, run_cycle
+from alignment.gate import gate_decision, win_rate
+from alignment.rollouts import vllm_generate
+from assistant.vllm_client import VLLMServerEngine
+from tests.test_reward_model import synthetic_preferences
+
+
+def fast_config(**gate) -> CycleConfig:
+    return CycleConfig(
+        reward=RewardConfig(learning_rate=5e-3, epochs=2, batch_size=8, max_length=256),
+        ppo=PPOConfig(
+            steps=2,
+            prompts_per_step=4,
+            max_new_tokens=8,
+            minibatch_size=2,
+            ppo_epochs=1,
+            learning_rate=1e-2,
+        ),
+        gate=GateConfig(eval_prompts=4, max_new_tokens=8, **gate),
+    )
+
+
+def test_gate_decision_and_win_rate():
+    import torch
+
+    assert win_rate(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 3.0])) == 0.5
+    config = GateConfig(min_win_rate=0.6, max_kl=2.0)
+    assert gate_decision(0.7, 1.0, config)[0]
+    deploy, reason = gate_decision(0.9, 2.5, config)
+    assert not deploy and "KL 2.500" in reason
+    deploy, reason = gate_decision(0.5, 0.1, config)
+    assert not deploy and "win rate 0.50" in reason
+
+
+def test_full_cycle_merges_version_and_hot_swaps_without_failures(
+    tiny_model_dir, tiny_engine_url, tmp_path
+):
+    records = synthetic_preferences(24)
+    prompts = [r["prompt"] for r in records]
+    stages = []
+    result = run_cycle(
+        str(tiny_model_dir),
+        "v0000",
+        "v0001",
+        records,
+        prompts,
+        vllm_generate(tiny_engine_url),
+        tmp_path / "versions",
+        fast_config(min_win_rate=0.0, max_kl=1e9),
+        progress=lambda stage, d: stages.append(stage),
+    )
+    assert result.gate["deploy"] and result.path
+    assert [s for s in dict.fromkeys(stages)] == ["reward_model", "ppo", "gate", "merge"]
+    assert len(result.ppo_steps) == 2 and result.reward["n_train"] > 0
+    manifest = json.loads((tmp_path / "versions" / "v0001" / "manifest.json").read_text())
+    assert manifest["parent"] == "v0000" and manifest["version"] == "v0001"
+    assert manifest["gate"]["deploy"] is True
+
+    async def swap_under_load():
+        engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
+        sampling = {"temperature": 1.0, "max_tokens": 12}
+
+        async def finals(seed):
+            return [
+                u
+                async for u in engine.stream_pair(
+                    [{"role": "user", "content": "Why do things fall?"}], sampling, seed
+                )
+            ][-1]
+
+        try:
+            before = await finals(7)
+            chats = [asyncio.create_task(finals(100 + i)) for i in range(6)]
+            await asyncio.sleep(0.05)
+            await engine.reload_weights(result.path, "v0001")
+            in_flight = await asyncio.gather(*chats)
+            after = await finals(7)
+        finally:
+            await engine.reload_weights(str(tiny_model_dir), "v0000")  # leave the engine as found
+            await engine.aclose()
+        return before, in_flight, after
+
+    before, in_flight, after = asyncio.run(swap_under_load())
+    assert all(f.final and all(c.done for c in f.candidates) for f in in_flight)
+    assert after.model_version == "v0001"
+    assert [c.text for c in after.candidates] != [c.text for c in before.candidates]
+
+
+def test_gate_rejects_policy_pushed_past_kl_limit(tiny_model_dir, tiny_engine_url, tmp_path):
+    records = synthetic_preferences(16)
+    config = fast_config(min_win_rate=0.0, max_kl=1e-6)
+    config.ppo.learning_rate = 5e-2  # push the policy away from the reference
+    result = run_cycle(
+        str(tiny_model_dir),
+        "v0000",
+        "v0002",
+        records,
+        [r["prompt"] for r in records],
+        vllm_generate(tiny_engine_url),
+        tmp_path / "versions",
+        config,
+    )
+    assert not result.gate["deploy"] and "KL" in result.gate["reason"]
+    assert result.path is None and not (tmp_path / "versions" / "v0002").exists()
+    assert result.gate["kl"] > 1e-6
