@@ -10,7 +10,9 @@ Routes (documented in the README):
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -60,7 +62,23 @@ async def read_json(request: Request) -> dict:
     return data
 
 
-def build_api_router(service: ChatService) -> APIRouter:
+def admin_refusal(request: Request) -> JSONResponse | None:
+    """None when the request carries the admin token; else the 401/403 to send."""
+    token = os.environ.get("ASSISTANT_ADMIN_TOKEN")
+    if not token:
+        return error(
+            403,
+            "admin actions are disabled: start the app with ASSISTANT_ADMIN_TOKEN "
+            "set and send it as 'Authorization: Bearer <token>'",
+        )
+    header = request.headers.get("authorization", "")
+    given = header[len("Bearer ") :] if header.startswith("Bearer ") else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return error(401, "missing or wrong admin token ('Authorization: Bearer <token>')")
+    return None
+
+
+def build_api_router(service: ChatService, loop=None) -> APIRouter:
     router = APIRouter(prefix="/api")
 
     @router.post("/chat")
@@ -100,6 +118,27 @@ def build_api_router(service: ChatService) -> APIRouter:
     @router.get("/versions")
     async def versions():
         return service.versions()
+
+    @router.post("/retrain")
+    async def retrain(request: Request):
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
+        try:
+            return await loop.retrain()
+        except Exception as exc:  # noqa: BLE001
+            return map_error(exc)
+
+    @router.post("/rollback")
+    async def rollback(request: Request):
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
+        try:
+            data = await read_json(request)
+            if not isinstance(data.get("version"), str):
+                raise InvalidInputError("'version' must be a version name such as 'v0000'", 422)
+            return await loop.rollback(data["version"])
+        except Exception as exc:  # noqa: BLE001
+            return map_error(exc)
 
     @router.get("/export")
     async def export(format: str = "trl"):  # noqa: A002 - the public query parameter name

@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{f.metadata['help']} (default: {f.default})",
         )
     run.add_argument(
+        "--retrain-preset",
+        choices=["default", "fast"],
+        default="default",
+        help="settings of retrain cycles (fast: seconds on a tiny test model)",
+    )
+    run.add_argument(
         "--vllm-arg",
         dest="vllm_args",
         action="append",
@@ -111,6 +117,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         if "." in key and value is not None:
             section, name = key.split(".")
             setattr(getattr(config, section), name, value)
+    if getattr(args, "retrain_preset", None):
+        config.retrain_preset = args.retrain_preset
     if getattr(args, "vllm_args", None):
         config.engine.extra_args = list(args.vllm_args)
     return config

@@ -99,6 +99,9 @@ class AppConfig:
         default_factory=default_data_dir,
     )
     db_path: Path | None = _help("DuckDB file; default: DATA_DIR/assistant.duckdb", default=None)
+    retrain_preset: str = _help(
+        "retrain cycle settings: default, or fast (tests, tiny model)", default="default"
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

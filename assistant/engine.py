@@ -55,6 +55,11 @@ class Engine(Protocol):
         """The weight version that answers new requests."""
         ...
 
+    @property
+    def base_url(self) -> str:
+        """Where the alignment worker sends its rollouts (the same serving engine)."""
+        ...
+
     def stream_pair(
         self, messages: list[dict[str, str]], sampling: dict, seed: int
     ) -> AsyncIterator[PairProgress]:

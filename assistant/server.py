@@ -83,6 +83,7 @@ def build_app(config: AppConfig):
     import gradio as gr
     from fastapi import FastAPI
 
+    from alignment.loop import AlignmentLoop
     from assistant.api import build_api_router
     from assistant.chat_service import ChatService
     from assistant.vllm_client import VLLMServerEngine
@@ -93,11 +94,20 @@ def build_app(config: AppConfig):
     config.validate()
     store = Store(config.database)  # fails fast on an unwritable path
     embedded: EmbeddedVLLMServer | None = None
+    version = BASE_VERSION
     if config.engine.vllm_url:
-        url, source = config.engine.vllm_url, ModelSource(config.engine.vllm_url, "external")
+        url = config.engine.vllm_url
         _check_external(url)
+        # With --model too, retraining knows the served checkpoint; otherwise it cannot retrain.
+        source = resolve_model(config) if config.engine.model else ModelSource(url, "external")
+        store.ensure_base_version(BASE_VERSION, source.path, {"model": source.description})
     else:
         source = resolve_model(config)
+        store.ensure_base_version(BASE_VERSION, source.path, {"model": source.description})
+        serving = store.serving_version()
+        if serving and serving["version"] != BASE_VERSION and Path(serving["path"]).is_dir():
+            # A restart serves what was deployed last, not the base checkpoint.
+            source, version = ModelSource(serving["path"], serving["version"]), serving["version"]
         embedded = EmbeddedVLLMServer(
             source.path, config.engine, config.data_dir / "logs" / "engine.log"
         )
@@ -108,9 +118,9 @@ def build_app(config: AppConfig):
             embedded.stop()
             raise
         url = embedded.url
-    store.ensure_base_version(BASE_VERSION, source.path, {"model": source.description})
-    engine = VLLMServerEngine(url, config.engine.served_model_name, BASE_VERSION)
+    engine = VLLMServerEngine(url, config.engine.served_model_name, version)
     service = ChatService(store, engine, config.sampling, config.serve)
+    loop = AlignmentLoop(store, engine, config.data_dir, config.retrain_preset)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -123,7 +133,7 @@ def build_app(config: AppConfig):
             store.close()
 
     app = FastAPI(title="Aligned assistant", lifespan=lifespan)
-    app.include_router(build_api_router(service))
+    app.include_router(build_api_router(service, loop))
     app.state.service = service
     app.state.embedded_engine = embedded
     page = build_page(service).queue(default_concurrency_limit=None)

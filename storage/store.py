@@ -321,6 +321,78 @@ class Store:
                     [version, path, json.dumps(manifest)],
                 )
 
+    def record_model_version(
+        self, version: str, parent: str | None, path: str, status: str, manifest: dict
+    ) -> None:
+        with self._transaction() as con:
+            con.execute(
+                "INSERT INTO model_versions (version, parent, path, status, manifest) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [version, parent, path, status, json.dumps(manifest, default=str)],
+            )
+
+    def serving_version(self) -> dict[str, Any] | None:
+        rows = self._rows("SELECT version, path FROM model_versions WHERE status = 'serving'")
+        return rows[0] if rows else None
+
+    def model_version(self, version: str) -> dict[str, Any]:
+        rows = self._rows(
+            "SELECT version, path, status FROM model_versions WHERE version = ?", [version]
+        )
+        if not rows:
+            raise NotFoundError(f"unknown version {version!r}")
+        return rows[0]
+
+    def next_version(self) -> str:
+        n = self._rows("SELECT count(*) AS n FROM model_versions")[0]["n"]
+        return f"v{n:04d}"
+
+    def set_serving(self, version: str, swap_seconds: float) -> None:
+        """The swapped-in version becomes 'serving', the one it replaced 'previous'."""
+        with self._transaction() as con:
+            previous = con.execute(
+                "SELECT version FROM model_versions WHERE status = 'serving'"
+            ).fetchone()
+            con.execute("UPDATE model_versions SET status = 'previous' WHERE status = 'serving'")
+            con.execute("UPDATE model_versions SET status = 'serving' WHERE version = ?", [version])
+            con.execute(
+                "INSERT INTO deployments (id, version, previous, swap_seconds) VALUES (?, ?, ?, ?)",
+                [new_id(), version, previous[0] if previous else None, swap_seconds],
+            )
+
+    def start_run(self, kind: str, config: dict) -> str:
+        run_id = new_id()
+        with self._transaction() as con:
+            con.execute(
+                "INSERT INTO training_runs (id, kind, status, config) VALUES (?, ?, ?, ?)",
+                [run_id, kind, "running", json.dumps(config, default=str)],
+            )
+        return run_id
+
+    def finish_run(
+        self, run_id: str, status: str, metrics: dict | None = None, error: str | None = None
+    ) -> None:
+        with self._transaction() as con:
+            con.execute(
+                "UPDATE training_runs SET status = ?, finished_at = now(), metrics = ?, error = ? "
+                "WHERE id = ?",
+                [status, json.dumps(metrics or {}, default=str), error, run_id],
+            )
+
+    def training_runs(self) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT id, kind, status, started_at, finished_at, metrics, error "
+            "FROM training_runs ORDER BY started_at"
+        )
+        for r in rows:
+            r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
+        return rows
+
+    def logged_prompts(self) -> list[list[dict[str, str]]]:
+        """Every distinct prompt sent to the engine, for PPO rollouts."""
+        rows = self._rows("SELECT DISTINCT CAST(prompt AS VARCHAR) AS p FROM pairs")
+        return [json.loads(r["p"]) for r in rows]
+
     def model_versions(self) -> list[dict[str, Any]]:
         rows = self._rows(
             "SELECT version, parent, path, status, manifest, created_at FROM model_versions "

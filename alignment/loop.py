@@ -1,0 +1,160 @@
+"""The app-side retrain loop: snapshot votes, train in a worker process, record, hot-swap.
+
+storage -> snapshot files -> `alignment.worker` process -> new version -> engine.reload_weights.
+At most one cycle runs at a time. A failed or killed worker leaves serving untouched and the run is
+marked failed; weights are swapped only after a complete result is read. The engine swap drains
+in-flight requests (they finish on the old weights), queues new ones and resets the prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from storage import ConflictError, Store
+from storage.export import preference_records
+
+
+class AlignmentLoop:
+    def __init__(self, store: Store, engine, data_dir: Path, preset: str = "default") -> None:
+        self.store = store
+        self.engine = engine
+        self.data_dir = data_dir
+        self.preset = preset
+        self._lock = asyncio.Lock()
+        self.stage = "idle"
+
+    @property
+    def running(self) -> bool:
+        return self._lock.locked()
+
+    async def retrain(self) -> dict:
+        """One cycle now; returns a summary (deployed, rejected or failed)."""
+        if self._lock.locked():
+            raise ConflictError("a retrain cycle is already running")
+        async with self._lock:
+            try:
+                return await self._cycle()
+            finally:
+                self.stage = "idle"
+
+    async def _cycle(self) -> dict:
+        self.stage = "snapshot"
+        rows = await asyncio.to_thread(self.store.voted_pairs)
+        records = preference_records(rows, "trl")
+        prompts = await asyncio.to_thread(self.store.logged_prompts)
+        if not records:
+            raise ConflictError("no decisive votes yet (A or B): vote on some replies first")
+        serving = await asyncio.to_thread(self.store.serving_version)
+        if not Path(serving["path"]).is_dir():
+            raise ConflictError(
+                "retraining needs the served checkpoint on disk: with --vllm-url, "
+                "also pass --model DIR (the checkpoint the server was started with)"
+            )
+        version = await asyncio.to_thread(self.store.next_version)
+        job = self.data_dir / "jobs" / f"{version}-{int(time.time())}"
+        job.mkdir(parents=True)
+        (job / "job.json").write_text(
+            json.dumps(
+                {
+                    "serving_model": serving["path"],
+                    "parent": serving["version"],
+                    "version": version,
+                    "engine_url": self.engine.base_url,
+                    "versions_dir": str(self.data_dir / "versions"),
+                    "preset": self.preset,
+                }
+            )
+        )
+        _write_jsonl(job / "preferences.jsonl", records)
+        _write_jsonl(job / "prompts.jsonl", prompts)
+        run_id = await asyncio.to_thread(
+            self.store.start_run,
+            "cycle",
+            {
+                "version": version,
+                "parent": serving["version"],
+                "pairs": len(records),
+                "preset": self.preset,
+                "job": str(job),
+            },
+        )
+
+        self.stage = "training"
+        started = time.perf_counter()
+        with open(job / "worker.log", "wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "alignment.worker",
+                str(job),
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            code = await proc.wait()
+        result_path = job / "result.json"
+        if code != 0 or not result_path.exists():
+            error = (
+                (job / "error.txt").read_text()[:2000]
+                if (job / "error.txt").exists()
+                else (f"worker exited with code {code}")
+            )
+            await asyncio.to_thread(self.store.finish_run, run_id, "failed", None, error)
+            return {"status": "failed", "version": version, "error": error.splitlines()[0]}
+        result = json.loads(result_path.read_text())
+        metrics = {
+            "reward": result["reward"],
+            "gate": result["gate"],
+            "ppo_steps": result["ppo_steps"],
+            "seconds": result["seconds"],
+            "cycle_seconds": time.perf_counter() - started,
+        }
+        if result["path"] is None:
+            await asyncio.to_thread(
+                self.store.record_model_version,
+                version,
+                serving["version"],
+                "",
+                "rejected",
+                metrics,
+            )
+            await asyncio.to_thread(self.store.finish_run, run_id, "rejected", metrics)
+            return {
+                "status": "rejected",
+                "version": version,
+                "reason": result["gate"]["reason"],
+                **metrics,
+            }
+
+        self.stage = "swap"
+        await asyncio.to_thread(
+            self.store.record_model_version,
+            version,
+            serving["version"],
+            result["path"],
+            "candidate",
+            metrics,
+        )
+        swap = await self.engine.reload_weights(result["path"], version)
+        await asyncio.to_thread(self.store.set_serving, version, swap)
+        metrics["swap_seconds"] = swap
+        await asyncio.to_thread(self.store.finish_run, run_id, "deployed", metrics)
+        return {"status": "deployed", "version": version, **metrics}
+
+    async def rollback(self, version: str) -> dict:
+        if self._lock.locked():
+            raise ConflictError("a retrain cycle is running; roll back after it ends")
+        async with self._lock:
+            row = await asyncio.to_thread(self.store.model_version, version)
+            if row["status"] == "rejected" or not row["path"]:
+                raise ConflictError(f"version {version} was rejected and has no weights to serve")
+            swap = await self.engine.reload_weights(row["path"], version)
+            await asyncio.to_thread(self.store.set_serving, version, swap)
+            return {"status": "serving", "version": version, "swap_seconds": swap}
+
+
+def _write_jsonl(path: Path, rows: list) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

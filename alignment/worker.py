@@ -1,0 +1,72 @@
+"""Run one retrain cycle in its own process: `python -m alignment.worker JOB_DIR`.
+
+The app writes `JOB_DIR/job.json` (model paths, versions, engine URL, preset) and the data snapshot
+(`preferences.jsonl`, `prompts.jsonl`); the worker appends progress to `progress.jsonl` and writes
+`result.json` at the end. Training in a separate process keeps chat responsive, and a crash or kill
+here cannot touch serving: the app only swaps weights after reading a complete result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from alignment.config import GateConfig, PPOConfig, RewardConfig
+from alignment.cycle import CycleConfig, run_cycle
+from alignment.rollouts import vllm_generate
+
+
+def preset(name: str) -> CycleConfig:
+    if name == "fast":  # seconds on the tiny test model
+        return CycleConfig(
+            reward=RewardConfig(learning_rate=5e-3, epochs=1, batch_size=8, max_length=256),
+            ppo=PPOConfig(
+                steps=1, prompts_per_step=4, max_new_tokens=8, minibatch_size=2, ppo_epochs=1
+            ),
+            gate=GateConfig(eval_prompts=2, max_new_tokens=8, min_win_rate=0.0, max_kl=1e9),
+        )
+    if name == "default":
+        return CycleConfig()
+    raise ValueError(f"unknown retrain preset {name!r}: use default or fast")
+
+
+def _read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(job_dir: str) -> int:
+    job_path = Path(job_dir)
+    job = json.loads((job_path / "job.json").read_text())
+    progress = (job_path / "progress.jsonl").open("a", buffering=1)
+
+    def say(stage: str, details: dict) -> None:
+        progress.write(
+            json.dumps({"time": time.time(), "stage": stage, **details}, default=str) + "\n"
+        )
+
+    try:
+        result = run_cycle(
+            job["serving_model"],
+            job["parent"],
+            job["version"],
+            _read_jsonl(job_path / "preferences.jsonl"),
+            _read_jsonl(job_path / "prompts.jsonl"),
+            vllm_generate(job["engine_url"], job.get("model_name", "policy")),
+            Path(job["versions_dir"]),
+            preset(job.get("preset", "default")),
+            progress=say,
+        )
+        (job_path / "result.json").write_text(json.dumps(result.as_dict(), default=str))
+        say("done", {})
+        return 0
+    except Exception as exc:  # noqa: BLE001 - reported to the app through the job folder
+        (job_path / "error.txt").write_text(f"{exc!r}\n{traceback.format_exc()}")
+        say("failed", {"error": repr(exc)})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
