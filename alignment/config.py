@@ -65,3 +65,14 @@ class GateConfig:
     max_kl: float = _help("largest mean KL(new || reference) per reply, nats", default=10.0)
     eval_prompts: int = _help("held-out prompts compared", default=8)
     max_new_tokens: int = _help("reply length in the comparison", default=48)
+
+
+@dataclass
+class LoopConfig:
+    """When the background scheduler starts a cycle by itself (0 disables a trigger)."""
+
+    every_votes: int = _help("start a cycle after this many new decisive votes", default=50)
+    every_minutes: float = _help(
+        "or after this many minutes, if any new decisive vote came", default=60.0
+    )
+    poll_seconds: float = _help("how often the scheduler checks", default=10.0)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from storage import ConflictError, Store
@@ -19,13 +20,22 @@ from storage.export import preference_records
 
 
 class AlignmentLoop:
-    def __init__(self, store: Store, engine, data_dir: Path, preset: str = "default") -> None:
+    def __init__(
+        self,
+        store: Store,
+        engine,
+        data_dir: Path,
+        preset: str = "default",
+        on_progress: Callable[[dict], None] | None = None,
+    ) -> None:
         self.store = store
         self.engine = engine
         self.data_dir = data_dir
         self.preset = preset
+        self.on_progress = on_progress
         self._lock = asyncio.Lock()
         self.stage = "idle"
+        self.events: list[dict] = []  # the running (or last) cycle's progress lines
 
     @property
     def running(self) -> bool:
@@ -85,6 +95,7 @@ class AlignmentLoop:
 
         self.stage = "training"
         started = time.perf_counter()
+        self.events = []
         with open(job / "worker.log", "wb") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -94,7 +105,7 @@ class AlignmentLoop:
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
             )
-            code = await proc.wait()
+            code = await self._follow(proc, job / "progress.jsonl")
         result_path = job / "result.json"
         if code != 0 or not result_path.exists():
             error = (
@@ -143,6 +154,42 @@ class AlignmentLoop:
         metrics["swap_seconds"] = swap
         await asyncio.to_thread(self.store.finish_run, run_id, "deployed", metrics)
         return {"status": "deployed", "version": version, **metrics}
+
+    async def _follow(self, proc, progress: Path) -> int:
+        """Wait for the worker, relaying its progress lines as they are written."""
+        seen = 0
+        while True:
+            try:
+                code = await asyncio.wait_for(proc.wait(), timeout=0.5)
+            except asyncio.TimeoutError:
+                code = None
+            lines = progress.read_text().splitlines() if progress.exists() else []
+            for line in lines[seen:]:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line being written; read it next time
+                seen += 1
+                self.events.append(event)
+                self.stage = event.get("stage", self.stage)
+                if self.on_progress:
+                    self.on_progress(event)
+            if code is not None:
+                return code
+
+    def status(self) -> dict:
+        """The running cycle's stage and its latest progress line, for the admin tab."""
+        return {
+            "running": self.running,
+            "stage": self.stage,
+            "last": self.events[-1] if self.events else None,
+        }
+
+    async def history(self) -> dict:
+        """Versions and finished cycles with their metrics, for the admin tab's table and plots."""
+        versions = await asyncio.to_thread(self.store.model_versions)
+        runs = await asyncio.to_thread(self.store.training_runs)
+        return {"versions": versions, "runs": runs}
 
     async def rollback(self, version: str) -> dict:
         if self._lock.locked():

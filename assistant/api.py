@@ -10,13 +10,12 @@ Routes (documented in the README):
 
 from __future__ import annotations
 
-import hmac
 import json
-import os
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from assistant.admin import admin_error
 from assistant.chat_service import BusyError, ChatService, InvalidInputError
 from assistant.engine import EngineError, PromptTooLongError
 from storage import ConflictError, NotFoundError
@@ -64,18 +63,9 @@ async def read_json(request: Request) -> dict:
 
 def admin_refusal(request: Request) -> JSONResponse | None:
     """None when the request carries the admin token; else the 401/403 to send."""
-    token = os.environ.get("ASSISTANT_ADMIN_TOKEN")
-    if not token:
-        return error(
-            403,
-            "admin actions are disabled: start the app with ASSISTANT_ADMIN_TOKEN "
-            "set and send it as 'Authorization: Bearer <token>'",
-        )
     header = request.headers.get("authorization", "")
-    given = header[len("Bearer ") :] if header.startswith("Bearer ") else ""
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        return error(401, "missing or wrong admin token ('Authorization: Bearer <token>')")
-    return None
+    problem = admin_error(header[len("Bearer ") :] if header.startswith("Bearer ") else None)
+    return None if problem is None else error(*problem)
 
 
 def build_api_router(service: ChatService, loop=None) -> APIRouter:

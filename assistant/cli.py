@@ -15,6 +15,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from alignment.config import LoopConfig
 from assistant.config import AppConfig, ConfigError, EngineConfig, SamplingConfig, ServeConfig
 
 # (flag, config section, field) for every option that maps straight onto a config field.
@@ -35,8 +36,16 @@ RUN_OPTIONS = [
     ("--temperature", "sampling", "temperature"),
     ("--top-p", "sampling", "top_p"),
     ("--max-new-tokens", "sampling", "max_new_tokens"),
+    ("--retrain-every-votes", "loop", "every_votes"),
+    ("--retrain-every-minutes", "loop", "every_minutes"),
+    ("--retrain-poll-seconds", "loop", "poll_seconds"),
 ]
-SECTIONS = {"engine": EngineConfig, "serve": ServeConfig, "sampling": SamplingConfig}
+SECTIONS = {
+    "engine": EngineConfig,
+    "serve": ServeConfig,
+    "sampling": SamplingConfig,
+    "loop": LoopConfig,
+}
 
 
 def _field(cls: type, name: str):
@@ -105,6 +114,36 @@ def build_parser() -> argparse.ArgumentParser:
         default="http://127.0.0.1:7860",
         help="running app to ask when the database is locked by it",
     )
+    retrain = sub.add_parser(
+        "retrain", help="run one retrain-and-deploy cycle now (through the app if it runs)"
+    )
+    versions = sub.add_parser("versions", help="list model versions with status and metrics")
+    rollback = sub.add_parser("rollback", help="serve an earlier version again")
+    rollback.add_argument("version", help="version name, e.g. v0001")
+    for p in (retrain, versions, rollback):
+        _add_common(p)
+        p.add_argument(
+            "--url",
+            default="http://127.0.0.1:7860",
+            help="running app to ask when the database is locked by it",
+        )
+        p.add_argument(
+            "--token",
+            default=None,
+            help="admin token for a running app (default: $ASSISTANT_ADMIN_TOKEN)",
+        )
+    retrain.add_argument(
+        "--model",
+        dest="engine.model",
+        default=None,
+        help="base checkpoint when no app is running (default: embedded)",
+    )
+    retrain.add_argument(
+        "--retrain-preset",
+        choices=["default", "fast"],
+        default="default",
+        help="cycle settings (fast: seconds on a tiny test model)",
+    )
     return parser
 
 
@@ -144,6 +183,153 @@ def cmd_export(args: argparse.Namespace, config: AppConfig) -> int:
     return 0
 
 
+def _app_holds_db(config: AppConfig) -> bool:
+    from storage import Store, StoreError
+
+    try:
+        Store(config.database, read_only=True).close()
+    except StoreError as exc:
+        if "in use" in str(exc):
+            return True
+        raise
+    return False
+
+
+def _call_app(args: argparse.Namespace, method: str, route: str, body: dict | None = None):
+    import os
+
+    import httpx
+
+    token = args.token or os.environ.get("ASSISTANT_ADMIN_TOKEN", "")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    print(f"the app is running; asking it at {args.url}", file=sys.stderr)
+    try:
+        resp = httpx.request(
+            method, f"{args.url.rstrip('/')}/api/{route}", json=body, headers=headers, timeout=None
+        )
+    except httpx.HTTPError as exc:
+        raise ConfigError(
+            f"the database is locked by another process and the app at "
+            f"{args.url} did not answer ({exc}); pass --url"
+        ) from exc
+    data = resp.json()
+    if resp.status_code >= 400:
+        raise ConfigError(f"the app refused ({resp.status_code}): {data.get('error', data)}")
+    return data
+
+
+def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
+    import asyncio
+
+    if _app_holds_db(config):
+        summary = _call_app(args, "POST", "retrain")
+    else:
+        from assistant.server import open_runtime
+
+        def show(event: dict) -> None:
+            stage = event.get("stage")
+            if stage == "reward_model" and "step" in event:
+                _bar("reward model", event["step"], event.get("max_steps") or 1)
+            elif stage == "ppo":
+                _bar(
+                    "PPO",
+                    event["step"] + 1,
+                    config_steps,
+                    f"reward {event['reward_mean']:+.3f} KL {event['kl']:.3f}",
+                )
+            elif stage in ("gate", "merge", "done", "failed") and len(event) > 2:
+                print(
+                    f"\n[{stage}] "
+                    + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "stage"))
+                )
+
+        from alignment.worker import preset
+
+        config_steps = preset(config.retrain_preset).ppo.steps
+        runtime = open_runtime(config, on_progress=show)
+
+        async def once():
+            try:
+                return await runtime.loop.retrain()
+            finally:
+                await runtime.aclose()
+
+        summary = asyncio.run(once())
+    print()
+    for key in ("status", "version", "reason", "error", "swap_seconds", "cycle_seconds"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
+    if "reward" in summary:
+        r = summary["reward"]
+        print(
+            f"reward model: {r['n_train']} train / {r['n_heldout']} held-out pairs, "
+            f"held-out accuracy {r['heldout_accuracy']}"
+        )
+    if "gate" in summary:
+        print(f"gate: {summary['gate']['reason']}")
+    return 0 if summary["status"] in ("deployed", "rejected") else 1
+
+
+def _bar(label: str, done: int, total: int, note: str = "") -> None:
+    width = 30
+    filled = int(width * min(done, total) / max(total, 1))
+    print(
+        f"\r{label:13s} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {note}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def cmd_versions(args: argparse.Namespace, config: AppConfig) -> int:
+    if _app_holds_db(config):
+        data = _call_app(args, "GET", "versions")
+    else:
+        from storage import Store
+
+        store = Store(config.database, read_only=True)
+        try:
+            rows = store.model_versions()
+        finally:
+            store.close()
+        serving = next((r["version"] for r in rows if r["status"] == "serving"), None)
+        data = {"serving": serving, "versions": rows}
+    print(f"{'version':8s} {'status':9s} {'parent':8s} {'created':20s} metrics")
+    for v in data["versions"]:
+        m = v.get("manifest") or {}
+        gate = m.get("gate") or {}
+        acc = (m.get("reward") or {}).get("heldout_accuracy")
+        metrics = (
+            f"win={gate.get('win_rate')} kl={gate.get('kl')} rm_acc={acc}"
+            if gate
+            else m.get("model", "")
+        )
+        print(
+            f"{v['version']:8s} {v['status']:9s} {v['parent'] or '-':8s} "
+            f"{v['created_at'][:19]:20s} {metrics}"
+        )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, config: AppConfig) -> int:
+    if _app_holds_db(config):
+        result = _call_app(args, "POST", "rollback", {"version": args.version})
+        print(f"serving {result['version']} (swap {result['swap_seconds']:.2f} s)")
+        return 0
+    from storage import Store
+
+    store = Store(config.database)
+    try:
+        row = store.model_version(args.version)
+        if row["status"] == "rejected":
+            raise ConfigError(f"version {args.version} was rejected and has no weights")
+        store.set_serving(args.version, 0.0)
+    finally:
+        store.close()
+    print(f"{args.version} will be served at the next start (no app is running)")
+    return 0
+
+
 def _export_via_app(url: str, fmt: str) -> list[dict]:
     import json
 
@@ -170,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     from assistant.engine import EngineError
     from assistant.provision import ProvisionError
-    from storage import StoreError
+    from storage import ConflictError, StoreError
 
     try:
         if args.command == "run":
@@ -183,7 +369,21 @@ def main(argv: list[str] | None = None) -> int:
             print(provision_embedded(config.data_dir))
         elif args.command == "export":
             return cmd_export(args, config)
-    except (ConfigError, StoreError, ProvisionError, EngineError, ValueError) as exc:
+        elif args.command == "retrain":
+            return cmd_retrain(args, config)
+        elif args.command == "versions":
+            return cmd_versions(args, config)
+        elif args.command == "rollback":
+            return cmd_rollback(args, config)
+    except (
+        ConfigError,
+        StoreError,
+        ProvisionError,
+        EngineError,
+        ConflictError,
+        ValueError,
+        KeyError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from alignment.config import LoopConfig
+
 
 class ConfigError(ValueError):
     """A setting is invalid; the message says which one and how to fix it."""
@@ -105,6 +107,7 @@ class AppConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
     @property
     def database(self) -> Path:

@@ -78,18 +78,28 @@ def _hub_snapshot(repo_id: str) -> str:
         ) from exc
 
 
-def build_app(config: AppConfig):
-    """Return a FastAPI app whose lifespan owns the engine; raises ConfigError/StoreError early."""
-    import gradio as gr
-    from fastapi import FastAPI
+@dataclass
+class Runtime:
+    """What both the app and an offline `assistant retrain` need: store, engine, loop."""
 
+    store: object
+    engine: object
+    loop: object
+    embedded: object | None
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+        self.store.close()
+
+
+def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
+    """Open the store and start (or reach) the engine; raises ConfigError/StoreError early."""
     from alignment.loop import AlignmentLoop
-    from assistant.api import build_api_router
-    from assistant.chat_service import ChatService
     from assistant.vllm_client import VLLMServerEngine
     from assistant.vllm_server import EmbeddedVLLMServer
     from storage import Store
-    from ui.page import CSS, build_page
 
     config.validate()
     store = Store(config.database)  # fails fast on an unwritable path
@@ -119,24 +129,39 @@ def build_app(config: AppConfig):
             raise
         url = embedded.url
     engine = VLLMServerEngine(url, config.engine.served_model_name, version)
-    service = ChatService(store, engine, config.sampling, config.serve)
-    loop = AlignmentLoop(store, engine, config.data_dir, config.retrain_preset)
+    loop = AlignmentLoop(store, engine, config.data_dir, config.retrain_preset, on_progress)
+    return Runtime(store, engine, loop, embedded)
+
+
+def build_app(config: AppConfig):
+    """Return a FastAPI app whose lifespan owns the runtime (engine, store)."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from alignment.scheduler import RetrainScheduler
+    from assistant.api import build_api_router
+    from assistant.chat_service import ChatService
+    from ui.page import CSS, build_page
+
+    runtime = open_runtime(config)
+    service = ChatService(runtime.store, runtime.engine, config.sampling, config.serve)
+
+    scheduler = RetrainScheduler(runtime.loop, runtime.store, config.loop)
 
     @asynccontextmanager
     async def lifespan(_app):
+        task = asyncio.create_task(scheduler.run_forever())
         try:
             yield
         finally:
-            await engine.aclose()
-            if embedded is not None:
-                await asyncio.to_thread(embedded.stop)
-            store.close()
+            task.cancel()
+            await runtime.aclose()
 
     app = FastAPI(title="Aligned assistant", lifespan=lifespan)
-    app.include_router(build_api_router(service, loop))
+    app.include_router(build_api_router(service, runtime.loop))
     app.state.service = service
-    app.state.embedded_engine = embedded
-    page = build_page(service).queue(default_concurrency_limit=None)
+    app.state.runtime = runtime
+    page = build_page(service, runtime.loop).queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(app, page, path="/", css=CSS, footer_links=["api"])
 
 

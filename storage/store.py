@@ -388,6 +388,16 @@ class Store:
             r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
         return rows
 
+    def new_decisive_votes(self) -> tuple[int, float | None]:
+        """(decisive votes since the last cycle started, minutes since then or None if never)."""
+        rows = self._rows(
+            "WITH last AS (SELECT max(started_at) AS t FROM training_runs WHERE kind = 'cycle') "
+            "SELECT (SELECT count(*) FROM votes, last WHERE choice IN ('a', 'b') "
+            "        AND (last.t IS NULL OR created_at > last.t)) AS n, "
+            "       (SELECT epoch(now() - t) / 60 FROM last) AS minutes"
+        )
+        return rows[0]["n"], rows[0]["minutes"]
+
     def logged_prompts(self) -> list[list[dict[str, str]]]:
         """Every distinct prompt sent to the engine, for PPO rollouts."""
         rows = self._rows("SELECT DISTINCT CAST(prompt AS VARCHAR) AS p FROM pairs")

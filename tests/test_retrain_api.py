@@ -54,3 +54,87 @@ def test_retrain_deploys_new_version_then_rollback(tiny_app_factory, tiny_model_
     assert httpx.get(app.url + "/api/versions").json()["serving"] == "v0000"
     assert post(app, "rollback", {"version": "v0999"}).status_code == 404
     assert post(app, "rollback", {"version": 3}).status_code == 422
+
+
+def _vote_some(app, n=4):
+    for i in range(n):
+        turn = httpx.post(app.url + "/api/chat", json={"message": f"q{i}"}, timeout=120).json()
+        httpx.post(
+            app.url + "/api/vote",
+            json={"pair_id": turn["pair_id"], "choice": "ab"[i % 2]},
+            timeout=30,
+        )
+
+
+def test_killed_cycle_is_marked_failed_and_serving_continues(
+    tiny_app_factory, tiny_model_dir, monkeypatch
+):
+    import threading
+    import time
+
+    import psutil
+
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", TOKEN)
+    app = tiny_app_factory("--model", str(tiny_model_dir), "--retrain-preset", "fast")
+    _vote_some(app)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(resp=post(app, "retrain")))
+    thread.start()
+    worker = None
+    deadline = time.monotonic() + 60
+    while worker is None and time.monotonic() < deadline:
+        worker = next(
+            (
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if "alignment.worker" in " ".join(p.info["cmdline"] or [])
+            ),
+            None,
+        )
+        time.sleep(0.1)
+    assert worker is not None, "the cycle never started its worker process"
+    time.sleep(1.0)
+    worker.kill()  # kill -9 mid-cycle
+    thread.join(timeout=120)
+    body = result["resp"].json()
+    assert body["status"] == "failed", body
+    # Serving is untouched: same version, chat still works.
+    assert httpx.get(app.url + "/api/versions").json()["serving"] == "v0000"
+    turn = httpx.post(app.url + "/api/chat", json={"message": "still here?"}, timeout=120)
+    assert turn.status_code == 200 and turn.json()["model_version"] == "v0000"
+    httpx.post(app.url + "/api/vote", json={"pair_id": turn.json()["pair_id"], "choice": "a"})
+    # The next cycle works.
+    again = post(app, "retrain").json()
+    assert again["status"] == "deployed", again
+    post(app, "rollback", {"version": "v0000"})  # leave the shared engine on the base weights
+
+
+def test_cli_retrain_versions_rollback_without_the_app(tiny_app_factory, tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "offline"
+    app = tiny_app_factory("--model", str(tiny_model_dir), data_dir=data)
+    _vote_some(app)
+    app.stop()
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "assistant", *args, "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    out = cli("retrain", "--model", str(tiny_model_dir), "--retrain-preset", "fast")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "status: deployed" in out.stdout and "version: v0001" in out.stdout
+    assert "reward model" in out.stderr  # progress bar on the terminal
+    listing = cli("versions")
+    assert listing.returncode == 0
+    lines = {line.split()[0]: line.split()[1] for line in listing.stdout.splitlines()[1:]}
+    assert lines == {"v0000": "previous", "v0001": "serving"}
+    assert cli("rollback", "v0000").returncode == 0
+    assert "v0000 serving" in " ".join(cli("versions").stdout.split())
+    missing = cli("rollback", "v0042")
+    assert missing.returncode == 2 and "unknown version" in missing.stderr

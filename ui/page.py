@@ -15,6 +15,7 @@ import gradio as gr
 from assistant.chat_service import BusyError, ChatService, InvalidInputError
 from assistant.engine import EngineError, PromptTooLongError
 from storage import ConflictError, NotFoundError
+from ui.admin_tab import build_admin_tab
 
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 USER_ERRORS = (InvalidInputError, BusyError, ConflictError, NotFoundError, EngineError)
@@ -39,8 +40,8 @@ def _user_error(exc: Exception) -> str:
     return str(exc)
 
 
-def build_page(service: ChatService) -> gr.Blocks:
-    with gr.Blocks(title="Aligned assistant") as page:
+def build_page(service: ChatService, loop=None) -> gr.Blocks:
+    with gr.Blocks(title="Aligned assistant") as page, gr.Tab("Chat"):
         state = gr.State(_empty_state())
         with gr.Row():
             gr.Markdown("## Aligned assistant: pick the better reply")
@@ -181,4 +182,7 @@ def build_page(service: ChatService) -> gr.Blocks:
             )
         new_chat.click(on_new_chat, None, outputs)
         page.load(lambda: _version_line(service.model_version), None, version)
+    if loop is not None:
+        with page, gr.Tab("Admin"):
+            build_admin_tab(loop)
     return page

@@ -1,0 +1,49 @@
+"""The background scheduler: the trigger rule, and a cycle it starts by itself in a running app."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from alignment.config import LoopConfig
+from alignment.scheduler import cycle_due
+
+
+def test_cycle_due_rule():
+    config = LoopConfig(every_votes=50, every_minutes=60)
+    assert not cycle_due(0, 999, config)  # nothing new to learn from
+    assert cycle_due(50, 1, config)
+    assert not cycle_due(49, 59, config)
+    assert cycle_due(1, 60, config)
+    assert not cycle_due(10, None, LoopConfig(every_votes=0, every_minutes=60))
+    assert not cycle_due(500, 500, LoopConfig(every_votes=0, every_minutes=0))
+
+
+def test_app_retrains_by_itself_after_n_votes(tiny_app_factory, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "t")
+    app = tiny_app_factory(
+        "--model",
+        str(tiny_model_dir),
+        "--retrain-preset",
+        "fast",
+        "--retrain-every-votes",
+        "3",
+        "--retrain-poll-seconds",
+        "1",
+    )
+    for i in range(3):
+        turn = httpx.post(app.url + "/api/chat", json={"message": f"hello {i}"}, timeout=120).json()
+        httpx.post(app.url + "/api/vote", json={"pair_id": turn["pair_id"], "choice": "a"})
+    deadline = time.monotonic() + 300
+    serving = "v0000"
+    while time.monotonic() < deadline and serving == "v0000":
+        time.sleep(2)
+        serving = httpx.get(app.url + "/api/versions").json()["serving"]
+    assert serving == "v0001"
+    httpx.post(
+        app.url + "/api/rollback",
+        json={"version": "v0000"},
+        headers={"Authorization": "Bearer t"},
+        timeout=120,
+    )
