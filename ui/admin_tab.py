@@ -80,7 +80,7 @@ def build_admin_tab(loop) -> None:
     result = gr.Markdown("", elem_id="admin-result")
     table = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False, label="Versions")
     with gr.Row():
-        cycle_plot = gr.LinePlot(
+        cycle_plot = gr.ScatterPlot(
             x="cycle", y="value", color="metric", title="Per cycle: RM accuracy, gate win rate"
         )
         step_plot = gr.LinePlot(

@@ -41,148 +41,153 @@ def _user_error(exc: Exception) -> str:
 
 
 def build_page(service: ChatService, loop=None) -> gr.Blocks:
-    with gr.Blocks(title="Aligned assistant") as page, gr.Tab("Chat"):
-        state = gr.State(_empty_state())
-        with gr.Row():
-            gr.Markdown("## Aligned assistant: pick the better reply")
-            version = gr.Markdown(_version_line(service.model_version), elem_id="model-version")
-        history = gr.Chatbot(
-            label="Conversation", height=320, elem_id="history", feedback_options=None
-        )
-        with gr.Row(equal_height=True):
-            with gr.Column():
-                gr.Markdown("**A**")
-                reply_a = gr.Markdown(elem_id="reply-a", elem_classes=["candidate"])
-            with gr.Column():
-                gr.Markdown("**B**")
-                reply_b = gr.Markdown(elem_id="reply-b", elem_classes=["candidate"])
-        with gr.Row():
-            vote_buttons = {
-                c: gr.Button(label, interactive=False, elem_id=f"vote-{c}")
-                for c, label in VOTE_LABELS.items()
-            }
-        status = gr.Markdown("", elem_id="status")
-        with gr.Row():
-            message = gr.Textbox(
-                placeholder="Type a message and press Enter",
-                show_label=False,
-                scale=5,
-                elem_id="message",
-                lines=1,
-                max_lines=8,
+    with gr.Blocks(title="Aligned assistant") as page, gr.Tabs():
+        with gr.Tab("Chat"):
+            state = gr.State(_empty_state())
+            with gr.Row():
+                gr.Markdown("## Aligned assistant: pick the better reply")
+                version = gr.Markdown(_version_line(service.model_version), elem_id="model-version")
+            history = gr.Chatbot(
+                label="Conversation", height=320, elem_id="history", feedback_options=None
             )
-            send = gr.Button("Send", variant="primary", scale=1)
-            new_chat = gr.Button("New chat", scale=1)
+            with gr.Row(equal_height=True):
+                with gr.Column():
+                    gr.Markdown("**A**")
+                    reply_a = gr.Markdown(elem_id="reply-a", elem_classes=["candidate"])
+                with gr.Column():
+                    gr.Markdown("**B**")
+                    reply_b = gr.Markdown(elem_id="reply-b", elem_classes=["candidate"])
+            with gr.Row():
+                vote_buttons = {
+                    c: gr.Button(label, interactive=False, elem_id=f"vote-{c}")
+                    for c, label in VOTE_LABELS.items()
+                }
+            status = gr.Markdown("", elem_id="status")
+            with gr.Row():
+                message = gr.Textbox(
+                    placeholder="Type a message and press Enter",
+                    show_label=False,
+                    scale=5,
+                    elem_id="message",
+                    lines=1,
+                    max_lines=8,
+                )
+                send = gr.Button("Send", variant="primary", scale=1)
+                new_chat = gr.Button("New chat", scale=1)
 
-        buttons = list(vote_buttons.values())
-        outputs = [state, history, reply_a, reply_b, message, status, version, *buttons]
+            buttons = list(vote_buttons.values())
+            outputs = [state, history, reply_a, reply_b, message, status, version, *buttons]
 
-        def view(st, hist, a="", b="", msg="", note="", votable=False, ver=None):
-            return (
-                st,
-                hist,
-                a,
-                b,
-                msg,
-                note,
-                _version_line(ver or service.model_version),
-                *[gr.update(interactive=votable) for _ in buttons],
-            )
-
-        async def on_send(text: str, st: dict, hist: list, request: gr.Request):
-            if st.get("pair_id"):
-                yield view(
+            def view(st, hist, a="", b="", msg="", note="", votable=False, ver=None):
+                return (
                     st,
                     hist,
-                    gr.skip(),
-                    gr.skip(),
-                    text,
-                    "Vote on the two replies first.",
-                    votable=True,
+                    a,
+                    b,
+                    msg,
+                    note,
+                    _version_line(ver or service.model_version),
+                    *[gr.update(interactive=votable) for _ in buttons],
                 )
-                return
-            hist = [*hist, {"role": "user", "content": html.escape(text or "")}]
-            session = getattr(request, "session_hash", None)
-            try:
-                async for update in service.stream_turn(
-                    st["conversation_id"], text, session_id=session
-                ):
-                    if update.result is None:
+
+            async def on_send(text: str, st: dict, hist: list, request: gr.Request):
+                if st.get("pair_id"):
+                    yield view(
+                        st,
+                        hist,
+                        gr.skip(),
+                        gr.skip(),
+                        text,
+                        "Vote on the two replies first.",
+                        votable=True,
+                    )
+                    return
+                hist = [*hist, {"role": "user", "content": html.escape(text or "")}]
+                session = getattr(request, "session_hash", None)
+                try:
+                    async for update in service.stream_turn(
+                        st["conversation_id"], text, session_id=session
+                    ):
+                        if update.result is None:
+                            yield view(
+                                st,
+                                hist,
+                                update.text_a,
+                                update.text_b,
+                                note="Generating two replies...",
+                                ver=update.model_version,
+                            )
+                            continue
+                        st = {
+                            **st,
+                            "conversation_id": update.conversation_id,
+                            "pair_id": update.result.pair_id,
+                            "pending_text": text,
+                        }
                         yield view(
                             st,
                             hist,
                             update.text_a,
                             update.text_b,
-                            note="Generating two replies...",
+                            note="Which reply is better?",
+                            votable=True,
                             ver=update.model_version,
                         )
-                        continue
-                    st = {
-                        **st,
-                        "conversation_id": update.conversation_id,
-                        "pair_id": update.result.pair_id,
-                        "pending_text": text,
-                    }
-                    yield view(
-                        st,
-                        hist,
-                        update.text_a,
-                        update.text_b,
-                        note="Which reply is better?",
-                        votable=True,
-                        ver=update.model_version,
-                    )
-            except USER_ERRORS as exc:
-                yield view(st, hist[:-1], msg=text, note=f"⚠ {_user_error(exc)}")
-
-        def vote_handler(choice: str):
-            async def on_vote(st: dict, hist: list, a: str, b: str, request: gr.Request):
-                if not st.get("pair_id"):
-                    yield view(st, hist, a, b, note="Nothing to vote on yet.")
-                    return
-                try:
-                    await service.vote(
-                        st["pair_id"], choice, session_id=getattr(request, "session_hash", None)
-                    )
                 except USER_ERRORS as exc:
-                    yield view(st, hist, a, b, note=f"⚠ {_user_error(exc)}", votable=True)
-                    return
-                pending = st["pending_text"]
-                st = {**st, "pair_id": None, "pending_text": None}
-                if choice == "both_bad":
-                    # Neither reply continues: the turn is dropped and the text offered again.
+                    yield view(st, hist[:-1], msg=text, note=f"⚠ {_user_error(exc)}")
+
+            def vote_handler(choice: str):
+                async def on_vote(st: dict, hist: list, a: str, b: str, request: gr.Request):
+                    if not st.get("pair_id"):
+                        yield view(st, hist, a, b, note="Nothing to vote on yet.")
+                        return
+                    try:
+                        await service.vote(
+                            st["pair_id"], choice, session_id=getattr(request, "session_hash", None)
+                        )
+                    except USER_ERRORS as exc:
+                        yield view(st, hist, a, b, note=f"⚠ {_user_error(exc)}", votable=True)
+                        return
+                    pending = st["pending_text"]
+                    st = {**st, "pair_id": None, "pending_text": None}
+                    if choice == "both_bad":
+                        # Neither reply continues: the turn is dropped and the text offered again.
+                        yield view(
+                            st,
+                            hist[:-1],
+                            msg=pending,
+                            note="Vote saved: both bad. Edit your message and ask again.",
+                        )
+                        return
+                    chosen = b if choice == "b" else a
                     yield view(
                         st,
-                        hist[:-1],
-                        msg=pending,
-                        note="Vote saved: both bad. Edit your message and ask again.",
+                        [*hist, {"role": "assistant", "content": chosen}],
+                        note=f"Vote saved: {VOTE_LABELS[choice]}.",
                     )
-                    return
-                chosen = b if choice == "b" else a
-                yield view(
-                    st,
-                    [*hist, {"role": "assistant", "content": chosen}],
-                    note=f"Vote saved: {VOTE_LABELS[choice]}.",
+
+                return on_vote
+
+            def on_new_chat():
+                return view(_empty_state(), [], note="New chat started.")
+
+            send_inputs = [message, state, history]
+            for trigger in (message.submit, send.click):
+                trigger(on_send, send_inputs, outputs, concurrency_limit=None)
+            for choice, button in vote_buttons.items():
+                button.click(
+                    vote_handler(choice),
+                    [state, history, reply_a, reply_b],
+                    outputs,
+                    concurrency_limit=None,
                 )
-
-            return on_vote
-
-        def on_new_chat():
-            return view(_empty_state(), [], note="New chat started.")
-
-        send_inputs = [message, state, history]
-        for trigger in (message.submit, send.click):
-            trigger(on_send, send_inputs, outputs, concurrency_limit=None)
-        for choice, button in vote_buttons.items():
-            button.click(
-                vote_handler(choice),
-                [state, history, reply_a, reply_b],
-                outputs,
-                concurrency_limit=None,
+            new_chat.click(on_new_chat, None, outputs)
+            page.load(lambda: _version_line(service.model_version), None, version)
+            # A hot-swap changes the serving version under an open page: keep the line true.
+            gr.Timer(3.0).tick(
+                lambda: _version_line(service.model_version), None, version, show_progress="hidden"
             )
-        new_chat.click(on_new_chat, None, outputs)
-        page.load(lambda: _version_line(service.model_version), None, version)
-    if loop is not None:
-        with page, gr.Tab("Admin"):
-            build_admin_tab(loop)
+        if loop is not None:
+            with gr.Tab("Admin"):
+                build_admin_tab(loop)
     return page
