@@ -25,6 +25,9 @@ class RewardConfig:
     max_length: int = _help("longest prompt+reply in tokens; longer pairs are dropped", default=512)
     heldout_fraction: float = _help("share of pairs held out to measure accuracy", default=0.2)
     seed: int = _help("seed of the head initialisation and data order", default=0)
+    ai_label_weight: float = _help(
+        "weight of AI-judge labels relative to human votes (0: human votes only)", default=0.5
+    )
 
 
 @dataclass
@@ -76,3 +79,18 @@ class LoopConfig:
         "or after this many minutes, if any new decisive vote came", default=60.0
     )
     poll_seconds: float = _help("how often the scheduler checks", default=10.0)
+
+
+@dataclass
+class SFTConfig:
+    """Optional supervised stage on constitutional revisions (loss on reply tokens only)."""
+
+    enabled: bool = _help(
+        "fine-tune on (prompt, final revision) before the reward model", default=False
+    )
+    lora_rank: int = _help("LoRA rank of the SFT adapter", default=8)
+    lora_alpha: int = _help("LoRA alpha", default=16)
+    learning_rate: float = _help("AdamW learning rate", default=2e-4)
+    epochs: float = _help("passes over the revisions", default=1.0)
+    batch_size: int = _help("examples per step", default=8)
+    max_length: int = _help("longest prompt+revision in tokens", default=512)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignment.config import GateConfig, PPOConfig, RewardConfig
+from alignment.config import GateConfig, PPOConfig, RewardConfig, SFTConfig
 from alignment.gate import GateResult, evaluate
 from alignment.merge import merge_to_checkpoint
 from alignment.ppo import PolicyWithValueHead, PPOTrainer
@@ -28,6 +28,7 @@ class CycleConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     heldout_prompt_fraction: float = 0.25
 
 
@@ -40,6 +41,7 @@ class CycleResult:
     ppo_steps: list[dict]
     gate: dict
     seconds: dict
+    sft: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,12 +57,24 @@ def run_cycle(
     out_root: Path,
     config: CycleConfig,
     progress: Progress | None = None,
+    revisions: list[dict] | None = None,
 ) -> CycleResult:
     from transformers import AutoTokenizer
 
     say = progress or (lambda stage, details: None)
     seconds: dict[str, float] = {}
     work = out_root / "runs" / new_version
+
+    sft = None
+    if config.sft.enabled and revisions:
+        from alignment.sft import sft_records, train_sft
+
+        t = time.perf_counter()
+        say("sft", {"examples": len(revisions)})
+        sft = train_sft(serving_model, sft_records(revisions), work / "sft", config.sft)
+        seconds["sft"] = time.perf_counter() - t
+        say("sft", sft)
+        serving_model = sft["path"]  # the SFT model is the base and KL reference from here on
 
     t = time.perf_counter()
     say("reward_model", {"pairs": len(records)})
@@ -99,6 +113,7 @@ def run_cycle(
             "parent": parent_version,
             "reward_model": reward.path,
             "pairs": len(records),
+            "sft": sft,
             "reward": reward.as_dict(),
             "gate": gate.as_dict(),
             "ppo_final": steps[-1].as_dict() if steps else None,
@@ -114,4 +129,5 @@ def run_cycle(
         [s.as_dict() for s in steps],
         gate.as_dict(),
         seconds,
+        sft,
     )

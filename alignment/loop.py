@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from alignment.labels import agreement_rate, weighted_ai_rows
 from storage import ConflictError, Store
 from storage.export import preference_records
 
@@ -27,7 +28,12 @@ class AlignmentLoop:
         data_dir: Path,
         preset: str = "default",
         on_progress: Callable[[dict], None] | None = None,
+        *,
+        sft: bool = False,
+        ai_label_weight: float = 0.5,
     ) -> None:
+        self.sft = sft
+        self.ai_label_weight = ai_label_weight
         self.store = store
         self.engine = engine
         self.data_dir = data_dir
@@ -54,9 +60,13 @@ class AlignmentLoop:
     async def _cycle(self) -> dict:
         self.stage = "snapshot"
         rows = await asyncio.to_thread(self.store.voted_pairs)
-        records = preference_records(rows, "trl")
+        human = preference_records(rows, "trl")
+        ai_rows = await asyncio.to_thread(self.store.ai_labeled_pairs)
+        records = human + preference_records(weighted_ai_rows(ai_rows, self.ai_label_weight), "trl")
+        revisions = await asyncio.to_thread(self.store.revisions) if self.sft else []
+        agreement, compared = agreement_rate(await asyncio.to_thread(self.store.label_pairs))
         prompts = await asyncio.to_thread(self.store.logged_prompts)
-        if not records:
+        if not human:
             raise ConflictError("no decisive votes yet (A or B): vote on some replies first")
         serving = await asyncio.to_thread(self.store.serving_version)
         if not Path(serving["path"]).is_dir():
@@ -76,11 +86,13 @@ class AlignmentLoop:
                     "engine_url": self.engine.base_url,
                     "versions_dir": str(self.data_dir / "versions"),
                     "preset": self.preset,
+                    "sft": self.sft,
                 }
             )
         )
         _write_jsonl(job / "preferences.jsonl", records)
         _write_jsonl(job / "prompts.jsonl", prompts)
+        _write_jsonl(job / "revisions.jsonl", revisions)
         run_id = await asyncio.to_thread(
             self.store.start_run,
             "cycle",
@@ -88,6 +100,8 @@ class AlignmentLoop:
                 "version": version,
                 "parent": serving["version"],
                 "pairs": len(records),
+                "human_pairs": len(human),
+                "ai_pairs": len(records) - len(human),
                 "preset": self.preset,
                 "job": str(job),
             },
@@ -119,6 +133,11 @@ class AlignmentLoop:
         metrics = {
             "reward": result["reward"],
             "gate": result["gate"],
+            "sft": result.get("sft"),
+            "human_pairs": len(human),
+            "ai_pairs": len(records) - len(human),
+            "ai_human_agreement": agreement,
+            "agreement_pairs": compared,
             "ppo_steps": result["ppo_steps"],
             "seconds": result["seconds"],
             "cycle_seconds": time.perf_counter() - started,

@@ -47,6 +47,9 @@ def main(job_dir: str) -> int:
             json.dumps({"time": time.time(), "stage": stage, **details}, default=str) + "\n"
         )
 
+    config = preset(job.get("preset", "default"))
+    config.sft.enabled = bool(job.get("sft"))
+    revisions_file = job_path / "revisions.jsonl"
     try:
         result = run_cycle(
             job["serving_model"],
@@ -56,8 +59,9 @@ def main(job_dir: str) -> int:
             _read_jsonl(job_path / "prompts.jsonl"),
             vllm_generate(job["engine_url"], job.get("model_name", "policy")),
             Path(job["versions_dir"]),
-            preset(job.get("preset", "default")),
+            config,
             progress=say,
+            revisions=_read_jsonl(revisions_file) if revisions_file.exists() else None,
         )
         (job_path / "result.json").write_text(json.dumps(result.as_dict(), default=str))
         say("done", {})

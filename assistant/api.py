@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from assistant.admin import admin_error
 from assistant.chat_service import BusyError, ChatService, InvalidInputError
+from assistant.constitution import ConstitutionError
 from assistant.engine import EngineError, PromptTooLongError
 from storage import ConflictError, NotFoundError
 from storage.export import FORMATS
@@ -68,7 +69,7 @@ def admin_refusal(request: Request) -> JSONResponse | None:
     return None if problem is None else error(*problem)
 
 
-def build_api_router(service: ChatService, loop=None) -> APIRouter:
+def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
     router = APIRouter(prefix="/api")
 
     @router.post("/chat")
@@ -129,6 +130,30 @@ def build_api_router(service: ChatService, loop=None) -> APIRouter:
             return await loop.rollback(data["version"])
         except Exception as exc:  # noqa: BLE001
             return map_error(exc)
+
+    @router.get("/constitution")
+    async def constitution():
+        return {
+            "constitution": cai.constitution.as_json(),
+            "backlog": await cai.backlog(),
+            **await cai.agreement(),
+        }
+
+    @router.put("/constitution")
+    async def edit_constitution(request: Request):
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
+        try:
+            version = await cai.replace_constitution(await read_json(request))
+        except ConstitutionError as exc:
+            return error(422, str(exc))
+        except Exception as exc:  # noqa: BLE001
+            return map_error(exc)
+        return {"version": version, "constitution": cai.constitution.as_json()}
+
+    @router.get("/critiques/{candidate_id}")
+    async def critiques(candidate_id: str):
+        return {"candidate_id": candidate_id, "rounds": await cai.chain(candidate_id)}
 
     @router.get("/export")
     async def export(format: str = "trl"):  # noqa: A002 - the public query parameter name

@@ -16,7 +16,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from alignment.config import LoopConfig
-from assistant.config import AppConfig, ConfigError, EngineConfig, SamplingConfig, ServeConfig
+from assistant.config import (
+    AppConfig,
+    CAIConfig,
+    ConfigError,
+    EngineConfig,
+    SamplingConfig,
+    ServeConfig,
+)
 
 # (flag, config section, field) for every option that maps straight onto a config field.
 RUN_OPTIONS = [
@@ -39,12 +46,15 @@ RUN_OPTIONS = [
     ("--retrain-every-votes", "loop", "every_votes"),
     ("--retrain-every-minutes", "loop", "every_minutes"),
     ("--retrain-poll-seconds", "loop", "poll_seconds"),
+    ("--cai-rounds", "cai", "rounds"),
+    ("--ai-label-weight", "cai", "ai_label_weight"),
 ]
 SECTIONS = {
     "engine": EngineConfig,
     "serve": ServeConfig,
     "sampling": SamplingConfig,
     "loop": LoopConfig,
+    "cai": CAIConfig,
 }
 
 
@@ -80,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=name.upper(),
             help=f"{f.metadata['help']} (default: {f.default})",
         )
+    run.add_argument(
+        "--constitution",
+        type=Path,
+        default=None,
+        help="constitution JSON file (default: the shipped one)",
+    )
+    run.add_argument(
+        "--sft",
+        action="store_true",
+        help="add an SFT stage on constitutional revisions to retrain cycles",
+    )
+    run.add_argument(
+        "--no-cai",
+        action="store_true",
+        help="do not run the background critique/revision and AI-judge worker",
+    )
     run.add_argument(
         "--retrain-preset",
         choices=["default", "fast"],
@@ -156,6 +182,12 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         if "." in key and value is not None:
             section, name = key.split(".")
             setattr(getattr(config, section), name, value)
+    if getattr(args, "constitution", None) is not None:
+        config.cai.constitution = args.constitution
+    if getattr(args, "sft", False):
+        config.cai.sft = True
+    if getattr(args, "no_cai", False):
+        config.cai.enabled = False
     if getattr(args, "retrain_preset", None):
         config.retrain_preset = args.retrain_preset
     if getattr(args, "vllm_args", None):

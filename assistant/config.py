@@ -95,6 +95,24 @@ class ServeConfig:
 
 
 @dataclass
+class CAIConfig:
+    """Constitutional AI in the background: critique-revision chains and AI preference labels."""
+
+    enabled: bool = _help("run the background critique/revision and AI-judge worker", default=True)
+    constitution: Path | None = _help(
+        "constitution JSON file; default: the shipped one", default=None
+    )
+    rounds: int = _help("critique-revision rounds per chosen reply", default=1)
+    max_new_tokens: int = _help("longest critique or revision in tokens", default=128)
+    sft: bool = _help(
+        "add an SFT stage on (prompt, final revision) to retrain cycles", default=False
+    )
+    ai_label_weight: float = _help(
+        "weight of AI-judge labels in reward-model training (0: human votes only)", default=0.5
+    )
+
+
+@dataclass
 class AppConfig:
     data_dir: Path = _help(
         "where models, the database and caches live ($ASSISTANT_DATA_DIR)",
@@ -108,6 +126,7 @@ class AppConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    cai: CAIConfig = field(default_factory=CAIConfig)
 
     @property
     def database(self) -> Path:
@@ -131,6 +150,12 @@ class AppConfig:
                 f"--max-model-len ({e.max_model_len}) must exceed --max-new-tokens "
                 f"({p.max_new_tokens}) to leave room for the prompt",
             ),
+            (
+                self.loop.every_votes >= 0 and self.loop.every_minutes >= 0,
+                "--retrain-every-votes and --retrain-every-minutes must be >= 0 (0 disables)",
+            ),
+            (self.cai.rounds >= 1, "--cai-rounds must be at least 1"),
+            (self.cai.ai_label_weight >= 0, "--ai-label-weight must be >= 0"),
             (
                 e.compile in ("auto", "yes", "no"),
                 f"--compile must be auto, yes or no, got {e.compile!r}",

@@ -129,7 +129,15 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
             raise
         url = embedded.url
     engine = VLLMServerEngine(url, config.engine.served_model_name, version)
-    loop = AlignmentLoop(store, engine, config.data_dir, config.retrain_preset, on_progress)
+    loop = AlignmentLoop(
+        store,
+        engine,
+        config.data_dir,
+        config.retrain_preset,
+        on_progress,
+        sft=config.cai.sft,
+        ai_label_weight=config.cai.ai_label_weight,
+    )
     return Runtime(store, engine, loop, embedded)
 
 
@@ -141,28 +149,64 @@ def build_app(config: AppConfig):
     from alignment.scheduler import RetrainScheduler
     from assistant.api import build_api_router
     from assistant.chat_service import ChatService
+    from assistant.critic import CAIWorker, Critic
     from ui.page import CSS, build_page
 
+    constitution = active_constitution(config)  # before the engine: a bad file fails fast
     runtime = open_runtime(config)
     service = ChatService(runtime.store, runtime.engine, config.sampling, config.serve)
+    version = runtime.store.latest_constitution()
+    if version is None or version["body"] != constitution.as_json():
+        runtime.store.save_constitution(constitution.name, constitution.as_json())
+    critic = Critic(
+        runtime.engine,
+        constitution,
+        rounds=config.cai.rounds,
+        max_new_tokens=config.cai.max_new_tokens,
+    )
+    cai = CAIWorker(critic, runtime.store, service)
 
     scheduler = RetrainScheduler(runtime.loop, runtime.store, config.loop)
 
     @asynccontextmanager
     async def lifespan(_app):
-        task = asyncio.create_task(scheduler.run_forever())
+        tasks = [asyncio.create_task(scheduler.run_forever())]
+        if config.cai.enabled:
+            tasks.append(asyncio.create_task(cai.run_forever()))
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             await runtime.aclose()
 
     app = FastAPI(title="Aligned assistant", lifespan=lifespan)
-    app.include_router(build_api_router(service, runtime.loop))
+    app.include_router(build_api_router(service, runtime.loop, cai))
     app.state.service = service
     app.state.runtime = runtime
-    page = build_page(service, runtime.loop).queue(default_concurrency_limit=None)
+    page = build_page(service, runtime.loop, cai).queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(app, page, path="/", css=CSS, footer_links=["api"])
+
+
+def active_constitution(config: AppConfig):
+    """--constitution FILE if given; else the latest edited version in the database; else the
+    shipped default. The database is opened read-only here only to peek; the app writes later."""
+    from assistant.constitution import load_constitution, parse_constitution
+    from storage import Store, StoreError
+
+    if config.cai.constitution is not None:
+        return load_constitution(config.cai.constitution)
+    try:
+        store = Store(config.database, read_only=True)
+    except StoreError:
+        return load_constitution()
+    try:
+        latest = store.latest_constitution()
+    except Exception:  # noqa: BLE001 - an old database without the table: use the default
+        latest = None
+    finally:
+        store.close()
+    return parse_constitution(latest["body"]) if latest else load_constitution()
 
 
 def _check_external(url: str) -> None:

@@ -13,6 +13,7 @@ the old weights must not be reused) and `/resume`. The server must run with
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -96,6 +97,34 @@ class VLLMServerEngine:
         if not all(d.done for d in drafts):
             raise EngineError("the engine ended the reply stream before both candidates finished")
         yield PairProgress(drafts, version, prompt_tokens, final=True, sampling=sampling)
+
+    async def complete(self, messages: list[dict[str, str]], sampling: dict, seed: int) -> str:
+        """One reply, not streamed (critiques and revisions)."""
+        body = {"model": self.model_name, "messages": messages, "seed": seed, **sampling}
+        resp = await self._post("/v1/chat/completions", json=body)
+        return resp.json()["choices"][0]["message"]["content"] or ""
+
+    async def option_probabilities(
+        self, messages: list[dict[str, str]], options: tuple[str, ...]
+    ) -> dict[str, float]:
+        """The model's next-token probability of each option (e.g. "A", "B"), read from its
+        top log-probabilities rather than parsed from sampled text; 0.0 if not in the top 20."""
+        body = {
+            "model": self.model_name,
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": 20,
+        }
+        resp = await self._post("/v1/chat/completions", json=body)
+        content = resp.json()["choices"][0]["logprobs"]["content"]
+        probs = dict.fromkeys(options, 0.0)
+        for entry in content[0]["top_logprobs"] if content else []:
+            token = entry["token"].strip()
+            if token in probs:
+                probs[token] += math.exp(entry["logprob"])
+        return probs
 
     async def reload_weights(self, path: str, version: str) -> float:
         """Swap weights in place without failing requests: in-flight ones drain first."""

@@ -107,4 +107,28 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        3,
+        "AI preference labels and constitution versions",
+        """
+        CREATE TABLE ai_labels (
+            id            VARCHAR PRIMARY KEY,
+            pair_id       VARCHAR NOT NULL REFERENCES pairs(id),
+            choice        VARCHAR NOT NULL CHECK (choice IN ('a', 'b')),
+            principle     VARCHAR NOT NULL,
+            confidence    DOUBLE NOT NULL,
+            p_a           DOUBLE NOT NULL,
+            p_b           DOUBLE NOT NULL,
+            source        VARCHAR NOT NULL DEFAULT 'ai',
+            model_version VARCHAR NOT NULL,
+            created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE constitutions (
+            version     INTEGER PRIMARY KEY,
+            name        VARCHAR NOT NULL,
+            body        JSON NOT NULL,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 ]

@@ -306,6 +306,146 @@ class Store:
             r["prompt"] = json.loads(r["prompt"])
         return rows
 
+    # --- constitutional AI ----------------------------------------------------------------
+
+    def save_constitution(self, name: str, body: dict) -> int:
+        """Store a constitution as a new version (history is never overwritten)."""
+        with self._transaction() as con:
+            version = con.execute(
+                "SELECT coalesce(max(version), 0) + 1 FROM constitutions"
+            ).fetchone()[0]
+            con.execute(
+                "INSERT INTO constitutions (version, name, body) VALUES (?, ?, ?)",
+                [version, name, json.dumps(body)],
+            )
+        return version
+
+    def latest_constitution(self) -> dict[str, Any] | None:
+        rows = self._rows(
+            "SELECT version, name, body FROM constitutions ORDER BY version DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        rows[0]["body"] = json.loads(rows[0]["body"])
+        return rows[0]
+
+    def candidates_to_critique(self, limit: int) -> list[dict[str, Any]]:
+        """Chosen replies (the continued one of a/b/tie votes) with no critique round yet."""
+        rows = self._rows(
+            "SELECT c.id AS candidate_id, c.text, p.prompt FROM votes v "
+            "JOIN pairs p ON p.id = v.pair_id "
+            "JOIN candidates c ON c.pair_id = p.id "
+            " AND c.slot = CASE WHEN v.choice = 'b' THEN 'b' ELSE 'a' END "
+            "WHERE v.choice IN ('a', 'b', 'tie') "
+            "AND NOT EXISTS (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id) "
+            "ORDER BY v.created_at LIMIT ?",
+            [limit],
+        )
+        for r in rows:
+            r["prompt"] = json.loads(r["prompt"])
+        return rows
+
+    def record_critique_round(
+        self,
+        candidate_id: str,
+        round_: int,
+        principle: str,
+        critique: str,
+        revision: str,
+        model_version: str,
+    ) -> None:
+        with self._transaction() as con:
+            con.execute(
+                "INSERT INTO critiques (id, candidate_id, round, principle, critique, revision, "
+                "model_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [new_id(), candidate_id, round_, principle, critique, revision, model_version],
+            )
+
+    def critique_chain(self, candidate_id: str) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT round, principle, critique, revision, model_version, created_at "
+            "FROM critiques WHERE candidate_id = ? ORDER BY round",
+            [candidate_id],
+        )
+
+    def critiqued_candidates(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recently critiqued replies: candidate id, the user's question, the reply."""
+        rows = self._rows(
+            "SELECT c.id AS candidate_id, c.text, p.prompt, max(k.created_at) AS last "
+            "FROM critiques k JOIN candidates c ON c.id = k.candidate_id "
+            "JOIN pairs p ON p.id = c.pair_id GROUP BY c.id, c.text, p.prompt "
+            "ORDER BY last DESC LIMIT ?",
+            [limit],
+        )
+        for r in rows:
+            r["prompt"] = json.loads(r["prompt"])
+        return rows
+
+    def revisions(self) -> list[dict[str, Any]]:
+        """(prompt, final revision) per critiqued reply, for the SFT stage."""
+        rows = self._rows(
+            "SELECT p.prompt, k.revision FROM critiques k "
+            "JOIN candidates c ON c.id = k.candidate_id JOIN pairs p ON p.id = c.pair_id "
+            "WHERE k.round = (SELECT max(round) FROM critiques k2 "
+            "                 WHERE k2.candidate_id = k.candidate_id)"
+        )
+        for r in rows:
+            r["prompt"] = json.loads(r["prompt"])
+        return rows
+
+    def pairs_to_judge(self, limit: int) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT p.id AS pair_id, p.prompt, a.text AS text_a, b.text AS text_b FROM pairs p "
+            "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
+            "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
+            "WHERE NOT EXISTS (SELECT 1 FROM ai_labels l WHERE l.pair_id = p.id) "
+            "ORDER BY p.created_at LIMIT ?",
+            [limit],
+        )
+        for r in rows:
+            r["prompt"] = json.loads(r["prompt"])
+        return rows
+
+    def record_ai_label(
+        self,
+        pair_id: str,
+        choice: str,
+        principle: str,
+        confidence: float,
+        p_a: float,
+        p_b: float,
+        model_version: str,
+    ) -> None:
+        with self._transaction() as con:
+            con.execute(
+                "INSERT INTO ai_labels (id, pair_id, choice, principle, confidence, p_a, p_b, "
+                "model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [new_id(), pair_id, choice, principle, confidence, p_a, p_b, model_version],
+            )
+
+    def ai_labeled_pairs(self) -> list[dict[str, Any]]:
+        """AI-labeled pairs that have no decisive human vote, shaped like `voted_pairs` rows."""
+        rows = self._rows(
+            "SELECT p.id AS pair_id, p.prompt, l.choice, 'ai' AS source, l.confidence, "
+            "a.text AS text_a, b.text AS text_b FROM ai_labels l JOIN pairs p ON p.id = l.pair_id "
+            "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
+            "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
+            "LEFT JOIN votes v ON v.pair_id = p.id "
+            "WHERE v.id IS NULL OR v.choice NOT IN ('a', 'b') ORDER BY l.created_at"
+        )
+        for r in rows:
+            r["prompt"] = json.loads(r["prompt"])
+        return rows
+
+    def label_pairs(self) -> list[dict[str, Any]]:
+        """Pairs with a human vote and/or an AI label: (pair_id, human choice, AI choice)."""
+        return self._rows(
+            "SELECT p.id AS pair_id, v.choice AS human, l.choice AS ai, l.confidence "
+            "FROM pairs p LEFT JOIN votes v ON v.pair_id = p.id "
+            "LEFT JOIN ai_labels l ON l.pair_id = p.id "
+            "WHERE v.id IS NOT NULL OR l.id IS NOT NULL ORDER BY p.created_at"
+        )
+
     # --- model versions -----------------------------------------------------------------
 
     def ensure_base_version(self, version: str, path: str, manifest: dict) -> None:

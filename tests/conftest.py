@@ -48,7 +48,7 @@ def tiny_app_factory(tiny_engine_url, tmp_path) -> Iterator:
     """Start apps on the shared tiny engine (the `--vllm-url` path); stopped after the test."""
     apps: list[AppProcess] = []
 
-    def start(*extra: str, data_dir: Path | None = None) -> AppProcess:
+    def start(*extra: str, data_dir: Path | None = None, cai: bool = False) -> AppProcess:
         app = AppProcess(
             [
                 "--vllm-url",
@@ -57,6 +57,7 @@ def tiny_app_factory(tiny_engine_url, tmp_path) -> Iterator:
                 "16",
                 "--temperature",
                 "1.0",
+                *([] if cai else ["--no-cai"]),
                 *extra,
             ],
             data_dir or tmp_path / f"app{len(apps)}",
@@ -82,6 +83,7 @@ def tiny_app(tiny_engine_url, tmp_path_factory) -> Iterator[AppProcess]:
             "1.0",
             "--max-message-chars",
             "4000",
+            "--no-cai",
         ],
         tmp_path_factory.mktemp("tiny-app"),
     ).start(timeout=120)

@@ -128,3 +128,37 @@ def test_hub_id_without_network_or_cache_says_what_to_do(tmp_path):
     )
     assert out.returncode == 2
     assert "--model DIR" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--retrain-every-votes", "-1", "--retrain-every-votes"),
+        ("--cai-rounds", "0", "--cai-rounds"),
+        ("--ai-label-weight", "-0.5", "--ai-label-weight"),
+        ("--compile", "maybe", "--compile"),
+    ],
+)
+def test_alignment_and_cai_flags_are_validated(flag, value, message):
+    config = config_from_args(build_parser().parse_args(["run", flag, value]))
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_cai_flags_map_onto_config(tmp_path):
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--sft",
+            "--no-cai",
+            "--cai-rounds",
+            "2",
+            "--constitution",
+            str(tmp_path / "c"),
+            "--retrain-every-votes",
+            "7",
+        ]
+    )
+    config = config_from_args(args).validate()
+    assert config.cai.sft and not config.cai.enabled and config.cai.rounds == 2
+    assert config.cai.constitution == tmp_path / "c" and config.loop.every_votes == 7

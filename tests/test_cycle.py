@@ -112,3 +112,27 @@ def test_gate_rejects_policy_pushed_past_kl_limit(tiny_model_dir, tiny_engine_ur
     assert not result.gate["deploy"] and "KL" in result.gate["reason"]
     assert result.path is None and not (tmp_path / "versions" / "v0002").exists()
     assert result.gate["kl"] > 1e-6
+
+
+def test_cycle_with_sft_stage_uses_the_sft_model_as_base(tiny_model_dir, tiny_engine_url, tmp_path):
+    records = synthetic_preferences(16)
+    revisions = [
+        {"prompt": r["prompt"], "revision": "Plants convert sunlight into energy."} for r in records
+    ]
+    config = fast_config(min_win_rate=0.0, max_kl=1e9)
+    config.sft.enabled = True
+    config.sft.learning_rate = 5e-3
+    result = run_cycle(
+        str(tiny_model_dir),
+        "v0000",
+        "v0003",
+        records,
+        [r["prompt"] for r in records],
+        vllm_generate(tiny_engine_url),
+        tmp_path / "versions",
+        config,
+        revisions=revisions,
+    )
+    assert result.sft is not None and result.sft["loss_after"] < result.sft["loss_before"]
+    manifest = json.loads((tmp_path / "versions" / "v0003" / "manifest.json").read_text())
+    assert manifest["sft"]["examples"] == 16 and "sft" in result.seconds

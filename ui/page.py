@@ -16,6 +16,7 @@ from assistant.chat_service import BusyError, ChatService, InvalidInputError
 from assistant.engine import EngineError, PromptTooLongError
 from storage import ConflictError, NotFoundError
 from ui.admin_tab import build_admin_tab
+from ui.constitution_tab import build_constitution_tab
 
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 USER_ERRORS = (InvalidInputError, BusyError, ConflictError, NotFoundError, EngineError)
@@ -40,7 +41,7 @@ def _user_error(exc: Exception) -> str:
     return str(exc)
 
 
-def build_page(service: ChatService, loop=None) -> gr.Blocks:
+def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
     with gr.Blocks(title="Aligned assistant") as page, gr.Tabs():
         with gr.Tab("Chat"):
             state = gr.State(_empty_state())
@@ -187,6 +188,9 @@ def build_page(service: ChatService, loop=None) -> gr.Blocks:
             gr.Timer(3.0).tick(
                 lambda: _version_line(service.model_version), None, version, show_progress="hidden"
             )
+        if cai is not None:
+            with gr.Tab("Constitution"):
+                build_constitution_tab(cai)
         if loop is not None:
             with gr.Tab("Admin"):
                 build_admin_tab(loop)

@@ -1,0 +1,95 @@
+"""The Constitution tab: the principles (editable by an admin, saved as a new version), the
+background worker's backlog, AI/human agreement, and a reply's critique-revision chain."""
+
+from __future__ import annotations
+
+import html
+import json
+
+import gradio as gr
+
+from assistant.admin import admin_error
+from assistant.constitution import ConstitutionError
+
+
+def _chain_markdown(reply: str, rounds: list[dict]) -> str:
+    if not rounds:
+        return "No critique rounds yet."
+    parts = [f"**Original reply:** {html.escape(reply)}"]
+    for r in rounds:
+        parts.append(
+            f"### Round {r['round']} ({r['principle']}, {r['model_version']})\n"
+            f"**Critique:** {html.escape(r['critique'])}\n\n"
+            f"**Revision:** {html.escape(r['revision'])}"
+        )
+    return "\n\n".join(parts)
+
+
+def build_constitution_tab(cai) -> None:
+    status = gr.Markdown("", elem_id="cai-status")
+    with gr.Row():
+        with gr.Column():
+            picker = gr.Dropdown(label="Critiqued reply", choices=[], elem_id="cai-picker")
+            chain = gr.Markdown(
+                "Pick a reply to see its critique-revision chain.", elem_id="cai-chain"
+            )
+        with gr.Column():
+            text = gr.Code(
+                json.dumps(cai.constitution.as_json(), indent=2),
+                language="json",
+                label="Constitution",
+                interactive=True,
+                elem_id="cai-constitution",
+            )
+            token = gr.Textbox(label="Admin token", type="password")
+            save = gr.Button("Save as new version")
+            saved = gr.Markdown("", elem_id="cai-saved")
+    replies: dict[str, dict] = {}
+
+    async def refresh():
+        backlog, agreement = await cai.backlog(), await cai.agreement()
+        recent = await cai.recent()
+        replies.clear()
+        choices = []
+        for r in recent:
+            question = next(
+                (m["content"] for m in reversed(r["prompt"]) if m["role"] == "user"), ""
+            )
+            label = f"{question[:50]} -> {r['text'][:40]} [{r['candidate_id'][:8]}]"
+            replies[label] = r
+            choices.append(label)
+        rate = agreement["agreement_rate"]
+        line = (
+            f"Backlog: {backlog['critiques']} replies to critique, "
+            f"{backlog['judgements']} pairs to judge. AI/human agreement: "
+            + (
+                f"{rate:.0%} on {agreement['pairs_compared']} pairs"
+                if rate is not None
+                else "no pair has both labels yet"
+            )
+        )
+        return line, gr.update(choices=choices)
+
+    async def show(label: str):
+        r = replies.get(label)
+        if r is None:
+            return "Pick a reply to see its critique-revision chain."
+        return _chain_markdown(r["text"], await cai.chain(r["candidate_id"]))
+
+    async def on_save(given: str, body: str):
+        if (problem := admin_error(given)) is not None:
+            return f"⚠ {problem[1]}", gr.skip()
+        try:
+            version = await cai.replace_constitution(json.loads(body))
+        except json.JSONDecodeError as exc:
+            return f"⚠ not valid JSON: {exc}", gr.skip()
+        except ConstitutionError as exc:
+            return f"⚠ {exc}", gr.skip()
+        return (
+            f"Saved as constitution version {version}.",
+            json.dumps(cai.constitution.as_json(), indent=2),
+        )
+
+    picker.change(show, picker, chain)
+    save.click(on_save, [token, text], [saved, text])
+    gr.Timer(5.0).tick(refresh, None, [status, picker], show_progress="hidden")
