@@ -103,6 +103,7 @@ class ChatService:
         self.sampling = sampling
         self.serve = serve
         self._generating = 0
+        self.engine_note: str | None = None  # set while the engine is being restarted
         self._conversations_generating: set[str] = set()
 
     @property
@@ -126,6 +127,11 @@ class ChatService:
         text = validate_message(message, self.serve.max_message_chars)
         if conversation_id is not None and not isinstance(conversation_id, str):
             raise InvalidInputError("'conversation_id' must be a string", 422)
+        if self.engine_note is not None:
+            raise BusyError(
+                f"{self.engine_note}; retry in {self.serve.retry_after_s} s",
+                self.serve.retry_after_s,
+            )
         if self._generating >= self.serve.max_backlog:
             raise BusyError(
                 f"busy: {self._generating} replies are being generated; retry in "
@@ -241,9 +247,10 @@ class ChatService:
         return {"serving": self.model_version, "versions": self.store.model_versions()}
 
     async def health(self) -> dict:
-        engine_ok = await self.engine.healthy()
+        engine_ok = self.engine_note is None and await self.engine.healthy()
         return {
             "status": "ok" if engine_ok else "degraded",
+            "note": self.engine_note,
             "engine": engine_ok,
             "model_version": self.model_version,
             "generating": self._generating,

@@ -150,6 +150,7 @@ def build_app(config: AppConfig):
     from assistant.api import build_api_router
     from assistant.chat_service import ChatService
     from assistant.critic import CAIWorker, Critic
+    from assistant.engine_watch import EngineWatch
     from ui.page import CSS, build_page
 
     constitution = active_constitution(config)  # before the engine: a bad file fails fast
@@ -171,6 +172,9 @@ def build_app(config: AppConfig):
     @asynccontextmanager
     async def lifespan(_app):
         tasks = [asyncio.create_task(scheduler.run_forever())]
+        if runtime.embedded is not None:
+            watch = EngineWatch(runtime.embedded, service, runtime.store)
+            tasks.append(asyncio.create_task(watch.run_forever()))
         if config.cai.enabled:
             tasks.append(asyncio.create_task(cai.run_forever()))
         try:

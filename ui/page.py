@@ -31,8 +31,9 @@ def _empty_state() -> dict:
     return {"conversation_id": None, "pair_id": None, "pending_text": None}
 
 
-def _version_line(version: str) -> str:
-    return f"Serving model version: **{version}**"
+def _version_line(version: str, note: str | None = None) -> str:
+    line = f"Serving model version: **{version}**"
+    return f"{line} ⚠ {note}" if note else line
 
 
 def _user_error(exc: Exception) -> str:
@@ -183,10 +184,15 @@ def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
                     concurrency_limit=None,
                 )
             new_chat.click(on_new_chat, None, outputs)
-            page.load(lambda: _version_line(service.model_version), None, version)
+            page.load(
+                lambda: _version_line(service.model_version, service.engine_note), None, version
+            )
             # A hot-swap changes the serving version under an open page: keep the line true.
             gr.Timer(3.0).tick(
-                lambda: _version_line(service.model_version), None, version, show_progress="hidden"
+                lambda: _version_line(service.model_version, service.engine_note),
+                None,
+                version,
+                show_progress="hidden",
             )
         if cai is not None:
             with gr.Tab("Constitution"):

@@ -1,0 +1,56 @@
+"""The embedded engine process dies: the app reports it, restarts it, and serves again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import psutil
+
+from tests.app_process import AppProcess
+
+
+def test_app_restarts_a_dead_engine_and_says_so(tiny_model_dir, tmp_path):
+    app = AppProcess(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--max-model-len",
+            "512",
+            "--max-new-tokens",
+            "8",
+            "--no-cai",
+        ],
+        tmp_path / "app",
+    ).start(timeout=300)
+    try:
+        assert (
+            httpx.post(app.url + "/api/chat", json={"message": "before"}, timeout=60).status_code
+            == 200
+        )
+        engines = [
+            p
+            for p in psutil.Process(app.proc.pid).children(recursive=True)
+            if "vllm.entrypoints" in " ".join(p.cmdline())
+        ]
+        assert engines, "no engine process under the app"
+        os.killpg(engines[0].pid, signal.SIGKILL)  # the engine and its core die at once
+
+        seen_note, deadline = None, time.monotonic() + 300
+        while time.monotonic() < deadline:
+            health = httpx.get(app.url + "/api/health", timeout=10)
+            if health.status_code == 503 and health.json().get("note"):
+                seen_note = health.json()["note"]
+                busy = httpx.post(app.url + "/api/chat", json={"message": "during"}, timeout=60)
+                assert busy.status_code in (503, 502)
+            if seen_note and health.status_code == 200:
+                break
+            time.sleep(0.5)
+        assert seen_note and "restarting" in seen_note
+        assert httpx.get(app.url + "/api/health").json()["status"] == "ok"
+        after = httpx.post(app.url + "/api/chat", json={"message": "after"}, timeout=60)
+        assert after.status_code == 200 and after.json()["model_version"] == "v0000"
+    finally:
+        app.stop()
