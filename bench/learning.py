@@ -1,6 +1,6 @@
 """Learning benchmark: does one cycle teach the policy a simulated user's known preference?
 
-A simulated user prefers replies whose first character is not a letter; votes are decisive only
+A simulated user prefers replies with any of the characters ! ? . in them; votes are decisive only
 when exactly one candidate has the property. After one cycle (reward model -> PPO -> gate ->
 merge), the deployed version and v0 answer held-out prompts with the same seeds and we report how
 often each satisfies the preference, with the reward model's held-out accuracy and the KL.
@@ -25,7 +25,7 @@ SAMPLING = {"temperature": 1.0, "max_tokens": 8}
 
 
 def liked(reply: str) -> bool:
-    return bool(reply) and not reply[0].isalpha()
+    return any(c in reply for c in "!?.")
 
 
 def prompts(n: int) -> list[list[dict[str, str]]]:
@@ -79,11 +79,11 @@ def measure(tiny_engine_url, tiny_model_dir, tmp_path):
             lora_alpha=32,
         ),
         ppo=PPOConfig(
-            steps=16,
-            prompts_per_step=8,
+            steps=32,
+            prompts_per_step=16,
             max_new_tokens=8,
             minibatch_size=4,
-            ppo_epochs=2,
+            ppo_epochs=4,
             learning_rate=1e-2,
             init_kl_coef=0.02,
         ),
@@ -105,7 +105,7 @@ def measure(tiny_engine_url, tiny_model_dir, tmp_path):
     async def compare():
         engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
         try:
-            held_out = prompts(300)[240:]
+            held_out = prompts(360)[240:]
             before = await sample_pairs(tiny_engine_url, "v0000", held_out, 10_000)
             await engine.reload_weights(result.path, "v0001")
             after = await sample_pairs(tiny_engine_url, "v0001", held_out, 10_000)
