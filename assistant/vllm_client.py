@@ -75,7 +75,11 @@ class VLLMServerEngine:
                         break
                     chunk = json.loads(payload)
                     if "error" in chunk:
-                        raise EngineError(f"the engine failed mid-reply: {chunk['error']}")
+                        error = chunk["error"]
+                        text = error.get("message", "") if isinstance(error, dict) else str(error)
+                        if _says_too_long(text):
+                            raise PromptTooLongError(text)
+                        raise EngineError(f"the engine failed mid-reply: {text}")
                     if chunk.get("prompt_token_ids") is not None:
                         prompt_tokens = len(chunk["prompt_token_ids"])
                     changed = False
@@ -165,10 +169,15 @@ def _error_from(resp: httpx.Response) -> EngineError:
     except ValueError:
         message = resp.text
     message = str(message or resp.reason_phrase)
-    if (
-        resp.status_code == 400
-        and "context length" in message.lower()
-        or ("maximum" in message.lower() and "token" in message.lower())
-    ):
+    if resp.status_code in (400, 413) and _says_too_long(message):
         return PromptTooLongError(message)
     return EngineError(f"engine error {resp.status_code}: {message}")
+
+
+def _says_too_long(message: str) -> bool:
+    """vLLM words "prompt + reply do not fit the context window" several ways."""
+    lower = message.lower()
+    return any(
+        k in lower
+        for k in ("context length", "maximum model length", "longer than the maximum", "too long")
+    )

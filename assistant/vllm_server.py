@@ -36,6 +36,15 @@ def _on_cpu() -> bool:
         return True
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the app dies, even by kill -9 (Linux), so an
+    engine is never left orphaned holding memory and a port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class EmbeddedVLLMServer:
     """A `vllm serve` child process bound to loopback."""
 
@@ -99,6 +108,7 @@ class EmbeddedVLLMServer:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own process group: we can stop the engine core too
+            preexec_fn=_die_with_parent,
         )
         log.close()
 

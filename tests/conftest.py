@@ -43,6 +43,21 @@ def tiny_engine_url(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
         server.stop()
 
 
+def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
+    """`assistant run` flags for an app on the shared tiny engine: short, varied replies, and no
+    background critique worker unless a test asks for it (it would load the shared engine)."""
+    return [
+        "--vllm-url",
+        engine_url,
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "1.0",
+        *([] if cai else ["--no-cai"]),
+        *extra,
+    ]
+
+
 @pytest.fixture
 def tiny_app_factory(tiny_engine_url, tmp_path) -> Iterator:
     """Start apps on the shared tiny engine (the `--vllm-url` path); stopped after the test."""
@@ -50,17 +65,7 @@ def tiny_app_factory(tiny_engine_url, tmp_path) -> Iterator:
 
     def start(*extra: str, data_dir: Path | None = None, cai: bool = False) -> AppProcess:
         app = AppProcess(
-            [
-                "--vllm-url",
-                tiny_engine_url,
-                "--max-new-tokens",
-                "16",
-                "--temperature",
-                "1.0",
-                *([] if cai else ["--no-cai"]),
-                *extra,
-            ],
-            data_dir or tmp_path / f"app{len(apps)}",
+            tiny_app_args(tiny_engine_url, cai, *extra), data_dir or tmp_path / f"app{len(apps)}"
         )
         apps.append(app.start(timeout=120))
         return app
@@ -74,17 +79,7 @@ def tiny_app_factory(tiny_engine_url, tmp_path) -> Iterator:
 def tiny_app(tiny_engine_url, tmp_path_factory) -> Iterator[AppProcess]:
     """One app on the tiny engine shared by a module's API tests."""
     app = AppProcess(
-        [
-            "--vllm-url",
-            tiny_engine_url,
-            "--max-new-tokens",
-            "16",
-            "--temperature",
-            "1.0",
-            "--max-message-chars",
-            "4000",
-            "--no-cai",
-        ],
+        tiny_app_args(tiny_engine_url, False, "--max-message-chars", "4000"),
         tmp_path_factory.mktemp("tiny-app"),
     ).start(timeout=120)
     yield app

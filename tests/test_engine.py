@@ -88,3 +88,18 @@ def test_reload_weights_swaps_outputs_and_restores_exactly(
     for updates in in_flight:
         assert updates[-1].final
         assert all(c.finish_reason in ("stop", "length") for c in updates[-1].candidates)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "This model's maximum context length is 512 tokens. However, you requested 600 tokens.",
+        "The decoder prompt (length 520) is longer than the maximum model length of 512.",
+        "'max_tokens' is too large: 8. This model's maximum context length is 512 tokens",
+    ],
+)
+def test_context_overflow_messages_are_recognised(message):
+    from assistant.vllm_client import _says_too_long
+
+    assert _says_too_long(message)
+    assert not _says_too_long("engine core died unexpectedly")
