@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from assistant.admin import admin_error
-from assistant.chat_service import BusyError, ChatService, InvalidInputError
+from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
 from assistant.constitution import ConstitutionError
 from assistant.engine import EngineError, PromptTooLongError
 from storage import ConflictError, NotFoundError
@@ -37,6 +37,8 @@ def map_error(exc: Exception) -> JSONResponse:
         return error(404, str(exc))
     if isinstance(exc, ConflictError):
         return error(409, str(exc))
+    if isinstance(exc, RateLimitError):
+        return error(429, str(exc), {"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, BusyError):
         return error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, PromptTooLongError):

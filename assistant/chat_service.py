@@ -12,7 +12,9 @@ joining an ever-growing wait.
 from __future__ import annotations
 
 import asyncio
+import collections
 import secrets
+import time
 import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +34,14 @@ class InvalidInputError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RateLimitError(RuntimeError):
+    """A session votes faster than allowed; retry after `retry_after_s` seconds (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class BusyError(RuntimeError):
@@ -104,6 +114,7 @@ class ChatService:
         self.serve = serve
         self._generating = 0
         self.engine_note: str | None = None  # set while the engine is being restarted
+        self._recent_votes: dict[str, collections.deque] = {}  # session -> vote times
         self._conversations_generating: set[str] = set()
 
     @property
@@ -232,9 +243,39 @@ class ChatService:
         if not isinstance(pair_id, str) or not pair_id:
             raise InvalidInputError("'pair_id' must be a non-empty string", 422)
         choice = validate_choice(choice)
+        self._count_vote(session_id)
+        age, words = await asyncio.to_thread(self.store.reading_load, pair_id)
+        flagged = None
+        wps = self.serve.reading_words_per_second
+        if wps > 0 and age < words / wps:
+            flagged = (
+                f"voted {age:.1f} s after the replies; reading {words} words "
+                f"needs {words / wps:.1f} s"
+            )
         return await asyncio.to_thread(
-            self.store.record_vote, pair_id, choice, voter=voter, session_id=session_id
+            self.store.record_vote,
+            pair_id,
+            choice,
+            voter=voter,
+            session_id=session_id,
+            flagged=flagged,
         )
+
+    def _count_vote(self, session_id: str | None) -> None:
+        limit = self.serve.max_votes_per_minute
+        if not limit or session_id is None:
+            return
+        now = time.monotonic()
+        times = self._recent_votes.setdefault(session_id, collections.deque())
+        while times and now - times[0] > 60:
+            times.popleft()
+        if len(times) >= limit:
+            retry = int(60 - (now - times[0])) + 1
+            raise RateLimitError(
+                f"too many votes from this session: at most {limit} a minute; retry in {retry} s",
+                retry,
+            )
+        times.append(now)
 
     async def preference_data(self, fmt: str) -> list[dict]:
         """Decisive votes as preference records (`trl` or `hh`), for export."""

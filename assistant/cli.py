@@ -40,6 +40,8 @@ RUN_OPTIONS = [
     ("--max-backlog", "serve", "max_backlog"),
     ("--max-message-chars", "serve", "max_message_chars"),
     ("--system-prompt", "serve", "system_prompt"),
+    ("--reading-words-per-second", "serve", "reading_words_per_second"),
+    ("--max-votes-per-minute", "serve", "max_votes_per_minute"),
     ("--temperature", "sampling", "temperature"),
     ("--top-p", "sampling", "top_p"),
     ("--max-new-tokens", "sampling", "max_new_tokens"),

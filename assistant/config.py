@@ -91,6 +91,14 @@ class ServeConfig:
     )
     retry_after_s: int = _help("Retry-After seconds sent with a 503", default=5)
     max_message_chars: int = _help("longest accepted user message in characters", default=8000)
+    reading_words_per_second: float = _help(
+        "votes faster than reading both replies at this pace are kept but flagged and left out "
+        "of training (0: never flag)",
+        default=15.0,
+    )
+    max_votes_per_minute: int = _help(
+        "votes one session may cast per minute (0: no limit)", default=30
+    )
     system_prompt: str | None = _help("system prompt prepended to every conversation", default=None)
 
 

@@ -86,6 +86,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         app = AppProcess(
             [
+                "--reading-words-per-second",  # simulated users vote instantly
+                "0",
+                "--no-cai",
                 "--model",
                 str(repo / "data/models/SmolLM2-135M-Instruct"),
                 "--max-new-tokens",

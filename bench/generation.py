@@ -137,7 +137,7 @@ def main() -> None:
         engine = EmbeddedVLLMServer(args.model, EngineConfig(), Path(tmp) / "engine.log")
         engine.start()
         engine.wait_ready()
-        app = AppProcess(["--vllm-url", engine.url], Path(tmp) / "app").start()
+        app = AppProcess(["--vllm-url", engine.url, "--no-cai"], Path(tmp) / "app").start()
         try:
             lat1 = asyncio.run(api_latencies(app.url, 1, args.turns))
             lat8 = asyncio.run(api_latencies(app.url, 8, 2))

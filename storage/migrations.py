@@ -131,4 +131,11 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        4,
+        "votes cast faster than a person could read both replies are kept but flagged",
+        """
+        ALTER TABLE votes ADD COLUMN flagged VARCHAR;
+        """,
+    ),
 ]

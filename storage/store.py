@@ -228,8 +228,11 @@ class Store:
         *,
         voter: str | None = None,
         session_id: str | None = None,
+        flagged: str | None = None,
     ) -> dict[str, Any]:
         """Store a vote and continue the conversation with the chosen reply, atomically.
+
+        A `flagged` vote (with the reason) is kept but left out of training and export.
 
         a/b: that reply continues; tie: A continues; both_bad: no reply continues and the user
         turn is marked superseded, so the user asks again.
@@ -247,8 +250,9 @@ class Store:
             if con.execute("SELECT 1 FROM votes WHERE pair_id = ?", [pair_id]).fetchone():
                 raise ConflictError(f"pair {pair_id} already has a vote")
             con.execute(
-                "INSERT INTO votes (id, pair_id, choice, voter, session_id) VALUES (?, ?, ?, ?, ?)",
-                [vote_id, pair_id, choice, voter, session_id],
+                "INSERT INTO votes (id, pair_id, choice, voter, session_id, flagged) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [vote_id, pair_id, choice, voter, session_id, flagged],
             )
             chosen_text = None
             if choice == "both_bad":
@@ -272,7 +276,21 @@ class Store:
             "choice": choice,
             "conversation_id": conversation_id,
             "continued_with": chosen_text,
+            "flagged": flagged,
         }
+
+    def reading_load(self, pair_id: str) -> tuple[float, int]:
+        """(seconds since both candidates were complete, words in both), to judge a vote's pace."""
+        rows = self._rows(
+            "SELECT epoch(now() - p.created_at) AS age, "
+            "sum(len(string_split(trim(c.text), ' '))) AS words "
+            "FROM pairs p JOIN candidates c ON c.pair_id = p.id WHERE p.id = ? "
+            "GROUP BY p.created_at",
+            [pair_id],
+        )
+        if not rows:
+            raise NotFoundError(f"unknown pair_id {pair_id!r}")
+        return float(rows[0]["age"]), int(rows[0]["words"] or 0)
 
     def pair(self, pair_id: str) -> dict[str, Any]:
         rows = self._rows("SELECT * FROM pairs WHERE id = ?", [pair_id])
@@ -293,14 +311,14 @@ class Store:
         return self._rows(f"SELECT count(*) AS n FROM {table}")[0]["n"]
 
     def voted_pairs(self) -> list[dict[str, Any]]:
-        """Every voted pair with its prompt and both candidate texts, oldest first."""
+        """Every unflagged voted pair with its prompt and both candidate texts, oldest first."""
         rows = self._rows(
             "SELECT p.id AS pair_id, p.prompt, p.model_version, v.choice, v.source, "
             "v.created_at AS voted_at, a.text AS text_a, b.text AS text_b "
             "FROM votes v JOIN pairs p ON p.id = v.pair_id "
             "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
             "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
-            "ORDER BY v.created_at, v.id"
+            "WHERE v.flagged IS NULL ORDER BY v.created_at, v.id"
         )
         for r in rows:
             r["prompt"] = json.loads(r["prompt"])
@@ -532,7 +550,8 @@ class Store:
         """(decisive votes since the last cycle started, minutes since then or None if never)."""
         rows = self._rows(
             "WITH last AS (SELECT max(started_at) AS t FROM training_runs WHERE kind = 'cycle') "
-            "SELECT (SELECT count(*) FROM votes, last WHERE choice IN ('a', 'b') "
+            "SELECT (SELECT count(*) FROM votes, last "
+            "        WHERE choice IN ('a', 'b') AND flagged IS NULL "
             "        AND (last.t IS NULL OR created_at > last.t)) AS n, "
             "       (SELECT epoch(now() - t) / 60 FROM last) AS minutes"
         )

@@ -44,9 +44,12 @@ def tiny_engine_url(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
 
 
 def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
-    """`assistant run` flags for an app on the shared tiny engine: short, varied replies, and no
-    background critique worker unless a test asks for it (it would load the shared engine)."""
+    """`assistant run` flags for an app on the shared tiny engine: short, varied replies; no
+    background critique worker unless a test asks for it (it would load the shared engine); and
+    simulated users vote instantly, so their votes are not flagged as too fast to have read."""
     return [
+        "--reading-words-per-second",
+        "0",
         "--vllm-url",
         engine_url,
         "--max-new-tokens",

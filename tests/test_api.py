@@ -218,3 +218,33 @@ def test_cli_export_reads_the_file_or_asks_the_running_app(tiny_app_factory, tmp
     (row,) = pq.read_table(tmp_path / "prefs.parquet").to_pylist()
     assert row["chosen"] == [{"role": "assistant", "content": winner}]
     assert row["prompt"][-1] == {"role": "user", "content": "Export me"}
+
+
+def test_too_fast_votes_are_kept_but_flagged_and_sessions_are_rate_limited(tiny_app_factory):
+    # The default reading pace (15 words/s) applies: an instant vote cannot have read 2 replies.
+    app = tiny_app_factory("--reading-words-per-second", "15", "--max-votes-per-minute", "2")
+    headers = {"X-Session-Id": "s1"}
+    pairs = []
+    for i in range(3):
+        turn = httpx.post(
+            app.url + "/api/chat", json={"message": f"fast {i}"}, headers=headers, timeout=120
+        ).json()
+        pairs.append(turn["pair_id"])
+        v = httpx.post(
+            app.url + "/api/vote",
+            json={"pair_id": turn["pair_id"], "choice": "a"},
+            headers=headers,
+            timeout=30,
+        )
+        if i < 2:
+            assert v.status_code == 200 and v.json()["flagged"].startswith("voted ")
+        else:
+            assert v.status_code == 429 and int(v.headers["retry-after"]) > 0
+            assert "at most 2 a minute" in v.json()["error"]
+    # Flagged votes are stored but left out of training data.
+    assert httpx.get(app.url + "/api/export").text == ""
+    app.stop()
+    con = duckdb.connect(str(app.db), read_only=True)
+    rows = con.execute("SELECT pair_id, flagged IS NOT NULL FROM votes").fetchall()
+    con.close()
+    assert sorted(rows) == sorted([(pairs[0], True), (pairs[1], True)])

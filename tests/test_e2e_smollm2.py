@@ -76,6 +76,7 @@ def test_browser_chat_stream_and_vote(smol_app, tmp_path):
         reply_b = page.locator("#reply-b").inner_text().strip()
         assert reply_a and reply_b
         page.screenshot(path=str(tmp_path / "before-vote.png"), full_page=True)
+        page.wait_for_timeout(7000)  # read both replies, as a person would (48 tokens each)
         vote_a.click()
         expect(page.locator("#status")).to_contain_text("Vote saved: A is better")
         expect(vote_a).to_be_disabled()
@@ -83,5 +84,6 @@ def test_browser_chat_stream_and_vote(smol_app, tmp_path):
         expect(page.locator("#history")).to_contain_text(reply_a.split("\n")[0][:40])
         browser.close()
 
+    # A vote cast at reading pace is kept for training (a too-fast one would be flagged).
     votes = httpx.get(smol_app.url + "/api/export", params={"format": "trl"}).text
     assert "three colors" in votes

@@ -12,14 +12,21 @@ import html
 
 import gradio as gr
 
-from assistant.chat_service import BusyError, ChatService, InvalidInputError
+from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
 from assistant.engine import EngineError, PromptTooLongError
 from storage import ConflictError, NotFoundError
 from ui.admin_tab import build_admin_tab
 from ui.constitution_tab import build_constitution_tab
 
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
-USER_ERRORS = (InvalidInputError, BusyError, ConflictError, NotFoundError, EngineError)
+USER_ERRORS = (
+    InvalidInputError,
+    BusyError,
+    RateLimitError,
+    ConflictError,
+    NotFoundError,
+    EngineError,
+)
 
 CSS = """
 .candidate { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px;
