@@ -55,6 +55,9 @@ class PPOConfig:
     cliprange_value: float = _help("value clip", default=0.2)
     vf_coef: float = _help("value loss weight", default=0.1)
     max_grad_norm: float = _help("gradient clipping", default=1.0)
+    normalize_scores: bool = _help(
+        "standardise reward-model scores within each batch", default=True
+    )
     seed: int = _help("seed of rollouts and updates", default=0)
 
 

@@ -75,6 +75,10 @@ def run_cycle(
         seconds["sft"] = time.perf_counter() - t
         say("sft", sft)
         serving_model = sft["path"]  # the SFT model is the base and KL reference from here on
+        if hasattr(serving_generate, "lora"):
+            # The engine serves the pre-SFT weights: an adapter trained on the SFT model would
+            # not sample the current policy there, so rollouts stay on the serving weights.
+            serving_generate.lora = False
 
     t = time.perf_counter()
     say("reward_model", {"pairs": len(records)})
@@ -97,6 +101,10 @@ def run_cycle(
     steps = trainer.train(train_prompts, on_step=lambda s: say("ppo", s.as_dict()))
     seconds["ppo"] = time.perf_counter() - t
 
+    reset = getattr(serving_generate, "reset", None)
+    if reset is not None:
+        reset()  # the gate compares against the serving weights, not the last PPO adapter
+    say("ppo_rollouts", {"on_policy": bool(getattr(serving_generate, "on_policy", False))})
     t = time.perf_counter()
     say("gate", {})
     gate: GateResult = evaluate(

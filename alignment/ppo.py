@@ -156,6 +156,9 @@ class PPOTrainer:
 
     def rollout(self, prompts: list[list[dict[str, str]]], step: int) -> Rollout:
         c = self.config
+        publish = getattr(self.generate, "publish", None)
+        if publish is not None and step > 0:  # step 0: the adapter is still the identity
+            publish(self.policy.lm)
         pairs = self.generate(prompts, c.max_new_tokens, c.temperature, c.seed * 100003 + step)
         pad = self.tokenizer.pad_token_id
         ids, attn, resp = _pack(pairs, pad if pad is not None else 0)
@@ -186,7 +189,14 @@ class PPOTrainer:
                 ]
             ).to(self.device)
             beta = self.kl_ctl.value
-            rewards, kl = kl_penalised_rewards(scores, old_logprobs, ref_logprobs, mask, beta)
+            # Standardised scores keep the value loss on the same scale as the policy loss, so
+            # gradient clipping does not let an untrained value head drown the policy gradient.
+            shaped = (
+                (scores - scores.mean()) / (scores.std() + 1e-6)
+                if c.normalize_scores and len(scores) > 1
+                else scores
+            )
+            rewards, kl = kl_penalised_rewards(shaped, old_logprobs, ref_logprobs, mask, beta)
             advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
             advantages = whiten(advantages, mask)
 

@@ -2,26 +2,55 @@
 
 vLLM returns the exact prompt and response token ids (`return_token_ids`), so the trainer scores
 precisely the tokens that were sampled, with no re-tokenisation drift.
+
+On-policy: after each PPO update the trainer `publish`es its LoRA adapter; when the engine runs
+with `--enable-lora` (the embedded one does) it is loaded under a fresh name and the next
+rollouts sample the current policy, while users keep being served the base weights. Without
+LoRA support the rollouts stay on the serving weights (off-policy) and `on_policy` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import logging
+import shutil
+import tempfile
+from pathlib import Path
 
 import httpx
 
+log = logging.getLogger(__name__)
+_names = itertools.count()
 
-def vllm_generate(base_url: str, model_name: str = "policy", timeout_s: float = 600.0):
-    """A `GenerateFn` that sends one chat request per prompt, concurrently (vLLM batches them)."""
 
-    async def _all(prompts, max_new_tokens, temperature, seed):
-        async with httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s) as client:
+class VLLMRollouts:
+    """A `GenerateFn`: one chat request per prompt, concurrently (vLLM batches them)."""
+
+    def __init__(
+        self, base_url: str, model_name: str = "policy", timeout_s: float = 600.0, lora: bool = True
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.lora = lora
+        self.current: str | None = None  # loaded adapter name, None = serving weights
+        self.on_policy = False
+        self._dir = Path(tempfile.mkdtemp(prefix="ppo-adapters-"))
+
+    def __call__(self, prompts, max_new_tokens, temperature, seed):
+        return asyncio.run(self._all(prompts, max_new_tokens, temperature, seed))
+
+    async def _all(self, prompts, max_new_tokens, temperature, seed):
+        model = self.current or self.model_name
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s) as client:
 
             async def one(i, messages):
                 r = await client.post(
                     "/v1/chat/completions",
                     json={
-                        "model": model_name,
+                        "model": model,
                         "messages": messages,
                         "max_tokens": max_new_tokens,
                         "temperature": temperature,
@@ -35,7 +64,48 @@ def vllm_generate(base_url: str, model_name: str = "policy", timeout_s: float = 
 
             return await asyncio.gather(*(one(i, m) for i, m in enumerate(prompts)))
 
-    def generate(prompts, max_new_tokens, temperature, seed):
-        return asyncio.run(_all(prompts, max_new_tokens, temperature, seed))
+    def publish(self, peft_model) -> bool:
+        """Sample the next rollouts from this adapter; False if the engine cannot load it."""
+        if not self.lora:
+            return False
+        name = f"ppo-{next(_names)}-{id(self) % 100000}"
+        path = self._dir / name
+        peft_model.save_pretrained(path)
+        try:
+            r = httpx.post(
+                f"{self.base_url}/v1/load_lora_adapter",
+                json={"lora_name": name, "lora_path": str(path)},
+                timeout=120,
+            )
+        except httpx.HTTPError:
+            r = None
+        if r is None or r.status_code != 200:
+            log.warning(
+                "the engine could not load the PPO adapter (%s); rollouts stay "
+                "off-policy on the serving weights",
+                None if r is None else r.text[:200],
+            )
+            self.lora = False
+            shutil.rmtree(path, ignore_errors=True)
+            return False
+        self.reset()
+        self.current, self.on_policy = name, True
+        return True
 
-    return generate
+    def reset(self) -> None:
+        """Back to the serving weights (unload the adapter)."""
+        if self.current is not None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(
+                    f"{self.base_url}/v1/unload_lora_adapter",
+                    json={"lora_name": self.current},
+                    timeout=60,
+                )
+            shutil.rmtree(self._dir / self.current, ignore_errors=True)
+            self.current = None
+
+
+def vllm_generate(
+    base_url: str, model_name: str = "policy", timeout_s: float = 600.0, lora: bool = True
+) -> VLLMRollouts:
+    return VLLMRollouts(base_url, model_name, timeout_s, lora)

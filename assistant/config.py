@@ -55,6 +55,11 @@ class EngineConfig:
         "so each start would spend ~60 s compiling for ~1.25x decode speed), yes, no",
         default="auto",
     )
+    lora_rollouts: bool = _help(
+        "start the embedded engine with LoRA support so PPO samples its current policy "
+        "(on-policy rollouts) while users keep the serving weights",
+        default=True,
+    )
     engine_port: int = _help("port of the embedded engine (0: pick a free one)", default=0)
     startup_timeout_s: float = _help("how long to wait for the engine to come up", default=600.0)
     extra_args: list[str] = _help(

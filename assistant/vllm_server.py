@@ -61,7 +61,20 @@ class EmbeddedVLLMServer:
 
     def command(self) -> list[str]:
         c = self.config
-        eager = c.compile == "no" or (c.compile == "auto" and _on_cpu())
+        cpu = _on_cpu()
+        eager = c.compile == "no" or (c.compile == "auto" and cpu)
+        # vLLM 0.32's CPU runner crashes the engine ("CPU Generator does not use offset") when a
+        # seeded request's prefill is split into chunks; every turn here is seeded, so on the
+        # CPU whole prefills only.
+        no_chunking = (
+            [
+                "--no-enable-chunked-prefill",
+                "--max-num-batched-tokens",
+                str(max(c.max_model_len, 2048)),
+            ]
+            if cpu
+            else []
+        )
         return [
             sys.executable,
             "-m",
@@ -84,6 +97,12 @@ class EmbeddedVLLMServer:
             str(c.gpu_memory_utilization),
             "--disable-uvicorn-access-log",
             *(["--enforce-eager"] if eager else []),
+            *no_chunking,
+            *(
+                ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2"]
+                if c.lora_rollouts
+                else []
+            ),
             *c.extra_args,
         ]
 

@@ -56,10 +56,13 @@ def test_full_cycle_merges_version_and_hot_swaps_without_failures(
         vllm_generate(tiny_engine_url),
         tmp_path / "versions",
         fast_config(min_win_rate=0.0, max_kl=1e9),
-        progress=lambda stage, d: stages.append(stage),
+        progress=lambda stage, d: stages.append((stage, d)),
     )
     assert result.gate["deploy"] and result.path
-    assert [s for s in dict.fromkeys(stages)] == ["reward_model", "ppo", "gate", "merge"]
+    names = list(dict.fromkeys(stage for stage, _ in stages))
+    assert names == ["reward_model", "ppo", "ppo_rollouts", "gate", "merge"]
+    # The tiny engine has LoRA: step 2's rollouts came from the PPO adapter, not the base.
+    assert dict(stages)["ppo_rollouts"] == {"on_policy": True}
     assert len(result.ppo_steps) == 2 and result.reward["n_train"] > 0
     manifest = json.loads((tmp_path / "versions" / "v0001" / "manifest.json").read_text())
     assert manifest["parent"] == "v0000" and manifest["version"] == "v0001"

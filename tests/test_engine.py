@@ -103,3 +103,35 @@ def test_context_overflow_messages_are_recognised(message):
 
     assert _says_too_long(message)
     assert not _says_too_long("engine core died unexpectedly")
+
+
+def test_burst_of_seeded_long_prompts_does_not_kill_the_engine(tiny_engine_url):
+    # With chunked prefill, vLLM 0.32's CPU runner dies on seeded requests whose prefill is split
+    # ("CPU Generator does not use offset"); the embedded engine turns chunking off on the CPU.
+    import random
+
+    import httpx
+
+    rng = random.Random(0)
+
+    async def one(client, i):
+        words = " ".join(rng.choice(["gravity", "plants", "cheese"]) for _ in range(120))
+        r = await client.post(
+            tiny_engine_url + "/v1/chat/completions",
+            json={
+                "model": "policy",
+                "messages": [{"role": "user", "content": words}],
+                "n": 2,
+                "seed": i,
+                "max_tokens": 8,
+                "temperature": 1.0,
+            },
+        )
+        return r.status_code
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    assert asyncio.run(burst()) == [200] * 64
+    assert httpx.get(tiny_engine_url + "/health").status_code == 200
