@@ -147,8 +147,8 @@ class EmbeddedVLLMServer:
                 pass
             if time.monotonic() - last_report > 15:
                 print(
-                    "[engine] still loading (first start compiles the model; "
-                    "later starts use the cache) ...",
+                    "[engine] still loading the model (about 25 s on two CPU cores; "
+                    "longer with --compile yes) ...",
                     file=sys.stderr,
                     flush=True,
                 )
