@@ -129,9 +129,7 @@ class CAIWorker:
         return {"agreement_rate": rate, "pairs_compared": n}
 
     async def backlog(self) -> dict:
-        critique = await asyncio.to_thread(self.store.candidates_to_critique, 10_000)
-        judge = await asyncio.to_thread(self.store.pairs_to_judge, 10_000)
-        return {"critiques": len(critique), "judgements": len(judge)}
+        return await asyncio.to_thread(self.store.cai_backlog)
 
     async def work_once(self) -> bool:
         """Do one item of work if any; returns whether there was work."""

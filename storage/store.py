@@ -118,6 +118,13 @@ class Store:
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
+    def _prompt_rows(self, sql: str, params: list | tuple = ()) -> list[dict[str, Any]]:
+        """Rows whose `prompt` column holds the JSON message list sent to the engine."""
+        rows = self._rows(sql, params)
+        for r in rows:
+            r["prompt"] = json.loads(r["prompt"])
+        return rows
+
     def _migrate(self) -> None:
         with self._lock:
             self._con.execute(
@@ -312,7 +319,7 @@ class Store:
 
     def voted_pairs(self) -> list[dict[str, Any]]:
         """Every unflagged voted pair with its prompt and both candidate texts, oldest first."""
-        rows = self._rows(
+        return self._prompt_rows(
             "SELECT p.id AS pair_id, p.prompt, p.model_version, v.choice, v.source, "
             "v.created_at AS voted_at, a.text AS text_a, b.text AS text_b "
             "FROM votes v JOIN pairs p ON p.id = v.pair_id "
@@ -320,9 +327,6 @@ class Store:
             "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
             "WHERE v.flagged IS NULL ORDER BY v.created_at, v.id"
         )
-        for r in rows:
-            r["prompt"] = json.loads(r["prompt"])
-        return rows
 
     # --- constitutional AI ----------------------------------------------------------------
 
@@ -349,7 +353,7 @@ class Store:
 
     def candidates_to_critique(self, limit: int) -> list[dict[str, Any]]:
         """Chosen replies (the continued one of a/b/tie votes) with no critique round yet."""
-        rows = self._rows(
+        return self._prompt_rows(
             "SELECT c.id AS candidate_id, c.text, p.prompt FROM votes v "
             "JOIN pairs p ON p.id = v.pair_id "
             "JOIN candidates c ON c.pair_id = p.id "
@@ -359,9 +363,18 @@ class Store:
             "ORDER BY v.created_at LIMIT ?",
             [limit],
         )
-        for r in rows:
-            r["prompt"] = json.loads(r["prompt"])
-        return rows
+
+    def cai_backlog(self) -> dict[str, int]:
+        """How many chosen replies await a critique and pairs await an AI judgement."""
+        row = self._rows(
+            "SELECT (SELECT count(*) FROM votes v JOIN candidates c ON c.pair_id = v.pair_id "
+            "        AND c.slot = CASE WHEN v.choice = 'b' THEN 'b' ELSE 'a' END "
+            "        WHERE v.choice IN ('a', 'b', 'tie') AND NOT EXISTS "
+            "        (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id)) AS critiques, "
+            "       (SELECT count(*) FROM pairs p WHERE NOT EXISTS "
+            "        (SELECT 1 FROM ai_labels l WHERE l.pair_id = p.id)) AS judgements"
+        )[0]
+        return {"critiques": int(row["critiques"]), "judgements": int(row["judgements"])}
 
     def record_critique_round(
         self,
@@ -388,31 +401,25 @@ class Store:
 
     def critiqued_candidates(self, limit: int = 50) -> list[dict[str, Any]]:
         """The most recently critiqued replies: candidate id, the user's question, the reply."""
-        rows = self._rows(
+        return self._prompt_rows(
             "SELECT c.id AS candidate_id, c.text, p.prompt, max(k.created_at) AS last "
             "FROM critiques k JOIN candidates c ON c.id = k.candidate_id "
             "JOIN pairs p ON p.id = c.pair_id GROUP BY c.id, c.text, p.prompt "
             "ORDER BY last DESC LIMIT ?",
             [limit],
         )
-        for r in rows:
-            r["prompt"] = json.loads(r["prompt"])
-        return rows
 
     def revisions(self) -> list[dict[str, Any]]:
         """(prompt, final revision) per critiqued reply, for the SFT stage."""
-        rows = self._rows(
+        return self._prompt_rows(
             "SELECT p.prompt, k.revision FROM critiques k "
             "JOIN candidates c ON c.id = k.candidate_id JOIN pairs p ON p.id = c.pair_id "
             "WHERE k.round = (SELECT max(round) FROM critiques k2 "
             "                 WHERE k2.candidate_id = k.candidate_id)"
         )
-        for r in rows:
-            r["prompt"] = json.loads(r["prompt"])
-        return rows
 
     def pairs_to_judge(self, limit: int) -> list[dict[str, Any]]:
-        rows = self._rows(
+        return self._prompt_rows(
             "SELECT p.id AS pair_id, p.prompt, a.text AS text_a, b.text AS text_b FROM pairs p "
             "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
             "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
@@ -420,9 +427,6 @@ class Store:
             "ORDER BY p.created_at LIMIT ?",
             [limit],
         )
-        for r in rows:
-            r["prompt"] = json.loads(r["prompt"])
-        return rows
 
     def record_ai_label(
         self,
@@ -443,7 +447,7 @@ class Store:
 
     def ai_labeled_pairs(self) -> list[dict[str, Any]]:
         """AI-labeled pairs that have no decisive human vote, shaped like `voted_pairs` rows."""
-        rows = self._rows(
+        return self._prompt_rows(
             "SELECT p.id AS pair_id, p.prompt, l.choice, 'ai' AS source, l.confidence, "
             "a.text AS text_a, b.text AS text_b FROM ai_labels l JOIN pairs p ON p.id = l.pair_id "
             "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
@@ -451,9 +455,6 @@ class Store:
             "LEFT JOIN votes v ON v.pair_id = p.id "
             "WHERE v.id IS NULL OR v.choice NOT IN ('a', 'b') ORDER BY l.created_at"
         )
-        for r in rows:
-            r["prompt"] = json.loads(r["prompt"])
-        return rows
 
     def label_pairs(self) -> list[dict[str, Any]]:
         """Pairs with a human vote and/or an AI label: (pair_id, human choice, AI choice)."""

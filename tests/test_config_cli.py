@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -66,22 +67,19 @@ def test_transformers_model_class_imports_without_torchvision_trap():
     assert LlamaForCausalLM.__name__ == "LlamaForCausalLM"
 
 
-def test_missing_model_path_fails_fast(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "assistant",
-            "run",
-            "--data-dir",
-            str(tmp_path),
-            "--model",
-            str(tmp_path / "no-such-model"),
-        ],
+def run_cli(data_dir, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`assistant run` as a user starts it; these cases must fail before any engine starts."""
+    return subprocess.run(
+        [sys.executable, "-m", "assistant", "run", "--data-dir", str(data_dir), *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
+
+
+def test_missing_model_path_fails_fast(tmp_path):
+    out = run_cli(tmp_path, "--model", str(tmp_path / "no-such-model"))
     assert out.returncode == 2
     assert "no such directory" in out.stderr
 
@@ -89,43 +87,14 @@ def test_missing_model_path_fails_fast(tmp_path):
 def test_unwritable_db_fails_fast(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "assistant",
-            "run",
-            "--data-dir",
-            str(tmp_path),
-            "--db",
-            str(blocker / "x.duckdb"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_cli(tmp_path, "--db", str(blocker / "x.duckdb"))
     assert out.returncode == 2
     assert "--db" in out.stderr
 
 
 def test_hub_id_without_network_or_cache_says_what_to_do(tmp_path):
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "assistant",
-            "run",
-            "--data-dir",
-            str(tmp_path),
-            "--model",
-            "someorg/some-model",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = run_cli(tmp_path, "--model", "someorg/some-model", env=env)
     assert out.returncode == 2
     assert "--model DIR" in out.stderr
 
