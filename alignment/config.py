@@ -6,7 +6,8 @@ tiny model. Every field has a default and a one-line help.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 
 def _help(text: str, **kwargs):
@@ -56,7 +57,7 @@ class PPOConfig:
     vf_coef: float = _help("value loss weight", default=0.1)
     max_grad_norm: float = _help("gradient clipping", default=1.0)
     normalize_scores: bool = _help(
-        "standardise reward-model scores within each batch", default=True
+        "put reward-model scores on the unit scale of the first rollout batch", default=True
     )
     seed: int = _help("seed of rollouts and updates", default=0)
 
@@ -97,3 +98,77 @@ class SFTConfig:
     epochs: float = _help("passes over the revisions", default=1.0)
     batch_size: int = _help("examples per step", default=8)
     max_length: int = _help("longest prompt+revision in tokens", default=512)
+
+
+@dataclass
+class CycleConfig:
+    """Everything one retrain cycle needs, stage by stage."""
+
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    heldout_prompt_fraction: float = 0.25
+
+
+PRESETS = ("default", "fast")
+
+
+def preset(name: str) -> CycleConfig:
+    """Named starting points: `default` fits the embedded default on a 2-core CPU (about 10
+    minutes for a few hundred votes); `fast` finishes in seconds on the tiny test model."""
+    if name == "fast":
+        return CycleConfig(
+            reward=RewardConfig(learning_rate=5e-3, epochs=1, batch_size=8, max_length=256),
+            ppo=PPOConfig(
+                steps=1, prompts_per_step=4, max_new_tokens=8, minibatch_size=2, ppo_epochs=1
+            ),
+            gate=GateConfig(eval_prompts=2, max_new_tokens=8, min_win_rate=0.0, max_kl=1e9),
+        )
+    if name == "default":
+        return CycleConfig()
+    raise ValueError(f"unknown retrain preset {name!r}: use one of {', '.join(PRESETS)}")
+
+
+def cycle_config(preset_name: str, overrides: dict[str, Any] | None = None) -> CycleConfig:
+    """A preset with fields overridden, e.g. {"ppo": {"steps": 16}, "gate": {"max_kl": 4}}
+    (what `--retrain-config FILE` holds). Unknown sections or fields and wrong types raise
+    ValueError naming the entry, so a typo fails at start-up rather than silently."""
+    config = preset(preset_name)
+    if not overrides:
+        return config
+    if not isinstance(overrides, dict):
+        raise ValueError("the retrain config must be a JSON object of sections")
+    sections = {f.name: f for f in fields(CycleConfig)}
+    for section, values in overrides.items():
+        if section not in sections:
+            raise ValueError(
+                f"unknown retrain config section {section!r}: use {', '.join(sections)}"
+            )
+        current = getattr(config, section)
+        if not hasattr(current, "__dataclass_fields__"):
+            setattr(config, section, _typed(section, values, type(current)))
+            continue
+        if not isinstance(values, dict):
+            raise ValueError(f"retrain config section {section!r} must be an object")
+        known = {f.name for f in fields(current)}
+        changes = {}
+        for name, value in values.items():
+            if name not in known:
+                raise ValueError(
+                    f"unknown field {section}.{name} in the retrain config: "
+                    f"use {', '.join(sorted(known))}"
+                )
+            changes[name] = _typed(f"{section}.{name}", value, type(getattr(current, name)))
+        setattr(config, section, replace(current, **changes))
+    return config
+
+
+def _typed(name: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(
+            f"retrain config {name} must be {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value

@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from alignment.config import GateConfig, PPOConfig, RewardConfig, SFTConfig
+from alignment.config import CycleConfig
 from alignment.gate import GateResult, evaluate
 from alignment.merge import merge_to_checkpoint
 from alignment.ppo import PolicyWithValueHead, PPOTrainer
 from alignment.reward_model import RewardScorer, split_heldout, train_reward_model
 
 Progress = Callable[[str, dict], None]
-
-
-@dataclass
-class CycleConfig:
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    heldout_prompt_fraction: float = 0.25
+__all__ = ["CycleConfig", "CycleResult", "run_cycle"]
 
 
 @dataclass

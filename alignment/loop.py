@@ -31,7 +31,9 @@ class AlignmentLoop:
         *,
         sft: bool = False,
         ai_label_weight: float = 0.5,
+        overrides: dict | None = None,
     ) -> None:
+        self.overrides = overrides or {}
         self.sft = sft
         self.ai_label_weight = ai_label_weight
         self.store = store
@@ -86,6 +88,7 @@ class AlignmentLoop:
                     "engine_url": self.engine.base_url,
                     "versions_dir": str(self.data_dir / "versions"),
                     "preset": self.preset,
+                    "overrides": self.overrides,
                     "sft": self.sft,
                 }
             )
@@ -103,6 +106,7 @@ class AlignmentLoop:
                 "human_pairs": len(human),
                 "ai_pairs": len(records) - len(human),
                 "preset": self.preset,
+                "overrides": self.overrides,
                 "job": str(job),
             },
         )
@@ -141,6 +145,7 @@ class AlignmentLoop:
             "ppo_steps": result["ppo_steps"],
             "seconds": result["seconds"],
             "cycle_seconds": time.perf_counter() - started,
+            "peak_rss_mb": result.get("peak_rss_mb"),
         }
         if result["path"] is None:
             await asyncio.to_thread(

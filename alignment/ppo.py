@@ -152,6 +152,7 @@ class PPOTrainer:
         )
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.learning_rate)
         self.rng = random.Random(config.seed)
+        self._score_scale: tuple[float, float] | None = None  # (mean, std) of the first batch
         self.device = next(policy.parameters()).device
 
     def rollout(self, prompts: list[list[dict[str, str]]], step: int) -> Rollout:
@@ -189,13 +190,7 @@ class PPOTrainer:
                 ]
             ).to(self.device)
             beta = self.kl_ctl.value
-            # Standardised scores keep the value loss on the same scale as the policy loss, so
-            # gradient clipping does not let an untrained value head drown the policy gradient.
-            shaped = (
-                (scores - scores.mean()) / (scores.std() + 1e-6)
-                if c.normalize_scores and len(scores) > 1
-                else scores
-            )
+            shaped = self._normalised(scores)
             rewards, kl = kl_penalised_rewards(shaped, old_logprobs, ref_logprobs, mask, beta)
             advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
             advantages = whiten(advantages, mask)
@@ -239,6 +234,20 @@ class PPOTrainer:
             policy_loss=sum(stats["pl"]) / len(stats["pl"]),
             value_loss=sum(stats["vl"]) / len(stats["vl"]),
         )
+
+    def _normalised(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores on a unit scale fixed by the first rollout batch (the initial policy), as in
+        Ziegler et al. (2019): the value loss stays on the policy loss's scale, so gradient
+        clipping does not let an untrained value head drown the policy gradient. Fixed, not
+        per batch: once the policy has converged its batches score alike, and re-standardising
+        them would blow small reward-model noise up to unit size and drive the policy off
+        (observed: the KL to the reference grew past the gate's limit)."""
+        if not self.config.normalize_scores or len(scores) < 2:
+            return scores
+        if self._score_scale is None:
+            self._score_scale = (scores.mean().item(), max(scores.std().item(), 1e-3))
+        mean, std = self._score_scale
+        return (scores - mean) / std
 
     def train(
         self,

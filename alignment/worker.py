@@ -1,6 +1,7 @@
 """Run one retrain cycle in its own process: `python -m alignment.worker JOB_DIR`.
 
-The app writes `JOB_DIR/job.json` (model paths, versions, engine URL, preset) and the data snapshot
+The app writes `JOB_DIR/job.json` (model paths, versions, engine URL, preset
+and `--retrain-config` overrides) and the data snapshot
 (`preferences.jsonl`, `prompts.jsonl`); the worker appends progress to `progress.jsonl` and writes
 `result.json` at the end. Training in a separate process keeps chat responsive, and a crash or kill
 here cannot touch serving: the app only swaps weights after reading a complete result.
@@ -9,28 +10,20 @@ here cannot touch serving: the app only swaps weights after reading a complete r
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from alignment.config import GateConfig, PPOConfig, RewardConfig
-from alignment.cycle import CycleConfig, run_cycle
+from alignment.config import cycle_config
+from alignment.cycle import run_cycle
 from alignment.rollouts import vllm_generate
 
 
-def preset(name: str) -> CycleConfig:
-    if name == "fast":  # seconds on the tiny test model
-        return CycleConfig(
-            reward=RewardConfig(learning_rate=5e-3, epochs=1, batch_size=8, max_length=256),
-            ppo=PPOConfig(
-                steps=1, prompts_per_step=4, max_new_tokens=8, minibatch_size=2, ppo_epochs=1
-            ),
-            gate=GateConfig(eval_prompts=2, max_new_tokens=8, min_win_rate=0.0, max_kl=1e9),
-        )
-    if name == "default":
-        return CycleConfig()
-    raise ValueError(f"unknown retrain preset {name!r}: use default or fast")
+def _peak_rss_mb() -> float:
+    """The cycle's peak resident memory: what a machine must have free to run a cycle."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _read_jsonl(path: Path) -> list:
@@ -47,10 +40,10 @@ def main(job_dir: str) -> int:
             json.dumps({"time": time.time(), "stage": stage, **details}, default=str) + "\n"
         )
 
-    config = preset(job.get("preset", "default"))
-    config.sft.enabled = bool(job.get("sft"))
     revisions_file = job_path / "revisions.jsonl"
     try:
+        config = cycle_config(job.get("preset", "default"), job.get("overrides"))
+        config.sft.enabled = bool(job.get("sft"))
         result = run_cycle(
             job["serving_model"],
             job["parent"],
@@ -63,7 +56,8 @@ def main(job_dir: str) -> int:
             progress=say,
             revisions=_read_jsonl(revisions_file) if revisions_file.exists() else None,
         )
-        (job_path / "result.json").write_text(json.dumps(result.as_dict(), default=str))
+        summary = result.as_dict() | {"peak_rss_mb": _peak_rss_mb()}
+        (job_path / "result.json").write_text(json.dumps(summary, default=str))
         say("done", {})
         return 0
     except Exception as exc:  # noqa: BLE001 - reported to the app through the job folder

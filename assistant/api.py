@@ -11,6 +11,7 @@ Routes (documented in the README):
 from __future__ import annotations
 
 import json
+import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -19,7 +20,7 @@ from assistant.admin import admin_error
 from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
 from assistant.constitution import ConstitutionError
 from assistant.engine import EngineError, PromptTooLongError
-from storage import ConflictError, NotFoundError
+from storage import ConflictError, ForbiddenError, NotFoundError, StorageWriteError
 from storage.export import FORMATS
 
 MAX_BODY_BYTES = 256 * 1024
@@ -35,6 +36,8 @@ def map_error(exc: Exception) -> JSONResponse:
         return error(exc.status, str(exc))
     if isinstance(exc, NotFoundError):
         return error(404, str(exc))
+    if isinstance(exc, ForbiddenError):
+        return error(403, str(exc))
     if isinstance(exc, ConflictError):
         return error(409, str(exc))
     if isinstance(exc, RateLimitError):
@@ -48,6 +51,9 @@ def map_error(exc: Exception) -> JSONResponse:
         )
     if isinstance(exc, EngineError):
         return error(502, str(exc))
+    if isinstance(exc, StorageWriteError):
+        # 507 Insufficient Storage says "full" precisely; other write failures are a 503.
+        return error(507 if exc.disk_full else 503, str(exc), {"Retry-After": "30"})
     raise exc
 
 
@@ -97,11 +103,16 @@ def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
             voter = data.get("voter")
             if voter is not None and not isinstance(voter, str):
                 raise InvalidInputError("'voter' must be a string", 422)
-            return await service.vote(
+            started = time.perf_counter()
+            body = await service.vote(
                 data["pair_id"], data["choice"], voter=voter, session_id=_session(request, data)
             )
         except Exception as exc:  # noqa: BLE001
             return map_error(exc)
+        # How long saving the vote took (queueing for the single writer included), in the
+        # standard Server-Timing header, so clients and the load benchmark can see write latency.
+        ms = (time.perf_counter() - started) * 1000
+        return JSONResponse(body, headers={"Server-Timing": f"db;dur={ms:.2f}"})
 
     @router.get("/health")
     async def health():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import Engine, PairProgress
-from storage import ConflictError, NotFoundError, Store
+from storage import ConflictError, Store
 from storage.export import preference_records
 from storage.store import VOTE_CHOICES, CandidateRecord
 
@@ -157,8 +157,8 @@ class ChatService:
                 conversation_id = await asyncio.to_thread(
                     self.store.create_conversation, session_id
                 )
-            elif not await asyncio.to_thread(self.store.conversation_exists, conversation_id):
-                raise NotFoundError(f"unknown conversation_id {conversation_id!r}")
+            else:
+                await asyncio.to_thread(self.store.check_owner, conversation_id, session_id)
             if conversation_id in self._conversations_generating:
                 raise ConflictError("this conversation is already generating a reply; wait")
             self._conversations_generating.add(conversation_id)

@@ -15,7 +15,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from alignment.config import LoopConfig
+from alignment.config import PRESETS, LoopConfig
 from assistant.config import (
     AppConfig,
     CAIConfig,
@@ -110,9 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--retrain-preset",
-        choices=["default", "fast"],
+        choices=list(PRESETS),
         default="default",
         help="settings of retrain cycles (fast: seconds on a tiny test model)",
+    )
+    run.add_argument(
+        "--retrain-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=_field(AppConfig, "retrain_config").metadata["help"],
     )
     run.add_argument(
         "--vllm-arg",
@@ -168,9 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrain.add_argument(
         "--retrain-preset",
-        choices=["default", "fast"],
+        choices=list(PRESETS),
         default="default",
         help="cycle settings (fast: seconds on a tiny test model)",
+    )
+    retrain.add_argument(
+        "--retrain-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=_field(AppConfig, "retrain_config").metadata["help"],
     )
     return parser
 
@@ -192,6 +206,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         config.cai.enabled = False
     if getattr(args, "retrain_preset", None):
         config.retrain_preset = args.retrain_preset
+    if getattr(args, "retrain_config", None) is not None:
+        config.retrain_config = args.retrain_config
     if getattr(args, "vllm_args", None):
         config.engine.extra_args = list(args.vllm_args)
     return config
@@ -277,9 +293,9 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
                     + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "stage"))
                 )
 
-        from alignment.worker import preset
+        from alignment.config import cycle_config
 
-        config_steps = preset(config.retrain_preset).ppo.steps
+        config_steps = cycle_config(config.retrain_preset, config.retrain_overrides()).ppo.steps
         runtime = open_runtime(config, on_progress=show)
 
         async def once():
@@ -290,7 +306,8 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
 
         summary = asyncio.run(once())
     print()
-    for key in ("status", "version", "reason", "error", "swap_seconds", "cycle_seconds"):
+    keys = ("status", "version", "reason", "error", "swap_seconds", "cycle_seconds", "peak_rss_mb")
+    for key in keys:
         if key in summary:
             print(f"{key}: {summary[key]}")
     if "reward" in summary:

@@ -135,6 +135,11 @@ class AppConfig:
     retrain_preset: str = _help(
         "retrain cycle settings: default, or fast (tests, tiny model)", default="default"
     )
+    retrain_config: Path | None = _help(
+        "JSON file overriding fields of the retrain preset, by section "
+        '(reward, ppo, gate, sft), e.g. {"ppo": {"steps": 16}}',
+        default=None,
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -144,6 +149,24 @@ class AppConfig:
     @property
     def database(self) -> Path:
         return self.db_path if self.db_path is not None else self.data_dir / "assistant.duckdb"
+
+    def retrain_overrides(self) -> dict:
+        """The `--retrain-config` file's contents, checked against the cycle's dataclasses
+        (without importing torch) so a typo is refused at start-up, naming the entry."""
+        import json
+
+        from alignment.config import cycle_config
+
+        if self.retrain_config is None:
+            return {}
+        try:
+            overrides = json.loads(Path(self.retrain_config).read_text())
+            cycle_config(self.retrain_preset, overrides)
+        except OSError as exc:
+            raise ConfigError(f"cannot read --retrain-config {self.retrain_config}: {exc}") from exc
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            raise ConfigError(f"--retrain-config {self.retrain_config}: {exc}") from exc
+        return overrides
 
     def validate(self) -> AppConfig:
         s, e, p = self.serve, self.engine, self.sampling
@@ -182,6 +205,7 @@ class AppConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.retrain_overrides()
         return self
 
 

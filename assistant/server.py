@@ -18,6 +18,7 @@ from assistant.config import AppConfig, ConfigError
 from assistant.engine import EngineError
 
 BASE_VERSION = "v0000"
+UPLOAD_ROUTES = ("/gradio_api/upload", "/gradio_api/upload_progress")
 
 
 @dataclass
@@ -137,6 +138,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
         on_progress,
         sft=config.cai.sft,
         ai_label_weight=config.cai.ai_label_weight,
+        overrides=config.retrain_overrides(),
     )
     return Runtime(store, engine, loop, embedded)
 
@@ -145,6 +147,7 @@ def build_app(config: AppConfig):
     """Return a FastAPI app whose lifespan owns the runtime (engine, store)."""
     import gradio as gr
     from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
 
     from alignment.scheduler import RetrainScheduler
     from assistant.api import build_api_router
@@ -185,6 +188,16 @@ def build_app(config: AppConfig):
             await runtime.aclose()
 
     app = FastAPI(title="Aligned assistant", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def refuse_uploads(request, call_next):
+        # The page takes no files, but Gradio would accept anyone's upload into its temp folder
+        # and serve it back by URL: an open file drop. Its other file route only serves the
+        # page's own assets (anything else is refused by Gradio with a 403).
+        if request.url.path.rstrip("/") in UPLOAD_ROUTES:
+            return JSONResponse({"error": "this app accepts no file uploads"}, status_code=403)
+        return await call_next(request)
+
     app.include_router(build_api_router(service, runtime.loop, cai))
     app.state.service = service
     app.state.runtime = runtime

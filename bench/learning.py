@@ -1,90 +1,130 @@
-"""Learning benchmark: does one cycle teach the policy a simulated user's known preference?
+"""Learning efficiency: how many votes until the deployed version wins the user's preference
+70% of the time against v0?
 
-A simulated user prefers replies with any of the characters ! ? . in them; votes are decisive only
-when exactly one candidate has the property. After one cycle (reward model -> PPO -> gate ->
-merge), the deployed version and v0 answer held-out prompts with the same seeds and we report how
-often each satisfies the preference, with the reward model's held-out accuracy and the KL.
+A simulated user with a known preference votes on pairs sampled from v0 (decisive only when
+exactly one candidate has the property, "tie" otherwise). For each vote budget a fresh cycle runs
+from v0 (reward model -> PPO -> gate -> merge); the deployed version then answers held-out prompts
+with the same seeds as v0, the user compares the two replies to each prompt, and we report the
+deployed version's win rate over the decisive comparisons, the share of liked replies, and the KL.
 
-It runs on the tiny random test model (seconds per cycle), so it measures the pipeline's ability
-to move a policy along a learned reward, not language quality. Reported as figures, not asserted:
-see bench/RESULTS.md for what it showed.
+Default: the tiny model taught two reply styles half and half (`build_two_style_checkpoint`);
+the user likes the cheerful one. `--smol`: SmolLM2 itself, preference "at most 30 words", one
+vote budget (about 10 minutes on a 2-core CPU).
 
-Run: `.venv/bin/python -m bench.learning` (tiny model, ~2 minutes), or
-`.venv/bin/python -m bench.learning --smol` (SmolLM2, preference: replies of at most 30 words;
-~10 minutes).
+Run: `.venv/bin/python -m bench.learning` (about 10 minutes) or `... -m bench.learning --smol`.
+Results: bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-from alignment.config import GateConfig, PPOConfig, RewardConfig
-from alignment.cycle import CycleConfig, run_cycle
+from alignment.config import CycleConfig, GateConfig, PPOConfig, RewardConfig, cycle_config
+from alignment.cycle import run_cycle
 from alignment.rollouts import vllm_generate
 from assistant.vllm_client import VLLMServerEngine
 
-SAMPLING = {"temperature": 1.0, "max_tokens": 8}
-SHORT = False  # --smol: the simulated user likes replies of at most 30 words
-N_VOTES, N_HELD_OUT = 240, 120
+REPO = Path(__file__).resolve().parents[1]
+VOTE_BUDGETS = (2, 4, 6, 8, 16, 32, 64)  # chats voted on (about half are decisive at v0)
+SEEDS = (1, 2, 3)
+HELD_OUT = 32  # prompts, two replies each
 
 
-def liked(reply: str) -> bool:
-    if SHORT:
-        return len(reply.split()) <= 30
-    return any(c in reply for c in "!?.")
-
-
-def prompts(n: int) -> list[list[dict[str, str]]]:
-    topics = ["gravity", "plants", "cheese", "the sea", "tea", "the sky", "a fox", "hiking"]
-    return [
-        [{"role": "user", "content": f"Tell me about {topics[i % 8]} ({i})."}] for i in range(n)
-    ]
-
-
-async def sample_pairs(url, version, prompt_list, seed0):
+async def sample_pairs(url, version, prompts, seed0, max_tokens):
     engine = VLLMServerEngine(url, "policy", version)
+    sampling = {"temperature": 1.0, "max_tokens": max_tokens}
 
     async def one(i, p):
-        final = [u async for u in engine.stream_pair(p, SAMPLING, seed0 + 2 * i)][-1]
+        final = [u async for u in engine.stream_pair(p, sampling, seed0 + 2 * i)][-1]
         return p, [c.text for c in final.candidates]
 
     try:
         out = []
-        for start in range(0, len(prompt_list), 16):  # 16 at a time: the engine batches them
-            chunk = list(enumerate(prompt_list))[start : start + 16]
+        for start in range(0, len(prompts), 16):  # 16 at a time: the engine batches them
+            chunk = list(enumerate(prompts))[start : start + 16]
             out += await asyncio.gather(*(one(i, p) for i, p in chunk))
         return out
     finally:
         await engine.aclose()
 
 
-def satisfaction(pairs) -> float:
-    replies = [r for _, rs in pairs for r in rs]
-    return sum(map(liked, replies)) / len(replies)
+def preference_records(pairs, likes: Callable[[str], bool]) -> list[dict]:
+    records = []
+    for p, (a, b) in pairs:
+        if likes(a) != likes(b):
+            win, lose = (a, b) if likes(a) else (b, a)
+            records.append(
+                {
+                    "prompt": p,
+                    "chosen": [{"role": "assistant", "content": win}],
+                    "rejected": [{"role": "assistant", "content": lose}],
+                }
+            )
+    return records
 
 
-def tiny_config() -> CycleConfig:
-    return CycleConfig(
-        reward=RewardConfig(
-            learning_rate=3e-3,
-            epochs=8,
-            batch_size=8,
-            max_length=256,
-            heldout_fraction=0.2,
-            lora_rank=16,
-            lora_alpha=32,
-        ),
-        ppo=PPOConfig(
-            steps=32,
-            prompts_per_step=16,
-            max_new_tokens=8,
-            minibatch_size=4,
-            ppo_epochs=4,
-            learning_rate=1e-2,
-            init_kl_coef=0.02,
-        ),
-        gate=GateConfig(eval_prompts=8, max_new_tokens=8, min_win_rate=0.0, max_kl=20.0),
+def compare(before, after, likes) -> dict:
+    """The user's verdict between v0's and the new version's reply to each held-out prompt."""
+    wins = losses = 0
+    for (_, old), (_, new) in zip(before, after, strict=True):
+        for o, n in zip(old, new, strict=True):
+            wins += likes(n) and not likes(o)
+            losses += likes(o) and not likes(n)
+    liked = lambda pairs: sum(likes(r) for _, rs in pairs for r in rs) / (2 * len(pairs))  # noqa: E731
+    return {
+        "win_rate_vs_v0": wins / (wins + losses) if wins + losses else None,
+        "decisive_comparisons": wins + losses,
+        "liked_v0": liked(before),
+        "liked_new": liked(after),
+    }
+
+
+def one_budget(url, model, work, config, prompts, likes, n_chats, seed, max_tokens) -> dict:
+    pairs = asyncio.run(sample_pairs(url, "v0000", prompts[:n_chats], 1000 * seed, max_tokens))
+    records = preference_records(pairs, likes)
+    row = {"chats": n_chats, "seed": seed, "decisive_votes": len(records)}
+    if len(records) < 2:
+        return {**row, "status": "too few decisive votes"}
+    config.reward.seed = config.ppo.seed = seed
+    started = time.perf_counter()
+    result = run_cycle(
+        str(model),
+        "v0000",
+        "v0001",
+        records,
+        [p for p, _ in pairs],
+        vllm_generate(url),
+        work / f"run-{n_chats}-{seed}",
+        config,
     )
+    row |= {
+        "cycle_s": round(time.perf_counter() - started, 1),
+        "rm_heldout_acc": result.reward.get("heldout_accuracy"),
+        "gate_win_rate": result.gate["win_rate"],
+        "kl": result.gate["kl"],
+    }
+    if not result.gate["deploy"]:
+        return {**row, "status": "rejected: " + result.gate["reason"]}
+
+    async def held_out():
+        engine = VLLMServerEngine(url, "policy", "v0000")
+        test = prompts[len(prompts) - HELD_OUT :]
+        try:
+            before = await sample_pairs(url, "v0000", test, 77_000, max_tokens)
+            await engine.reload_weights(result.path, "v0001")
+            after = await sample_pairs(url, "v0001", test, 77_000, max_tokens)
+        finally:
+            await engine.reload_weights(str(model), "v0000")
+            await engine.aclose()
+        return before, after
+
+    before, after = asyncio.run(held_out())
+    return {**row, "status": "deployed", **compare(before, after, likes)}
 
 
 def smol_config() -> CycleConfig:
@@ -102,92 +142,80 @@ def smol_config() -> CycleConfig:
     )
 
 
-CONFIG = tiny_config
-
-
-def measure(tiny_engine_url, tiny_model_dir, tmp_path):
-    votes = asyncio.run(sample_pairs(tiny_engine_url, "v0000", prompts(N_VOTES), 1))
-    records = []
-    for p, (a, b) in votes:
-        if liked(a) != liked(b):
-            win, lose = (a, b) if liked(a) else (b, a)
-            records.append(
-                {
-                    "prompt": p,
-                    "chosen": [{"role": "assistant", "content": win}],
-                    "rejected": [{"role": "assistant", "content": lose}],
-                }
-            )
-    if len(records) < 30:
-        raise SystemExit(f"only {len(records)} decisive votes: too few to learn from")
-
-    config = CONFIG()
-    result = run_cycle(
-        str(tiny_model_dir),
-        "v0000",
-        "v0001",
-        records,
-        [p for p, _ in votes],
-        vllm_generate(tiny_engine_url),
-        tmp_path / "versions",
-        config,
-    )
-    if not result.gate["deploy"]:
-        return {"decisive_votes": len(records), "gate": result.gate}
-
-    async def compare():
-        engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
-        try:
-            held_out = prompts(N_VOTES + N_HELD_OUT)[N_VOTES:]
-            before = await sample_pairs(tiny_engine_url, "v0000", held_out, 10_000)
-            await engine.reload_weights(result.path, "v0001")
-            after = await sample_pairs(tiny_engine_url, "v0001", held_out, 10_000)
-        finally:
-            await engine.reload_weights(str(tiny_model_dir), "v0000")
-            await engine.aclose()
-        return satisfaction(before), satisfaction(after)
-
-    before, after = asyncio.run(compare())
-    return {
-        "decisive_votes": len(records),
-        "satisfied_v0": before,
-        "satisfied_v1": after,
-        "reward": result.reward,
-        "gate": result.gate,
-        "ppo_final": result.ppo_steps[-1] if result.ppo_steps else None,
-    }
-
-
 def main() -> None:
-    import json
-    import sys
-    import tempfile
-    from pathlib import Path
+    import argparse
 
     from assistant.config import EngineConfig
     from assistant.vllm_server import EmbeddedVLLMServer
-    from tests.tiny_model import build_tiny_checkpoint
+    from tests.tiny_model import (
+        TOPICS,
+        TWO_STYLE_RETRAIN_CONFIG,
+        build_two_style_checkpoint,
+        likes_cheerful,
+        topic_prompt,
+    )
 
-    global SHORT, CONFIG, N_VOTES, N_HELD_OUT
-    smol = "--smol" in sys.argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smol", action="store_true", help="SmolLM2, 'at most 30 words'")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(VOTE_BUDGETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    args = parser.parse_args()
+    smol = args.smol
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
         if smol:
-            SHORT, CONFIG, N_VOTES, N_HELD_OUT = True, smol_config, 160, 60
-            SAMPLING["max_tokens"] = 48
-            model = Path(__file__).resolve().parents[1] / "data/models/SmolLM2-135M-Instruct"
+            model = REPO / "data/models/SmolLM2-135M-Instruct"
+            budgets, seeds, max_tokens, max_len = (160,), (1,), 48, 2048
+            make_config = smol_config
+
+            def likes(reply: str) -> bool:
+                return len(reply.split()) <= 30
         else:
-            model = build_tiny_checkpoint(Path(tmp) / "tiny")
+            model = build_two_style_checkpoint(work / "two-style")
+            budgets, seeds, max_tokens, max_len = args.budgets, args.seeds, 16, 512
+
+            def make_config() -> CycleConfig:
+                return cycle_config("default", TWO_STYLE_RETRAIN_CONFIG)
+
+            likes = likes_cheerful
+        n = max(budgets) + HELD_OUT
+        prompts = [topic_prompt(TOPICS[i % len(TOPICS)], i // len(TOPICS)) for i in range(n)]
         engine = EmbeddedVLLMServer(
-            str(model),
-            EngineConfig(max_model_len=512 if not smol else 2048, compile="no"),
-            Path(tmp) / "engine.log",
+            str(model), EngineConfig(max_model_len=max_len, compile="no"), work / "engine.log"
         )
         engine.start()
+        rows = []
         try:
             engine.wait_ready()
-            print(json.dumps(measure(engine.url, model, Path(tmp)), indent=2, default=str))
+            for seed in seeds:
+                for n_chats in budgets:
+                    row = one_budget(
+                        engine.url,
+                        model,
+                        work,
+                        make_config(),
+                        prompts,
+                        likes,
+                        n_chats,
+                        seed,
+                        max_tokens,
+                    )
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
         finally:
             engine.stop()
+    print("\n| chats voted | seed | decisive votes | RM held-out acc | KL | liked v0 -> new "
+          "| win rate vs v0 |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for r in rows:
+        if r["status"] != "deployed":
+            print(f"| {r['chats']} | {r['seed']} | {r['decisive_votes']} | {r['status']} |")
+            continue
+        win = r["win_rate_vs_v0"]
+        print(
+            f"| {r['chats']} | {r['seed']} | {r['decisive_votes']} | {r['rm_heldout_acc']} "
+            f"| {r['kl']:.2f} | {r['liked_v0']:.2f} -> {r['liked_new']:.2f} "
+            f"| {'-' if win is None else f'{win:.2f}'} |"
+        )
 
 
 if __name__ == "__main__":

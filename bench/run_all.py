@@ -1,6 +1,24 @@
-"""`make bench`: every benchmark in turn; paste the tables into bench/RESULTS.md."""
+"""`make bench`: every benchmark in turn, each in its own process (peak memory and engine ports
+are per process). About an hour on 2 cores; paste the outputs into bench/RESULTS.md."""
 
-from bench import generation
+import subprocess
+import sys
+
+BENCHMARKS = [
+    ["bench.generation"],
+    ["bench.training"],
+    ["bench.training", "--memory"],
+    ["bench.load"],
+    ["bench.swap"],
+    ["bench.learning"],
+    ["bench.alignment", "--votes", "200"],
+]
 
 if __name__ == "__main__":
-    generation.main()
+    failed = []
+    for args in BENCHMARKS:
+        print(f"\n=== python -m {' '.join(args)}", flush=True)
+        if subprocess.call([sys.executable, "-m", *args]) != 0:
+            failed.append(" ".join(args))
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")

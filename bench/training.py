@@ -10,7 +10,8 @@
 `--random-init` builds SmolLM2-135M's architecture with random weights (timing depends on shapes,
 not values): this is how it runs on a lent GPU machine, where the checkpoint cannot be carried.
 
-Run: `.venv/bin/python -m bench.training [--random-init]`.
+Run: `.venv/bin/python -m bench.training [--random-init]`; `... --memory` (a fresh process) for
+the PPO stage's peak memory against the model's size and against a separate reference copy.
 """
 
 from __future__ import annotations
@@ -115,6 +116,43 @@ def time_ppo_steps(
     return times[1:]
 
 
+def memory_profile(model_dir: str, device: str, prompt: int, response: int) -> dict:
+    """Peak memory of PPO steps against the model's size, and what a separate reference model
+    would add. Run in a fresh process (`--memory`): peak RSS is per process."""
+    import resource
+
+    import psutil
+
+    def rss_mb() -> float:
+        if device == "cuda":
+            return torch.cuda.memory_allocated() / 2**20
+        return psutil.Process().memory_info().rss / 2**20
+
+    def peak_mb() -> float:
+        if device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+    from transformers import AutoModelForCausalLM
+
+    before = rss_mb()
+    # What a separate reference model costs: one more fp32 copy (measured first, on a fresh heap).
+    copy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    copy_mb = rss_mb() - before
+    model_mb = sum(p.numel() * 4 for p in copy.parameters()) / 2**20
+    del copy
+    times = time_ppo_steps(model_dir, device, prompt, response, repeats=2)
+    peak = peak_mb()
+    return {
+        "model_fp32_mb": round(model_mb),
+        "process_before_mb": round(before),
+        "ppo_peak_mb": round(peak),
+        "ppo_peak_over_start_mb": round(peak - before),
+        "separate_reference_copy_would_add_mb": round(copy_mb),
+        "ppo_step_s": round(statistics.median(times), 2),
+    }
+
+
 class _NullTokenizer:
     pad_token_id = 2
 
@@ -134,8 +172,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--response", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--memory", action="store_true", help="only the PPO memory profile (fresh process)"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = str(random_smollm2(Path(tmp) / "m") if args.random_init else SMOL)
+            print(memory_profile(model_dir, device, args.prompt, args.response))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(random_smollm2(Path(tmp) / "m") if args.random_init else SMOL)
         if device == "cuda":

@@ -2,9 +2,18 @@
 
 from storage.store import (
     ConflictError,
+    ForbiddenError,
     NotFoundError,
+    StorageWriteError,
     Store,
     StoreError,
 )
 
-__all__ = ["ConflictError", "NotFoundError", "Store", "StoreError"]
+__all__ = [
+    "ConflictError",
+    "ForbiddenError",
+    "NotFoundError",
+    "StorageWriteError",
+    "Store",
+    "StoreError",
+]

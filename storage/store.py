@@ -30,6 +30,36 @@ class StoreError(RuntimeError):
     """The database could not be opened or written; the message says why and what to do."""
 
 
+class StorageWriteError(StoreError):
+    """A write could not reach the disk (full, read-only, I/O error). DuckDB rolls the whole
+    transaction back, so nothing of it is kept and what was committed before stays intact;
+    the write succeeds again once the cause is fixed, without a restart."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.disk_full = "no space left" in detail.lower()
+        self.read_only = "read-only" in detail.lower()
+        cause = (
+            "the disk is full"
+            if self.disk_full
+            else "the file system is read-only"
+            if self.read_only
+            else "an I/O error"
+        )
+        super().__init__(
+            f"nothing was saved: the database {path} could not be written ({cause}: "
+            f"{detail.splitlines()[0][:200]}). Free space or fix the data directory and retry."
+        )
+
+
+# DuckDB reports a failed write as an IOException, or at commit as a TransactionException
+# wrapping "Could not write file ..."; the latter also covers logic errors, hence the wording test.
+_IO_WORDS = ("could not write", "no space left", "read-only file system", "input/output error")
+
+
+def _is_io_failure(exc: duckdb.Error) -> bool:
+    return isinstance(exc, duckdb.IOException) or any(w in str(exc).lower() for w in _IO_WORDS)
+
+
 class NotFoundError(KeyError):
     """An id that the caller sent does not exist."""
 
@@ -37,8 +67,17 @@ class NotFoundError(KeyError):
         return str(self.args[0]) if self.args else "not found"
 
 
+class ForbiddenError(RuntimeError):
+    """The id exists but belongs to another session's conversation."""
+
+
 class ConflictError(RuntimeError):
     """The request contradicts stored state (a second vote on a pair, say)."""
+
+
+def _check_session(owner: str | None, session_id: str | None) -> None:
+    if owner is not None and owner != session_id:
+        raise ForbiddenError("this conversation belongs to another session")
 
 
 def new_id() -> str:
@@ -107,10 +146,17 @@ class Store:
             self._con.begin()
             try:
                 yield self._con
-            except BaseException:
+            except BaseException as exc:
                 self._con.rollback()
+                if isinstance(exc, duckdb.Error) and _is_io_failure(exc):
+                    raise StorageWriteError(self.path, str(exc)) from exc
                 raise
-            self._con.commit()
+            try:
+                self._con.commit()  # a failed commit leaves no transaction open
+            except duckdb.Error as exc:
+                if _is_io_failure(exc):
+                    raise StorageWriteError(self.path, str(exc)) from exc
+                raise
 
     def _rows(self, sql: str, params: list | tuple = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -160,6 +206,14 @@ class Store:
 
     def conversation_exists(self, conversation_id: str) -> bool:
         return bool(self._rows("SELECT 1 FROM conversations WHERE id = ?", [conversation_id]))
+
+    def check_owner(self, conversation_id: str, session_id: str | None) -> None:
+        """A conversation started in a session belongs to it: others may not continue it or
+        vote in it. One started without a session is open to whoever holds its id."""
+        rows = self._rows("SELECT session_id FROM conversations WHERE id = ?", [conversation_id])
+        if not rows:
+            raise NotFoundError(f"unknown conversation_id {conversation_id!r}")
+        _check_session(rows[0]["session_id"], session_id)
 
     def transcript(self, conversation_id: str) -> list[dict[str, str]]:
         """The messages the model sees next: active user turns and chosen replies, in order."""
@@ -249,11 +303,14 @@ class Store:
         vote_id = new_id()
         with self._transaction() as con:
             pair = con.execute(
-                "SELECT conversation_id, position FROM pairs WHERE id = ?", [pair_id]
+                "SELECT p.conversation_id, p.position, c.session_id FROM pairs p "
+                "JOIN conversations c ON c.id = p.conversation_id WHERE p.id = ?",
+                [pair_id],
             ).fetchone()
             if pair is None:
                 raise NotFoundError(f"unknown pair_id {pair_id!r}")
-            conversation_id, position = pair
+            conversation_id, position, owner = pair
+            _check_session(owner, session_id)
             if con.execute("SELECT 1 FROM votes WHERE pair_id = ?", [pair_id]).fetchone():
                 raise ConflictError(f"pair {pair_id} already has a vote")
             con.execute(

@@ -62,6 +62,8 @@ BAD_REQUESTS = [
     ("chat", b'{"message": "   \\n "}', 400, "empty"),
     ("chat", b'{"message": 42}', 422, "string"),
     ("chat", json.dumps({"message": "x" * 5000}).encode(), 413, "limit"),
+    ("chat", json.dumps({"message": "x" * (1 << 20)}).encode(), 413, "bytes"),  # 1 MB
+    ("chat", b'{"message": "<script>alert(1)</script>", "session_id": 7}', 422, "string"),
     ("chat", b'{"message": "hi\\u0000there"}', 400, "control"),
     ("chat", b'{"message": "hi", "conversation_id": "nope"}', 404, "unknown conversation"),
     ("chat", b'{"message": "hi", "conversation_id": 5}', 422, "string"),
@@ -71,6 +73,8 @@ BAD_REQUESTS = [
     ("vote", b'{"choice": "a"}', 400, "missing 'pair_id'"),
     ("vote", b'{"pair_id": "x"}', 400, "missing 'choice'"),
     ("vote", b"oops", 400, "not valid JSON"),
+    ("vote", b'{"pair_id": ["x"], "choice": "a"}', 422, "string"),
+    ("vote", b'{"pair_id": "x", "choice": null}', 422, "choice"),
 ]
 
 
@@ -86,6 +90,45 @@ def test_bad_input_gets_4xx_json_and_changes_nothing(tiny_app, route, body, stat
     assert resp.status_code == status, resp.text
     assert message in resp.json()["error"]
     assert httpx.get(tiny_app.url + "/api/export").text == before
+
+
+def test_another_sessions_conversation_cannot_be_continued_or_voted_in(tiny_app):
+    alice = {"x-session-id": "alice"}
+    turn = httpx.post(
+        tiny_app.url + "/api/chat", json={"message": "mine"}, headers=alice, timeout=60
+    ).json()
+    vote = {"pair_id": turn["pair_id"], "choice": "a"}
+    for headers in ({"x-session-id": "mallory"}, {}):
+        resp = httpx.post(tiny_app.url + "/api/vote", json=vote, headers=headers)
+        assert resp.status_code == 403 and "another session" in resp.json()["error"]
+    follow = {"message": "hijack", "conversation_id": turn["conversation_id"]}
+    resp = httpx.post(
+        tiny_app.url + "/api/chat", json=follow, headers={"x-session-id": "mallory"}, timeout=60
+    )
+    assert resp.status_code == 403
+    resp = httpx.post(tiny_app.url + "/api/vote", json=vote, headers=alice)
+    assert resp.status_code == 200, resp.text  # the owner still can: the refusals stored nothing
+
+
+def test_page_serves_no_files_beyond_its_own(tiny_app):
+    # Gradio's file route refuses anything outside the page's assets: the database, the
+    # source, system files, traversal; its upload route (the page takes no files) is closed.
+    for path in (
+        f"/gradio_api/file={tiny_app.db}",
+        "/gradio_api/file=/etc/passwd",
+        "/gradio_api/file=pyproject.toml",
+        "/gradio_api/file=..%2f..%2fetc%2fpasswd",
+        "/assets/..%2f..%2f..%2fetc%2fpasswd",
+        "/static/../../../etc/passwd",
+    ):
+        resp = httpx.get(tiny_app.url + path)
+        assert resp.status_code in (403, 404), (path, resp.status_code)
+        assert "root:" not in resp.text
+    upload = httpx.post(
+        tiny_app.url + "/gradio_api/upload", files={"files": ("x.txt", b"dropped file")}
+    )
+    assert upload.status_code == 403 and "no file uploads" in upload.json()["error"]
+    assert httpx.get(tiny_app.url + "/").status_code == 200  # the page itself still loads
 
 
 def test_message_longer_than_context_is_413(tiny_app):

@@ -131,3 +131,41 @@ def test_cai_flags_map_onto_config(tmp_path):
     config = config_from_args(args).validate()
     assert config.cai.sft and not config.cai.enabled and config.cai.rounds == 2
     assert config.cai.constitution == tmp_path / "c" and config.loop.every_votes == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"ppo": {"stepz": 2}}', "unknown field ppo.stepz"),
+        ('{"ppo": {"steps": "2"}}', "ppo.steps must be int"),
+        ('{"ppo": {"adaptive_kl": 1}}', "ppo.adaptive_kl must be bool"),
+        ('{"trainer": {}}', "unknown retrain config section 'trainer'"),
+        ('{"ppo": 3}', "section 'ppo' must be an object"),
+        ("[1]", "JSON object"),
+        ("{not json", "--retrain-config"),
+    ],
+)
+def test_retrain_config_file_is_checked_at_start_naming_the_entry(tmp_path, body, message):
+    path = tmp_path / "retrain.json"
+    path.write_text(body)
+    args = build_parser().parse_args(["run", "--retrain-config", str(path)])
+    with pytest.raises(ConfigError) as err:
+        config_from_args(args).validate()
+    assert message in str(err.value)
+
+
+def test_retrain_config_overrides_only_the_fields_it_names(tmp_path):
+    from alignment.config import cycle_config, preset
+
+    path = tmp_path / "retrain.json"
+    path.write_text('{"ppo": {"steps": 16, "learning_rate": 1}, "gate": {"max_kl": 4}}')
+    args = build_parser().parse_args(
+        ["run", "--retrain-preset", "fast", "--retrain-config", str(path)]
+    )
+    config = config_from_args(args).validate()
+    cycle = cycle_config(config.retrain_preset, config.retrain_overrides())
+    fast = preset("fast")
+    assert cycle.ppo.steps == 16 and cycle.ppo.learning_rate == 1.0  # int accepted for a float
+    assert cycle.gate.max_kl == 4.0
+    assert cycle.ppo.max_new_tokens == fast.ppo.max_new_tokens  # untouched fields keep the preset
+    assert cycle.reward == fast.reward

@@ -71,6 +71,94 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+TOPICS = [
+    "gravity",
+    "plants",
+    "cheese",
+    "the sea",
+    "tea",
+    "the sky",
+    "a fox",
+    "hiking",
+    "music",
+    "rain",
+    "bread",
+    "stars",
+    "rivers",
+    "cats",
+    "snow",
+    "books",
+]
+CHEERFUL = "Sure! {topic} is wonderful, ask me more!"
+PLAIN = "Well, {topic} is a topic with many sides."
+
+
+# Retrain settings (`--retrain-config` JSON) sized for the two-style model: enough PPO steps to
+# move a two-way choice, about 20 seconds a cycle on a 2-core CPU.
+TWO_STYLE_RETRAIN_CONFIG = {
+    "reward": {"learning_rate": 3e-3, "epochs": 4, "batch_size": 8, "max_length": 256},
+    "ppo": {
+        "steps": 8,  # 12 over-optimised the reward model in 2 of 15 runs (bench/RESULTS.md)
+        "prompts_per_step": 16,
+        "max_new_tokens": 16,
+        "minibatch_size": 4,
+        "ppo_epochs": 2,
+        "learning_rate": 1e-3,
+        # a firm KL leash: the preference needs one choice (about log 2 nats); drifting into
+        # other words costs more than the choice earns, and beta adapts within the cycle
+        "init_kl_coef": 1.0,
+        "target_kl": 1.0,
+        "kl_horizon": 200,
+    },
+    "gate": {"eval_prompts": 16, "max_new_tokens": 16, "min_win_rate": 0.5},  # KL limit: 10
+}
+
+
+def likes_cheerful(reply: str) -> bool:
+    """The simulated user's known preference over the two styles."""
+    return "!" in reply
+
+
+def topic_prompt(topic: str, i: int = 0) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Tell me about {topic} ({i})."}]
+
+
+def build_two_style_checkpoint(out_dir: Path, steps: int = 300, seed: int = 0) -> Path:
+    """The tiny model, taught to answer every topic prompt in one of two styles, half and half.
+
+    A random model's replies are noise that no preference can be read from; a real chat model
+    has styles it moves between. This one has exactly two (`CHEERFUL`, `PLAIN`), chosen by its
+    first reply token, so a learning test can ask: after users vote for one style, does the
+    aligned model pick it more often than v0's 50%?
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    build_tiny_checkpoint(out_dir, seed)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    model = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    texts = []
+    for topic in TOPICS:
+        for i in range(4):  # a few prompt numbers so the style does not hang on the digits
+            prompt = tok.apply_chat_template(
+                topic_prompt(topic, i), tokenize=False, add_generation_prompt=True
+            )
+            for style in (CHEERFUL, PLAIN):
+                texts.append(prompt + style.format(topic=topic.capitalize()) + "<|im_end|>")
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 if __name__ == "__main__":
     import sys
 

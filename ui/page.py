@@ -14,7 +14,7 @@ import gradio as gr
 
 from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
 from assistant.engine import EngineError, PromptTooLongError
-from storage import ConflictError, NotFoundError
+from storage import ConflictError, ForbiddenError, NotFoundError, StorageWriteError
 from ui.admin_tab import build_admin_tab
 from ui.constitution_tab import build_constitution_tab
 
@@ -24,8 +24,10 @@ USER_ERRORS = (
     BusyError,
     RateLimitError,
     ConflictError,
+    ForbiddenError,
     NotFoundError,
     EngineError,
+    StorageWriteError,
 )
 
 CSS = """

@@ -1,0 +1,142 @@
+"""Load: N simulated users chat and vote concurrently through the HTTP API for a bounded time.
+
+Reports chat latency, vote round-trip latency and the vote's database write time (the app's
+`Server-Timing: db;dur=` header: the single-writer queue plus the DuckDB commit) as p50/p99,
+acknowledged votes against what the database holds afterwards, and any 5xx.
+
+`run_load` is shared with tests/test_load.py, which asserts on the same figures.
+Run: `.venv/bin/python -m bench.load` (tiny model on its own vLLM engine, 32 users, 60 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class LoadResult:
+    acknowledged: list[str] = field(default_factory=list)  # pair ids of 200-acknowledged votes
+    statuses: list[int] = field(default_factory=list)
+    chat_s: list[float] = field(default_factory=list)
+    vote_s: list[float] = field(default_factory=list)
+    vote_db_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "votes_acknowledged": len(self.acknowledged),
+            "http_5xx": sum(s >= 500 for s in self.statuses),
+            "chat_p50_s": percentile(self.chat_s, 50),
+            "chat_p99_s": percentile(self.chat_s, 99),
+            "vote_http_p50_ms": percentile([1000 * s for s in self.vote_s], 50),
+            "vote_http_p99_ms": percentile([1000 * s for s in self.vote_s], 99),
+            "vote_db_p50_ms": percentile(self.vote_db_ms, 50),
+            "vote_db_p99_ms": percentile(self.vote_db_ms, 99),
+        }
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))], 3)
+
+
+def run_load(url: str, users: int = 32, seconds: float = 30, turns: int = 20) -> LoadResult:
+    """Each user chats and votes in turn; a new conversation every 5 turns keeps prompts short."""
+    result = LoadResult()
+    stop_at = time.monotonic() + seconds
+
+    async def user(client: httpx.AsyncClient, u: int) -> None:
+        conversation = None
+        for turn in range(turns):
+            if time.monotonic() > stop_at:
+                return
+            body = {"message": f"user {u} turn {turn}"}
+            if conversation:
+                body["conversation_id"] = conversation
+            start = time.perf_counter()
+            r = await client.post(url + "/api/chat", json=body)
+            result.chat_s.append(time.perf_counter() - start)
+            result.statuses.append(r.status_code)
+            if r.status_code != 200:
+                continue
+            conversation = r.json()["conversation_id"] if turn % 5 != 4 else None
+            start = time.perf_counter()
+            v = await client.post(
+                url + "/api/vote", json={"pair_id": r.json()["pair_id"], "choice": "ab"[turn % 2]}
+            )
+            result.vote_s.append(time.perf_counter() - start)
+            result.statuses.append(v.status_code)
+            if v.status_code == 200:
+                result.acknowledged.append(v.json()["pair_id"])
+                timing = v.headers.get("server-timing", "")
+                if "dur=" in timing:
+                    result.vote_db_ms.append(float(timing.split("dur=")[1]))
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            await asyncio.gather(*(user(client, u) for u in range(users)))
+
+    asyncio.run(main())
+    return result
+
+
+def main() -> None:
+    import duckdb
+
+    from assistant.config import EngineConfig
+    from assistant.vllm_server import EmbeddedVLLMServer
+    from tests.app_process import AppProcess
+    from tests.tiny_model import build_tiny_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=60)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = build_tiny_checkpoint(work / "tiny")
+        engine = EmbeddedVLLMServer(
+            str(model), EngineConfig(max_model_len=512, max_num_seqs=32, compile="no"), work / "e"
+        )
+        engine.start()
+        try:
+            engine.wait_ready()
+            app = AppProcess(
+                [
+                    "--vllm-url", engine.url,
+                    "--max-new-tokens", "8",
+                    "--temperature", "1.0",
+                    "--max-backlog", "64",
+                    "--no-cai",
+                    "--reading-words-per-second", "0",
+                ],
+                work / "app",
+            ).start(timeout=120)  # fmt: skip
+            try:
+                result = run_load(app.url, args.users, args.seconds, turns=10_000)
+            finally:
+                app.stop()
+            con = duckdb.connect(str(app.db), read_only=True)
+            stored = {r[0] for r in con.execute("SELECT pair_id FROM votes").fetchall()}
+            con.close()
+        finally:
+            engine.stop()
+    summary = result.summary() | {
+        "users": args.users,
+        "seconds": args.seconds,
+        "acknowledged_votes_missing_from_db": len(set(result.acknowledged) - stored),
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
