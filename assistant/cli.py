@@ -108,19 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not run the background critique/revision and AI-judge worker",
     )
-    run.add_argument(
-        "--retrain-preset",
-        choices=list(PRESETS),
-        default="default",
-        help="settings of retrain cycles (fast: seconds on a tiny test model)",
-    )
-    run.add_argument(
-        "--retrain-config",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help=_field(AppConfig, "retrain_config").metadata["help"],
-    )
+    _add_retrain_settings(run)
     run.add_argument(
         "--vllm-arg",
         dest="vllm_args",
@@ -173,20 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="base checkpoint when no app is running (default: embedded)",
     )
-    retrain.add_argument(
+    _add_retrain_settings(retrain)
+    return parser
+
+
+def _add_retrain_settings(parser: argparse.ArgumentParser) -> None:
+    """Cycle settings, shared by `run` (for its scheduler and admin triggers) and `retrain`."""
+    parser.add_argument(
         "--retrain-preset",
         choices=list(PRESETS),
         default="default",
         help="cycle settings (fast: seconds on a tiny test model)",
     )
-    retrain.add_argument(
+    parser.add_argument(
         "--retrain-config",
         type=Path,
         default=None,
         metavar="FILE",
         help=_field(AppConfig, "retrain_config").metadata["help"],
     )
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
