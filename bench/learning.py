@@ -159,6 +159,12 @@ def main() -> None:
     parser.add_argument("--smol", action="store_true", help="SmolLM2, 'at most 30 words'")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(VOTE_BUDGETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument(
+        "--override",
+        type=json.loads,
+        default={},
+        help='JSON merged into the two-style retrain config, e.g. \'{"ppo": {"steps": 12}}\'',
+    )
     args = parser.parse_args()
     smol = args.smol
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,8 +180,13 @@ def main() -> None:
             model = build_two_style_checkpoint(work / "two-style")
             budgets, seeds, max_tokens, max_len = args.budgets, args.seeds, 16, 512
 
+            overrides = {
+                section: {**TWO_STYLE_RETRAIN_CONFIG.get(section, {}), **values}
+                for section, values in {**TWO_STYLE_RETRAIN_CONFIG, **args.override}.items()
+            }
+
             def make_config() -> CycleConfig:
-                return cycle_config("default", TWO_STYLE_RETRAIN_CONFIG)
+                return cycle_config("default", overrides)
 
             likes = likes_cheerful
         n = max(budgets) + HELD_OUT

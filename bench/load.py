@@ -5,6 +5,7 @@ Reports chat latency, vote round-trip latency and the vote's database write time
 acknowledged votes against what the database holds afterwards, and any 5xx.
 
 `run_load` is shared with tests/test_load.py, which asserts on the same figures.
+Also the same writes with nothing else running, for comparison.
 Run: `.venv/bin/python -m bench.load` (tiny model on its own vLLM engine, 32 users, 60 s).
 """
 
@@ -89,6 +90,39 @@ def run_load(url: str, users: int = 32, seconds: float = 30, turns: int = 20) ->
     return result
 
 
+def isolated_write_latency(n: int = 200) -> dict:
+    """The same writes with nothing else running: a turn (`record_pair`) and its vote, on a fresh
+    DuckDB file. What the store costs by itself, to compare with the figures under load."""
+    from storage import Store
+    from storage.store import CandidateRecord
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "bench.duckdb")
+        pair_ms, vote_ms = [], []
+        for i in range(n):
+            conversation = store.create_conversation()
+            candidates = tuple(
+                CandidateRecord(slot, f"reply {i}", "v0000", {"seed": i}, 12, 8, "length", 1.0)
+                for slot in "ab"
+            )
+            start = time.perf_counter()
+            pair = store.record_pair(
+                conversation, f"turn {i}", [{"role": "user", "content": f"turn {i}"}],
+                "v0000", i, candidates,
+            )  # fmt: skip
+            pair_ms.append(1000 * (time.perf_counter() - start))
+            start = time.perf_counter()
+            store.record_vote(pair.pair_id, "a")
+            vote_ms.append(1000 * (time.perf_counter() - start))
+        store.close()
+    return {
+        "isolated_turn_write_p50_ms": percentile(pair_ms, 50),
+        "isolated_turn_write_p99_ms": percentile(pair_ms, 99),
+        "isolated_vote_write_p50_ms": percentile(vote_ms, 50),
+        "isolated_vote_write_p99_ms": percentile(vote_ms, 99),
+    }
+
+
 def main() -> None:
     import duckdb
 
@@ -130,11 +164,15 @@ def main() -> None:
             con.close()
         finally:
             engine.stop()
-    summary = result.summary() | {
-        "users": args.users,
-        "seconds": args.seconds,
-        "acknowledged_votes_missing_from_db": len(set(result.acknowledged) - stored),
-    }
+    summary = (
+        result.summary()
+        | {
+            "users": args.users,
+            "seconds": args.seconds,
+            "acknowledged_votes_missing_from_db": len(set(result.acknowledged) - stored),
+        }
+        | isolated_write_latency()
+    )
     print(json.dumps(summary, indent=2))
 
 
