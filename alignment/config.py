@@ -25,6 +25,14 @@ class RewardConfig:
     batch_size: int = _help("pairs per optimisation step", default=8)
     max_length: int = _help("longest prompt+reply in tokens; longer pairs are dropped", default=512)
     heldout_fraction: float = _help("share of pairs held out to measure accuracy", default=0.2)
+    ensemble: int = _help(
+        "reward models trained, each on a bootstrap resample of the votes (1: a single model)",
+        default=3,
+    )
+    ensemble_penalty: float = _help(
+        "PPO optimises mean - penalty * std of the members' scores (Coste et al. 2023)",
+        default=1.0,
+    )
     seed: int = _help("seed of the head initialisation and data order", default=0)
     ai_label_weight: float = _help(
         "weight of AI-judge labels relative to human votes (0: human votes only)", default=0.5
@@ -37,10 +45,24 @@ class PPOConfig:
 
     steps: int = _help("rollout-and-update rounds per cycle", default=4)
     prompts_per_step: int = _help("prompts rolled out per round", default=8)
+    samples_per_prompt: int = _help(
+        "replies sampled per prompt in a round; the others' mean is each one's baseline (RLOO)",
+        default=4,
+    )
+    advantage: str = _help(
+        "advantage estimator: 'rloo' (leave-one-out baseline over replies to the same prompt, "
+        "no value head) or 'gae' (value head and GAE)",
+        default="rloo",
+    )
     max_new_tokens: int = _help("rollout reply length in tokens", default=48)
     temperature: float = _help("rollout sampling temperature", default=1.0)
     ppo_epochs: int = _help("optimisation passes over each round's rollouts", default=2)
-    minibatch_size: int = _help("rollouts per gradient step", default=4)
+    max_step_kl: float = _help(
+        "trust region: stop a round's updates once the policy is this far (mean per-token KL, "
+        "nats) from the one that sampled it; 0 disables",
+        default=0.02,
+    )
+    minibatch_size: int = _help("rollouts per gradient step", default=8)
     learning_rate: float = _help("AdamW learning rate of LoRA and value head", default=1e-4)
     lora_rank: int = _help("LoRA rank of the policy adapter", default=8)
     lora_alpha: int = _help("LoRA alpha", default=16)
@@ -67,11 +89,22 @@ class GateConfig:
     """What a new policy must show on held-out prompts before it is served."""
 
     min_win_rate: float = _help(
-        "reward-model win rate over the serving policy to deploy", default=0.5
+        "the 95 % lower bound of the new version's win rate over the serving one (comparisons "
+        "every reward model agrees on) must reach this",
+        default=0.5,
     )
     max_kl: float = _help("largest mean KL(new || reference) per reply, nats", default=10.0)
-    eval_prompts: int = _help("held-out prompts compared", default=8)
+    eval_prompts: int = _help("held-out prompts compared", default=16)
+    samples_per_prompt: int = _help("replies per held-out prompt from each version", default=2)
     max_new_tokens: int = _help("reply length in the comparison", default=48)
+    min_rm_accuracy: float = _help(
+        "refuse the cycle when the reward models agree with fewer of the held-out human votes "
+        "than this (near chance: they learned nothing to optimise)",
+        default=0.6,
+    )
+    min_rm_heldout: int = _help(
+        "held-out votes needed before that check applies (fewer cannot tell)", default=5
+    )
 
 
 @dataclass
@@ -119,11 +152,20 @@ def preset(name: str) -> CycleConfig:
     minutes for a few hundred votes); `fast` finishes in seconds on the tiny test model."""
     if name == "fast":
         return CycleConfig(
-            reward=RewardConfig(learning_rate=5e-3, epochs=1, batch_size=8, max_length=256),
+            reward=RewardConfig(
+                learning_rate=5e-3, epochs=1, batch_size=8, max_length=256, ensemble=2
+            ),
             ppo=PPOConfig(
                 steps=1, prompts_per_step=4, max_new_tokens=8, minibatch_size=2, ppo_epochs=1
             ),
-            gate=GateConfig(eval_prompts=2, max_new_tokens=8, min_win_rate=0.0, max_kl=1e9),
+            gate=GateConfig(
+                eval_prompts=2,
+                samples_per_prompt=1,
+                max_new_tokens=8,
+                min_win_rate=0.0,
+                max_kl=1e9,
+                min_rm_accuracy=0.0,
+            ),
         )
     if name == "default":
         return CycleConfig()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alignment.config import CycleConfig
-from alignment.gate import GateResult, evaluate
+from alignment.gate import GateResult, evaluate, reward_refusal
 from alignment.merge import merge_to_checkpoint
 from alignment.ppo import PolicyWithValueHead, PPOTrainer
 from alignment.reward_model import RewardScorer, split_heldout, train_reward_model
@@ -82,10 +82,18 @@ def run_cycle(
         on_log=lambda log: say("reward_model", log),
     )
     seconds["reward_model"] = time.perf_counter() - t
+    say("reward_model", {"done": True, **reward.as_dict()})
+
+    refusal = reward_refusal(reward, config.gate)
+    if refusal is not None:  # nothing worth optimising: stop before PPO spends its minutes
+        say("gate", refusal.as_dict())
+        return CycleResult(
+            new_version, parent_version, None, reward.as_dict(), [], refusal.as_dict(), seconds, sft
+        )
 
     train_prompts, heldout_prompts = split_heldout(prompts, config.heldout_prompt_fraction)
     heldout_prompts = heldout_prompts or train_prompts
-    scorer = RewardScorer.load(serving_model, reward.path)
+    scorer = RewardScorer.load(serving_model, reward.path, config.reward.ensemble_penalty)
     tokenizer = AutoTokenizer.from_pretrained(serving_model)
     policy = PolicyWithValueHead.from_base(serving_model, config.ppo)
     trainer = PPOTrainer(policy, tokenizer, serving_generate, scorer.score, config.ppo)
@@ -100,11 +108,15 @@ def run_cycle(
     t = time.perf_counter()
     say("gate", {})
     gate: GateResult = evaluate(
-        policy, tokenizer, scorer.score, serving_generate, heldout_prompts, config.gate
+        policy, tokenizer, scorer.member_scores, serving_generate, heldout_prompts, config.gate
     )
     seconds["gate"] = time.perf_counter() - t
     say("gate", gate.as_dict())
 
+    if scorer.disagreement:  # how much the members disagreed on PPO's rollouts, per round
+        reward_summary = reward.as_dict() | {"ppo_disagreement": scorer.disagreement}
+    else:
+        reward_summary = reward.as_dict()
     path = None
     if gate.deploy:
         t = time.perf_counter()
@@ -114,7 +126,7 @@ def run_cycle(
             "reward_model": reward.path,
             "pairs": len(records),
             "sft": sft,
-            "reward": reward.as_dict(),
+            "reward": reward_summary,
             "gate": gate.as_dict(),
             "ppo_final": steps[-1].as_dict() if steps else None,
         }
@@ -125,7 +137,7 @@ def run_cycle(
         new_version,
         parent_version,
         path,
-        reward.as_dict(),
+        reward_summary,
         [s.as_dict() for s in steps],
         gate.as_dict(),
         seconds,

@@ -1,53 +1,128 @@
 """The deployment gate: compare the new policy with the serving one before anything is served.
 
-Win rate: on held-out prompts, the reward model scores the new policy's reply against the serving
-policy's reply (ties count half). KL: mean over replies of sum_t log pi_new - log pi_ref on the new
-policy's own samples. Deploy only above the win-rate floor and under the KL ceiling.
+Comparisons: on held-out prompts, `samples_per_prompt` replies from the new policy (transformers,
+the exact weights about to be merged) against as many from the serving one (vLLM), paired by
+prompt. Every reward-model member scores both replies; a comparison counts as a win or a loss
+only when all members agree on which is better, otherwise it is undecided (the models cannot tell,
+so it says nothing either way). The win rate is wins / (wins + losses) with a Wilson 95 % interval.
+
+Deploy only when the interval's lower bound reaches the floor (a regression, or a change the
+reward models cannot vouch for, cannot pass by luck on a few prompts) and the mean KL(new || ref)
+per reply, measured on the new policy's own samples, is under the ceiling.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from alignment.config import GateConfig
+from alignment.stats import wilson_interval
+
+
+@dataclass
+class Comparisons:
+    wins: int = 0
+    losses: int = 0
+    undecided: int = 0  # the reward models disagree about which reply is better
+    ties: int = 0  # identical scores (usually identical replies)
+
+    @property
+    def decisive(self) -> int:
+        return self.wins + self.losses
+
+    @property
+    def win_rate(self) -> float | None:
+        return self.wins / self.decisive if self.decisive else None
 
 
 @dataclass
 class GateResult:
-    win_rate: float
+    win_rate: float | None
     kl: float
     deploy: bool
     reason: str
+    interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    comparisons: int = 0  # decisive comparisons behind the win rate
+    undecided: int = 0
+    ties: int = 0
+    samples: int = 0  # replies compared in all
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def gate_decision(win_rate: float, kl: float, config: GateConfig) -> tuple[bool, str]:
+def count_comparisons(new_scores: torch.Tensor, old_scores: torch.Tensor) -> Comparisons:
+    """new_scores, old_scores: (K, N), K reward-model members scoring N paired replies."""
+    diff = new_scores - old_scores  # (K, N)
+    out = Comparisons()
+    out.wins = int((diff > 0).all(0).sum())
+    out.losses = int((diff < 0).all(0).sum())
+    out.ties = int((diff == 0).all(0).sum())
+    out.undecided = diff.shape[1] - out.wins - out.losses - out.ties
+    return out
+
+
+def gate_decision(
+    counts: Comparisons, kl: float, config: GateConfig
+) -> tuple[bool, str, tuple[float, float]]:
+    """(deploy, reason in words a user reads, interval)."""
+    lo, hi = wilson_interval(counts.wins, counts.decisive)
+    rate = counts.win_rate
+    shown = (
+        f"{rate:.2f} [{lo:.2f}, {hi:.2f}] on {counts.decisive} decided comparisons"
+        if rate is not None
+        else "no comparison the reward models agreed on"
+    )
     if kl > config.max_kl:
-        return False, f"KL {kl:.3f} nats is over the limit {config.max_kl}"
-    if win_rate < config.min_win_rate:
-        return False, f"win rate {win_rate:.2f} is under the floor {config.min_win_rate}"
-    return True, f"win rate {win_rate:.2f} >= {config.min_win_rate}, KL {kl:.3f} <= {config.max_kl}"
+        return (
+            False,
+            f"it drifted too far from the original model: KL {kl:.2f} nats per reply is over "
+            f"the limit {config.max_kl}",
+            (lo, hi),
+        )
+    if lo < config.min_win_rate:
+        return (
+            False,
+            f"the new version did not clearly beat the serving one: win rate {shown}"
+            f" ({counts.undecided} undecided); its lower bound must reach {config.min_win_rate}",
+            (lo, hi),
+        )
+    return (
+        True,
+        f"the new version beat the serving one: win rate {shown}; KL {kl:.2f} <= {config.max_kl}",
+        (lo, hi),
+    )
 
 
-def win_rate(new_scores: torch.Tensor, old_scores: torch.Tensor) -> float:
-    wins = (new_scores > old_scores).float() + 0.5 * (new_scores == old_scores).float()
-    return wins.mean().item()
+def reward_refusal(reward, config: GateConfig) -> GateResult | None:
+    """A cycle is refused before PPO when the reward models do not predict the human votes they
+    never trained on: optimising them would move the model somewhere the users did not ask for.
+    `reward` is an `alignment.reward_model.RewardResult`."""
+    acc, n = reward.heldout_accuracy, reward.n_heldout
+    if acc is None or n < config.min_rm_heldout or acc >= config.min_rm_accuracy:
+        return None
+    reason = (
+        f"the reward models agree with only {acc:.2f} of {n} held-out votes (at least "
+        f"{config.min_rm_accuracy} needed): they have not learned what you prefer yet; "
+        "keep voting, consistently"
+    )
+    return GateResult(None, 0.0, False, reason)
 
 
 @torch.no_grad()
 def evaluate(
-    policy, tokenizer, score, serving_generate, prompts, config: GateConfig, seed: int = 1234
+    policy, tokenizer, member_scores, serving_generate, prompts, config: GateConfig, seed=1234
 ) -> GateResult:
-    """Sample the new policy (transformers) and the serving one (vLLM) on the same prompts."""
+    """Sample the new policy (transformers) and the serving one (vLLM) on the same prompts;
+    `member_scores(conversations) -> (K, B)` is the reward-model ensemble."""
     from alignment.ppo import token_logprobs
 
     device = next(policy.parameters()).device
     torch.manual_seed(seed)
-    prompts = prompts[: config.eval_prompts]
+    k = max(1, config.samples_per_prompt)
+    prompts = [p for p in prompts[: config.eval_prompts] for _ in range(k)]
     old = serving_generate(prompts, config.max_new_tokens, 1.0, seed)
     new_texts, kls = [], []
     for messages in prompts:
@@ -72,11 +147,23 @@ def evaluate(
         kls.append(((lp - ref) * mask).sum().item())
         new_texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     old_texts = [tokenizer.decode(r, skip_special_tokens=True) for _, r in old]
-    new_scores = score(_conversations(prompts, new_texts)).cpu()
-    old_scores = score(_conversations(prompts, old_texts)).cpu()
-    rate, kl = win_rate(new_scores, old_scores), sum(kls) / len(kls)
-    deploy, reason = gate_decision(rate, kl, config)
-    return GateResult(rate, kl, deploy, reason)
+    counts = count_comparisons(
+        member_scores(_conversations(prompts, new_texts)).cpu(),
+        member_scores(_conversations(prompts, old_texts)).cpu(),
+    )
+    kl = sum(kls) / len(kls)
+    deploy, reason, (lo, hi) = gate_decision(counts, kl, config)
+    return GateResult(
+        counts.win_rate,
+        kl,
+        deploy,
+        reason,
+        [lo, hi],
+        counts.decisive,
+        counts.undecided,
+        counts.ties,
+        len(prompts),
+    )
 
 
 def _conversations(prompts, replies):

@@ -6,9 +6,16 @@
 - Rollouts: sampled by the serving vLLM engine (`generate` callback), not a second generation stack.
   Their log-probabilities are recomputed by the trainer, so the importance ratio is always against
   the trainer's own policy at rollout time.
-- Rewards: reward-model score on the last token, minus beta * (log pi - log pi_ref) per token;
-  beta follows an adaptive controller toward a target KL. Advantages by GAE, whitened; clipped
-  surrogate and clipped value loss. See `alignment.ppo_math` for each formula.
+- Rewards: reward-model score minus beta * (log pi - log pi_ref) summed over the reply's tokens;
+  beta follows an adaptive controller toward a target KL.
+- Advantages: by default several replies per prompt, each one's return minus the mean of the
+  others' (RLOO's leave-one-out baseline; no value head). `advantage="gae"` keeps the classic value
+  head + whitened GAE with a clipped value loss. Either way the clipped surrogate is the loss.
+- Trust region: a round's updates stop as soon as the policy has moved `max_step_kl` (per token)
+  from the one that sampled the round. Without it a LoRA at a high learning rate jumped several
+  nats per round and the KL penalty then threw it back: the policy oscillated and a cycle ended
+  wherever the swing happened to be (bench/RESULTS.md, "Why cycles regressed").
+See `alignment.ppo_math` for each formula.
 
 Per-step statistics (reward mean, KL, beta, entropy, clip fraction, losses) go to `on_step`.
 """
@@ -25,11 +32,13 @@ from torch import nn
 from alignment.config import PPOConfig
 from alignment.kl_controller import AdaptiveKLController, FixedKLController
 from alignment.ppo_math import (
+    approx_kl,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
     gae,
     kl_penalised_rewards,
+    leave_one_out_advantages,
     whiten,
 )
 
@@ -51,6 +60,8 @@ class StepStats:
     clip_frac: float
     policy_loss: float
     value_loss: float
+    step_kl: float = 0.0  # mean per-token KL(pi_old || pi) after the round's updates
+    updates: int = 0  # gradient steps taken before the trust region stopped the round
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +90,10 @@ class PolicyWithValueHead(nn.Module):
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        return cls(get_peft_model(base, lora))
+        policy = cls(get_peft_model(base, lora))
+        # RLOO needs no critic: a frozen head keeps "every trainable parameter moved" true
+        policy.value_head.requires_grad_(config.advantage == "gae")
+        return policy
 
     def forward(self, input_ids, attention_mask):
         out = self.lm(
@@ -145,6 +159,10 @@ class PPOTrainer:
         self.generate = generate
         self.score = score
         self.config = config
+        if config.advantage not in ("rloo", "gae"):
+            raise ValueError(f"ppo.advantage must be 'rloo' or 'gae', got {config.advantage!r}")
+        if config.advantage == "rloo" and config.samples_per_prompt < 2:
+            raise ValueError("ppo.advantage 'rloo' needs ppo.samples_per_prompt >= 2")
         self.kl_ctl = (
             AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
             if config.adaptive_kl
@@ -168,8 +186,10 @@ class PPOTrainer:
         return Rollout(ids.to(d), attn.to(d), resp.to(d), prompts, texts)
 
     def step(self, prompts: list[list[dict[str, str]]], step: int) -> StepStats:
+        """One round: `samples_per_prompt` replies to each prompt (consecutive), then updates."""
         c = self.config
-        ro = self.rollout(prompts, step)
+        k = max(1, c.samples_per_prompt)
+        ro = self.rollout([p for p in prompts for _ in range(k)], step)
         # Token t's log-prob sits at position t; the value of the state *before* token t is
         # the value head's output at position t-1, so shift values right by one.
         mask = ro.response_mask  # (B, L)
@@ -192,11 +212,17 @@ class PPOTrainer:
             beta = self.kl_ctl.value
             shaped = self._normalised(scores)
             rewards, kl = kl_penalised_rewards(shaped, old_logprobs, ref_logprobs, mask, beta)
-            advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
-            advantages = whiten(advantages, mask)
+            if c.advantage == "rloo":
+                # (B,) the whole reply's return, against the other replies to its prompt
+                advantages = leave_one_out_advantages(rewards.sum(dim=1), k)[:, None] * mask
+                returns = old_values  # unused: no value loss
+            else:
+                advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
+                advantages = whiten(advantages, mask)
 
         batch = ro.input_ids.shape[0]
         stats: dict[str, list[float]] = {"pl": [], "vl": [], "cf": [], "ent": []}
+        step_kl, stop = 0.0, False
         for _ in range(c.ppo_epochs):
             order = list(range(batch))
             self.rng.shuffle(order)
@@ -205,12 +231,21 @@ class PPOTrainer:
                 m = mask[idx]
                 logits, values = self.policy(ro.input_ids[idx], ro.attention_mask[idx])
                 logprobs = token_logprobs(logits, ro.input_ids[idx]) * m
-                values = torch.nn.functional.pad(values[:, :-1], (1, 0)) * m
+                step_kl = approx_kl(logprobs.detach(), old_logprobs[idx], m)
+                if c.max_step_kl > 0 and step_kl > c.max_step_kl and stats["pl"]:
+                    stop = True  # past the trust region: this round's rollouts are spent
+                    break
                 pl, cf = clipped_policy_loss(
                     logprobs, old_logprobs[idx], advantages[idx], m, c.cliprange
                 )
-                vl = clipped_value_loss(values, old_values[idx], returns[idx], m, c.cliprange_value)
-                loss = pl + c.vf_coef * vl
+                loss = pl
+                vl = torch.zeros(())
+                if c.advantage == "gae":
+                    values = torch.nn.functional.pad(values[:, :-1], (1, 0)) * m
+                    vl = clipped_value_loss(
+                        values, old_values[idx], returns[idx], m, c.cliprange_value
+                    )
+                    loss = pl + c.vf_coef * vl
                 self.optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), c.max_grad_norm)
@@ -221,6 +256,8 @@ class PPOTrainer:
                 stats["vl"].append(vl.item())
                 stats["cf"].append(cf.item())
                 stats["ent"].append(entropy_from_logits(logits.detach(), ent_mask).item())
+            if stop:
+                break
 
         mean_kl = kl.sum(dim=1).mean().item()  # per-response KL, nats
         self.kl_ctl.update(mean_kl, batch)
@@ -233,6 +270,8 @@ class PPOTrainer:
             clip_frac=sum(stats["cf"]) / len(stats["cf"]),
             policy_loss=sum(stats["pl"]) / len(stats["pl"]),
             value_loss=sum(stats["vl"]) / len(stats["vl"]),
+            step_kl=step_kl,
+            updates=len(stats["pl"]),
         )
 
     def _normalised(self, scores: torch.Tensor) -> torch.Tensor:

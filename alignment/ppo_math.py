@@ -104,3 +104,22 @@ def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     """Mean per-token entropy (nats) of the policy's distribution over real tokens."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def leave_one_out_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's baseline (Ahmadian et al. 2024): each reply's return minus the mean return of the
+    other replies to the same prompt. `returns` (B,) holds `group_size` consecutive replies per
+    prompt. The baseline is unbiased and needs no value head, which on a few dozen rollouts is
+    mostly noise. Returns (B,)."""
+    if group_size < 2:
+        raise ValueError("a leave-one-out baseline needs at least 2 replies per prompt")
+    groups = returns.view(-1, group_size)  # (P, k)
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean per-token KL(pi_old || pi) by the k3 estimator (ratio - 1 - log ratio): how far one
+    update moved the policy from the one that sampled the batch; PPO's trust-region check."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item()

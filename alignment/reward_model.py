@@ -6,6 +6,12 @@ saves it with the adapter). Only decisive votes are used: ties and both-bad carr
 (see `storage.export`). Part of the pairs is held out, split by a hash of their content so the same
 pair lands on the same side in every cycle, and the held-out accuracy is reported.
 
+Ensemble: `RewardConfig.ensemble` members, each trained on its own bootstrap resample of the
+training pairs (Coste et al. 2023). They agree where the votes say something and disagree where the
+votes are silent, which is exactly where PPO finds replies that fool one model. PPO optimises the
+conservative score mean - penalty * std, and the gate counts a comparison only when every member
+agrees. Members share one base model in memory (one LoRA adapter and score head each).
+
 Input is TRL's conversational preference format; scoring uses the same chat template as training.
 """
 
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,13 +32,16 @@ from alignment.losses import bradley_terry_loss, preference_accuracy
 
 @dataclass
 class RewardResult:
-    path: str
+    path: str  # the ensemble's folder: member-0/, member-1/, ... and ensemble.json
     n_train: int
     n_heldout: int
-    train_loss: float | None
-    heldout_loss: float | None
-    heldout_accuracy: float | None
-    steps: int
+    train_loss: float | None  # mean over members
+    heldout_loss: float | None  # of the ensemble's mean score
+    heldout_accuracy: float | None  # of the ensemble's mean score on held-out human votes
+    steps: int  # per member
+    members: int = 1
+    member_heldout_accuracy: list[float] | None = None
+    heldout_disagreement: float | None = None  # mean std of member scores on held-out replies
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +62,12 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def bootstrap(records: list[dict], seed: int) -> list[dict]:
+    """A resample with replacement of the same size: each member sees its own view of the votes."""
+    rng = random.Random(seed)
+    return [rng.choice(records) for _ in records]
+
+
 def train_reward_model(
     base_model: str,
     records: list[dict],
@@ -59,19 +75,79 @@ def train_reward_model(
     config: RewardConfig,
     on_log: Callable[[dict], None] | None = None,
 ) -> RewardResult:
-    """Train a LoRA reward model on preference records; save adapter + head to `out_dir`."""
+    """Train the reward-model ensemble on preference records; save it to `out_dir` and measure
+    it on the held-out votes (per member and as an ensemble)."""
+    if not records:
+        raise ValueError("no decisive votes (A or B) to train a reward model on")
+    if config.ensemble < 1:
+        raise ValueError(f"reward.ensemble must be at least 1, got {config.ensemble}")
+    train, heldout = split_heldout(records, config.heldout_fraction)
+    members, losses, steps = [], [], 0
+    for i in range(config.ensemble):
+        data = train if config.ensemble == 1 else bootstrap(train, config.seed * 1000 + i)
+
+        def relay(log: dict, i: int = i) -> None:
+            if on_log:
+                on_log({"member": i, **log})
+
+        loss, steps = _train_member(
+            base_model, data, out_dir / f"member-{i}", config, config.seed + i, relay
+        )
+        members.append(f"member-{i}")
+        losses.append(loss)
+    (out_dir / "ensemble.json").write_text(json.dumps({"members": members}))
+    # Members come out on different scales (each head starts from its own random init); put
+    # each on mean 0 / std 1 over the voted replies, so that their spread measures disagreement
+    # about the replies and not about units. Without it mean - std penalised every confident
+    # score, and PPO on the conservative score stalled (bench/RESULTS.md).
+    scorer = RewardScorer.load(base_model, str(out_dir))
+    replies = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
+    raw = scorer.member_scores(replies)  # (K, 2N)
+    scale = [[m.mean().item(), max(m.std().item(), 1e-3)] for m in raw] if len(replies) > 1 else []
+    (out_dir / "ensemble.json").write_text(json.dumps({"members": members, "scale": scale}))
+
+    result = RewardResult(
+        str(out_dir),
+        len(train),
+        len(heldout),
+        sum(losses) / len(losses),
+        None,
+        None,
+        steps,
+        members=len(members),
+    )
+    if heldout:
+        scorer = RewardScorer.load(base_model, str(out_dir))
+        r_w = scorer.member_scores([r["prompt"] + r["chosen"] for r in heldout])  # (K, N)
+        r_l = scorer.member_scores([r["prompt"] + r["rejected"] for r in heldout])
+        result.heldout_loss = bradley_terry_loss(r_w.mean(0), r_l.mean(0)).item()
+        result.heldout_accuracy = preference_accuracy(r_w.mean(0), r_l.mean(0))
+        result.member_heldout_accuracy = [
+            preference_accuracy(w, lo) for w, lo in zip(r_w, r_l, strict=True)
+        ]
+        result.heldout_disagreement = torch.cat([r_w, r_l], dim=1).std(0).mean().item()
+    return result
+
+
+def _train_member(
+    base_model: str,
+    train: list[dict],
+    out_dir: Path,
+    config: RewardConfig,
+    seed: int,
+    on_log: Callable[[dict], None],
+) -> tuple[float, int]:
+    """One LoRA reward model with TRL's RewardTrainer. Returns (training loss, steps)."""
     from datasets import Dataset
     from peft import LoraConfig, TaskType
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    if not records:
-        raise ValueError("no decisive votes (A or B) to train a reward model on")
-    train, heldout = split_heldout(records, config.heldout_fraction)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)  # the score head's initialisation differs per member
     model = AutoModelForSequenceClassification.from_pretrained(
         base_model, num_labels=1, dtype=torch.float32
     )
@@ -79,7 +155,7 @@ def train_reward_model(
 
     class Relay(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if on_log and logs:
+            if logs:
                 on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
 
     args = TRLRewardConfig(
@@ -93,7 +169,7 @@ def train_reward_model(
         report_to=[],
         use_cpu=_device() == "cpu",
         bf16=False,
-        seed=config.seed,
+        seed=seed,
         disable_tqdm=True,
     )
     peft_config = LoraConfig(
@@ -114,49 +190,54 @@ def train_reward_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-    heldout_loss = heldout_acc = None
-    if heldout:
-        scorer = RewardScorer(trainer.model, tokenizer)
-        r_w = scorer.score([r["prompt"] + r["chosen"] for r in heldout])
-        r_l = scorer.score([r["prompt"] + r["rejected"] for r in heldout])
-        heldout_loss = bradley_terry_loss(r_w, r_l).item()
-        heldout_acc = preference_accuracy(r_w, r_l)
-    return RewardResult(
-        str(out_dir),
-        len(train),
-        len(heldout),
-        output.training_loss,
-        heldout_loss,
-        heldout_acc,
-        output.global_step,
-    )
+    return output.training_loss, output.global_step
 
 
 class RewardScorer:
-    """Scores whole conversations (prompt messages + the assistant reply) with the reward model."""
+    """Scores whole conversations (prompt messages + the assistant reply) with every member of
+    the ensemble; `score` is the conservative mean - penalty * std that PPO optimises."""
 
-    def __init__(self, model, tokenizer, max_length: int = 1024, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        adapters: list[str] | None = None,
+        penalty: float = 1.0,
+        scale: list[list[float]] | None = None,
+        max_length: int = 1024,
+        batch_size: int = 8,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.adapters = adapters or [None]
+        self.penalty = penalty
+        self.scale = scale  # per member (mean, std) of its raw scores on the voted replies
         self.max_length = max_length
         self.batch_size = batch_size
+        self.disagreement: list[float] = []  # mean member std of each `score` call
 
     @classmethod
-    def load(cls, base_model: str, adapter_dir: str) -> RewardScorer:
+    def load(cls, base_model: str, ensemble_dir: str, penalty: float = 1.0) -> RewardScorer:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        root = Path(ensemble_dir)
+        ensemble = json.loads((root / "ensemble.json").read_text())
+        members = ensemble["members"]
+        tokenizer = AutoTokenizer.from_pretrained(root / members[0])
         base = AutoModelForSequenceClassification.from_pretrained(
             base_model, num_labels=1, dtype=torch.float32
         )
         base.config.pad_token_id = tokenizer.pad_token_id
-        return cls(PeftModel.from_pretrained(base, adapter_dir).to(_device()), tokenizer)
+        model = PeftModel.from_pretrained(base, str(root / members[0]), adapter_name=members[0])
+        for name in members[1:]:
+            model.load_adapter(str(root / name), adapter_name=name)
+        return cls(model.to(_device()), tokenizer, members, penalty, ensemble.get("scale"))
 
     @torch.no_grad()
-    def score(self, conversations: list[list[dict[str, str]]]) -> torch.Tensor:
-        scores = []
+    def member_scores(self, conversations: list[list[dict[str, str]]]) -> torch.Tensor:
+        """(K, B): each member's score of each conversation, on the member's common scale."""
+        per_member: list[list[torch.Tensor]] = [[] for _ in self.adapters]
         device = next(self.model.parameters()).device
         for i in range(0, len(conversations), self.batch_size):
             texts = [
@@ -170,7 +251,26 @@ class RewardScorer:
                 truncation=True,
                 max_length=self.max_length,
                 add_special_tokens=False,
-            )
-            logits = self.model(**batch.to(device)).logits  # (b, 1)
-            scores.append(logits.squeeze(-1).float().cpu())
-        return torch.cat(scores) if scores else torch.empty(0)
+            ).to(device)
+            for k, name in enumerate(self.adapters):
+                if name is not None:
+                    self.model.set_adapter(name)
+                logits = self.model(**batch).logits  # (b, 1)
+                per_member[k].append(logits.squeeze(-1).float().cpu())
+        if not conversations:
+            return torch.empty(len(self.adapters), 0)
+        scores = torch.stack([torch.cat(m) for m in per_member])  # (K, B)
+        if self.scale:
+            mean, std = torch.tensor(self.scale).T  # (K,), (K,)
+            scores = (scores - mean[:, None]) / std[:, None]
+        return scores
+
+    def score(self, conversations: list[list[dict[str, str]]]) -> torch.Tensor:
+        """(B,) mean - penalty * std over members: a reply only scores high if every member
+        thinks so (with one member, the plain score)."""
+        scores = self.member_scores(conversations)
+        if scores.shape[0] < 2:
+            return scores[0]
+        std = scores.std(0)
+        self.disagreement.append(std.mean().item())
+        return scores.mean(0) - self.penalty * std

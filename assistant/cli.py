@@ -272,7 +272,8 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
         def show(event: dict) -> None:
             stage = event.get("stage")
             if stage == "reward_model" and "step" in event:
-                _bar("reward model", event["step"], event.get("max_steps") or 1)
+                member = f"reward model {event.get('member', 0) + 1}"
+                _bar(member, event["step"], event.get("max_steps") or 1)
             elif stage == "ppo":
                 _bar(
                     "PPO",
@@ -304,14 +305,23 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
         if key in summary:
             print(f"{key}: {summary[key]}")
     if "reward" in summary:
-        r = summary["reward"]
-        print(
-            f"reward model: {r['n_train']} train / {r['n_heldout']} held-out pairs, "
-            f"held-out accuracy {r['heldout_accuracy']}"
-        )
+        print(f"reward models: {_reward_line(summary['reward'])}")
     if "gate" in summary:
         print(f"gate: {summary['gate']['reason']}")
     return 0 if summary["status"] in ("deployed", "rejected") else 1
+
+
+def _reward_line(r: dict) -> str:
+    """The ensemble's check on the votes it never trained on, in one line."""
+    line = f"{r.get('members', 1)} trained on {r['n_train']} votes"
+    if r.get("heldout_accuracy") is None:
+        return line + f", {r['n_heldout']} held out (too few to check)"
+    members = ", ".join(f"{a:.2f}" for a in r.get("member_heldout_accuracy") or [])
+    return (
+        line
+        + f"; agree with {r['heldout_accuracy']:.2f} of {r['n_heldout']} held-out votes"
+        + (f" (each: {members})" if members else "")
+    )
 
 
 def _bar(label: str, done: int, total: int, note: str = "") -> None:
@@ -326,6 +336,8 @@ def _bar(label: str, done: int, total: int, note: str = "") -> None:
 
 
 def cmd_versions(args: argparse.Namespace, config: AppConfig) -> int:
+    from alignment.stats import format_interval
+
     if _app_holds_db(config):
         data = _call_app(args, "GET", "versions")
     else:
@@ -344,7 +356,8 @@ def cmd_versions(args: argparse.Namespace, config: AppConfig) -> int:
         gate = m.get("gate") or {}
         acc = (m.get("reward") or {}).get("heldout_accuracy")
         metrics = (
-            f"win={gate.get('win_rate')} kl={gate.get('kl')} rm_acc={acc}"
+            f"win={_rate(gate.get('win_rate'))} {format_interval(gate.get('interval'))} "
+            f"n={gate.get('comparisons')} kl={_rate(gate.get('kl'))} rm_acc={_rate(acc)}"
             if gate
             else m.get("model", "")
         )
@@ -353,6 +366,10 @@ def cmd_versions(args: argparse.Namespace, config: AppConfig) -> int:
             f"{v['created_at'][:19]:20s} {metrics}"
         )
     return 0
+
+
+def _rate(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def cmd_rollback(args: argparse.Namespace, config: AppConfig) -> int:

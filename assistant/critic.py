@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from alignment.labels import agreement_rate
@@ -95,11 +96,23 @@ class Critic:
 class CAIWorker:
     """Works through the critique and judging backlog whenever the chat is idle."""
 
-    def __init__(self, critic: Critic, store, service, *, idle_poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        critic: Critic,
+        store,
+        service,
+        *,
+        idle_poll_s: float = 1.0,
+        cycle_running: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.critic = critic
         self.store = store
         self.service = service
         self.idle_poll_s = idle_poll_s
+        # While a retrain cycle trains, its rollouts and gate need the engine and the cores;
+        # on a 2-core box the critique stream took half the engine and left the cycle's worker
+        # about 0.45 of a core. Critiques wait for the cycle to end.
+        self.cycle_running = cycle_running
 
     @property
     def constitution(self) -> Constitution:
@@ -167,7 +180,7 @@ class CAIWorker:
 
     async def run_forever(self) -> None:
         while True:
-            if self.service.generating > 0:  # yield to user traffic
+            if self.service.generating > 0 or self.cycle_running():  # users and cycles first
                 await asyncio.sleep(self.idle_poll_s)
                 continue
             try:

@@ -168,7 +168,7 @@ def build_app(config: AppConfig):
         rounds=config.cai.rounds,
         max_new_tokens=config.cai.max_new_tokens,
     )
-    cai = CAIWorker(critic, runtime.store, service)
+    cai = CAIWorker(critic, runtime.store, service, cycle_running=lambda: runtime.loop.running)
 
     scheduler = RetrainScheduler(runtime.loop, runtime.store, config.loop)
 

@@ -12,6 +12,9 @@ the user likes the cheerful one. `--smol`: SmolLM2 itself, preference "at most 3
 vote budget (about 10 minutes on a 2-core CPU).
 
 Run: `.venv/bin/python -m bench.learning` (about 10 minutes) or `... -m bench.learning --smol`.
+`--repeat N` instead runs the learning test (`tests/test_learning.py`, through the app) N times in
+fresh processes and prints the tally, each failure classified: rejected by the gate (safe) or a
+deployed version that was not better (the failure the gate exists to prevent).
 Results: bench/RESULTS.md.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -142,6 +146,55 @@ def smol_config() -> CycleConfig:
     )
 
 
+def repeat_learning_test(n: int) -> int:
+    """Run the learning test n times; print one line per run and the tally. Exit code 1 if any
+    run failed."""
+    import platform
+    import re
+    import subprocess
+    import sys
+
+    tally = {"passed": 0, "rejected by the gate": 0, "deployed, not better": 0, "error": 0}
+    for i in range(1, n + 1):
+        started = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+             "tests/test_learning.py"],
+            cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
+        out = proc.stdout + proc.stderr
+        cycle = re.search(r"^LEARNING-CYCLE (.*)$", out, re.M)
+        result = re.search(r"^LEARNING-RESULT (.*)$", out, re.M)
+        if proc.returncode == 0:
+            kind = "passed"
+        elif cycle and json.loads(cycle.group(1))["status"] != "deployed":
+            kind = "rejected by the gate"
+        elif result:
+            kind = "deployed, not better"
+        else:
+            kind = "error"
+        tally[kind] += 1
+        gate = json.loads(cycle.group(1))["gate"] if cycle else {}
+        measured = json.loads(result.group(1)) if result else {}
+        print(
+            json.dumps(
+                {"run": i, "outcome": kind, "seconds": round(time.perf_counter() - started),
+                 **measured, "gate_win_rate": gate.get("win_rate"),
+                 "gate_interval": gate.get("interval"), "gate_n": gate.get("comparisons"),
+                 "kl": gate.get("kl"), "reason": gate.get("reason")}
+            ),
+            flush=True,
+        )  # fmt: skip
+        if kind == "error":
+            print(out[-3000:], flush=True)
+    print(
+        f"\nlearning test: {tally['passed']}/{n} passed; "
+        + ", ".join(f"{k}: {v}" for k, v in tally.items() if k != "passed")
+        + f" ({platform.machine()}, {os.cpu_count()} cores)"
+    )
+    return 0 if tally["passed"] == n else 1
+
+
 def main() -> None:
     import argparse
 
@@ -165,7 +218,12 @@ def main() -> None:
         default={},
         help='JSON merged into the two-style retrain config, e.g. \'{"ppo": {"steps": 12}}\'',
     )
+    parser.add_argument(
+        "--repeat", type=int, default=0, help="run the learning test N times and tally it"
+    )
     args = parser.parse_args()
+    if args.repeat:
+        raise SystemExit(repeat_learning_test(args.repeat))
     smol = args.smol
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -10,13 +10,16 @@ import torch
 from alignment.kl_controller import AdaptiveKLController
 from alignment.losses import bradley_terry_loss, kl_regularised_objective, preference_accuracy
 from alignment.ppo_math import (
+    approx_kl,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
     gae,
     kl_penalised_rewards,
+    leave_one_out_advantages,
     whiten,
 )
+from alignment.stats import wilson_interval
 
 
 def test_bradley_terry_seed_example_gap_2_8_gives_0_059():
@@ -113,3 +116,30 @@ def test_adaptive_kl_controller_moves_toward_target():
     assert ctl.update(current_kl=12.0, n_steps=256) == pytest.approx(0.2 * (1 + 0.2 * 256 / 10000))
     ctl = AdaptiveKLController(value=0.2, target=6.0, horizon=10000)
     assert ctl.update(current_kl=3.0, n_steps=256) == pytest.approx(0.2 * (1 - 0.2 * 256 / 10000))
+
+
+def test_leave_one_out_baseline_is_the_mean_of_the_other_replies():
+    returns = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0])  # two prompts, three replies each
+    adv = leave_one_out_advantages(returns, 3)
+    # 1 - (2+3)/2 = -1.5; 2 - 2 = 0; 3 - 1.5 = 1.5; 6 - 0 = 6; 0 - 3 = -3 (twice)
+    assert adv.tolist() == [-1.5, 0.0, 1.5, 6.0, -3.0, -3.0]
+    assert leave_one_out_advantages(torch.tensor([4.0, 4.0]), 2).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="at least 2"):
+        leave_one_out_advantages(returns, 1)
+
+
+def test_approx_kl_is_zero_for_the_same_policy_and_grows_with_the_change():
+    old = torch.log(torch.tensor([[0.5, 0.25, 0.9]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert approx_kl(old, old, mask) == 0.0
+    new = torch.log(torch.tensor([[0.25, 0.25, 0.1]]))  # the padded position must not count
+    # token 0: ratio 0.5 -> 0.5 - 1 - log 0.5 = 0.1931; token 1: 0; mean 0.0966
+    assert approx_kl(new, old, mask) == pytest.approx(0.0966, abs=1e-4)
+
+
+def test_wilson_interval_against_hand_values():
+    lo, hi = wilson_interval(7, 10)
+    assert (lo, hi) == (pytest.approx(0.3968, abs=1e-4), pytest.approx(0.8922, abs=1e-4))
+    lo, hi = wilson_interval(0, 5)
+    assert lo == 0.0 and hi == pytest.approx(0.4345, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from alignment.config import GateConfig, PPOConfig, RewardConfig
 from alignment.cycle import CycleConfig, run_cycle
-from alignment.gate import gate_decision, win_rate
+from alignment.gate import Comparisons, count_comparisons, gate_decision, reward_refusal
 from alignment.rollouts import vllm_generate
 from assistant.vllm_client import VLLMServerEngine
 from tests.test_reward_model import synthetic_preferences
@@ -29,16 +31,42 @@ def fast_config(**gate) -> CycleConfig:
     )
 
 
-def test_gate_decision_and_win_rate():
+def test_gate_counts_only_comparisons_every_member_agrees_on():
     import torch
 
-    assert win_rate(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 3.0])) == 0.5
-    config = GateConfig(min_win_rate=0.6, max_kl=2.0)
-    assert gate_decision(0.7, 1.0, config)[0]
-    deploy, reason = gate_decision(0.9, 2.5, config)
-    assert not deploy and "KL 2.500" in reason
-    deploy, reason = gate_decision(0.5, 0.1, config)
-    assert not deploy and "win rate 0.50" in reason
+    new = torch.tensor([[1.0, 0.0, 2.0, 5.0, 1.0], [1.0, -1.0, 3.0, 0.0, 1.0]])  # (K=2, N=5)
+    old = torch.tensor([[0.0, 1.0, 1.0, 4.0, 1.0], [0.5, 0.0, 4.0, 1.0, 1.0]])
+    counts = count_comparisons(new, old)
+    # 0: both members say new wins; 1: both say old wins; 2, 3: they disagree; 4: identical
+    assert (counts.wins, counts.losses, counts.undecided, counts.ties) == (1, 1, 2, 1)
+    assert counts.decisive == 2 and counts.win_rate == 0.5
+
+
+def test_gate_decides_on_the_interval_not_the_point_estimate():
+    config = GateConfig(min_win_rate=0.5, max_kl=2.0)
+    # 7 of 10 is a 0.70 win rate, but its Wilson lower bound (0.40) is under the floor
+    deploy, reason, (lo, hi) = gate_decision(Comparisons(wins=7, losses=3), 1.0, config)
+    assert not deploy and lo == pytest.approx(0.3968, abs=1e-3) and hi > 0.85
+    assert "0.70 [0.40, 0.89] on 10 decided comparisons" in reason
+    # 28 of 40 is the same rate on four times the sample: lower bound 0.55, deployed
+    deploy, reason, (lo, _) = gate_decision(Comparisons(wins=28, losses=12), 1.0, config)
+    assert deploy and lo == pytest.approx(0.5457, abs=1e-3)
+    deploy, reason, _ = gate_decision(Comparisons(wins=40), 2.5, config)
+    assert not deploy and "KL 2.50" in reason
+    deploy, reason, _ = gate_decision(Comparisons(undecided=9), 0.1, config)
+    assert not deploy and "no comparison the reward models agreed on" in reason
+
+
+def test_a_reward_model_near_chance_on_held_out_votes_refuses_the_cycle():
+    from alignment.reward_model import RewardResult
+
+    config = GateConfig(min_rm_accuracy=0.6, min_rm_heldout=5)
+    near_chance = RewardResult("rm", 20, 8, 0.6, 0.7, 0.5, 4)
+    refusal = reward_refusal(near_chance, config)
+    assert refusal is not None and not refusal.deploy
+    assert "agree with only 0.50 of 8 held-out votes" in refusal.reason
+    assert reward_refusal(RewardResult("rm", 20, 8, 0.6, 0.3, 0.75, 4), config) is None
+    assert reward_refusal(RewardResult("rm", 20, 3, 0.6, 0.7, 0.0, 4), config) is None  # too few
 
 
 def test_full_cycle_merges_version_and_hot_swaps_without_failures(

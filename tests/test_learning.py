@@ -99,6 +99,8 @@ def test_deployed_version_satisfies_the_users_preference_more_than_v0(
         result = _admin(app, "retrain")
         assert result.status_code == 200, result.text
         cycle = result.json()
+        # one machine-readable line for `python -m bench.learning --repeat N`
+        print("LEARNING-CYCLE " + json.dumps({"status": cycle["status"], "gate": cycle["gate"]}))
         assert cycle["status"] == "deployed", cycle
         assert cycle["gate"]["kl"] <= MAX_KL and cycle["gate"]["win_rate"] >= 0.5, cycle["gate"]
 
@@ -118,6 +120,10 @@ def test_deployed_version_satisfies_the_users_preference_more_than_v0(
         for o, n in zip(old["candidates"], new["candidates"], strict=True):
             wins += likes(n["text"]) and not likes(o["text"])
             losses += likes(o["text"]) and not likes(n["text"])
+    print(
+        "LEARNING-RESULT "
+        + json.dumps({"votes": decisive, "v0": v0, "new": v1, "wins": wins, "losses": losses})
+    )
     print(
         f"decisive votes {decisive}; liked replies v0 {v0:.2f} -> {cycle['version']} {v1:.2f}; "
         f"new version wins {wins} of {wins + losses} decisive comparisons; "

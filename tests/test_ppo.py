@@ -16,8 +16,10 @@ PROMPTS = [
 ]
 
 
-def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine_url):
+@pytest.mark.parametrize("advantage", ["rloo", "gae"])
+def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine_url, advantage):
     config = PPOConfig(
+        advantage=advantage,
         steps=2,
         prompts_per_step=4,
         max_new_tokens=8,
@@ -43,8 +45,10 @@ def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine
     # Before any update the adapter is a no-op (LoRA B = 0): policy == reference, KL exactly 0.
     assert history[0].kl == pytest.approx(0.0, abs=1e-4)
     assert history[0].beta == 0.2
-    # The adaptive controller lowered beta (KL 0 is under the target) by its formula.
-    assert history[1].beta == pytest.approx(0.2 * (1 - 0.2 * 4 / 100))
+    # The adaptive controller lowered beta (KL 0 is under the target) by its formula, counting
+    # every rollout of the round: 4 prompts x 4 replies.
+    assert history[1].beta == pytest.approx(0.2 * (1 - 0.2 * 16 / 100))
+    assert all(1 <= s.updates <= 8 for s in history)  # 16 rollouts / minibatch 2, one epoch
     for s in history:
         assert all(torch.isfinite(torch.tensor(v)) for v in s.as_dict().values())
         assert 0.0 <= s.clip_frac <= 1.0 and s.entropy > 0
@@ -53,6 +57,8 @@ def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and changed == trainable  # every LoRA matrix and the value head moved
     assert all("lora_" in n or "value_head" in n for n in changed)  # base weights frozen
+    # the critic trains only for GAE; RLOO's baseline is the other replies to the same prompt
+    assert any("value_head" in n for n in trainable) == (advantage == "gae")
 
     # The adapter-disabled model is exactly the original checkpoint: the free reference.
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -63,6 +69,33 @@ def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine
         current, _ = policy(ids["input_ids"], ids["attention_mask"])
     torch.testing.assert_close(reference, expected)
     assert not torch.allclose(current, expected)  # while the policy itself has moved
+
+
+def test_trust_region_stops_a_round_once_the_policy_has_moved(tiny_model_dir, tiny_engine_url):
+    """With a (tiny) trust region every round stops after its first update: the next minibatch
+    already sees a policy further than max_step_kl from the one that sampled it."""
+    config = PPOConfig(
+        steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, minibatch_size=1,
+        ppo_epochs=2, learning_rate=1e-2, max_step_kl=1e-9,
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = PolicyWithValueHead.from_base(str(tiny_model_dir), config)
+
+    def score(conversations):
+        return torch.tensor([float(len(c[-1]["content"])) for c in conversations])
+
+    history = PPOTrainer(policy, tokenizer, vllm_generate(tiny_engine_url), score, config).train(
+        PROMPTS
+    )
+    assert [s.updates for s in history] == [1, 1]  # of 8 possible per round
+    assert all(s.step_kl > 1e-9 for s in history)
+
+
+def test_rloo_needs_several_replies_per_prompt(tiny_model_dir):
+    config = PPOConfig(samples_per_prompt=1)
+    policy = PolicyWithValueHead.from_base(str(tiny_model_dir), config)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        PPOTrainer(policy, None, None, None, config)
 
 
 def test_token_logprobs_align_with_next_token():

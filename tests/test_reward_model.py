@@ -44,20 +44,28 @@ def test_reward_model_learns_preference_lora_moves_base_frozen(tiny_model_dir, t
     records = synthetic_preferences(40)
     logs: list[dict] = []
     config = RewardConfig(
-        learning_rate=5e-3, epochs=3, batch_size=8, heldout_fraction=0.25, max_length=256
-    )
+        learning_rate=5e-3, epochs=3, batch_size=8, heldout_fraction=0.25, max_length=256,
+        ensemble=2,
+    )  # fmt: skip
     result = train_reward_model(
         str(tiny_model_dir), records, tmp_path / "rm", config, on_log=logs.append
     )
-    losses = [entry["loss"] for entry in logs if "loss" in entry]
+    losses = [entry["loss"] for entry in logs if "loss" in entry and entry["member"] == 0]
     assert len(losses) == result.steps >= 6
     assert losses[-1] < losses[0]  # Bradley-Terry loss goes down on the votes
     assert result.heldout_accuracy == pytest.approx(1.0)
     assert result.heldout_loss < 0.69  # better than chance (ln 2)
+    assert result.members == 2 and result.member_heldout_accuracy == [1.0, 1.0]
 
-    # The saved adapter holds LoRA matrices and the trained score head; the base is untouched.
-    adapter = load_file(str(tmp_path / "rm" / "adapter_model.safetensors"))
+    # Each member's adapter holds LoRA matrices and its trained score head; the members saw
+    # different bootstrap resamples, so they differ; the base is untouched.
+    adapters = [
+        load_file(str(tmp_path / "rm" / f"member-{i}" / "adapter_model.safetensors"))
+        for i in range(2)
+    ]
+    adapter = adapters[0]
     assert any("lora_A" in k for k in adapter) and any("score" in k for k in adapter)
+    assert any(not torch.equal(adapter[k], adapters[1][k]) for k in adapter)
     base = {}
     with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
         for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
@@ -70,9 +78,13 @@ def test_reward_model_learns_preference_lora_moves_base_frozen(tiny_model_dir, t
 
     # Reloaded from disk, the model still ranks the preferred reply higher on new prompts.
     fresh = synthetic_preferences(4, seed=99)
-    r_w = scorer.score([r["prompt"] + r["chosen"] for r in fresh])
-    r_l = scorer.score([r["prompt"] + r["rejected"] for r in fresh])
-    assert bool((r_w > r_l).all())
+    r_w = scorer.member_scores([r["prompt"] + r["chosen"] for r in fresh])  # (K, 4)
+    r_l = scorer.member_scores([r["prompt"] + r["rejected"] for r in fresh])
+    assert r_w.shape == (2, 4) and bool((r_w > r_l).all())  # every member agrees
+    # members are on one scale (mean 0, std 1 over the voted replies), and the conservative
+    # score is their mean minus their spread
+    conservative = scorer.score([r["prompt"] + r["chosen"] for r in fresh])
+    torch.testing.assert_close(conservative, r_w.mean(0) - r_w.std(0))
 
 
 def test_no_decisive_votes_is_a_clear_error(tiny_model_dir, tmp_path):

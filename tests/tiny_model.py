@@ -93,15 +93,16 @@ CHEERFUL = "Sure! {topic} is wonderful, ask me more!"
 PLAIN = "Well, {topic} is a topic with many sides."
 
 
-# Retrain settings (`--retrain-config` JSON) sized for the two-style model: enough PPO steps to
-# move a two-way choice, about 20 seconds a cycle on a 2-core CPU.
+# Retrain settings (`--retrain-config` JSON) sized for the two-style model: about 30 seconds a
+# cycle on a 2-core CPU. Rounds of 8 prompts x 4 replies (leave-one-out baseline) and the default
+# trust region; the LoRA learning rate is high because the model is tiny.
 TWO_STYLE_RETRAIN_CONFIG = {
     "reward": {"learning_rate": 3e-3, "epochs": 4, "batch_size": 8, "max_length": 256},
     "ppo": {
-        "steps": 8,  # 12 over-optimised the reward model in 2 of 15 runs (bench/RESULTS.md)
-        "prompts_per_step": 16,
+        "steps": 8,
+        "prompts_per_step": 8,
         "max_new_tokens": 16,
-        "minibatch_size": 4,
+        "minibatch_size": 8,
         "ppo_epochs": 2,
         "learning_rate": 1e-3,
         # a firm KL leash: the preference needs one choice (about log 2 nats); drifting into
@@ -110,7 +111,7 @@ TWO_STYLE_RETRAIN_CONFIG = {
         "target_kl": 1.0,
         "kl_horizon": 200,
     },
-    "gate": {"eval_prompts": 16, "max_new_tokens": 16, "min_win_rate": 0.5},  # KL limit: 10
+    "gate": {"eval_prompts": 16, "max_new_tokens": 16},  # default floor and KL limit
 }
 
 

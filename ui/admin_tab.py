@@ -10,9 +10,21 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from alignment.stats import format_interval
 from assistant.admin import admin_error
 
-VERSION_COLUMNS = ["version", "status", "parent", "created", "win rate", "KL", "RM accuracy"]
+VERSION_COLUMNS = [
+    "version",
+    "status",
+    "parent",
+    "created",
+    "win rate",
+    "95% interval",
+    "comparisons",
+    "KL",
+    "RM accuracy",
+    "why",
+]
 
 
 def _versions_frame(versions: list[dict]) -> pd.DataFrame:
@@ -27,8 +39,11 @@ def _versions_frame(versions: list[dict]) -> pd.DataFrame:
                 v["parent"] or "",
                 v["created_at"][:19],
                 gate.get("win_rate"),
+                format_interval(gate.get("interval")),
+                gate.get("comparisons"),
                 gate.get("kl"),
                 reward.get("heldout_accuracy"),
+                gate.get("reason", ""),
             ]
         )
     return pd.DataFrame(rows, columns=VERSION_COLUMNS)
