@@ -78,7 +78,8 @@ class AlignmentLoop:
             )
         version = await asyncio.to_thread(self.store.next_version)
         job = self.data_dir / "jobs" / f"{version}-{int(time.time())}"
-        job.mkdir(parents=True)
+        (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        job.mkdir(mode=0o700)  # it holds copies of users' chats until the cycle ends
         (job / "job.json").write_text(
             json.dumps(
                 {
@@ -124,6 +125,7 @@ class AlignmentLoop:
                 stderr=asyncio.subprocess.STDOUT,
             )
             code = await self._follow(proc, job / "progress.jsonl")
+        _remove_user_data(job)
         result_path = job / "result.json"
         if code != 0 or not result_path.exists():
             error = (
@@ -225,6 +227,17 @@ class AlignmentLoop:
             swap = await self.engine.reload_weights(row["path"], version)
             await asyncio.to_thread(self.store.set_serving, version, swap)
             return {"status": "serving", "version": version, "swap_seconds": swap}
+
+
+USER_DATA_FILES = ("preferences.jsonl", "prompts.jsonl", "revisions.jsonl")
+
+
+def _remove_user_data(job: Path) -> None:
+    """The worker is done with the copies of users' chats: delete them, keep the metrics
+    (job.json, progress.jsonl, result.json, worker.log), so a deleted conversation does not
+    live on in a job folder."""
+    for name in USER_DATA_FILES:
+        (job / name).unlink(missing_ok=True)
 
 
 def _write_jsonl(path: Path, rows: list) -> None:

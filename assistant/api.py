@@ -4,13 +4,15 @@ Routes (documented in the README):
   POST /api/chat     {"conversation_id"?, "message"} -> pair of candidates
   POST /api/vote     {"pair_id", "choice": "a"|"b"|"tie"|"both_bad"}
   GET  /api/health
-  GET  /api/versions -> {"serving", "versions": [...]}
-  GET  /api/export?format=trl|hh -> JSON lines of preference data
+  GET  /api/versions -> {"serving", "versions": [...]}  (server paths only with the token)
+  GET  /api/export?format=trl|hh -> JSON lines of preference data  (admin token)
+  DELETE /api/conversations/{id}  (from the session that started it)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from fastapi import APIRouter, Request
@@ -24,6 +26,7 @@ from storage import ConflictError, ForbiddenError, NotFoundError, StorageWriteEr
 from storage.export import FORMATS
 
 MAX_BODY_BYTES = 256 * 1024
+log = logging.getLogger(__name__)
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -50,10 +53,13 @@ def map_error(exc: Exception) -> JSONResponse:
             f"the conversation no longer fits the model's context window; start a new chat ({exc})",
         )
     if isinstance(exc, EngineError):
-        return error(502, str(exc))
+        # The detail names the engine's URL (with --vllm-url, maybe credentials): log only.
+        log.warning("engine error: %s", exc)
+        return error(502, exc.public_message)
     if isinstance(exc, StorageWriteError):
         # 507 Insufficient Storage says "full" precisely; other write failures are a 503.
-        return error(507 if exc.disk_full else 503, str(exc), {"Retry-After": "30"})
+        log.error("database write failed: %s", exc)
+        return error(507 if exc.disk_full else 503, exc.public_message, {"Retry-After": "30"})
     raise exc
 
 
@@ -75,6 +81,10 @@ def admin_refusal(request: Request) -> JSONResponse | None:
     header = request.headers.get("authorization", "")
     problem = admin_error(header[len("Bearer ") :] if header.startswith("Bearer ") else None)
     return None if problem is None else error(*problem)
+
+
+def is_admin(request: Request) -> bool:
+    return admin_refusal(request) is None
 
 
 def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
@@ -120,8 +130,15 @@ def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
         return JSONResponse(body, status_code=200 if body["engine"] else 503)
 
     @router.get("/versions")
-    async def versions():
-        return service.versions()
+    async def versions(request: Request):
+        return await service.versions(admin=is_admin(request))
+
+    @router.delete("/conversations/{conversation_id}")
+    async def delete_conversation(conversation_id: str, request: Request):
+        try:
+            return await service.delete_conversation(conversation_id, _session(request, {}))
+        except Exception as exc:  # noqa: BLE001
+            return map_error(exc)
 
     @router.post("/retrain")
     async def retrain(request: Request):
@@ -165,11 +182,17 @@ def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
         return {"version": version, "constitution": cai.constitution.as_json()}
 
     @router.get("/critiques/{candidate_id}")
-    async def critiques(candidate_id: str):
+    async def critiques(candidate_id: str, request: Request):
+        # a critique quotes someone's question and reply: the operator's to read, not everyone's
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
         return {"candidate_id": candidate_id, "rounds": await cai.chain(candidate_id)}
 
     @router.get("/export")
-    async def export(format: str = "trl"):  # noqa: A002 - the public query parameter name
+    async def export(request: Request, format: str = "trl"):  # noqa: A002 - public name
+        # every decisive vote's whole transcript: bulk reads of users' chats need the token
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
         if format not in FORMATS:
             return error(422, f"format must be one of {', '.join(FORMATS)}")
         records = await service.preference_data(format)

@@ -52,6 +52,25 @@ class BusyError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+# Manifest entries that name places on the server (checkpoint and run folders, the engine URL).
+_PRIVATE_MANIFEST_KEYS = ("path", "model", "reward_model", "job", "engine_url", "serving_model")
+
+
+def public_version(row: dict) -> dict:
+    """A version record with no server path or URL in it, for callers without the token."""
+    out = {k: v for k, v in row.items() if k != "path"}
+    out["manifest"] = _without_paths(row.get("manifest") or {})
+    return out
+
+
+def _without_paths(value):
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k not in _PRIVATE_MANIFEST_KEYS}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class TurnResult:
     conversation_id: str
@@ -284,8 +303,21 @@ class ChatService:
 
     # --- status -------------------------------------------------------------------------
 
-    def versions(self) -> dict:
-        return {"serving": self.model_version, "versions": self.store.model_versions()}
+    async def delete_conversation(self, conversation_id: str, session_id: str | None) -> dict:
+        """A user deletes their own conversation: everything recorded from it goes, so export
+        and later cycles never see it. Versions already trained keep what they learned."""
+        if not isinstance(conversation_id, str) or not conversation_id:
+            raise InvalidInputError("'conversation_id' must be a non-empty string", 422)
+        await asyncio.to_thread(self.store.check_owner, conversation_id, session_id)
+        removed = await asyncio.to_thread(self.store.delete_conversation, conversation_id)
+        return {"deleted": conversation_id, "removed": removed}
+
+    async def versions(self, admin: bool = False) -> dict:
+        """Versions and their metrics; checkpoint paths and run folders only for the admin."""
+        rows = await asyncio.to_thread(self.store.model_versions)
+        if not admin:
+            rows = [public_version(r) for r in rows]
+        return {"serving": self.model_version, "versions": rows}
 
     async def health(self) -> dict:
         engine_ok = self.engine_note is None and await self.engine.healthy()

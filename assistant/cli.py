@@ -42,6 +42,7 @@ RUN_OPTIONS = [
     ("--system-prompt", "serve", "system_prompt"),
     ("--reading-words-per-second", "serve", "reading_words_per_second"),
     ("--max-votes-per-minute", "serve", "max_votes_per_minute"),
+    ("--retention-days", "serve", "retention_days"),
     ("--temperature", "sampling", "temperature"),
     ("--top-p", "sampling", "top_p"),
     ("--max-new-tokens", "sampling", "max_new_tokens"),
@@ -93,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{f.metadata['help']} (default: {f.default})",
         )
     run.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=_field(ServeConfig, "allowed_hosts").metadata["help"] + " (repeatable)",
+    )
+    run.add_argument(
         "--constitution",
         type=Path,
         default=None,
@@ -136,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--url",
         default="http://127.0.0.1:7860",
         help="running app to ask when the database is locked by it",
+    )
+    exp.add_argument(
+        "--token",
+        default=None,
+        help="admin token for a running app (default: $ASSISTANT_ADMIN_TOKEN); exports "
+        "contain users' conversations",
     )
     retrain = sub.add_parser(
         "retrain", help="run one retrain-and-deploy cycle now (through the app if it runs)"
@@ -203,6 +218,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         config.retrain_config = args.retrain_config
     if getattr(args, "vllm_args", None):
         config.engine.extra_args = list(args.vllm_args)
+    if getattr(args, "allowed_hosts", None):
+        config.serve.allowed_hosts = list(args.allowed_hosts)
     return config
 
 
@@ -215,7 +232,7 @@ def cmd_export(args: argparse.Namespace, config: AppConfig) -> int:
     except StoreError as exc:
         if "in use" not in str(exc):
             raise
-        records = _export_via_app(args.url, args.format)
+        records = _export_via_app(args.url, args.format, args.token)
     else:
         try:
             records = preference_records(store.voted_pairs(), args.format)
@@ -391,14 +408,21 @@ def cmd_rollback(args: argparse.Namespace, config: AppConfig) -> int:
     return 0
 
 
-def _export_via_app(url: str, fmt: str) -> list[dict]:
+def _export_via_app(url: str, fmt: str, token: str | None) -> list[dict]:
     import json
+    import os
 
     import httpx
 
     print(f"the database is in use by the running app; asking it at {url}", file=sys.stderr)
+    token = token or os.environ.get("ASSISTANT_ADMIN_TOKEN", "")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = httpx.get(f"{url.rstrip('/')}/api/export", params={"format": fmt}, timeout=120)
+        resp = httpx.get(
+            f"{url.rstrip('/')}/api/export", params={"format": fmt}, headers=headers, timeout=120
+        )
+        if resp.status_code in (401, 403):
+            raise ConfigError(f"the app refused the export: {resp.json().get('error')}")
         resp.raise_for_status()
     except httpx.HTTPError as exc:
         raise ConfigError(

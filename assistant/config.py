@@ -105,6 +105,24 @@ class ServeConfig:
         "votes one session may cast per minute (0: no limit)", default=30
     )
     system_prompt: str | None = _help("system prompt prepended to every conversation", default=None)
+    allowed_hosts: list[str] = _help(
+        "host names the app answers to, besides loopback names and the bound address (a page "
+        "on another site cannot reach the app by pointing its own name at 127.0.0.1); '*' "
+        "allows any",
+        default_factory=list,
+    )
+    retention_days: float = _help(
+        "delete conversations (and their pairs, votes and critiques) older than this many days; "
+        "0 keeps them",
+        default=0.0,
+    )
+
+    def trusted_hosts(self) -> list[str]:
+        """What the Host header may name: loopback, the bound address, and the allow-list."""
+        names = ["localhost", "127.0.0.1", "::1", "[::1]", *self.allowed_hosts]
+        if self.host not in ("0.0.0.0", "::", ""):
+            names.append(self.host)
+        return names
 
 
 @dataclass

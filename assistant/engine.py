@@ -13,7 +13,10 @@ from typing import Protocol
 
 
 class EngineError(RuntimeError):
-    """The engine failed or is unreachable; the message is safe to show to a user."""
+    """The engine failed or is unreachable. The message is for the operator's log (it can name
+    the engine's URL); `public_message` is what a user or an API client is told."""
+
+    public_message = "the model engine did not answer; try again in a minute"
 
 
 class PromptTooLongError(EngineError):

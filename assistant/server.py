@@ -8,6 +8,7 @@ only checked for reachability.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from contextlib import asynccontextmanager
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from assistant.config import AppConfig, ConfigError
 from assistant.engine import EngineError
+
+log = logging.getLogger(__name__)
 
 BASE_VERSION = "v0000"
 UPLOAD_ROUTES = ("/gradio_api/upload", "/gradio_api/upload_progress")
@@ -180,6 +183,10 @@ def build_app(config: AppConfig):
             tasks.append(asyncio.create_task(watch.run_forever()))
         if config.cai.enabled:
             tasks.append(asyncio.create_task(cai.run_forever()))
+        if config.serve.retention_days > 0:
+            tasks.append(
+                asyncio.create_task(_retention(runtime.store, config.serve.retention_days))
+            )
         try:
             yield
         finally:
@@ -188,6 +195,12 @@ def build_app(config: AppConfig):
             await runtime.aclose()
 
     app = FastAPI(title="Aligned assistant", lifespan=lifespan)
+    if "*" not in config.serve.allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        # DNS rebinding: a web page on another site can point its own name at 127.0.0.1 and
+        # then read the local app from the victim's browser; it cannot forge the Host header.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=config.serve.trusted_hosts())
 
     @app.middleware("http")
     async def refuse_uploads(request, call_next):
@@ -203,6 +216,17 @@ def build_app(config: AppConfig):
     app.state.runtime = runtime
     page = build_page(service, runtime.loop, cai).queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(app, page, path="/", css=CSS, footer_links=["api"])
+
+
+async def _retention(store, days: float, every_s: float = 3600.0) -> None:
+    """Delete conversations older than `days`, at start and then hourly."""
+    while True:
+        try:
+            for conversation_id in await asyncio.to_thread(store.conversations_older_than, days):
+                await asyncio.to_thread(store.delete_conversation, conversation_id)
+        except Exception:  # noqa: BLE001 - retried next round; the log says why
+            log.exception("retention: deleting old conversations failed")
+        await asyncio.sleep(every_s)
 
 
 def active_constitution(config: AppConfig):

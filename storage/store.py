@@ -49,6 +49,12 @@ class StorageWriteError(StoreError):
             f"nothing was saved: the database {path} could not be written ({cause}: "
             f"{detail.splitlines()[0][:200]}). Free space or fix the data directory and retry."
         )
+        # What an unauthenticated caller may read: no server path, no driver text (the log
+        # has those).
+        self.public_message = (
+            f"nothing was saved: the server could not write its database ({cause}). "
+            "Try again later."
+        )
 
 
 # DuckDB reports a failed write as an IOException, or at commit as a TransactionException
@@ -214,6 +220,47 @@ class Store:
         if not rows:
             raise NotFoundError(f"unknown conversation_id {conversation_id!r}")
         _check_session(rows[0]["session_id"], session_id)
+
+    # Rows that hang off a conversation, leaves first. DuckDB checks a foreign key against the
+    # committed state, so a parent cannot be deleted in the transaction that deletes its
+    # children: each level is its own transaction, and a deletion interrupted half-way is
+    # finished by running it again (every statement is idempotent).
+    _DELETION_LEVELS = (
+        (
+            "DELETE FROM critiques WHERE candidate_id IN (SELECT c.id FROM candidates c "
+            "JOIN pairs p ON p.id = c.pair_id WHERE p.conversation_id = $id)",
+            "DELETE FROM ai_labels WHERE pair_id IN "
+            "(SELECT id FROM pairs WHERE conversation_id = $id)",
+            "DELETE FROM votes WHERE pair_id IN (SELECT id FROM pairs WHERE conversation_id = $id)",
+        ),
+        (
+            "DELETE FROM candidates WHERE pair_id IN "
+            "(SELECT id FROM pairs WHERE conversation_id = $id)",
+            "DELETE FROM messages WHERE conversation_id = $id",
+        ),
+        ("DELETE FROM pairs WHERE conversation_id = $id",),
+        ("DELETE FROM conversations WHERE id = $id",),
+    )
+
+    def delete_conversation(self, conversation_id: str) -> dict[str, int]:
+        """Delete a conversation and everything recorded from it (messages, pairs, candidates,
+        votes, AI labels, critiques). Returns the rows removed per table."""
+        removed: dict[str, int] = {}
+        for level in self._DELETION_LEVELS:
+            with self._transaction() as con:
+                for sql in level:
+                    table = sql.split()[2]
+                    n = con.execute(sql, {"id": conversation_id}).fetchone()[0]
+                    removed[table] = removed.get(table, 0) + n
+        return removed
+
+    def conversations_older_than(self, days: float) -> list[str]:
+        """Conversations started more than `days` ago (the retention rule's candidates)."""
+        rows = self._rows(
+            "SELECT id FROM conversations WHERE created_at < now() - to_milliseconds(?)",
+            [int(days * 86_400_000)],
+        )
+        return [r["id"] for r in rows]
 
     def transcript(self, conversation_id: str) -> list[dict[str, str]]:
         """The messages the model sees next: active user turns and chosen replies, in order."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "test-admin-token"  # what the shared test apps are started with
 
 
 def free_port() -> int:
@@ -22,7 +24,14 @@ def free_port() -> int:
 class AppProcess:
     """`assistant run` in a subprocess, as a user starts it; talked to over real HTTP."""
 
-    def __init__(self, args: list[str], data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        data_dir: Path,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.env = env or {}
         self.port = port or free_port()
         self.data_dir = data_dir
         self.db = data_dir / "assistant.duckdb"
@@ -48,7 +57,10 @@ class AppProcess:
             *self.args,
         ]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env}
+            )
+        self.admin_token = {**os.environ, **self.env}.get("ASSISTANT_ADMIN_TOKEN")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -61,6 +73,15 @@ class AppProcess:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"app did not start in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+
+    def export(self, fmt: str = "trl") -> httpx.Response:
+        """`GET /api/export` as the operator (it needs the admin token)."""
+        return httpx.get(
+            self.url + "/api/export", params={"format": fmt}, headers=self.admin_headers()
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_process import AppProcess
+from tests.app_process import ADMIN_TOKEN, AppProcess
 from tests.tiny_model import build_tiny_checkpoint
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -84,6 +84,7 @@ def tiny_app(tiny_engine_url, tmp_path_factory) -> Iterator[AppProcess]:
     app = AppProcess(
         tiny_app_args(tiny_engine_url, False, "--max-message-chars", "4000"),
         tmp_path_factory.mktemp("tiny-app"),
+        env={"ASSISTANT_ADMIN_TOKEN": ADMIN_TOKEN},
     ).start(timeout=120)
     yield app
     app.stop()
@@ -98,7 +99,9 @@ def smol_app(tmp_path_factory) -> Iterator[AppProcess]:
             "which provisions it first"
         )
     app = AppProcess(
-        ["--model", str(SMOL_DIR), "--max-new-tokens", "48"], tmp_path_factory.mktemp("smol-app")
+        ["--model", str(SMOL_DIR), "--max-new-tokens", "48"],
+        tmp_path_factory.mktemp("smol-app"),
+        env={"ASSISTANT_ADMIN_TOKEN": ADMIN_TOKEN},
     ).start(timeout=900)
     yield app
     app.stop()

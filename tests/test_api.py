@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from storage import Store
+from tests.app_process import ADMIN_TOKEN
 
 
 def chat(app, message="Hello there", conversation_id=None, **extra):
@@ -80,7 +81,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("route", "body", "status", "message"), BAD_REQUESTS)
 def test_bad_input_gets_4xx_json_and_changes_nothing(tiny_app, route, body, status, message):
-    before = httpx.get(tiny_app.url + "/api/export").text
+    before = tiny_app.export().text
     resp = httpx.post(
         f"{tiny_app.url}/api/{route}",
         content=body,
@@ -89,7 +90,7 @@ def test_bad_input_gets_4xx_json_and_changes_nothing(tiny_app, route, body, stat
     )
     assert resp.status_code == status, resp.text
     assert message in resp.json()["error"]
-    assert httpx.get(tiny_app.url + "/api/export").text == before
+    assert tiny_app.export().text == before
 
 
 def test_another_sessions_conversation_cannot_be_continued_or_voted_in(tiny_app):
@@ -150,11 +151,11 @@ def test_health_and_versions(tiny_app):
 def test_export_endpoint_returns_trl_records(tiny_app):
     first = chat(tiny_app, "Pick one").json()
     vote(tiny_app, first["pair_id"], "b")
-    lines = httpx.get(tiny_app.url + "/api/export", params={"format": "trl"}).text.splitlines()
+    lines = tiny_app.export("trl").text.splitlines()
     records = [json.loads(line) for line in lines]
     match = [r for r in records if r["prompt"][-1]["content"] == "Pick one"]
     assert match and match[-1]["chosen"][0]["content"] == first["candidates"][1]["text"]
-    assert httpx.get(tiny_app.url + "/api/export", params={"format": "x"}).status_code == 422
+    assert tiny_app.export("x").status_code == 422
 
 
 def test_concurrent_users_are_batched_not_serialised(tiny_app):
@@ -217,12 +218,13 @@ def test_acknowledged_vote_survives_kill_9(tiny_app_factory):
     assert set(acknowledged) == stored and len(stored) == 3
 
 
-def test_cli_export_reads_the_file_or_asks_the_running_app(tiny_app_factory, tmp_path):
+def test_cli_export_reads_the_file_or_asks_the_running_app(tiny_app_factory, tmp_path, monkeypatch):
     import subprocess
     import sys
 
     import pyarrow.parquet as pq
 
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", ADMIN_TOKEN)  # an export holds users' chats
     app = tiny_app_factory()
     turn = chat(app, "Export me").json()
     vote(app, turn["pair_id"], "b")
@@ -263,7 +265,10 @@ def test_cli_export_reads_the_file_or_asks_the_running_app(tiny_app_factory, tmp
     assert row["prompt"][-1] == {"role": "user", "content": "Export me"}
 
 
-def test_too_fast_votes_are_kept_but_flagged_and_sessions_are_rate_limited(tiny_app_factory):
+def test_too_fast_votes_are_kept_but_flagged_and_sessions_are_rate_limited(
+    tiny_app_factory, monkeypatch
+):
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", ADMIN_TOKEN)
     # The default reading pace (15 words/s) applies: an instant vote cannot have read 2 replies.
     app = tiny_app_factory("--reading-words-per-second", "15", "--max-votes-per-minute", "2")
     headers = {"X-Session-Id": "s1"}
@@ -285,7 +290,7 @@ def test_too_fast_votes_are_kept_but_flagged_and_sessions_are_rate_limited(tiny_
             assert v.status_code == 429 and int(v.headers["retry-after"]) > 0
             assert "at most 2 a minute" in v.json()["error"]
     # Flagged votes are stored but left out of training data.
-    assert httpx.get(app.url + "/api/export").text == ""
+    assert app.export().text == ""
     app.stop()
     con = duckdb.connect(str(app.db), read_only=True)
     rows = con.execute("SELECT pair_id, flagged IS NOT NULL FROM votes").fetchall()

@@ -154,7 +154,9 @@ def test_app_runs_cai_in_background_and_admin_edits_constitution(tiny_app_factor
     deadline, rounds = time.monotonic() + 120, []
     while time.monotonic() < deadline and len(rounds) < 2:
         time.sleep(1)
-        rounds = httpx.get(f"{app.url}/api/critiques/{chosen}").json()["rounds"]
+        rounds = httpx.get(f"{app.url}/api/critiques/{chosen}", headers=app.admin_headers()).json()[
+            "rounds"
+        ]
     assert [r["round"] for r in rounds] == [1, 2]
 
     info = httpx.get(app.url + "/api/constitution").json()

@@ -85,5 +85,5 @@ def test_browser_chat_stream_and_vote(smol_app, tmp_path):
         browser.close()
 
     # A vote cast at reading pace is kept for training (a too-fast one would be flagged).
-    votes = httpx.get(smol_app.url + "/api/export", params={"format": "trl"}).text
+    votes = smol_app.export("trl").text
     assert "three colors" in votes

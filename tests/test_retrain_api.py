@@ -12,11 +12,14 @@ def post(app, route, body=None, token=TOKEN, timeout=600):
     return httpx.post(f"{app.url}/api/{route}", json=body or {}, headers=headers, timeout=timeout)
 
 
-def test_admin_routes_refuse_without_configured_token(tiny_app, monkeypatch):
-    # tiny_app was started without ASSISTANT_ADMIN_TOKEN: admin actions are off, chat stays open.
-    resp = post(tiny_app, "retrain")
+def test_admin_routes_refuse_without_configured_token(tiny_app_factory, monkeypatch):
+    # started without ASSISTANT_ADMIN_TOKEN: admin actions are off, chat stays open
+    monkeypatch.delenv("ASSISTANT_ADMIN_TOKEN", raising=False)
+    app = tiny_app_factory()
+    resp = post(app, "retrain")
     assert resp.status_code == 403 and "ASSISTANT_ADMIN_TOKEN" in resp.json()["error"]
-    assert post(tiny_app, "rollback", {"version": "v0000"}).status_code == 403
+    assert post(app, "rollback", {"version": "v0000"}).status_code == 403
+    assert httpx.get(app.url + "/api/export").status_code == 403
 
 
 def test_retrain_deploys_new_version_then_rollback(tiny_app_factory, tiny_model_dir, monkeypatch):

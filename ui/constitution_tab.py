@@ -46,9 +46,10 @@ def build_constitution_tab(cai) -> None:
             saved = gr.Markdown("", elem_id="cai-saved")
     replies: dict[str, dict] = {}
 
-    async def refresh():
+    async def refresh(given: str):
         backlog, agreement = await cai.backlog(), await cai.agreement()
-        recent = await cai.recent()
+        # the critiqued replies quote other people's questions: listed for the admin only
+        recent = await cai.recent() if admin_error(given) is None else []
         replies.clear()
         choices = []
         for r in recent:
@@ -68,11 +69,13 @@ def build_constitution_tab(cai) -> None:
                 else "no pair has both labels yet"
             )
         )
+        if admin_error(given) is not None:
+            line += " Enter the admin token to browse critiqued replies (they quote users' chats)."
         return line, gr.update(choices=choices)
 
-    async def show(label: str):
+    async def show(label: str, given: str):
         r = replies.get(label)
-        if r is None:
+        if r is None or admin_error(given) is not None:
             return "Pick a reply to see its critique-revision chain."
         return _chain_markdown(r["text"], await cai.chain(r["candidate_id"]))
 
@@ -90,6 +93,6 @@ def build_constitution_tab(cai) -> None:
             json.dumps(cai.constitution.as_json(), indent=2),
         )
 
-    picker.change(show, picker, chain)
+    picker.change(show, [picker, token], chain)
     save.click(on_save, [token, text], [saved, text])
-    gr.Timer(5.0).tick(refresh, None, [status, picker], show_progress="hidden")
+    gr.Timer(5.0).tick(refresh, token, [status, picker], show_progress="hidden")

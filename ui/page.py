@@ -48,7 +48,9 @@ def _version_line(version: str, note: str | None = None) -> str:
 def _user_error(exc: Exception) -> str:
     if isinstance(exc, PromptTooLongError):
         return "This conversation no longer fits the model's context window: start a new chat."
-    return str(exc)
+    # engine and disk failures carry server details for the log; the page shows their public
+    # wording
+    return getattr(exc, "public_message", None) or str(exc)
 
 
 def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
@@ -85,6 +87,7 @@ def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
                 )
                 send = gr.Button("Send", variant="primary", scale=1)
                 new_chat = gr.Button("New chat", scale=1)
+                delete_chat = gr.Button("Delete this chat", scale=1, variant="stop")
 
             buttons = list(vote_buttons.values())
             outputs = [state, history, reply_a, reply_b, message, status, version, *buttons]
@@ -182,6 +185,22 @@ def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
             def on_new_chat():
                 return view(_empty_state(), [], note="New chat started.")
 
+            async def on_delete(st: dict, hist: list, request: gr.Request):
+                if not st.get("conversation_id"):
+                    return view(_empty_state(), [], note="Nothing to delete yet.")
+                try:
+                    await service.delete_conversation(
+                        st["conversation_id"], getattr(request, "session_hash", None)
+                    )
+                except USER_ERRORS as exc:
+                    return view(st, hist, note=f"⚠ {_user_error(exc)}")
+                return view(
+                    _empty_state(),
+                    [],
+                    note="Chat deleted: its messages, replies and votes are gone from this "
+                    "server and will not be used for training.",
+                )
+
             send_inputs = [message, state, history]
             for trigger in (message.submit, send.click):
                 trigger(on_send, send_inputs, outputs, concurrency_limit=None)
@@ -193,6 +212,7 @@ def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
                     concurrency_limit=None,
                 )
             new_chat.click(on_new_chat, None, outputs)
+            delete_chat.click(on_delete, [state, history], outputs)
             page.load(
                 lambda: _version_line(service.model_version, service.engine_note), None, version
             )

@@ -1,0 +1,137 @@
+"""Nobody reads other people's chats: bulk reads need the admin token, a user deletes their own
+conversation (and nothing of it is left to export or train on), a page on another site cannot
+reach the local app by DNS rebinding, and answers to anonymous callers name no server paths.
+
+All through `assistant run` on the shared tiny engine and real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import duckdb
+import httpx
+
+from tests.app_process import ADMIN_TOKEN
+
+
+def _turn(app, message: str, session: str) -> dict:
+    r = httpx.post(
+        app.url + "/api/chat",
+        json={"message": message},
+        headers={"X-Session-Id": session},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _vote(app, pair_id: str, choice: str, session: str) -> None:
+    r = httpx.post(
+        app.url + "/api/vote",
+        json={"pair_id": pair_id, "choice": choice},
+        headers={"X-Session-Id": session},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_bulk_reads_of_users_chats_need_the_admin_token(tiny_app):
+    turn = _turn(tiny_app, "my private question", "alice")
+    _vote(tiny_app, turn["pair_id"], "a", "alice")
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        export = httpx.get(tiny_app.url + "/api/export", headers=headers)
+        assert export.status_code == 401 and "private question" not in export.text
+        chain = httpx.get(
+            f"{tiny_app.url}/api/critiques/{turn['candidates'][0]['id']}", headers=headers
+        )
+        assert chain.status_code == 401
+    assert "my private question" in tiny_app.export().text  # the operator still can
+
+
+def test_a_user_deletes_their_own_conversation_and_nothing_of_it_remains(tiny_app):
+    first = _turn(tiny_app, "delete me please", "bob")
+    _vote(tiny_app, first["pair_id"], "b", "bob")
+    url = f"{tiny_app.url}/api/conversations/{first['conversation_id']}"
+    # another session (or none) may not delete it
+    assert httpx.delete(url, headers={"X-Session-Id": "mallory"}).status_code == 403
+    assert httpx.delete(url).status_code == 403
+    assert "delete me please" in tiny_app.export().text
+
+    gone = httpx.delete(url, headers={"X-Session-Id": "bob"})
+    assert gone.status_code == 200, gone.text
+    removed = gone.json()["removed"]
+    assert removed["conversations"] == 1 and removed["pairs"] == 1
+    assert removed["candidates"] == 2 and removed["votes"] == 1 and removed["messages"] >= 1
+    assert "delete me please" not in tiny_app.export().text
+    assert httpx.delete(url, headers={"X-Session-Id": "bob"}).status_code == 404
+    # the id is no longer a conversation one can continue
+    again = httpx.post(
+        tiny_app.url + "/api/chat",
+        json={"message": "hello?", "conversation_id": first["conversation_id"]},
+        headers={"X-Session-Id": "bob"},
+        timeout=60,
+    )
+    assert again.status_code == 404
+
+
+def test_versions_and_errors_name_no_server_paths_for_anonymous_callers(tiny_app):
+    public = httpx.get(tiny_app.url + "/api/versions").json()
+    assert public["serving"] == "v0000"
+    text = json.dumps(public)
+    assert str(tiny_app.data_dir) not in text and "http://" not in text
+    assert "path" not in public["versions"][0]
+    admin = httpx.get(tiny_app.url + "/api/versions", headers=tiny_app.admin_headers()).json()
+    assert admin["versions"][0]["path"]  # the operator sees where checkpoints live
+
+
+def test_foreign_host_names_are_refused_dns_rebinding(tiny_app_factory):
+    app = tiny_app_factory("--allowed-host", "chat.example.org")
+    assert httpx.get(app.url + "/api/health").status_code == 200  # 127.0.0.1
+    rebound = httpx.get(app.url + "/api/health", headers={"Host": "evil.example.com"})
+    assert rebound.status_code == 400
+    named = httpx.get(app.url + "/api/versions", headers={"Host": "chat.example.org"})
+    assert named.status_code == 200
+    page = httpx.get(app.url + "/", headers={"Host": "evil.example.com:7860"})
+    assert page.status_code == 400
+
+
+def test_job_folders_are_private_and_lose_the_chats_once_the_cycle_ends(
+    tiny_app_factory, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", ADMIN_TOKEN)
+    app = tiny_app_factory("--model", str(tiny_model_dir), "--retrain-preset", "fast")
+    for i in range(6):
+        turn = _turn(app, f"job question {i}?", "carol")
+        _vote(app, turn["pair_id"], "ab"[i % 2], "carol")
+    cycle = httpx.post(app.url + "/api/retrain", headers=app.admin_headers(), timeout=600)
+    assert cycle.status_code == 200, cycle.text
+    (job,) = (app.data_dir / "jobs").iterdir()
+    assert stat.S_IMODE(job.stat().st_mode) == 0o700
+    left = {p.name for p in job.iterdir()}
+    assert not left & {"preferences.jsonl", "prompts.jsonl", "revisions.jsonl"}, left
+    assert {"job.json", "progress.jsonl", "result.json"} <= left  # the metrics stay
+    assert not any("job question" in p.read_text(errors="ignore") for p in job.iterdir())
+
+
+def test_retention_deletes_old_conversations(tiny_app_factory, tmp_path):
+    data = tmp_path / "retained"
+    app = tiny_app_factory(data_dir=data)
+    old = _turn(app, "an old chat", "dave")
+    _vote(app, old["pair_id"], "a", "dave")
+    app.stop()
+    con = duckdb.connect(str(app.db))
+    con.execute(
+        "UPDATE conversations SET created_at = now() - INTERVAL 10 DAY WHERE id = ?",
+        [old["conversation_id"]],
+    )
+    con.close()
+    app = tiny_app_factory("--retention-days", "7", data_dir=data)
+    fresh = _turn(app, "a new chat", "dave")
+    app.stop()
+    con = duckdb.connect(str(app.db), read_only=True)
+    ids = {r[0] for r in con.execute("SELECT id FROM conversations").fetchall()}
+    votes = con.execute("SELECT count(*) FROM votes").fetchone()[0]
+    con.close()
+    assert ids == {fresh["conversation_id"]} and votes == 0
