@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignment.labels import agreement_rate, weighted_ai_rows
+from alignment.lifetime import die_with_parent
 from storage import ConflictError, Store
 from storage.export import preference_records
 
@@ -123,9 +124,10 @@ class AlignmentLoop:
                 str(job),
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # an app that dies takes its cycle with it
             )
             code = await self._follow(proc, job / "progress.jsonl")
-        _remove_user_data(job)
+        remove_user_data(job)
         result_path = job / "result.json"
         if code != 0 or not result_path.exists():
             error = (
@@ -232,7 +234,7 @@ class AlignmentLoop:
 USER_DATA_FILES = ("preferences.jsonl", "prompts.jsonl", "revisions.jsonl")
 
 
-def _remove_user_data(job: Path) -> None:
+def remove_user_data(job: Path) -> None:
     """The worker is done with the copies of users' chats: delete them, keep the metrics
     (job.json, progress.jsonl, result.json, worker.log), so a deleted conversation does not
     live on in a job folder."""

@@ -219,12 +219,23 @@ class AppConfig:
                 e.vllm_url is None or e.vllm_url.startswith(("http://", "https://")),
                 f"--vllm-url must start with http:// or https://, got {e.vllm_url!r}",
             ),
+            (
+                not any(a.split("=")[0] in REBINDING_VLLM_ARGS for a in e.extra_args),
+                "--vllm-arg may not set --host, --port or --uds: the embedded engine listens on "
+                "loopback only, where the app expects it and picks its port",
+            ),
+            (s.retention_days >= 0, "--retention-days must be >= 0 (0 keeps conversations)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         self.retrain_overrides()
         return self
+
+
+# `vllm serve` options that would move the embedded engine off loopback (or off the port the app
+# talks to); its development endpoints would then be open beyond this machine's users.
+REBINDING_VLLM_ARGS = ("--host", "--port", "--uds")
 
 
 def help_of(cls: type, name: str) -> str:

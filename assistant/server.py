@@ -21,7 +21,18 @@ from assistant.engine import EngineError
 log = logging.getLogger(__name__)
 
 BASE_VERSION = "v0000"
-UPLOAD_ROUTES = ("/gradio_api/upload", "/gradio_api/upload_progress")
+# Gradio routes this page never uses, each a way in for someone else's data: uploads (an open file
+# drop served back by URL), recordings (any size, into temp files never deleted), deep links (a
+# file per call, holding the session's component values: the admin token typed into a tab among
+# them) and the run history.
+CLOSED_GRADIO_ROUTES = (
+    "/gradio_api/upload",
+    "/gradio_api/upload_progress",
+    "/gradio_api/process_recording",
+    "/gradio_api/deep_link",
+    "/gradio_api/runs",
+    "/gradio_api/run-history",
+)
 
 
 @dataclass
@@ -100,13 +111,16 @@ class Runtime:
 
 def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
     """Open the store and start (or reach) the engine; raises ConfigError/StoreError early."""
-    from alignment.loop import AlignmentLoop
+    from alignment.loop import AlignmentLoop, remove_user_data
     from assistant.vllm_client import VLLMServerEngine
     from assistant.vllm_server import EmbeddedVLLMServer
     from storage import Store
 
     config.validate()
     store = Store(config.database)  # fails fast on an unwritable path
+    for run in store.fail_interrupted_runs():
+        if run.get("job"):
+            remove_user_data(Path(run["job"]))  # the copies of chats it never got to delete
     embedded: EmbeddedVLLMServer | None = None
     version = BASE_VERSION
     if config.engine.vllm_url:
@@ -203,19 +217,20 @@ def build_app(config: AppConfig):
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=config.serve.trusted_hosts())
 
     @app.middleware("http")
-    async def refuse_uploads(request, call_next):
-        # The page takes no files, but Gradio would accept anyone's upload into its temp folder
-        # and serve it back by URL: an open file drop. Its other file route only serves the
-        # page's own assets (anything else is refused by Gradio with a 403).
-        if request.url.path.rstrip("/") in UPLOAD_ROUTES:
-            return JSONResponse({"error": "this app accepts no file uploads"}, status_code=403)
+    async def close_unused_gradio_routes(request, call_next):
+        # Gradio's file route only serves the page's own assets (it refuses anything else).
+        path = request.url.path.rstrip("/")
+        if any(path == r or path.startswith(r + "/") for r in CLOSED_GRADIO_ROUTES):
+            return JSONResponse({"error": "this app does not offer that route"}, status_code=403)
         return await call_next(request)
 
     app.include_router(build_api_router(service, runtime.loop, cai))
     app.state.service = service
     app.state.runtime = runtime
     page = build_page(service, runtime.loop, cai).queue(default_concurrency_limit=None)
-    return gr.mount_gradio_app(app, page, path="/", css=CSS, footer_links=["api"])
+    return gr.mount_gradio_app(
+        app, page, path="/", css=CSS, footer_links=["api"], run_history=False, max_file_size="1kb"
+    )
 
 
 async def _retention(store, days: float, every_s: float = 3600.0) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from alignment.lifetime import die_with_parent
 from assistant.config import EngineConfig
 from assistant.engine import EngineError
 
@@ -34,15 +35,6 @@ def _on_cpu() -> bool:
         return not torch.cuda.is_available()
     except ImportError:
         return True
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the app dies, even by kill -9 (Linux), so an
-    engine is never left orphaned holding memory and a port."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class EmbeddedVLLMServer:
@@ -127,7 +119,7 @@ class EmbeddedVLLMServer:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own process group: we can stop the engine core too
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         log.close()
 

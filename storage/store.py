@@ -456,13 +456,15 @@ class Store:
         return rows[0]
 
     def candidates_to_critique(self, limit: int) -> list[dict[str, Any]]:
-        """Chosen replies (the continued one of a/b/tie votes) with no critique round yet."""
+        """Chosen replies (the continued one of a/b/tie votes) with no critique round yet.
+        Flagged votes (too fast to have read the replies) choose nothing: their revisions would
+        reach SFT by the back door that reward-model training closed to them."""
         return self._prompt_rows(
             "SELECT c.id AS candidate_id, c.text, p.prompt FROM votes v "
             "JOIN pairs p ON p.id = v.pair_id "
             "JOIN candidates c ON c.pair_id = p.id "
             " AND c.slot = CASE WHEN v.choice = 'b' THEN 'b' ELSE 'a' END "
-            "WHERE v.choice IN ('a', 'b', 'tie') "
+            "WHERE v.choice IN ('a', 'b', 'tie') AND v.flagged IS NULL "
             "AND NOT EXISTS (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id) "
             "ORDER BY v.created_at LIMIT ?",
             [limit],
@@ -473,7 +475,7 @@ class Store:
         row = self._rows(
             "SELECT (SELECT count(*) FROM votes v JOIN candidates c ON c.pair_id = v.pair_id "
             "        AND c.slot = CASE WHEN v.choice = 'b' THEN 'b' ELSE 'a' END "
-            "        WHERE v.choice IN ('a', 'b', 'tie') AND NOT EXISTS "
+            "        WHERE v.choice IN ('a', 'b', 'tie') AND v.flagged IS NULL AND NOT EXISTS "
             "        (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id)) AS critiques, "
             "       (SELECT count(*) FROM pairs p WHERE NOT EXISTS "
             "        (SELECT 1 FROM ai_labels l WHERE l.pair_id = p.id)) AS judgements"
@@ -514,10 +516,12 @@ class Store:
         )
 
     def revisions(self) -> list[dict[str, Any]]:
-        """(prompt, final revision) per critiqued reply, for the SFT stage."""
+        """(prompt, final revision) per critiqued reply, for the SFT stage; none from a reply
+        that a flagged vote chose (critiqued before the flag rule, say)."""
         return self._prompt_rows(
             "SELECT p.prompt, k.revision FROM critiques k "
             "JOIN candidates c ON c.id = k.candidate_id JOIN pairs p ON p.id = c.pair_id "
+            "JOIN votes v ON v.pair_id = p.id AND v.flagged IS NULL "
             "WHERE k.round = (SELECT max(round) FROM critiques k2 "
             "                 WHERE k2.candidate_id = k.candidate_id)"
         )
@@ -607,8 +611,26 @@ class Store:
         return rows[0]
 
     def next_version(self) -> str:
-        n = self._rows("SELECT count(*) AS n FROM model_versions")[0]["n"]
-        return f"v{n:04d}"
+        """The next version name, never one a recorded version or any cycle (failed or
+        interrupted ones too) already took, so no two cycles write the same folder."""
+        n = self._rows(
+            "SELECT max(n) AS n FROM ("
+            "  SELECT TRY_CAST(substr(version, 2) AS INTEGER) AS n FROM model_versions"
+            "  UNION ALL SELECT TRY_CAST(substr(json_extract_string(config, '$.version'), 2) "
+            "  AS INTEGER) FROM training_runs)"
+        )[0]["n"]
+        return f"v{(-1 if n is None else n) + 1:04d}"
+
+    def fail_interrupted_runs(self) -> list[dict[str, Any]]:
+        """Cycles still 'running' when the app starts were cut off by a stop or crash: mark
+        them failed (nothing of them was served) and return their configs for cleanup."""
+        with self._transaction() as con:
+            rows = con.execute(
+                "UPDATE training_runs SET status = 'failed', finished_at = now(), "
+                "error = 'interrupted: the app stopped during the cycle' "
+                "WHERE status = 'running' RETURNING config"
+            ).fetchall()
+        return [json.loads(r[0]) if r[0] else {} for r in rows]
 
     def set_serving(self, version: str, swap_seconds: float) -> None:
         """The swapped-in version becomes 'serving', the one it replaced 'previous'."""

@@ -128,7 +128,15 @@ def test_page_serves_no_files_beyond_its_own(tiny_app):
     upload = httpx.post(
         tiny_app.url + "/gradio_api/upload", files={"files": ("x.txt", b"dropped file")}
     )
-    assert upload.status_code == 403 and "no file uploads" in upload.json()["error"]
+    assert upload.status_code == 403 and "does not offer" in upload.json()["error"]
+    # the other Gradio routes the page never uses: recordings, deep links, run history
+    recording = httpx.post(
+        tiny_app.url + "/gradio_api/process_recording", files={"audio": ("a.wav", b"x" * 4096)}
+    )
+    assert recording.status_code == 403
+    for path in ("/gradio_api/deep_link?session_hash=x", "/gradio_api/runs",
+                 "/gradio_api/run-history/records"):  # fmt: skip
+        assert httpx.get(tiny_app.url + path).status_code == 403, path
     assert httpx.get(tiny_app.url + "/").status_code == 200  # the page itself still loads
 
 

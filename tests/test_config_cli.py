@@ -27,8 +27,16 @@ def test_flags_map_onto_typed_config():
             "--vllm-arg=--enforce-eager",
         ]
     )
+    named = build_parser().parse_args(
+        ["run", "--allowed-host", "a.example", "--allowed-host", "b.example",
+         "--retention-days", "30"]
+    )  # fmt: skip
+    served = config_from_args(named).validate().serve
+    assert served.allowed_hosts == ["a.example", "b.example"] and served.retention_days == 30.0
+    assert {"localhost", "127.0.0.1", "a.example"} <= set(served.trusted_hosts())
     config = config_from_args(args).validate()
     assert config.serve.port == 9000 and config.serve.max_backlog == 3
+    assert config.serve.allowed_hosts == [] and config.serve.retention_days == 0
     assert config.sampling.temperature == 0.5
     assert config.engine.vllm_url == "http://gpu:8000"
     assert config.engine.extra_args == ["--enforce-eager"]
@@ -41,6 +49,9 @@ def test_flags_map_onto_typed_config():
         ("serve", "max_backlog", 0, "--max-backlog"),
         ("engine", "vllm_url", "gpu-box:8000", "http://"),
         ("engine", "max_model_len", 100, "--max-model-len"),
+        ("engine", "extra_args", ["--host=0.0.0.0"], "may not set --host"),
+        ("engine", "extra_args", ["--enforce-eager", "--port", "9"], "may not set --host"),
+        ("serve", "retention_days", -1.0, "--retention-days"),
     ],
 )
 def test_invalid_settings_fail_with_the_fix(section, name, value, message):

@@ -12,8 +12,10 @@ import stat
 
 import duckdb
 import httpx
+import pytest
 
 from tests.app_process import ADMIN_TOKEN
+from tests.test_e2e_smollm2 import CHROMIUM, CHROMIUM_ARGS
 
 
 def _turn(app, message: str, session: str) -> dict:
@@ -135,3 +137,27 @@ def test_retention_deletes_old_conversations(tiny_app_factory, tmp_path):
     votes = con.execute("SELECT count(*) FROM votes").fetchone()[0]
     con.close()
     assert ids == {fresh["conversation_id"]} and votes == 0
+
+
+@pytest.mark.browser
+def test_page_deletes_the_chat_it_shows(tiny_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(tiny_app.url, wait_until="domcontentloaded")
+        box = page.locator("#message textarea")
+        box.fill("a chat I regret")
+        box.press("Enter")
+        vote_a = page.get_by_role("button", name="A is better")
+        expect(vote_a).to_be_enabled(timeout=120_000)
+        vote_a.click()
+        expect(page.locator("#status")).to_contain_text("Vote saved")
+        assert "a chat I regret" in tiny_app.export().text
+        page.get_by_role("button", name="Delete this chat").click()
+        expect(page.locator("#status")).to_contain_text("Chat deleted")
+        expect(page.locator("#history")).not_to_contain_text("a chat I regret")
+        page.screenshot(path=str(tmp_path / "deleted.png"), full_page=True)
+        browser.close()
+    assert "a chat I regret" not in tiny_app.export().text

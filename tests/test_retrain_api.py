@@ -112,6 +112,55 @@ def test_killed_cycle_is_marked_failed_and_serving_continues(
     post(app, "rollback", {"version": "v0000"})  # leave the shared engine on the base weights
 
 
+def test_app_killed_mid_cycle_takes_its_worker_along_and_restart_marks_the_run_failed(
+    tiny_app_factory, tiny_model_dir, monkeypatch, tmp_path
+):
+    import contextlib
+    import json
+    import signal
+    import threading
+    import time
+
+    import duckdb
+    import psutil
+
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", TOKEN)
+    data = tmp_path / "killed"
+    app = tiny_app_factory(
+        "--model", str(tiny_model_dir), "--retrain-preset", "fast", data_dir=data
+    )
+    _vote_some(app)
+
+    def retrain():
+        with contextlib.suppress(httpx.HTTPError):  # the app dies under this request
+            post(app, "retrain")
+
+    threading.Thread(target=retrain, daemon=True).start()
+    worker, deadline = None, time.monotonic() + 60
+    while worker is None and time.monotonic() < deadline:
+        worker = next(
+            (p for p in psutil.process_iter(["cmdline"])
+             if "alignment.worker" in " ".join(p.info["cmdline"] or [])),
+            None,
+        )  # fmt: skip
+        time.sleep(0.1)
+    assert worker is not None, "the cycle never started its worker process"
+    app.stop(signal.SIGKILL)  # the app dies without any chance to clean up
+    worker.wait(timeout=30)  # ... and its worker goes with it (raises if still alive)
+
+    app = tiny_app_factory("--model", str(tiny_model_dir), data_dir=data)
+    app.stop()
+    con = duckdb.connect(str(app.db), read_only=True)
+    status, error, config = con.execute(
+        "SELECT status, error, config FROM training_runs"
+    ).fetchone()
+    con.close()
+    assert status == "failed" and "interrupted" in error
+    job = json.loads(config)["job"]
+    left = {p.name for p in (data / "jobs").glob("*/*")}
+    assert job and "preferences.jsonl" not in left and "prompts.jsonl" not in left
+
+
 def test_cli_retrain_versions_rollback_without_the_app(tiny_app_factory, tiny_model_dir, tmp_path):
     import subprocess
     import sys

@@ -121,3 +121,48 @@ def test_second_writer_process_is_refused_with_clear_message(tmp_path):
     s.close()
     assert out.returncode == 3, out.stderr
     assert "in use by another process" in out.stdout
+
+
+def test_flagged_votes_choose_nothing_for_critique_or_sft(store):
+    conv = store.create_conversation()
+    read = _turn(store, conv, "read", text_a="kept reply")
+    store.record_vote(read.pair_id, "a")
+    conv2 = store.create_conversation()
+    rushed = _turn(store, conv2, "rushed", text_a="rushed reply")
+    store.record_vote(rushed.pair_id, "a", flagged="voted 0.2 s after the replies ended")
+    todo = store.candidates_to_critique(10)
+    assert [t["text"] for t in todo] == ["kept reply"]
+    assert store.cai_backlog()["critiques"] == 1
+    # a critique recorded for the rushed pick (say, before the rule) still never reaches SFT
+    for pair, text in ((read, "kept"), (rushed, "rushed")):
+        store.record_critique_round(pair.candidate_ids[0], 1, "p", "c", f"{text} revision", "v0")
+    assert [r["revision"] for r in store.revisions()] == ["kept revision"]
+
+
+def test_deleting_a_conversation_removes_everything_recorded_from_it(store):
+    conv, other = store.create_conversation("s"), store.create_conversation("t")
+    pair = _turn(store, conv, "forget me")
+    keep = _turn(store, other, "keep me")
+    store.record_vote(pair.pair_id, "a", session_id="s")
+    store.record_vote(keep.pair_id, "b", session_id="t")
+    store.record_critique_round(pair.candidate_ids[0], 1, "p", "c", "r", "v0")
+    store.record_ai_label(pair.pair_id, "a", "p", 0.9, 0.9, 0.1, "v0")
+    removed = store.delete_conversation(conv)
+    assert removed == {
+        "critiques": 1, "ai_labels": 1, "votes": 1, "candidates": 2, "messages": 2, "pairs": 1,
+        "conversations": 1,
+    }  # fmt: skip
+    assert not store.conversation_exists(conv) and store.conversation_exists(other)
+    assert [r["text_a"] for r in store.voted_pairs()] == ["reply A"]  # only the other one left
+    assert store.delete_conversation(conv)["conversations"] == 0  # idempotent
+
+
+def test_version_names_are_never_reused_and_interrupted_runs_are_failed(store):
+    store.ensure_base_version("v0000", "/m", {})
+    assert store.next_version() == "v0001"
+    store.start_run("cycle", {"version": "v0001", "job": "/jobs/v0001"})  # then the app died
+    assert store.next_version() == "v0002"  # the interrupted cycle's name stays taken
+    assert store.fail_interrupted_runs() == [{"version": "v0001", "job": "/jobs/v0001"}]
+    (run,) = store.training_runs()
+    assert run["status"] == "failed" and "interrupted" in run["error"]
+    assert store.fail_interrupted_runs() == []
