@@ -37,6 +37,10 @@ class RewardConfig:
     ai_label_weight: float = _help(
         "weight of AI-judge labels relative to human votes (0: human votes only)", default=0.5
     )
+    precision: str = _help(
+        "'auto' (bf16 autocast where the CPU or GPU computes bf16 natively), 'bf16' or 'fp32'",
+        default="auto",
+    )
 
 
 @dataclass
@@ -82,6 +86,10 @@ class PPOConfig:
         "put reward-model scores on the unit scale of the first rollout batch", default=True
     )
     seed: int = _help("seed of rollouts and updates", default=0)
+    precision: str = _help(
+        "'auto' (bf16 autocast where the CPU or GPU computes bf16 natively), 'bf16' or 'fp32'",
+        default="auto",
+    )
 
 
 @dataclass
@@ -145,6 +153,28 @@ class CycleConfig:
 
 
 PRESETS = ("default", "fast")
+PRECISIONS = ("auto", "bf16", "fp32")
+ADVANTAGES = ("rloo", "gae")
+
+
+def check(config: CycleConfig) -> CycleConfig:
+    """Settings that are each well-typed but wrong, refused with the fix (at start-up, not in
+    the middle of a cycle)."""
+    problems = [
+        (config.ppo.advantage in ADVANTAGES, f"ppo.advantage must be one of {ADVANTAGES}"),
+        (
+            config.ppo.advantage != "rloo" or config.ppo.samples_per_prompt >= 2,
+            "ppo.advantage 'rloo' needs ppo.samples_per_prompt >= 2 (or use 'gae')",
+        ),
+        (config.ppo.precision in PRECISIONS, f"ppo.precision must be one of {PRECISIONS}"),
+        (config.reward.precision in PRECISIONS, f"reward.precision must be one of {PRECISIONS}"),
+        (config.reward.ensemble >= 1, "reward.ensemble must be at least 1"),
+        (config.gate.samples_per_prompt >= 1, "gate.samples_per_prompt must be at least 1"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ValueError(message)
+    return config
 
 
 def preset(name: str) -> CycleConfig:
@@ -178,7 +208,7 @@ def cycle_config(preset_name: str, overrides: dict[str, Any] | None = None) -> C
     ValueError naming the entry, so a typo fails at start-up rather than silently."""
     config = preset(preset_name)
     if not overrides:
-        return config
+        return check(config)
     if not isinstance(overrides, dict):
         raise ValueError("the retrain config must be a JSON object of sections")
     sections = {f.name: f for f in fields(CycleConfig)}
@@ -203,7 +233,7 @@ def cycle_config(preset_name: str, overrides: dict[str, Any] | None = None) -> C
                 )
             changes[name] = _typed(f"{section}.{name}", value, type(getattr(current, name)))
         setattr(config, section, replace(current, **changes))
-    return config
+    return check(config)
 
 
 def _typed(name: str, value: Any, kind: type) -> Any:

@@ -93,7 +93,9 @@ def run_cycle(
 
     train_prompts, heldout_prompts = split_heldout(prompts, config.heldout_prompt_fraction)
     heldout_prompts = heldout_prompts or train_prompts
-    scorer = RewardScorer.load(serving_model, reward.path, config.reward.ensemble_penalty)
+    scorer = RewardScorer.load(
+        serving_model, reward.path, config.reward.ensemble_penalty, config.reward.precision
+    )
     tokenizer = AutoTokenizer.from_pretrained(serving_model)
     policy = PolicyWithValueHead.from_base(serving_model, config.ppo)
     trainer = PPOTrainer(policy, tokenizer, serving_generate, scorer.score, config.ppo)

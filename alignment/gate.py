@@ -117,39 +117,16 @@ def evaluate(
 ) -> GateResult:
     """Sample the new policy (transformers) and the serving one (vLLM) on the same prompts;
     `member_scores(conversations) -> (K, B)` is the reward-model ensemble."""
-    from alignment.ppo import token_logprobs
-
-    device = next(policy.parameters()).device
     torch.manual_seed(seed)
     k = max(1, config.samples_per_prompt)
     prompts = [p for p in prompts[: config.eval_prompts] for _ in range(k)]
     old = serving_generate(prompts, config.max_new_tokens, 1.0, seed)
-    new_texts, kls = [], []
-    for messages in prompts:
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-        ids = ids.to(device)
-        out = policy.lm.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=1.0,
-            max_new_tokens=config.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        attn = torch.ones_like(out)
-        mask = torch.zeros_like(out, dtype=torch.float)
-        mask[:, ids.shape[1] :] = 1
-        logits, _ = policy(out, attn)
-        lp = token_logprobs(logits, out)
-        ref = token_logprobs(policy.reference_logits(out, attn), out)
-        kls.append(((lp - ref) * mask).sum().item())
-        new_texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    old_texts = [tokenizer.decode(r, skip_special_tokens=True) for _, r in old]
+    new = sample_policy(policy, tokenizer, prompts, config.max_new_tokens)
+    kls = reply_kl(policy, new, _pad_id(tokenizer))
+    decode = lambda pairs: [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]  # noqa: E731
     counts = count_comparisons(
-        member_scores(_conversations(prompts, new_texts)).cpu(),
-        member_scores(_conversations(prompts, old_texts)).cpu(),
+        member_scores(_conversations(prompts, decode(new))).cpu(),
+        member_scores(_conversations(prompts, decode(old))).cpu(),
     )
     kl = sum(kls) / len(kls)
     deploy, reason, (lo, hi) = gate_decision(counts, kl, config)
@@ -164,6 +141,60 @@ def evaluate(
         counts.ties,
         len(prompts),
     )
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def sample_policy(
+    policy, tokenizer, prompts, max_new_tokens: int, batch: int = 16
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids up to and including the end token) per prompt, sampled from the
+    policy at temperature 1 in left-padded batches."""
+    device = next(policy.parameters()).device
+    eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
+    pairs = []
+    for i in range(0, len(prompts), batch):
+        chunk = [
+            tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)[
+                "input_ids"
+            ]
+            for m in prompts[i : i + batch]
+        ]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
+        attn = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
+        with policy.autocast():
+            out = policy.lm.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=1.0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+            )
+        for prompt, row in zip(chunk, out[:, width:].tolist(), strict=True):
+            pairs.append((prompt, row[: row.index(eos) + 1] if eos in row else row))
+    return pairs
+
+
+@torch.no_grad()
+def reply_kl(policy, pairs, pad_id: int, batch: int = 8) -> list[float]:
+    """sum_t log pi_new - log pi_ref over each reply's tokens (the k1 estimate on its own
+    samples)."""
+    from alignment.ppo import pack_rollouts, token_logprobs
+
+    device = next(policy.parameters()).device
+    kls: list[float] = []
+    for i in range(0, len(pairs), batch):
+        ids, attn, resp = (t.to(device) for t in pack_rollouts(pairs[i : i + batch], pad_id))
+        logits, _ = policy(ids, attn)
+        lp = token_logprobs(logits, ids)
+        ref = token_logprobs(policy.reference_logits(ids, attn), ids)
+        kls.extend(((lp - ref) * resp).sum(dim=1).tolist())
+    return kls
 
 
 def _conversations(prompts, replies):

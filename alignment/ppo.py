@@ -41,6 +41,7 @@ from alignment.ppo_math import (
     leave_one_out_advantages,
     whiten,
 )
+from alignment.precision import autocast
 
 # prompts (chat messages) -> [(prompt_token_ids, response_token_ids)], one per prompt
 GenerateFn = Callable[
@@ -70,9 +71,10 @@ class StepStats:
 class PolicyWithValueHead(nn.Module):
     """A peft LoRA causal LM plus a linear value head; `reference()` disables the adapter."""
 
-    def __init__(self, peft_model) -> None:
+    def __init__(self, peft_model, precision: str = "fp32") -> None:
         super().__init__()
         self.lm = peft_model
+        self.precision = precision  # matmuls in bf16 under autocast; weights stay fp32
         hidden = peft_model.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -90,24 +92,28 @@ class PolicyWithValueHead(nn.Module):
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        policy = cls(get_peft_model(base, lora))
+        policy = cls(get_peft_model(base, lora), config.precision)
         # RLOO needs no critic: a frozen head keeps "every trainable parameter moved" true
         policy.value_head.requires_grad_(config.advantage == "gae")
         return policy
 
+    def autocast(self):
+        return autocast(self.precision, str(next(self.parameters()).device))
+
     def forward(self, input_ids, attention_mask):
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=True,
-            use_cache=False,
-        )
+        with self.autocast():
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=True,
+                use_cache=False,
+            )
         values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)  # (B, L)
         return out.logits.float(), values  # (B, L, V), (B, L)
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask):
-        with self.lm.disable_adapter():
+        with self.lm.disable_adapter(), self.autocast():
             return self.lm(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).logits.float()
@@ -125,7 +131,9 @@ class Rollout:
     responses: list[str]
 
 
-def _pack(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+def pack_rollouts(
+    pairs: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, ...]:
     length = max(len(p) + len(r) for p, r in pairs)
     ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
     attn = torch.zeros((len(pairs), length), dtype=torch.long)
@@ -139,10 +147,13 @@ def _pack(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) aligned to position t (position 0 gets 0). (B, L)"""
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, L-1, V) predicts tokens 1..L-1
-    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, L-1)
-    return torch.nn.functional.pad(picked, (1, 0))
+    """log p(x_t | x_<t) aligned to position t (position 0 gets 0). (B, L)
+
+    Computed as the picked logit minus logsumexp, so no second (B, L, V) tensor of log-softmax
+    is held next to the logits (V is 49152 on SmolLM2)."""
+    logits = logits[:, :-1].float()  # (B, L-1, V) predicts tokens 1..L-1
+    picked = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+    return torch.nn.functional.pad(picked - torch.logsumexp(logits, dim=-1), (1, 0))
 
 
 class PPOTrainer:
@@ -180,7 +191,7 @@ class PPOTrainer:
             publish(self.policy.lm)
         pairs = self.generate(prompts, c.max_new_tokens, c.temperature, c.seed * 100003 + step)
         pad = self.tokenizer.pad_token_id
-        ids, attn, resp = _pack(pairs, pad if pad is not None else 0)
+        ids, attn, resp = pack_rollouts(pairs, pad if pad is not None else 0)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
         d = self.device
         return Rollout(ids.to(d), attn.to(d), resp.to(d), prompts, texts)

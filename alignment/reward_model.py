@@ -28,6 +28,7 @@ import torch
 
 from alignment.config import RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
+from alignment.precision import autocast, use_bf16
 
 
 @dataclass
@@ -95,16 +96,17 @@ def train_reward_model(
         )
         members.append(f"member-{i}")
         losses.append(loss)
-    (out_dir / "ensemble.json").write_text(json.dumps({"members": members}))
+    (out_dir / "ensemble.json").write_text(json.dumps({"members": members}))  # unscaled
     # Members come out on different scales (each head starts from its own random init); put
     # each on mean 0 / std 1 over the voted replies, so that their spread measures disagreement
     # about the replies and not about units. Without it mean - std penalised every confident
     # score, and PPO on the conservative score stalled (bench/RESULTS.md).
-    scorer = RewardScorer.load(base_model, str(out_dir))
+    scorer = RewardScorer.load(base_model, str(out_dir), precision=config.precision)
     replies = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
     raw = scorer.member_scores(replies)  # (K, 2N)
     scale = [[m.mean().item(), max(m.std().item(), 1e-3)] for m in raw] if len(replies) > 1 else []
     (out_dir / "ensemble.json").write_text(json.dumps({"members": members, "scale": scale}))
+    scorer.scale = scale
 
     result = RewardResult(
         str(out_dir),
@@ -117,7 +119,6 @@ def train_reward_model(
         members=len(members),
     )
     if heldout:
-        scorer = RewardScorer.load(base_model, str(out_dir))
         r_w = scorer.member_scores([r["prompt"] + r["chosen"] for r in heldout])  # (K, N)
         r_l = scorer.member_scores([r["prompt"] + r["rejected"] for r in heldout])
         result.heldout_loss = bradley_terry_loss(r_w.mean(0), r_l.mean(0)).item()
@@ -168,7 +169,7 @@ def _train_member(
         save_strategy="no",
         report_to=[],
         use_cpu=_device() == "cpu",
-        bf16=False,
+        bf16=use_bf16(config.precision, _device()),
         seed=seed,
         disable_tqdm=True,
     )
@@ -204,6 +205,7 @@ class RewardScorer:
         adapters: list[str] | None = None,
         penalty: float = 1.0,
         scale: list[list[float]] | None = None,
+        precision: str = "auto",
         max_length: int = 1024,
         batch_size: int = 8,
     ) -> None:
@@ -212,12 +214,15 @@ class RewardScorer:
         self.adapters = adapters or [None]
         self.penalty = penalty
         self.scale = scale  # per member (mean, std) of its raw scores on the voted replies
+        self.precision = precision
         self.max_length = max_length
         self.batch_size = batch_size
         self.disagreement: list[float] = []  # mean member std of each `score` call
 
     @classmethod
-    def load(cls, base_model: str, ensemble_dir: str, penalty: float = 1.0) -> RewardScorer:
+    def load(
+        cls, base_model: str, ensemble_dir: str, penalty: float = 1.0, precision: str = "auto"
+    ) -> RewardScorer:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -232,7 +237,8 @@ class RewardScorer:
         model = PeftModel.from_pretrained(base, str(root / members[0]), adapter_name=members[0])
         for name in members[1:]:
             model.load_adapter(str(root / name), adapter_name=name)
-        return cls(model.to(_device()), tokenizer, members, penalty, ensemble.get("scale"))
+        scale = ensemble.get("scale")
+        return cls(model.to(_device()), tokenizer, members, penalty, scale, precision)
 
     @torch.no_grad()
     def member_scores(self, conversations: list[list[dict[str, str]]]) -> torch.Tensor:
@@ -255,7 +261,8 @@ class RewardScorer:
             for k, name in enumerate(self.adapters):
                 if name is not None:
                     self.model.set_adapter(name)
-                logits = self.model(**batch).logits  # (b, 1)
+                with autocast(self.precision, str(device)):
+                    logits = self.model(**batch).logits  # (b, 1)
                 per_member[k].append(logits.squeeze(-1).float().cpu())
         if not conversations:
             return torch.empty(len(self.adapters), 0)

@@ -28,6 +28,7 @@ import torch
 from alignment.config import PPOConfig
 from alignment.losses import bradley_terry_loss
 from alignment.ppo import PolicyWithValueHead, PPOTrainer
+from alignment.precision import autocast, use_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 SMOL = REPO / "data/models/SmolLM2-135M-Instruct"
@@ -54,7 +55,9 @@ def random_smollm2(out: Path) -> Path:
     return out
 
 
-def time_reward_steps(model_dir: str, device: str, seq: int, repeats: int) -> list[float]:
+def time_reward_steps(
+    model_dir: str, device: str, seq: int, repeats: int, precision: str = "fp32"
+) -> list[float]:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -72,7 +75,8 @@ def time_reward_steps(model_dir: str, device: str, seq: int, repeats: int) -> li
     for _ in range(repeats + 1):
         _sync(device)
         start = time.perf_counter()
-        r = model(input_ids=ids).logits.squeeze(-1)
+        with autocast(precision, device):
+            r = model(input_ids=ids).logits.squeeze(-1).float()
         loss = bradley_terry_loss(r[:8], r[8:])
         opt.zero_grad()
         loss.backward()
@@ -83,11 +87,15 @@ def time_reward_steps(model_dir: str, device: str, seq: int, repeats: int) -> li
 
 
 def time_ppo_steps(
-    model_dir: str, device: str, prompt: int, response: int, repeats: int
+    model_dir: str, device: str, prompt: int, response: int, repeats: int, precision: str = "fp32"
 ) -> list[float]:
     from transformers import AutoTokenizer
 
-    config = PPOConfig(prompts_per_step=8, max_new_tokens=response, minibatch_size=4, ppo_epochs=2)
+    # 8 rollouts (4 prompts x 2 replies), every update taken (no trust-region stop): fixed work
+    config = PPOConfig(
+        prompts_per_step=4, samples_per_prompt=2, max_new_tokens=response, minibatch_size=4,
+        ppo_epochs=2, max_step_kl=0.0, precision=precision,
+    )  # fmt: skip
     policy = PolicyWithValueHead.from_base(model_dir, config).to(device)
     tokenizer = AutoTokenizer.from_pretrained(SMOL) if SMOL.exists() else None
 
@@ -105,7 +113,7 @@ def time_ppo_steps(
         return torch.tensor([len(set(c[-1]["content"])) / 10 for c in conversations])
 
     trainer = PPOTrainer(policy, tokenizer or _NullTokenizer(), generate, score, config)
-    prompts = [[{"role": "user", "content": "hi"}]] * 8
+    prompts = [[{"role": "user", "content": "hi"}]] * 4
     times = []
     for step in range(repeats + 1):
         _sync(device)
@@ -186,19 +194,30 @@ def main() -> None:
         model_dir = str(random_smollm2(Path(tmp) / "m") if args.random_init else SMOL)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        rm = time_reward_steps(model_dir, device, args.seq, args.repeats)
-        ppo = time_ppo_steps(model_dir, device, args.prompt, args.response, args.repeats)
+        rows = {}
+        for precision in ("fp32", "auto"):  # the same steps, in one run: compare as a ratio
+            rm = time_reward_steps(model_dir, device, args.seq, args.repeats, precision)
+            ppo = time_ppo_steps(
+                model_dir, device, args.prompt, args.response, args.repeats, precision
+            )
+            rows[precision] = (rm, ppo)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{torch.get_num_threads()}"
-    print(f"device: {name}")
-    print("| step | shape | median s | min s |\n|---|---|---|---|")
-    print(
-        f"| reward model (LoRA, BT) | 8 pairs x {args.seq} tok | "
-        f"{statistics.median(rm):.3f} | {min(rm):.3f} |"
-    )
-    print(
-        f"| PPO (LoRA + value head + ref) | 8 x ({args.prompt}+{args.response}) tok, "
-        f"2 epochs x 2 minibatches | {statistics.median(ppo):.3f} | {min(ppo):.3f} |"
-    )
+    auto = "bf16 autocast" if use_bf16("auto", device) else "fp32 (no native bf16 here)"
+    print(f"device: {name}; 'auto' precision = {auto}")
+    print("| step | shape | precision | median s | min s |\n|---|---|---|---|---|")
+    for precision, (rm, ppo) in rows.items():
+        print(
+            f"| reward model (LoRA, BT) | 8 pairs x {args.seq} tok | {precision} | "
+            f"{statistics.median(rm):.3f} | {min(rm):.3f} |"
+        )
+        print(
+            f"| PPO (LoRA + ref, RLOO) | 8 x ({args.prompt}+{args.response}) tok, "
+            f"2 epochs x 2 minibatches | {precision} | {statistics.median(ppo):.3f} | "
+            f"{min(ppo):.3f} |"
+        )
+    for i, stage in enumerate(("reward model", "PPO")):
+        fp32, auto_s = statistics.median(rows["fp32"][i]), statistics.median(rows["auto"][i])
+        print(f"{stage}: auto is {fp32 / auto_s:.2f}x the speed of fp32")
     if device == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

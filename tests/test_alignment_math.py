@@ -143,3 +143,16 @@ def test_wilson_interval_against_hand_values():
     lo, hi = wilson_interval(0, 5)
     assert lo == 0.0 and hi == pytest.approx(0.4345, abs=1e-4)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_precision_setting_is_checked_and_fp32_means_no_autocast():
+    from alignment.precision import autocast, use_bf16
+
+    assert use_bf16("fp32", "cpu") is False and use_bf16("bf16", "cpu") is True
+    with pytest.raises(ValueError, match="precision must be one of"):
+        use_bf16("half", "cpu")
+    with autocast("fp32", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast("bf16", "cpu"):
+        y = torch.nn.Linear(4, 4)(torch.ones(2, 4))
+    assert y.dtype == torch.bfloat16  # matmuls ran in bf16; the weights stay fp32

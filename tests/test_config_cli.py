@@ -154,6 +154,10 @@ def test_cai_flags_map_onto_config(tmp_path):
         ('{"ppo": 3}', "section 'ppo' must be an object"),
         ("[1]", "JSON object"),
         ("{not json", "--retrain-config"),
+        ('{"ppo": {"advantage": "vtrace"}}', "ppo.advantage must be one of"),
+        ('{"ppo": {"samples_per_prompt": 1}}', "needs ppo.samples_per_prompt >= 2"),
+        ('{"reward": {"precision": "half"}}', "reward.precision must be one of"),
+        ('{"reward": {"ensemble": 0}}', "reward.ensemble must be at least 1"),
     ],
 )
 def test_retrain_config_file_is_checked_at_start_naming_the_entry(tmp_path, body, message):

@@ -64,7 +64,8 @@ def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ids = tokenizer("Plants convert sunlight", return_tensors="pt")
     with torch.no_grad():
-        expected = original(**ids).logits
+        with policy.autocast():  # same precision as the policy (bf16 matmuls where native)
+            expected = original(**ids).logits.float()
         reference = policy.reference_logits(ids["input_ids"], ids["attention_mask"])
         current, _ = policy(ids["input_ids"], ids["attention_mask"])
     torch.testing.assert_close(reference, expected)

@@ -1,0 +1,220 @@
+"""Does one cycle make SmolLM2 better for a user who votes consistently? Through the product.
+
+`assistant run` on the embedded SmolLM2 (its own vLLM engine), a simulated user chats through
+`POST /api/chat` and votes through `POST /api/vote` until it has cast `--votes` decisive votes (or
+`--max-chats` chats), then `POST /api/retrain` runs one cycle. If a version is deployed, it and v0
+(after `POST /api/rollback`) answer the same unseen prompts, two replies each, and the user judges
+every (new, old) reply pair to the same prompt.
+
+Preference families (`FAMILIES`), each a small function of the reply text that also insists on an
+actual answer (it names the prompt's topic and has some substance), so that a collapse into
+"Honey." or a list of nothing cannot satisfy it:
+  - concise:      8-30 words
+  - prose:        no bullet or numbered lists, at least 12 words
+  - complete:     ends with a full stop, question or exclamation mark (not cut off mid-sentence)
+
+Degeneration checks against v0: share of on-topic replies, share of very short replies (< 5
+words), distinct-2 over all replies, mean length in words.
+
+Run: `.venv/bin/python -m bench.smol_learning --family concise --seed 1` (about 20 minutes on a
+2-core CPU). `--retrain-config FILE` passes a cycle configuration to the app. Results:
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from tests.app_process import AppProcess
+
+REPO = Path(__file__).resolve().parents[1]
+SMOL = REPO / "data/models/SmolLM2-135M-Instruct"
+TOKEN = "smol-learning-token"
+
+TOPICS = [
+    "gravity", "photosynthesis", "volcanoes", "rainbows", "tides", "earthquakes", "clouds",
+    "magnets", "electricity", "vaccines", "bees", "whales", "deserts", "glaciers", "comets",
+    "coral", "bacteria", "tornadoes", "thunder", "fossils", "planets", "the moon", "the sun",
+    "oxygen", "water", "bread", "cheese", "coffee", "tea", "chocolate", "music", "poetry",
+    "chess", "football", "bicycles", "trains", "airplanes", "rockets", "bridges", "computers",
+    "the internet", "money", "banks", "forests", "rivers", "oceans", "mountains", "islands",
+    "sleep", "dreams", "memory", "exercise", "gardening", "recycling", "batteries", "robots",
+    "dinosaurs", "pyramids", "castles", "libraries",
+]  # fmt: skip
+TEMPLATES = [
+    "What is {t}?",
+    "Explain {t} in simple terms.",
+    "Tell me something interesting about {t}.",
+    "Why does {t} matter?",
+]
+HELD_OUT_TOPICS = 16  # the last topics are never voted on
+
+
+def topic_word(topic: str) -> str:
+    return (
+        topic.split()[-1].rstrip("s")[:6].lower()
+    )  # "volcanoes" -> "volcan", "the moon" -> "moon"
+
+
+def words(reply: str) -> list[str]:
+    return reply.split()
+
+
+def on_topic(reply: str, topic: str) -> bool:
+    return topic_word(topic) in reply.lower()
+
+
+LIST_LINE = re.compile(r"^\s*([-*•]|\d+[.)])\s", re.M)
+
+FAMILIES: dict[str, Callable[[str, str], bool]] = {
+    "concise": lambda r, t: on_topic(r, t) and 8 <= len(words(r)) <= 30,
+    "prose": lambda r, t: on_topic(r, t) and not LIST_LINE.search(r) and len(words(r)) >= 12,
+    "complete": lambda r, t: (
+        on_topic(r, t) and len(words(r)) >= 5 and r.rstrip().endswith((".", "!", "?"))
+    ),
+}
+
+
+def prompts(topics: list[str], rng: random.Random) -> list[tuple[str, str]]:
+    out = [(tpl.format(t=t), t) for t in topics for tpl in TEMPLATES]
+    rng.shuffle(out)
+    return out
+
+
+async def chat_many(app: AppProcess, items: list[tuple[str, str]], width: int = 8) -> list:
+    gate = asyncio.Semaphore(width)
+    async with httpx.AsyncClient(base_url=app.url, timeout=600) as client:
+
+        async def one(item):
+            async with gate:
+                r = await client.post("/api/chat", json={"message": item[0]})
+                r.raise_for_status()
+                return item, r.json()
+
+        return await asyncio.gather(*(one(i) for i in items))
+
+
+def degeneration(replies: list[tuple[str, str]]) -> dict:
+    """replies: (text, topic). On-topic share, very short share, distinct-2, mean words."""
+    bigrams, total = set(), 0
+    for text, _ in replies:
+        w = words(text.lower())
+        pairs = list(zip(w, w[1:], strict=False))
+        bigrams.update(pairs)
+        total += len(pairs)
+    n = max(len(replies), 1)
+    return {
+        "on_topic": sum(on_topic(t, topic) for t, topic in replies) / n,
+        "very_short": sum(len(words(t)) < 5 for t, _ in replies) / n,
+        "distinct_2": len(bigrams) / max(total, 1),
+        "mean_words": sum(len(words(t)) for t, _ in replies) / n,
+    }
+
+
+def run(family: str, seed: int, votes: int, max_chats: int, config: Path | None, max_tokens: int):
+    likes = FAMILIES[family]
+    rng = random.Random(seed)
+    vote_items = prompts(TOPICS[:-HELD_OUT_TOPICS], rng)
+    test_items = prompts(TOPICS[-HELD_OUT_TOPICS:], random.Random(0))[:32]
+    args = ["--model", str(SMOL), "--max-new-tokens", str(max_tokens), "--no-cai",
+            "--retrain-every-votes", "0", "--retrain-every-minutes", "0",
+            "--reading-words-per-second", "0", "--max-votes-per-minute", "0"]  # fmt: skip
+    if config is not None:
+        args += ["--retrain-config", str(config)]
+    row: dict = {"family": family, "seed": seed}
+    with tempfile.TemporaryDirectory() as tmp:
+        app = AppProcess(args, Path(tmp), env={"ASSISTANT_ADMIN_TOKEN": TOKEN}).start()
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        try:
+            decisive = chats = 0
+            t0 = time.perf_counter()
+            while decisive < votes and chats < max_chats:
+                batch = [vote_items[(chats + i) % len(vote_items)] for i in range(16)]
+                chats += len(batch)
+                for (_, topic), turn in asyncio.run(chat_many(app, batch)):
+                    a, b = (likes(c["text"], topic) for c in turn["candidates"])
+                    choice = (
+                        "a" if a and not b else "b" if b and not a else "tie" if a else "both_bad"
+                    )
+                    decisive += choice in ("a", "b")
+                    httpx.post(
+                        app.url + "/api/vote", json={"pair_id": turn["pair_id"], "choice": choice}
+                    ).raise_for_status()
+            row |= {"chats": chats, "votes": decisive, "chat_min": (time.perf_counter() - t0) / 60}
+            t0 = time.perf_counter()
+            cycle = httpx.post(app.url + "/api/retrain", headers=headers, timeout=3600).json()
+            row |= {
+                "status": cycle["status"],
+                "cycle_min": (time.perf_counter() - t0) / 60,
+                "rm_heldout": (cycle.get("reward") or {}).get("heldout_accuracy"),
+                "rm_members": (cycle.get("reward") or {}).get("member_heldout_accuracy"),
+                "gate": {k: (cycle.get("gate") or {}).get(k)
+                         for k in ("win_rate", "interval", "comparisons", "kl", "reason")},
+                "stage_s": cycle.get("seconds"),
+                "ppo_kl": [round(s["kl"], 2) for s in cycle.get("ppo_steps", [])],
+                "ppo_reward": [round(s["reward_mean"], 2) for s in cycle.get("ppo_steps", [])],
+            }  # fmt: skip
+            if cycle["status"] != "deployed":
+                return row
+            after = asyncio.run(chat_many(app, test_items))
+            httpx.post(
+                app.url + "/api/rollback", json={"version": "v0000"}, headers=headers, timeout=600
+            ).raise_for_status()
+            before = asyncio.run(chat_many(app, test_items))
+        finally:
+            app.stop()
+    wins = losses = 0
+    liked = {"v0": 0, "new": 0}
+    for ((_, topic), old), (_, new) in zip(before, after, strict=True):
+        for o in old["candidates"]:
+            for n in new["candidates"]:
+                lo, ln = likes(o["text"], topic), likes(n["text"], topic)
+                wins += ln and not lo
+                losses += lo and not ln
+        liked["v0"] += sum(likes(c["text"], topic) for c in old["candidates"])
+        liked["new"] += sum(likes(c["text"], topic) for c in new["candidates"])
+    n_replies = 2 * len(test_items)
+    replies = lambda turns: [(c["text"], i[1]) for i, t in turns for c in t["candidates"]]  # noqa: E731
+    row |= {
+        "liked_v0": liked["v0"] / n_replies,
+        "liked_new": liked["new"] / n_replies,
+        "win_rate_vs_v0": wins / (wins + losses) if wins + losses else None,
+        "decisive_comparisons": wins + losses,
+        "v0": degeneration(replies(before)),
+        "new": degeneration(replies(after)),
+        "examples": [c["text"] for _, t in after[:3] for c in t["candidates"][:1]],
+    }
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="concise")
+    parser.add_argument("--seed", type=int, nargs="+", default=[1])
+    parser.add_argument("--votes", type=int, default=100, help="decisive votes before the cycle")
+    parser.add_argument("--max-chats", type=int, default=320)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="reply length users see")
+    parser.add_argument("--retrain-config", type=Path, default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    for seed in args.seed:
+        row = run(
+            args.family, seed, args.votes, args.max_chats, args.retrain_config,
+            args.max_new_tokens,
+        )  # fmt: skip
+        print(json.dumps(row, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
