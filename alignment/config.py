@@ -82,6 +82,11 @@ class PPOConfig:
     cliprange_value: float = _help("value clip", default=0.2)
     vf_coef: float = _help("value loss weight", default=0.1)
     max_grad_norm: float = _help("gradient clipping", default=1.0)
+    missing_eos_penalty: float = _help(
+        "subtracted from the (scaled) score of a rollout cut off at max_new_tokens, so the "
+        "policy learns to finish its replies (Huang et al. 2024); 0 disables",
+        default=0.0,
+    )
     normalize_scores: bool = _help(
         "put reward-model scores on the unit scale of the first rollout batch", default=True
     )

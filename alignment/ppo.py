@@ -63,6 +63,7 @@ class StepStats:
     value_loss: float
     step_kl: float = 0.0  # mean per-token KL(pi_old || pi) after the round's updates
     updates: int = 0  # gradient steps taken before the trust region stopped the round
+    cut_off: float = 0.0  # share of the round's replies that hit max_new_tokens
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +130,7 @@ class Rollout:
     response_mask: torch.Tensor  # (B, L) 1 on response tokens
     prompts: list[list[dict[str, str]]]
     responses: list[str]
+    cut_off: torch.Tensor  # (B,) 1.0 where the reply used every token it was allowed
 
 
 def pack_rollouts(
@@ -193,8 +195,9 @@ class PPOTrainer:
         pad = self.tokenizer.pad_token_id
         ids, attn, resp = pack_rollouts(pairs, pad if pad is not None else 0)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
+        cut = torch.tensor([float(len(r) >= c.max_new_tokens) for _, r in pairs])
         d = self.device
-        return Rollout(ids.to(d), attn.to(d), resp.to(d), prompts, texts)
+        return Rollout(ids.to(d), attn.to(d), resp.to(d), prompts, texts, cut.to(d))
 
     def step(self, prompts: list[list[dict[str, str]]], step: int) -> StepStats:
         """One round: `samples_per_prompt` replies to each prompt (consecutive), then updates."""
@@ -221,7 +224,7 @@ class PPOTrainer:
                 ]
             ).to(self.device)
             beta = self.kl_ctl.value
-            shaped = self._normalised(scores)
+            shaped = self._normalised(scores) - c.missing_eos_penalty * ro.cut_off
             rewards, kl = kl_penalised_rewards(shaped, old_logprobs, ref_logprobs, mask, beta)
             if c.advantage == "rloo":
                 # (B,) the whole reply's return, against the other replies to its prompt
@@ -283,6 +286,7 @@ class PPOTrainer:
             value_loss=sum(stats["vl"]) / len(stats["vl"]),
             step_kl=step_kl,
             updates=len(stats["pl"]),
+            cut_off=ro.cut_off.mean().item(),
         )
 
     def _normalised(self, scores: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ generating, so its requests yield to user traffic; its backlog is reported by `b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -104,6 +105,7 @@ class CAIWorker:
         *,
         idle_poll_s: float = 1.0,
         cycle_running: Callable[[], bool] = lambda: False,
+        max_attempts: int = 3,
     ) -> None:
         self.critic = critic
         self.store = store
@@ -113,6 +115,10 @@ class CAIWorker:
         # on a 2-core box the critique stream took half the engine and left the cycle's worker
         # about 0.45 of a core. Critiques wait for the cycle to end.
         self.cycle_running = cycle_running
+        # The queue is oldest first: an item that always fails would block all others. After
+        # `max_attempts` failures it is skipped, with the reason recorded (`cai_skips`).
+        self.max_attempts = max_attempts
+        self._failures: dict[str, int] = {}
 
     @property
     def constitution(self) -> Constitution:
@@ -150,33 +156,50 @@ class CAIWorker:
         todo = await asyncio.to_thread(self.store.candidates_to_critique, 1)
         if todo:
             item = todo[0]
-            for r in await self.critic.critique_chain(item["prompt"], item["text"]):
-                await asyncio.to_thread(
-                    self.store.record_critique_round,
-                    item["candidate_id"],
-                    r.round,
-                    r.principle,
-                    r.critique,
-                    r.revision,
-                    version,
-                )
+            async with self._attempt(item["candidate_id"], "critique"):
+                for r in await self.critic.critique_chain(item["prompt"], item["text"]):
+                    await asyncio.to_thread(
+                        self.store.record_critique_round,
+                        item["candidate_id"],
+                        r.round,
+                        r.principle,
+                        r.critique,
+                        r.revision,
+                        version,
+                    )
             return True
         pairs = await asyncio.to_thread(self.store.pairs_to_judge, 1)
         if pairs:
             p = pairs[0]
-            label = await self.critic.judge(p["prompt"], p["text_a"], p["text_b"])
-            await asyncio.to_thread(
-                self.store.record_ai_label,
-                p["pair_id"],
-                label.choice,
-                label.principle,
-                label.confidence,
-                label.p_a,
-                label.p_b,
-                version,
-            )
+            async with self._attempt(p["pair_id"], "judge"):
+                label = await self.critic.judge(p["prompt"], p["text_a"], p["text_b"])
+                await asyncio.to_thread(
+                    self.store.record_ai_label,
+                    p["pair_id"],
+                    label.choice,
+                    label.principle,
+                    label.confidence,
+                    label.p_a,
+                    label.p_b,
+                    version,
+                )
             return True
         return False
+
+    @contextlib.asynccontextmanager
+    async def _attempt(self, item_id: str, kind: str):
+        """Count a failure of this item; past `max_attempts`, skip it instead of re-raising."""
+        try:
+            yield
+        except Exception as exc:
+            n = self._failures[item_id] = self._failures.get(item_id, 0) + 1
+            if n < self.max_attempts:
+                raise
+            log.warning("constitutional AI: giving up on %s %s after %d tries", kind, item_id, n)
+            await asyncio.to_thread(self.store.record_cai_skip, item_id, kind, repr(exc), n)
+            self._failures.pop(item_id, None)
+        else:
+            self._failures.pop(item_id, None)
 
     async def run_forever(self) -> None:
         while True:

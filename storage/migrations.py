@@ -138,4 +138,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE votes ADD COLUMN flagged VARCHAR;
         """,
     ),
+    (
+        5,
+        "constitutional-AI items given up after repeated failures, with the reason",
+        """
+        CREATE TABLE cai_skips (
+            item_id     VARCHAR PRIMARY KEY,  -- a candidate (critique) or a pair (judge)
+            kind        VARCHAR NOT NULL CHECK (kind IN ('critique', 'judge')),
+            reason      VARCHAR NOT NULL,
+            attempts    INTEGER NOT NULL,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 ]

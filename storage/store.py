@@ -232,6 +232,9 @@ class Store:
             "DELETE FROM ai_labels WHERE pair_id IN "
             "(SELECT id FROM pairs WHERE conversation_id = $id)",
             "DELETE FROM votes WHERE pair_id IN (SELECT id FROM pairs WHERE conversation_id = $id)",
+            "DELETE FROM cai_skips WHERE item_id IN (SELECT id FROM pairs WHERE conversation_id = "
+            "$id UNION SELECT c.id FROM candidates c JOIN pairs p ON p.id = c.pair_id "
+            "WHERE p.conversation_id = $id)",
         ),
         (
             "DELETE FROM candidates WHERE pair_id IN "
@@ -466,6 +469,7 @@ class Store:
             " AND c.slot = CASE WHEN v.choice = 'b' THEN 'b' ELSE 'a' END "
             "WHERE v.choice IN ('a', 'b', 'tie') AND v.flagged IS NULL "
             "AND NOT EXISTS (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id) "
+            "AND NOT EXISTS (SELECT 1 FROM cai_skips s WHERE s.item_id = c.id) "
             "ORDER BY v.created_at LIMIT ?",
             [limit],
         )
@@ -476,11 +480,28 @@ class Store:
             "SELECT (SELECT count(*) FROM votes v JOIN candidates c ON c.pair_id = v.pair_id "
             "        AND c.slot = CASE WHEN v.choice = 'b' THEN 'b' ELSE 'a' END "
             "        WHERE v.choice IN ('a', 'b', 'tie') AND v.flagged IS NULL AND NOT EXISTS "
-            "        (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id)) AS critiques, "
+            "        (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id) AND NOT EXISTS "
+            "        (SELECT 1 FROM cai_skips s WHERE s.item_id = c.id)) AS critiques, "
             "       (SELECT count(*) FROM pairs p WHERE NOT EXISTS "
-            "        (SELECT 1 FROM ai_labels l WHERE l.pair_id = p.id)) AS judgements"
+            "        (SELECT 1 FROM ai_labels l WHERE l.pair_id = p.id) AND NOT EXISTS "
+            "        (SELECT 1 FROM cai_skips s WHERE s.item_id = p.id)) AS judgements"
         )[0]
         return {"critiques": int(row["critiques"]), "judgements": int(row["judgements"])}
+
+    def record_cai_skip(self, item_id: str, kind: str, reason: str, attempts: int) -> None:
+        """Give up on a critique or judgement that keeps failing (too long for the judge, say),
+        so it stops blocking the queue behind it; the reason stays for the operator."""
+        with self._transaction() as con:
+            con.execute(
+                "INSERT INTO cai_skips (item_id, kind, reason, attempts) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                [item_id, kind, reason[:500], attempts],
+            )
+
+    def cai_skips(self) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT item_id, kind, reason, attempts FROM cai_skips ORDER BY created_at"
+        )
 
     def record_critique_round(
         self,
@@ -532,6 +553,7 @@ class Store:
             "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
             "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
             "WHERE NOT EXISTS (SELECT 1 FROM ai_labels l WHERE l.pair_id = p.id) "
+            "AND NOT EXISTS (SELECT 1 FROM cai_skips s WHERE s.item_id = p.id) "
             "ORDER BY p.created_at LIMIT ?",
             [limit],
         )

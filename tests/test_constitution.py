@@ -175,3 +175,40 @@ def test_app_runs_cai_in_background_and_admin_edits_constitution(tiny_app_factor
     assert ok.status_code == 200 and ok.json()["version"] == 2
     now = httpx.get(app.url + "/api/constitution").json()["constitution"]
     assert [p["id"] for p in now["principles"]] == ["helpful", "harmless", "honest"]
+
+
+class _FailingCritic:
+    """Every critique raises (as a reply too long for the judge would); judging works."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def critique_chain(self, prompt, text):
+        self.calls += 1
+        raise RuntimeError("the prompt is longer than the judge's context")
+
+    async def judge(self, prompt, a, b):
+        from assistant.critic import AILabel
+
+        return AILabel("a", "p", 0.9, 0.9, 0.1)
+
+
+def test_an_item_that_keeps_failing_is_skipped_with_its_reason_and_the_queue_moves_on(tmp_path):
+    store, candidate_id = _store_with_voted_pair(tmp_path)
+    critic = _FailingCritic()
+    worker = CAIWorker(critic, store, _Service(), max_attempts=3)
+
+    async def run():
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                await worker.work_once()
+        assert await worker.work_once()  # third failure: skipped, not raised
+        assert await worker.work_once()  # ... so the judgement behind it gets done
+        return await worker.backlog()
+
+    assert asyncio.run(run()) == {"critiques": 0, "judgements": 0}
+    assert critic.calls == 3
+    (skip,) = store.cai_skips()
+    assert skip["item_id"] == candidate_id and skip["attempts"] == 3
+    assert "longer than the judge's context" in skip["reason"]
+    store.close()

@@ -107,3 +107,37 @@ def test_token_logprobs_align_with_next_token():
     assert lp.shape == (1, 3) and lp[0, 0] == 0.0
     assert lp[0, 1].item() == pytest.approx(0.0, abs=1e-3)  # token 2 was near-certain
     assert lp[0, 2].item() == pytest.approx(torch.log(torch.tensor(0.25)).item())
+
+
+def test_replies_cut_off_at_the_token_limit_are_penalised(tiny_model_dir):
+    """The EOS trick: with equal scores, a reply that ran into max_new_tokens loses to one that
+    finished, so the policy moves toward finishing (no engine needed: fixed rollouts)."""
+    config = PPOConfig(
+        steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=6, minibatch_size=4,
+        ppo_epochs=4, learning_rate=5e-2, init_kl_coef=0.0, adaptive_kl=False,
+        normalize_scores=False, missing_eos_penalty=1.0, max_step_kl=0.0, precision="fp32",
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer.apply_chat_template(
+        PROMPTS[0], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    cut, finished = [40] * 6, [41, 41]  # same score; only the first ran out of tokens
+
+    def generate(prompts, max_new_tokens, temperature, seed):
+        return [(prompt, cut if i % 2 == 0 else finished) for i in range(len(prompts))]
+
+    def score(conversations):
+        return torch.zeros(len(conversations))
+
+    policy = PolicyWithValueHead.from_base(str(tiny_model_dir), config)
+    ids = torch.tensor([prompt])
+
+    def first_token_logodds() -> float:
+        with torch.no_grad():
+            logits, _ = policy(ids, torch.ones_like(ids))
+        return (logits[0, -1, 41] - logits[0, -1, 40]).item()
+
+    before = first_token_logodds()
+    (stats,) = PPOTrainer(policy, tokenizer, generate, score, config).train(PROMPTS[:1])
+    assert stats.cut_off == 0.5
+    assert first_token_logodds() > before + 0.1  # the finishing reply's first token gained
