@@ -219,13 +219,25 @@ class AlignmentLoop:
         runs = await asyncio.to_thread(self.store.training_runs)
         return {"versions": versions, "runs": runs}
 
+    async def prune(self, keep: int) -> dict:
+        """Delete old checkpoints (see `alignment.pruning`); not while a cycle runs."""
+        from alignment.pruning import prune
+
+        if self._lock.locked():
+            raise ConflictError("a retrain cycle is running; prune after it ends")
+        async with self._lock:
+            result = await asyncio.to_thread(prune, self.store, self.data_dir / "versions", keep)
+            return result.as_dict()
+
     async def rollback(self, version: str) -> dict:
         if self._lock.locked():
             raise ConflictError("a retrain cycle is running; roll back after it ends")
         async with self._lock:
             row = await asyncio.to_thread(self.store.model_version, version)
             if row["status"] == "rejected" or not row["path"]:
-                raise ConflictError(f"version {version} was rejected and has no weights to serve")
+                raise ConflictError(
+                    f"version {version} has no weights to serve (rejected by the gate, or pruned)"
+                )
             swap = await self.engine.reload_weights(row["path"], version)
             await asyncio.to_thread(self.store.set_serving, version, swap)
             return {"status": "serving", "version": version, "swap_seconds": swap}

@@ -161,6 +161,19 @@ def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
         except Exception as exc:  # noqa: BLE001
             return map_error(exc)
 
+    @router.post("/prune")
+    async def prune(request: Request):
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
+        try:
+            data = await read_json(request)
+            keep = data.get("keep", 3)
+            if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+                raise InvalidInputError("'keep' must be a whole number >= 0", 422)
+            return await loop.prune(keep)
+        except Exception as exc:  # noqa: BLE001
+            return map_error(exc)
+
     @router.get("/constitution")
     async def constitution():
         return {

@@ -6,6 +6,10 @@ answers at once.
   assistant run        start the page and API (default: embedded SmolLM2 on the CPU)
   assistant provision  make sure the embedded model checkpoint exists
   assistant export     write preference data (TRL or HH-RLHF format) as JSONL or Parquet
+  assistant retrain    one retrain-and-deploy cycle now (through the app if it runs)
+  assistant versions   list versions with their gate figures
+  assistant rollback   serve an earlier version
+  assistant prune      delete old checkpoints (serving, previous and the newest N stay)
 """
 
 from __future__ import annotations
@@ -158,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     versions = sub.add_parser("versions", help="list model versions with status and metrics")
     rollback = sub.add_parser("rollback", help="serve an earlier version again")
     rollback.add_argument("version", help="version name, e.g. v0001")
-    for p in (retrain, versions, rollback):
+    prune = sub.add_parser(
+        "prune",
+        help="delete old checkpoints: keeps serving, previous and the newest --keep versions",
+    )
+    prune.add_argument("--keep", type=int, default=3, help="newest versions to keep (default 3)")
+    for p in (retrain, versions, rollback, prune):
         _add_common(p)
         p.add_argument(
             "--url",
@@ -408,6 +417,25 @@ def cmd_rollback(args: argparse.Namespace, config: AppConfig) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace, config: AppConfig) -> int:
+    if _app_holds_db(config):
+        result = _call_app(args, "POST", "prune", {"keep": args.keep})
+    else:
+        from alignment.pruning import prune
+        from storage import Store
+
+        store = Store(config.database)
+        try:
+            result = prune(store, config.data_dir / "versions", args.keep).as_dict()
+        finally:
+            store.close()
+    print(
+        f"pruned {len(result['pruned'])} version(s) {', '.join(result['pruned']) or ''}"
+        f"(freed {result['freed_mb']} MB); kept {', '.join(result['kept'])}"
+    )
+    return 0
+
+
 def _export_via_app(url: str, fmt: str, token: str | None) -> list[dict]:
     import json
     import os
@@ -454,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             print(provision_embedded(config.data_dir))
         elif args.command == "export":
             return cmd_export(args, config)
+        elif args.command == "prune":
+            return cmd_prune(args, config)
         elif args.command == "retrain":
             return cmd_retrain(args, config)
         elif args.command == "versions":

@@ -654,6 +654,15 @@ class Store:
             ).fetchall()
         return [json.loads(r[0]) if r[0] else {} for r in rows]
 
+    def mark_pruned(self, version: str) -> None:
+        """Its weights were deleted: keep the row and metrics, forget the path."""
+        with self._transaction() as con:
+            con.execute(
+                "UPDATE model_versions SET path = '', "
+                "manifest = json_merge_patch(manifest, '{\"pruned\": true}') WHERE version = ?",
+                [version],
+            )
+
     def set_serving(self, version: str, swap_seconds: float) -> None:
         """The swapped-in version becomes 'serving', the one it replaced 'previous'."""
         with self._transaction() as con:

@@ -115,6 +115,11 @@ def test_job_folders_are_private_and_lose_the_chats_once_the_cycle_ends(
     assert not left & {"preferences.jsonl", "prompts.jsonl", "revisions.jsonl"}, left
     assert {"job.json", "progress.jsonl", "result.json"} <= left  # the metrics stay
     assert not any("job question" in p.read_text(errors="ignore") for p in job.iterdir())
+    # pruning old checkpoints is the operator's: the serving and previous versions stay
+    assert httpx.post(app.url + "/api/prune", json={"keep": 0}).status_code == 401
+    pruned = httpx.post(app.url + "/api/prune", json={"keep": 0}, headers=app.admin_headers())
+    assert pruned.status_code == 200, pruned.text
+    assert pruned.json()["pruned"] == [] and "v0001" in pruned.json()["kept"]
 
 
 def test_retention_deletes_old_conversations(tiny_app_factory, tmp_path):

@@ -166,3 +166,33 @@ def test_version_names_are_never_reused_and_interrupted_runs_are_failed(store):
     (run,) = store.training_runs()
     assert run["status"] == "failed" and "interrupted" in run["error"]
     assert store.fail_interrupted_runs() == []
+
+
+def test_pruning_keeps_serving_previous_and_newest_and_never_the_base(store, tmp_path):
+    from alignment.pruning import prune, to_prune
+
+    versions = tmp_path / "versions"
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    store.ensure_base_version("v0000", str(base), {})
+    for n in range(1, 6):
+        # v0001 lives outside versions/ (a checkpoint someone pointed at): never deleted
+        folder = (tmp_path / "elsewhere" if n == 1 else versions) / f"v{n:04d}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x" * 2**20)
+        (versions / "runs" / f"v{n:04d}").mkdir(parents=True)
+        store.record_model_version(f"v{n:04d}", None, str(folder), "candidate", {"gate": {}})
+    store.set_serving("v0002", 0.1)
+    store.set_serving("v0003", 0.1)  # v0003 serving, v0002 previous
+    rows = store.model_versions()
+    assert to_prune(rows, keep=1) == (
+        ["v0000", "v0002", "v0003", "v0005"], ["v0001", "v0004"]
+    )  # fmt: skip
+    result = prune(store, versions, keep=1)
+    assert result.pruned == ["v0004"] and result.freed_mb == 1.0
+    assert "v0001" in result.kept and (tmp_path / "elsewhere" / "v0001").exists()
+    assert not (versions / "v0004").exists() and not (versions / "runs" / "v0004").exists()
+    assert (versions / "v0005").exists() and base.exists()
+    row = store.model_version("v0004")
+    assert row["path"] == "" and row["status"] == "candidate"
+    assert prune(store, versions, keep=1).pruned == []  # nothing left to prune
