@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from alignment.job import Job
 from alignment.labels import agreement_rate, weighted_ai_rows
 from alignment.lifetime import die_with_parent
 from storage import ConflictError, Store
@@ -81,20 +82,16 @@ class AlignmentLoop:
         job = self.data_dir / "jobs" / f"{version}-{int(time.time())}"
         (self.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
         job.mkdir(mode=0o700)  # it holds copies of users' chats until the cycle ends
-        (job / "job.json").write_text(
-            json.dumps(
-                {
-                    "serving_model": serving["path"],
-                    "parent": serving["version"],
-                    "version": version,
-                    "engine_url": self.engine.base_url,
-                    "versions_dir": str(self.data_dir / "versions"),
-                    "preset": self.preset,
-                    "overrides": self.overrides,
-                    "sft": self.sft,
-                }
-            )
-        )
+        Job(
+            serving_model=serving["path"],
+            parent=serving["version"],
+            version=version,
+            engine_url=self.engine.base_url,
+            versions_dir=str(self.data_dir / "versions"),
+            preset=self.preset,
+            overrides=self.overrides,
+            sft=self.sft,
+        ).write(job)
         _write_jsonl(job / "preferences.jsonl", records)
         _write_jsonl(job / "prompts.jsonl", prompts)
         _write_jsonl(job / "revisions.jsonl", revisions)

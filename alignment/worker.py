@@ -1,7 +1,7 @@
 """Run one retrain cycle in its own process: `python -m alignment.worker JOB_DIR`.
 
-The app writes `JOB_DIR/job.json` (model paths, versions, engine URL, preset
-and `--retrain-config` overrides) and the data snapshot
+The app writes `JOB_DIR/job.json` (an `alignment.job.Job`: model paths, versions, engine URL,
+preset and `--retrain-config` overrides) and the data snapshot
 (`preferences.jsonl`, `prompts.jsonl`); the worker appends progress to `progress.jsonl` and writes
 `result.json` at the end. Training in a separate process keeps chat responsive, and a crash or kill
 here cannot touch serving: the app only swaps weights after reading a complete result.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from alignment.config import cycle_config
 from alignment.cycle import run_cycle
+from alignment.job import Job
 from alignment.rollouts import vllm_generate
 
 
@@ -32,7 +33,7 @@ def _read_jsonl(path: Path) -> list:
 
 def main(job_dir: str) -> int:
     job_path = Path(job_dir)
-    job = json.loads((job_path / "job.json").read_text())
+    job = Job.read(job_path)
     progress = (job_path / "progress.jsonl").open("a", buffering=1)
 
     def say(stage: str, details: dict) -> None:
@@ -42,16 +43,16 @@ def main(job_dir: str) -> int:
 
     revisions_file = job_path / "revisions.jsonl"
     try:
-        config = cycle_config(job.get("preset", "default"), job.get("overrides"))
-        config.sft.enabled = bool(job.get("sft"))
+        config = cycle_config(job.preset, job.overrides)
+        config.sft.enabled = job.sft
         result = run_cycle(
-            job["serving_model"],
-            job["parent"],
-            job["version"],
+            job.serving_model,
+            job.parent,
+            job.version,
             _read_jsonl(job_path / "preferences.jsonl"),
             _read_jsonl(job_path / "prompts.jsonl"),
-            vllm_generate(job["engine_url"], job.get("model_name", "policy")),
-            Path(job["versions_dir"]),
+            vllm_generate(job.engine_url, job.model_name),
+            Path(job.versions_dir),
             config,
             progress=say,
             revisions=_read_jsonl(revisions_file) if revisions_file.exists() else None,
