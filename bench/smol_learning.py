@@ -17,8 +17,8 @@ Degeneration checks against v0: share of on-topic replies, share of very short r
 words), distinct-2 over all replies, mean length in words.
 
 Run: `.venv/bin/python -m bench.smol_learning --family concise --seed 1` (about 20 minutes on a
-2-core CPU). `--retrain-config FILE` passes a cycle configuration to the app. Results:
-bench/RESULTS.md.
+2-core CPU); `--calibrate 64` only samples v0 and reports how often each family is decisive.
+`--retrain-config FILE` passes a cycle configuration to the app. Results: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -122,6 +122,29 @@ def degeneration(replies: list[tuple[str, str]]) -> dict:
     }
 
 
+def calibrate(n_prompts: int, max_tokens: int) -> dict:
+    """v0 only, no cycle: each family's liked share and decisive-vote rate on SmolLM2's own
+    replies, to see which preferences a user could express at all at this reply length."""
+    items = prompts(TOPICS, random.Random(0))[:n_prompts]
+    args = ["--model", str(SMOL), "--max-new-tokens", str(max_tokens), "--no-cai",
+            "--retrain-every-votes", "0", "--retrain-every-minutes", "0"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        app = AppProcess(args, Path(tmp)).start()
+        try:
+            turns = asyncio.run(chat_many(app, items))
+        finally:
+            app.stop()
+    out: dict = {"prompts": n_prompts, "max_new_tokens": max_tokens}
+    for name, likes in FAMILIES.items():
+        pairs = [[likes(c["text"], topic) for c in t["candidates"]] for (_, topic), t in turns]
+        out[name] = {
+            "liked": sum(map(sum, pairs)) / (2 * len(pairs)),
+            "decisive_rate": sum(a != b for a, b in pairs) / len(pairs),
+        }
+    out["v0"] = degeneration([(c["text"], i[1]) for i, t in turns for c in t["candidates"]])
+    return out
+
+
 def run(family: str, seed: int, votes: int, max_chats: int, config: Path | None, max_tokens: int):
     likes = FAMILIES[family]
     rng = random.Random(seed)
@@ -206,8 +229,15 @@ def main() -> None:
     parser.add_argument("--max-chats", type=int, default=320)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="reply length users see")
     parser.add_argument("--retrain-config", type=Path, default=None)
+    parser.add_argument(
+        "--calibrate", type=int, default=0, metavar="N",
+        help="only sample v0 on N prompts and report each family's liked and decisive rates",
+    )  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.calibrate:
+        print(json.dumps(calibrate(args.calibrate, args.max_new_tokens)), flush=True)
+        return
     for seed in args.seed:
         row = run(
             args.family, seed, args.votes, args.max_chats, args.retrain_config,
