@@ -1,4 +1,7 @@
-"""Turning votes into weights: reward model, PPO with KL on LoRA, merge, and the loop.
+"""Turning votes into weights: reward-model ensemble, PPO with KL on LoRA, the gate, merge, and
+the app-side loop that runs a cycle in a worker process and hot-swaps the result.
 
-So far: the pure math (`losses`, `ppo_math`, `kl_controller`), tested against hand-computed values.
+Pure pieces (`losses`, `ppo_math`, `kl_controller`, `stats`, `config`) are small functions and
+dataclasses tested against hand-computed values; the stages (`reward_model`, `ppo`, `gate`,
+`merge`, `cycle`) import torch, transformers, peft and TRL only where they run.
 """
