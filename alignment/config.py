@@ -47,7 +47,7 @@ class RewardConfig:
 class PPOConfig:
     """PPO with a per-token KL penalty against the adapter-disabled reference, on LoRA."""
 
-    steps: int = _help("rollout-and-update rounds per cycle", default=4)
+    steps: int = _help("rollout-and-update rounds per cycle", default=12)
     prompts_per_step: int = _help("prompts rolled out per round", default=8)
     samples_per_prompt: int = _help(
         "replies sampled per prompt in a round; the others' mean is each one's baseline (RLOO)",
@@ -58,7 +58,7 @@ class PPOConfig:
         "no value head) or 'gae' (value head and GAE)",
         default="rloo",
     )
-    max_new_tokens: int = _help("rollout reply length in tokens", default=48)
+    max_new_tokens: int = _help("rollout reply length in tokens", default=64)
     temperature: float = _help("rollout sampling temperature", default=1.0)
     ppo_epochs: int = _help("optimisation passes over each round's rollouts", default=2)
     max_step_kl: float = _help(
@@ -67,7 +67,7 @@ class PPOConfig:
         default=0.02,
     )
     minibatch_size: int = _help("rollouts per gradient step", default=8)
-    learning_rate: float = _help("AdamW learning rate of LoRA and value head", default=1e-4)
+    learning_rate: float = _help("AdamW learning rate of LoRA and value head", default=2e-4)
     lora_rank: int = _help("LoRA rank of the policy adapter", default=8)
     lora_alpha: int = _help("LoRA alpha", default=16)
     init_kl_coef: float = _help("initial beta of the KL penalty", default=0.2)
@@ -85,7 +85,7 @@ class PPOConfig:
     missing_eos_penalty: float = _help(
         "subtracted from the (scaled) score of a rollout cut off at max_new_tokens, so the "
         "policy learns to finish its replies (Huang et al. 2024); 0 disables",
-        default=0.0,
+        default=1.0,
     )
     normalize_scores: bool = _help(
         "put reward-model scores on the unit scale of the first rollout batch", default=True
@@ -107,9 +107,14 @@ class GateConfig:
         default=0.5,
     )
     max_kl: float = _help("largest mean KL(new || reference) per reply, nats", default=10.0)
+    max_kl_per_token: float = _help(
+        "largest KL(new || reference) per reply token, nats: a collapse into very short "
+        "replies passes the per-reply limit but not this one",
+        default=0.5,
+    )
     eval_prompts: int = _help("held-out prompts compared", default=16)
     samples_per_prompt: int = _help("replies per held-out prompt from each version", default=2)
-    max_new_tokens: int = _help("reply length in the comparison", default=48)
+    max_new_tokens: int = _help("reply length in the comparison", default=64)
     min_rm_accuracy: float = _help(
         "refuse the cycle when the reward models agree with fewer of the held-out human votes "
         "than this (near chance: they learned nothing to optimise)",
@@ -183,8 +188,9 @@ def check(config: CycleConfig) -> CycleConfig:
 
 
 def preset(name: str) -> CycleConfig:
-    """Named starting points: `default` fits the embedded default on a 2-core CPU (about 10
-    minutes for a few hundred votes); `fast` finishes in seconds on the tiny test model."""
+    """Named starting points: `default` fits the embedded default on a 2-core CPU (about 14
+    minutes for 100 votes on SmolLM2: 12 rounds of 8 prompts x 4 replies of 64 tokens; see
+    bench/RESULTS.md); `fast` finishes in seconds on the tiny test model."""
     if name == "fast":
         return CycleConfig(
             reward=RewardConfig(
@@ -199,6 +205,7 @@ def preset(name: str) -> CycleConfig:
                 max_new_tokens=8,
                 min_win_rate=0.0,
                 max_kl=1e9,
+                max_kl_per_token=1e9,
                 min_rm_accuracy=0.0,
             ),
         )

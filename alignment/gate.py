@@ -43,6 +43,7 @@ class GateResult:
     kl: float
     deploy: bool
     reason: str
+    kl_per_token: float = 0.0
     interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     comparisons: int = 0  # decisive comparisons behind the win rate
     undecided: int = 0
@@ -65,9 +66,13 @@ def count_comparisons(new_scores: torch.Tensor, old_scores: torch.Tensor) -> Com
 
 
 def gate_decision(
-    counts: Comparisons, kl: float, config: GateConfig
+    counts: Comparisons, kl: float, config: GateConfig, kl_per_token: float = 0.0
 ) -> tuple[bool, str, tuple[float, float]]:
-    """(deploy, reason in words a user reads, interval)."""
+    """(deploy, reason in words a user reads, interval).
+
+    KL is limited per reply and per token: a policy that collapses into one-word answers
+    ("Honey.") moves few tokens far, so its per-reply KL can stay under a limit that healthy
+    64-token replies need, while its per-token KL is an order of magnitude above theirs."""
     lo, hi = wilson_interval(counts.wins, counts.decisive)
     rate = counts.win_rate
     shown = (
@@ -80,6 +85,14 @@ def gate_decision(
             False,
             f"it drifted too far from the original model: KL {kl:.2f} nats per reply is over "
             f"the limit {config.max_kl}",
+            (lo, hi),
+        )
+    if kl_per_token > config.max_kl_per_token:
+        return (
+            False,
+            f"its replies changed too much per word to trust: KL {kl_per_token:.2f} nats per "
+            f"token is over the limit {config.max_kl_per_token} (answers collapsing into a few "
+            "words look like this)",
             (lo, hi),
         )
     if lo < config.min_win_rate:
@@ -129,12 +142,14 @@ def evaluate(
         member_scores(_conversations(prompts, decode(old))).cpu(),
     )
     kl = sum(kls) / len(kls)
-    deploy, reason, (lo, hi) = gate_decision(counts, kl, config)
+    kl_per_token = sum(kls) / max(1, sum(len(r) for _, r in new))
+    deploy, reason, (lo, hi) = gate_decision(counts, kl, config, kl_per_token)
     return GateResult(
         counts.win_rate,
         kl,
         deploy,
         reason,
+        kl_per_token,
         [lo, hi],
         counts.decisive,
         counts.undecided,

@@ -7,16 +7,21 @@
 every (new, old) reply pair to the same prompt.
 
 Preference families (`FAMILIES`), each a small function of the reply text that also insists on an
-actual answer (it names the prompt's topic and has some substance), so that a collapse into
-"Honey." or a list of nothing cannot satisfy it:
-  - concise:      8-30 words
-  - prose:        no bullet or numbered lists, at least 12 words
+actual answer (it names the prompt's topic and has some substance: at least 12 words), so that a
+collapse into "Honey." or a list of nothing cannot satisfy it. They were picked from what SmolLM2
+does at 64 tokens (`--calibrate 128 --dump FILE`): properties its replies show in a quarter to
+a half of samples, so that a user sees a difference in a third to a half of the pairs:
+  - plain:        plain words: at most 2 words of 10 or more letters ("incredibly",
+                  "prokaryotic", "sequestration")
+  - opening:      gets to the point: the first sentence has at most 12 words
   - complete:     ends with a full stop, question or exclamation mark (not cut off mid-sentence)
+Two earlier families were dropped because SmolLM2 at 64 tokens almost never differs on them
+(decisive in 4-5 % of pairs): "concise" (8-30 words) and "prose" (no lists).
 
 Degeneration checks against v0: share of on-topic replies, share of very short replies (< 5
 words), distinct-2 over all replies, mean length in words.
 
-Run: `.venv/bin/python -m bench.smol_learning --family concise --seed 1` (about 20 minutes on a
+Run: `.venv/bin/python -m bench.smol_learning --family plain --seed 1` (about 20 minutes on a
 2-core CPU); `--calibrate 64` only samples v0 and reports how often each family is decisive.
 `--retrain-config FILE` passes a cycle configuration to the app. Results: bench/RESULTS.md.
 """
@@ -77,9 +82,26 @@ def on_topic(reply: str, topic: str) -> bool:
 
 LIST_LINE = re.compile(r"^\s*([-*•]|\d+[.)])\s", re.M)
 
+FIRST_SENTENCE = re.compile(r"^(.*?[.!?])(\s|$)", re.S)
+
+
+def first_sentence(reply: str) -> str:
+    match = FIRST_SENTENCE.match(reply.strip())
+    return match.group(1) if match else reply
+
+
+def long_words(reply: str, letters: int = 10) -> int:
+    return sum(len(w.strip(".,;:!?\"()'")) >= letters for w in words(reply))
+
+
+def answers(reply: str, topic: str) -> bool:
+    """Names the topic and has some substance: what every family also insists on."""
+    return on_topic(reply, topic) and len(words(reply)) >= 12
+
+
 FAMILIES: dict[str, Callable[[str, str], bool]] = {
-    "concise": lambda r, t: on_topic(r, t) and 8 <= len(words(r)) <= 30,
-    "prose": lambda r, t: on_topic(r, t) and not LIST_LINE.search(r) and len(words(r)) >= 12,
+    "plain": lambda r, t: answers(r, t) and long_words(r) <= 2,
+    "opening": lambda r, t: answers(r, t) and len(words(first_sentence(r))) <= 12,
     "complete": lambda r, t: (
         on_topic(r, t) and len(words(r)) >= 5 and r.rstrip().endswith((".", "!", "?"))
     ),
@@ -122,7 +144,7 @@ def degeneration(replies: list[tuple[str, str]]) -> dict:
     }
 
 
-def calibrate(n_prompts: int, max_tokens: int) -> dict:
+def calibrate(n_prompts: int, max_tokens: int, dump: Path | None = None) -> dict:
     """v0 only, no cycle: each family's liked share and decisive-vote rate on SmolLM2's own
     replies, to see which preferences a user could express at all at this reply length."""
     items = prompts(TOPICS, random.Random(0))[:n_prompts]
@@ -142,6 +164,9 @@ def calibrate(n_prompts: int, max_tokens: int) -> dict:
             "decisive_rate": sum(a != b for a, b in pairs) / len(pairs),
         }
     out["v0"] = degeneration([(c["text"], i[1]) for i, t in turns for c in t["candidates"]])
+    if dump is not None:
+        dump.write_text(json.dumps([[topic, [c["text"] for c in t["candidates"]]]
+                                    for (_, topic), t in turns]))  # fmt: skip
     return out
 
 
@@ -183,7 +208,8 @@ def run(family: str, seed: int, votes: int, max_chats: int, config: Path | None,
                 "rm_heldout": (cycle.get("reward") or {}).get("heldout_accuracy"),
                 "rm_members": (cycle.get("reward") or {}).get("member_heldout_accuracy"),
                 "gate": {k: (cycle.get("gate") or {}).get(k)
-                         for k in ("win_rate", "interval", "comparisons", "kl", "reason")},
+                         for k in ("win_rate", "interval", "comparisons", "kl", "kl_per_token",
+                                   "reason")},
                 "stage_s": cycle.get("seconds"),
                 "ppo_kl": [round(s["kl"], 2) for s in cycle.get("ppo_steps", [])],
                 "ppo_reward": [round(s["reward_mean"], 2) for s in cycle.get("ppo_steps", [])],
@@ -223,7 +249,7 @@ def run(family: str, seed: int, votes: int, max_chats: int, config: Path | None,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="concise")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="plain")
     parser.add_argument("--seed", type=int, nargs="+", default=[1])
     parser.add_argument("--votes", type=int, default=100, help="decisive votes before the cycle")
     parser.add_argument("--max-chats", type=int, default=320)
@@ -233,10 +259,11 @@ def main() -> None:
         "--calibrate", type=int, default=0, metavar="N",
         help="only sample v0 on N prompts and report each family's liked and decisive rates",
     )  # fmt: skip
+    parser.add_argument("--dump", type=Path, default=None, help="with --calibrate: save replies")
     args = parser.parse_args()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if args.calibrate:
-        print(json.dumps(calibrate(args.calibrate, args.max_new_tokens)), flush=True)
+        print(json.dumps(calibrate(args.calibrate, args.max_new_tokens, args.dump)), flush=True)
         return
     for seed in args.seed:
         row = run(

@@ -27,7 +27,9 @@ def fast_config(**gate) -> CycleConfig:
             ppo_epochs=1,
             learning_rate=1e-2,
         ),
-        gate=GateConfig(eval_prompts=4, max_new_tokens=8, **gate),
+        gate=GateConfig(
+            eval_prompts=4, max_new_tokens=8, **{"max_kl_per_token": gate.get("max_kl", 0.5)} | gate
+        ),
     )
 
 
@@ -55,6 +57,18 @@ def test_gate_decides_on_the_interval_not_the_point_estimate():
     assert not deploy and "KL 2.50" in reason
     deploy, reason, _ = gate_decision(Comparisons(undecided=9), 0.1, config)
     assert not deploy and "no comparison the reward models agreed on" in reason
+
+
+def test_gate_refuses_a_collapse_into_short_replies_by_its_kl_per_token():
+    """The probe that made SmolLM2 answer "Honey." had 9.6 nats per reply, under the per-reply
+    limit of 10, over replies of about four tokens: 2.4 nats per token, against 0.1-0.2 for
+    healthy 64-token replies."""
+    config = GateConfig(min_win_rate=0.5, max_kl=10.0, max_kl_per_token=0.5)
+    won = Comparisons(wins=40)
+    deploy, reason, _ = gate_decision(won, 9.6, config, kl_per_token=2.4)
+    assert not deploy and "2.40 nats per token" in reason
+    deploy, _, _ = gate_decision(won, 7.6, config, kl_per_token=0.15)
+    assert deploy
 
 
 def test_a_reward_model_near_chance_on_held_out_votes_refuses_the_cycle():

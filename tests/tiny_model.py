@@ -110,6 +110,8 @@ TWO_STYLE_RETRAIN_CONFIG = {
         "init_kl_coef": 1.0,
         "target_kl": 1.0,
         "kl_horizon": 200,
+        # the two styles end on their own; the 20-run tally was taken without the EOS trick
+        "missing_eos_penalty": 0.0,
     },
     "gate": {"eval_prompts": 16, "max_new_tokens": 16},  # default floor and KL limit
 }
