@@ -8,18 +8,61 @@ Weight swaps use the server's own endpoints: `/pause?mode=wait` (in-flight reque
 ones queue), `/collective_rpc` `reload_weights`, `/reset_prefix_cache` (cached blocks computed with
 the old weights must not be reused) and `/resume`. The server must run with
 `VLLM_SERVER_DEV_MODE=1` for the last three; the embedded one does.
+
+Each reply must be recorded with the version whose weights produced it (ratings and canary counts
+depend on it). The server's pause queues new requests and runs them on the new weights after the
+swap, so a version read when a request is sent would be the old one. `_SwapGate` makes the
+client say exactly: a swap first waits for this client's pairs in flight (they are old-version
+replies), pairs asked for meanwhile wait for the swap and are labelled with what it installed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 
 from assistant.engine import CandidateDraft, EngineError, PairProgress, PromptTooLongError
+
+
+class _SwapGate:
+    """A writer-first readers-writer lock: pairs are readers, a weight swap is the writer."""
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._swaps = asyncio.Lock()
+
+    @asynccontextmanager
+    async def request(self):
+        await self._open.wait()
+        # no await between the check and the count: a swap that starts now waits for this one
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    @asynccontextmanager
+    async def swap(self):
+        async with self._swaps:
+            self._open.clear()
+            try:
+                await self._idle.wait()
+                yield
+            finally:
+                self._open.set()
 
 
 class VLLMServerEngine:
@@ -34,6 +77,7 @@ class VLLMServerEngine:
             timeout=httpx.Timeout(request_timeout_s, connect=10.0),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
+        self._gate = _SwapGate()
 
     @property
     def model_version(self) -> str:
@@ -48,7 +92,15 @@ class VLLMServerEngine:
     async def stream_pair(
         self, messages: list[dict[str, str]], sampling: dict, seed: int
     ) -> AsyncIterator[PairProgress]:
-        version = self._version  # the version that answers this request, even if a swap follows
+        async with self._gate.request():
+            # read inside the gate: no swap can start or finish while this pair generates
+            version = self._version
+            async for progress in self._stream_pair(messages, sampling, seed, version):
+                yield progress
+
+    async def _stream_pair(
+        self, messages: list[dict[str, str]], sampling: dict, seed: int, version: str
+    ) -> AsyncIterator[PairProgress]:
         body = {
             "model": self.model_name,
             "messages": messages,
@@ -133,16 +185,18 @@ class VLLMServerEngine:
     async def reload_weights(self, path: str, version: str) -> float:
         """Swap weights in place without failing requests: in-flight ones drain first."""
         started = time.perf_counter()
-        await self._post("/pause", params={"mode": "wait"})
-        try:
-            await self._post(
-                "/collective_rpc",
-                json={"method": "reload_weights", "kwargs": {"weights_path": path}},
-            )
-            await self._post("/reset_prefix_cache")
-            self._version = version
-        finally:
-            await self._post("/resume")
+        async with self._gate.swap():
+            # other clients' requests (the worker's rollouts) drain on the server's side
+            await self._post("/pause", params={"mode": "wait"})
+            try:
+                await self._post(
+                    "/collective_rpc",
+                    json={"method": "reload_weights", "kwargs": {"weights_path": path}},
+                )
+                await self._post("/reset_prefix_cache")
+                self._version = version
+            finally:
+                await self._post("/resume")
         return time.perf_counter() - started
 
     async def _post(self, route: str, **kwargs) -> httpx.Response:

@@ -90,6 +90,47 @@ def test_reload_weights_swaps_outputs_and_restores_exactly(
         assert all(c.finish_reason in ("stop", "length") for c in updates[-1].candidates)
 
 
+def test_pairs_asked_for_during_a_swap_are_labelled_with_the_weights_that_answer_them(
+    tiny_engine_url, tiny_model_dir, tmp_path
+):
+    """The server queues requests that arrive while a swap drains and answers them with the new
+    weights; their candidates must say so (every rating and canary count reads this label). The
+    same seeded request before and after the swap also shows that the reload changed what the
+    engine generates (vLLM #32718: reloads that kept serving stale weights)."""
+    other = build_tiny_checkpoint(tmp_path / "other", seed=1)
+
+    async def texts(engine):
+        final = (await complete(engine))[-1]
+        return final.model_version, [c.text for c in final.candidates]
+
+    async def run():
+        engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
+        try:
+            old = await texts(engine)
+            # a pair in flight, its stream held open: the swap has to drain it
+            held = engine.stream_pair(PROMPT, {"temperature": 1.0, "max_tokens": 64}, 9)
+            drained = await anext(held)
+            swap = asyncio.create_task(engine.reload_weights(str(other), "v0001"))
+            await asyncio.sleep(0.05)
+            during = [asyncio.create_task(texts(engine)) for _ in range(3)]
+            await asyncio.sleep(0.05)  # they are asked for now, while the swap drains
+            overlapped = not swap.done()
+            drained = [u async for u in held][-1]
+            await swap
+            during = await asyncio.gather(*during)
+            new = await texts(engine)
+        finally:
+            await engine.reload_weights(str(tiny_model_dir), "v0000")  # leave it as found
+            await engine.aclose()
+        return old, drained, during, new, overlapped
+
+    old, drained, during, new, overlapped = asyncio.run(run())
+    assert overlapped, "the swap finished before the pair it should drain did"
+    assert drained.model_version == "v0000"  # it ran on the old weights before the swap
+    assert new[0] == "v0001" and new[1] != old[1]
+    assert during == [new] * 3  # new weights' text, and labelled v0001
+
+
 @pytest.mark.parametrize(
     "message",
     [
