@@ -134,6 +134,12 @@ class LoopConfig:
         "or after this many minutes, if any new decisive vote came", default=60.0
     )
     poll_seconds: float = _help("how often the scheduler checks", default=10.0)
+    max_source_share: float = _help(
+        "refuse a scheduled cycle when more than this share of its new votes came from one "
+        "session or one client address (0: 1.0, no limit, when the app listens on loopback "
+        "only; 0.5 otherwise)",
+        default=0.0,
+    )
 
 
 @dataclass

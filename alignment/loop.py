@@ -70,6 +70,7 @@ class AlignmentLoop:
         revisions = await asyncio.to_thread(self.store.revisions) if self.sft else []
         agreement, compared = agreement_rate(await asyncio.to_thread(self.store.label_pairs))
         prompts = await asyncio.to_thread(self.store.logged_prompts)
+        sources = await asyncio.to_thread(self.store.new_vote_sources)
         if not human:
             raise ConflictError("no decisive votes yet (A or B): vote on some replies first")
         serving = await asyncio.to_thread(self.store.serving_version)
@@ -141,6 +142,7 @@ class AlignmentLoop:
             "sft": result.get("sft"),
             "human_pairs": len(human),
             "ai_pairs": len(records) - len(human),
+            "vote_sources": sources,
             "ai_human_agreement": agreement,
             "agreement_pairs": compared,
             "ppo_steps": result["ppo_steps"],

@@ -25,11 +25,32 @@ def cycle_due(new_votes: int, minutes_since_last: float | None, config: LoopConf
     return False
 
 
+def source_refusal(sources: dict, max_share: float) -> str | None:
+    """Why a scheduled cycle must not train on these votes, or None. One session or one address
+    that cast most of the new votes would steer the model for everybody."""
+    if max_share >= 1 or not sources["votes"]:
+        return None
+    share = max(sources["top_session_share"], sources["top_address_share"])
+    if share <= max_share:
+        return None
+    which = (
+        "one session"
+        if sources["top_session_share"] >= sources["top_address_share"]
+        else "one client address"
+    )
+    return (
+        f"{share:.0%} of the {sources['votes']} new votes came from {which} (at most "
+        f"{max_share:.0%} allowed): one voter would steer the model for everybody; an admin "
+        "can still retrain by hand"
+    )
+
+
 class RetrainScheduler:
-    def __init__(self, loop, store, config: LoopConfig) -> None:
+    def __init__(self, loop, store, config: LoopConfig, max_source_share: float = 1.0) -> None:
         self.loop = loop
         self.store = store
         self.config = config
+        self.max_source_share = max_source_share
         self.started = time.time()
 
     async def run_forever(self) -> None:
@@ -43,6 +64,11 @@ class RetrainScheduler:
             if minutes is None:  # never trained: count the time since the app started
                 minutes = (time.time() - self.started) / 60
             if not cycle_due(new, minutes, self.config):
+                continue
+            sources = await asyncio.to_thread(self.store.new_vote_sources)
+            if (reason := source_refusal(sources, self.max_source_share)) is not None:
+                log.warning("scheduled cycle refused: %s", reason)
+                await asyncio.to_thread(self.store.refuse_cycle, reason, {"vote_sources": sources})
                 continue
             try:
                 summary = await self.loop.retrain()

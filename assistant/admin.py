@@ -6,8 +6,10 @@ chatting and voting stay open. The comparison is constant-time.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
+import time
 
 DISABLED = (
     "admin actions are disabled: start the app with ASSISTANT_ADMIN_TOKEN set "
@@ -23,4 +25,38 @@ def admin_error(given: str | None) -> tuple[int, str] | None:
         return 403, DISABLED
     if not hmac.compare_digest((given or "").encode(), token.encode()):
         return 401, WRONG
+    return None
+
+
+# --- the page's admin sign-in -------------------------------------------------------------------
+# The page never holds the token: it is posted once to /admin/login (a plain form, outside
+# Gradio), which answers with an HttpOnly cookie that names no token and expires. The tabs' admin
+# actions check the cookie; changing ASSISTANT_ADMIN_TOKEN signs every admin out.
+
+ADMIN_COOKIE = "assistant_admin"
+ADMIN_COOKIE_MAX_AGE_S = 12 * 3600
+NOT_SIGNED_IN = "sign in with the admin token first (Admin tab)"
+
+
+def _cookie_tag(keys, issued: str) -> str:
+    token = os.environ.get("ASSISTANT_ADMIN_TOKEN", "")
+    return keys.sign(b"admin:", issued + ":" + hashlib.sha256(token.encode()).hexdigest())
+
+
+def admin_cookie(keys, now: float | None = None) -> str:
+    """A cookie value that proves a sign-in with the current token (`keys`: SessionKeys)."""
+    issued = str(int(time.time() if now is None else now))
+    return f"{issued}.{_cookie_tag(keys, issued)}"
+
+
+def cookie_admin_error(cookie: str | None, keys, now: float | None = None) -> str | None:
+    """None when the cookie is a live sign-in with the current token; else why not."""
+    if not os.environ.get("ASSISTANT_ADMIN_TOKEN"):
+        return DISABLED
+    issued, _, tag = (cookie or "").partition(".")
+    if not issued.isdigit() or not hmac.compare_digest(tag, _cookie_tag(keys, issued)):
+        return NOT_SIGNED_IN
+    age = (time.time() if now is None else now) - int(issued)
+    if not 0 <= age <= ADMIN_COOKIE_MAX_AGE_S:
+        return "your admin sign-in expired: sign in again (Admin tab)"
     return None

@@ -1,6 +1,7 @@
 """The JSON API: HTTP in, chat service call, HTTP out. No logic lives here.
 
 Routes (documented in the README):
+  POST /api/session  -> {"session_id"}  (send it back as X-Session-Id; the page has a cookie)
   POST /api/chat     {"conversation_id"?, "message"} -> pair of candidates
   POST /api/vote     {"pair_id", "choice": "a"|"b"|"tie"|"both_bad"}
   GET  /api/health
@@ -16,12 +17,18 @@ import logging
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from assistant.admin import admin_error
 from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
 from assistant.constitution import ConstitutionError
 from assistant.engine import EngineError, PromptTooLongError
+from assistant.sessions import (
+    SESSION_COOKIE,
+    SESSION_HEADER,
+    SessionKeys,
+    UnknownSessionError,
+)
 from storage import ConflictError, ForbiddenError, NotFoundError, StorageWriteError
 from storage.export import FORMATS
 
@@ -37,6 +44,8 @@ def map_error(exc: Exception) -> JSONResponse:
     """The one place where service errors become HTTP statuses."""
     if isinstance(exc, InvalidInputError):
         return error(exc.status, str(exc))
+    if isinstance(exc, UnknownSessionError):
+        return error(403, str(exc))
     if isinstance(exc, NotFoundError):
         return error(404, str(exc))
     if isinstance(exc, ForbiddenError):
@@ -64,9 +73,19 @@ def map_error(exc: Exception) -> JSONResponse:
 
 
 async def read_json(request: Request) -> dict:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise InvalidInputError(f"request body is over {MAX_BODY_BYTES} bytes", 413)
+    """The body as a JSON object, refused once it passes MAX_BODY_BYTES while it is still
+    arriving (a huge body is never held whole)."""
+    too_big = InvalidInputError(f"request body is over {MAX_BODY_BYTES} bytes", 413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -87,8 +106,29 @@ def is_admin(request: Request) -> bool:
     return admin_refusal(request) is None
 
 
-def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
+def build_api_router(service: ChatService, sessions: SessionKeys, loop=None, cai=None) -> APIRouter:
     router = APIRouter(prefix="/api")
+
+    def session(request: Request, data: dict) -> str | None:
+        """An id sent explicitly must be one this server issued (403 otherwise); a stale
+        cookie is only ignored (the page gets a new one)."""
+        explicit = data.get("session_id") or request.headers.get(SESSION_HEADER)
+        if explicit is not None and not isinstance(explicit, str):
+            raise InvalidInputError("'session_id' must be a string", 422)
+        if explicit is not None:
+            return sessions.check(explicit)
+        cookie = request.cookies.get(SESSION_COOKIE)
+        return cookie if sessions.is_valid(cookie) else None
+
+    def client(request: Request) -> str | None:
+        return sessions.client_tag(request.client.host if request.client else None)
+
+    @router.post("/session")
+    async def new_session():
+        session_id = sessions.issue()
+        answer = JSONResponse({"session_id": session_id})
+        set_session_cookie(answer, session_id)
+        return answer
 
     @router.post("/chat")
     async def chat(request: Request):
@@ -97,7 +137,10 @@ def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
             if "message" not in data:
                 raise InvalidInputError("missing 'message'")
             result = await service.chat(
-                data.get("conversation_id"), data["message"], session_id=_session(request, data)
+                data.get("conversation_id"),
+                data["message"],
+                session_id=session(request, data),
+                client=client(request),
             )
         except Exception as exc:  # noqa: BLE001 - map_error re-raises what it does not know
             return map_error(exc)
@@ -115,7 +158,11 @@ def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
                 raise InvalidInputError("'voter' must be a string", 422)
             started = time.perf_counter()
             body = await service.vote(
-                data["pair_id"], data["choice"], voter=voter, session_id=_session(request, data)
+                data["pair_id"],
+                data["choice"],
+                voter=voter,
+                session_id=session(request, data),
+                client=client(request),
             )
         except Exception as exc:  # noqa: BLE001
             return map_error(exc)
@@ -136,7 +183,7 @@ def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
     @router.delete("/conversations/{conversation_id}")
     async def delete_conversation(conversation_id: str, request: Request):
         try:
-            return await service.delete_conversation(conversation_id, _session(request, {}))
+            return await service.delete_conversation(conversation_id, session(request, {}))
         except Exception as exc:  # noqa: BLE001
             return map_error(exc)
 
@@ -208,17 +255,19 @@ def build_api_router(service: ChatService, loop=None, cai=None) -> APIRouter:
             return refusal
         if format not in FORMATS:
             return error(422, f"format must be one of {', '.join(FORMATS)}")
-        records = await service.preference_data(format)
-        return PlainTextResponse(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-            media_type="application/x-ndjson",
-        )
+
+        async def lines():
+            async for record in service.preference_data(format):
+                yield json.dumps(record, ensure_ascii=False) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     return router
 
 
-def _session(request: Request, data: dict) -> str | None:
-    session = data.get("session_id") or request.headers.get("x-session-id")
-    if session is not None and not isinstance(session, str):
-        raise InvalidInputError("'session_id' must be a string", 422)
-    return session
+def set_session_cookie(response, session_id: str) -> None:
+    """HttpOnly: no script on the page can read it; SameSite=Strict: no other site's page can
+    make the browser send it."""
+    response.set_cookie(
+        SESSION_COOKIE, session_id, httponly=True, samesite="strict", max_age=365 * 24 * 3600
+    )

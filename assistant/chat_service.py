@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import secrets
-import time
 import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import Engine, PairProgress
+from assistant.limits import VoteLimits
 from storage import ConflictError, Store
 from storage.export import preference_records
 from storage.store import VOTE_CHOICES, CandidateRecord
@@ -37,7 +38,8 @@ class InvalidInputError(ValueError):
 
 
 class RateLimitError(RuntimeError):
-    """A session votes faster than allowed; retry after `retry_after_s` seconds (HTTP 429)."""
+    """A session, an address or everybody votes faster than allowed, or one client already
+    has its share of the backlog generating; retry after `retry_after_s` seconds (HTTP 429)."""
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
@@ -133,7 +135,12 @@ class ChatService:
         self.serve = serve
         self._generating = 0
         self.engine_note: str | None = None  # set while the engine is being restarted
-        self._recent_votes: dict[str, collections.deque] = {}  # session -> vote times
+        self.vote_limits = VoteLimits(
+            serve.max_votes_per_minute,
+            serve.max_votes_per_minute_per_address,
+            serve.max_votes_per_minute_total,
+        )
+        self._generating_by_client: collections.Counter[str] = collections.Counter()
         self._conversations_generating: set[str] = set()
 
     @property
@@ -146,8 +153,18 @@ class ChatService:
 
     # --- turns --------------------------------------------------------------------------
 
+    @property
+    def backlog_per_client(self) -> int:
+        """Turns one client address may have generating at once (its share of the backlog)."""
+        return max(1, math.floor(self.serve.max_backlog * self.serve.max_backlog_share))
+
     async def stream_turn(
-        self, conversation_id: str | None, message: object, *, session_id: str | None = None
+        self,
+        conversation_id: str | None,
+        message: object,
+        *,
+        session_id: str | None = None,
+        client: str | None = None,
     ) -> AsyncIterator[TurnUpdate]:
         """Generate both candidates for a user turn, streaming, then store the pair atomically.
 
@@ -168,8 +185,17 @@ class ChatService:
                 f"{self.serve.retry_after_s} s",
                 self.serve.retry_after_s,
             )
+        if client is not None and self._generating_by_client[client] >= self.backlog_per_client:
+            raise RateLimitError(
+                f"this address already has {self.backlog_per_client} replies generating (its "
+                f"share of the {self.serve.max_backlog} places); retry in "
+                f"{self.serve.retry_after_s} s",
+                self.serve.retry_after_s,
+            )
         # Admission is counted before the first await, so a burst cannot slip past the limit.
         self._generating += 1
+        if client is not None:
+            self._generating_by_client[client] += 1
         claimed: str | None = None
         try:
             if conversation_id is None:
@@ -232,15 +258,26 @@ class ChatService:
             )
         finally:
             self._generating -= 1
+            if client is not None:
+                self._generating_by_client[client] -= 1
+                if not self._generating_by_client[client]:
+                    del self._generating_by_client[client]
             if claimed is not None:
                 self._conversations_generating.discard(claimed)
 
     async def chat(
-        self, conversation_id: str | None, message: object, *, session_id: str | None = None
+        self,
+        conversation_id: str | None,
+        message: object,
+        *,
+        session_id: str | None = None,
+        client: str | None = None,
     ) -> TurnResult:
         """One whole turn, not streamed (the JSON API)."""
         result = None
-        async for update in self.stream_turn(conversation_id, message, session_id=session_id):
+        async for update in self.stream_turn(
+            conversation_id, message, session_id=session_id, client=client
+        ):
             result = update.result
         assert result is not None
         return result
@@ -258,12 +295,17 @@ class ChatService:
         *,
         voter: str | None = None,
         session_id: str | None = None,
+        client: str | None = None,
     ) -> dict:
+        """`client` is the caller's address tag: votes are limited per session, per address
+        and in total, and the address tag is stored to see one client steering a cycle."""
         if not isinstance(pair_id, str) or not pair_id:
             raise InvalidInputError("'pair_id' must be a non-empty string", 422)
         choice = validate_choice(choice)
-        self._count_vote(session_id)
+        # the pair first: a vote on a pair that does not exist costs no one any allowance
         age, words = await asyncio.to_thread(self.store.reading_load, pair_id)
+        if (refusal := self.vote_limits.charge(session_id, client)) is not None:
+            raise RateLimitError(refusal.message, refusal.retry_after_s)
         flagged = None
         wps = self.serve.reading_words_per_second
         if wps > 0 and age < words / wps:
@@ -277,29 +319,22 @@ class ChatService:
             choice,
             voter=voter,
             session_id=session_id,
+            client=client,
             flagged=flagged,
         )
 
-    def _count_vote(self, session_id: str | None) -> None:
-        limit = self.serve.max_votes_per_minute
-        if not limit or session_id is None:
-            return
-        now = time.monotonic()
-        times = self._recent_votes.setdefault(session_id, collections.deque())
-        while times and now - times[0] > 60:
-            times.popleft()
-        if len(times) >= limit:
-            retry = int(60 - (now - times[0])) + 1
-            raise RateLimitError(
-                f"too many votes from this session: at most {limit} a minute; retry in {retry} s",
-                retry,
-            )
-        times.append(now)
-
-    async def preference_data(self, fmt: str) -> list[dict]:
-        """Decisive votes as preference records (`trl` or `hh`), for export."""
-        rows = await asyncio.to_thread(self.store.voted_pairs)
-        return preference_records(rows, fmt)
+    async def preference_data(self, fmt: str, page: int = 500) -> AsyncIterator[dict]:
+        """Decisive votes as preference records (`trl` or `hh`), for export: read a page at a
+        time off the event loop, so a large export neither holds everything in memory nor
+        stalls the chat."""
+        after = None
+        while True:
+            rows = await asyncio.to_thread(self.store.voted_pairs, after, page)
+            for record in preference_records(rows, fmt):
+                yield record
+            if len(rows) < page:
+                return
+            after = (rows[-1]["voted_at"], rows[-1]["vote_id"])
 
     # --- status -------------------------------------------------------------------------
 

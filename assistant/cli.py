@@ -46,6 +46,9 @@ RUN_OPTIONS = [
     ("--system-prompt", "serve", "system_prompt"),
     ("--reading-words-per-second", "serve", "reading_words_per_second"),
     ("--max-votes-per-minute", "serve", "max_votes_per_minute"),
+    ("--max-votes-per-minute-per-address", "serve", "max_votes_per_minute_per_address"),
+    ("--max-votes-per-minute-total", "serve", "max_votes_per_minute_total"),
+    ("--max-backlog-share", "serve", "max_backlog_share"),
     ("--retention-days", "serve", "retention_days"),
     ("--temperature", "sampling", "temperature"),
     ("--top-p", "sampling", "top_p"),
@@ -53,6 +56,7 @@ RUN_OPTIONS = [
     ("--retrain-every-votes", "loop", "every_votes"),
     ("--retrain-every-minutes", "loop", "every_minutes"),
     ("--retrain-poll-seconds", "loop", "poll_seconds"),
+    ("--max-vote-source-share", "loop", "max_source_share"),
     ("--cai-rounds", "cai", "rounds"),
     ("--ai-label-weight", "cai", "ai_label_weight"),
 ]

@@ -104,6 +104,17 @@ class ServeConfig:
     max_votes_per_minute: int = _help(
         "votes one session may cast per minute (0: no limit)", default=30
     )
+    max_votes_per_minute_per_address: int = _help(
+        "votes one client address may cast per minute, all its sessions together (0: no limit)",
+        default=60,
+    )
+    max_votes_per_minute_total: int = _help(
+        "votes everybody together may cast per minute (0: no limit)", default=600
+    )
+    max_backlog_share: float = _help(
+        "share of --max-backlog one client address may hold; past it, HTTP 429 (1: no share)",
+        default=0.25,
+    )
     system_prompt: str | None = _help("system prompt prepended to every conversation", default=None)
     allowed_hosts: list[str] = _help(
         "host names the app answers to, besides loopback names and the bound address (a page "
@@ -116,6 +127,10 @@ class ServeConfig:
         "0 keeps them",
         default=0.0,
     )
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
 
     def trusted_hosts(self) -> list[str]:
         """What the Host header may name: loopback, the bound address, and the allow-list."""
@@ -163,6 +178,14 @@ class AppConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     cai: CAIConfig = field(default_factory=CAIConfig)
+
+    @property
+    def max_source_share(self) -> float:
+        """--max-vote-source-share, or its default for where the app listens: on loopback the
+        one person at the keyboard casts every vote (no limit); anywhere else, half."""
+        if self.loop.max_source_share:
+            return self.loop.max_source_share
+        return 1.0 if self.serve.loopback_only else 0.5
 
     @property
     def database(self) -> Path:
@@ -225,6 +248,20 @@ class AppConfig:
                 "loopback only, where the app expects it and picks its port",
             ),
             (s.retention_days >= 0, "--retention-days must be >= 0 (0 keeps conversations)"),
+            (0 < s.max_backlog_share <= 1, "--max-backlog-share must be in (0, 1]"),
+            (
+                min(
+                    s.max_votes_per_minute,
+                    s.max_votes_per_minute_per_address,
+                    s.max_votes_per_minute_total,
+                )
+                >= 0,
+                "vote limits must be >= 0 (0: no limit)",
+            ),
+            (
+                0 <= self.loop.max_source_share <= 1,
+                "--max-vote-source-share must be in [0, 1] (0: the default for the bound address)",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -167,13 +167,16 @@ def build_app(config: AppConfig):
     from fastapi.responses import JSONResponse
 
     from alignment.scheduler import RetrainScheduler
-    from assistant.api import build_api_router
+    from assistant.admin_login import build_admin_login_router
+    from assistant.api import build_api_router, set_session_cookie
     from assistant.chat_service import ChatService
     from assistant.critic import CAIWorker, Critic
     from assistant.engine_watch import EngineWatch
+    from assistant.sessions import SESSION_COOKIE, SessionKeys
     from ui.page import CSS, build_page
 
     constitution = active_constitution(config)  # before the engine: a bad file fails fast
+    sessions = SessionKeys.load_or_create(config.data_dir / "secrets" / "session.key")
     runtime = open_runtime(config)
     service = ChatService(runtime.store, runtime.engine, config.sampling, config.serve)
     version = runtime.store.latest_constitution()
@@ -187,7 +190,9 @@ def build_app(config: AppConfig):
     )
     cai = CAIWorker(critic, runtime.store, service, cycle_running=lambda: runtime.loop.running)
 
-    scheduler = RetrainScheduler(runtime.loop, runtime.store, config.loop)
+    scheduler = RetrainScheduler(
+        runtime.loop, runtime.store, config.loop, max_source_share=config.max_source_share
+    )
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -224,10 +229,22 @@ def build_app(config: AppConfig):
             return JSONResponse({"error": "this app does not offer that route"}, status_code=403)
         return await call_next(request)
 
-    app.include_router(build_api_router(service, runtime.loop, cai))
+    @app.middleware("http")
+    async def issue_page_session(request, call_next):
+        # The page's session is an HttpOnly cookie the server issues on the first visit (or
+        # when the one sent was not issued here); API clients ask POST /api/session instead.
+        response = await call_next(request)
+        if not request.url.path.startswith("/api/") and not sessions.is_valid(
+            request.cookies.get(SESSION_COOKIE)
+        ):
+            set_session_cookie(response, sessions.issue())
+        return response
+
+    app.include_router(build_api_router(service, sessions, runtime.loop, cai))
+    app.include_router(build_admin_login_router(sessions))
     app.state.service = service
     app.state.runtime = runtime
-    page = build_page(service, runtime.loop, cai).queue(default_concurrency_limit=None)
+    page = build_page(service, sessions, runtime.loop, cai).queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(
         app, page, path="/", css=CSS, footer_links=["api"], run_history=False, max_file_size="1kb"
     )

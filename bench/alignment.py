@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.generation import PROMPTS
-from tests.app_process import AppProcess
+from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 TOKEN = "bench-token"
 
@@ -88,6 +88,7 @@ def main() -> None:
             [
                 "--reading-words-per-second",  # simulated users vote instantly
                 "0",
+                *MANY_USERS_ON_ONE_ADDRESS,
                 "--no-cai",
                 "--model",
                 str(repo / "data/models/SmolLM2-135M-Instruct"),

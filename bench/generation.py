@@ -22,7 +22,7 @@ import httpx
 
 from assistant.config import EngineConfig
 from assistant.vllm_server import EmbeddedVLLMServer
-from tests.app_process import AppProcess
+from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -137,7 +137,9 @@ def main() -> None:
         engine = EmbeddedVLLMServer(args.model, EngineConfig(), Path(tmp) / "engine.log")
         engine.start()
         engine.wait_ready()
-        app = AppProcess(["--vllm-url", engine.url, "--no-cai"], Path(tmp) / "app").start()
+        app = AppProcess(
+            ["--vllm-url", engine.url, "--no-cai", *MANY_USERS_ON_ONE_ADDRESS], Path(tmp) / "app"
+        ).start()
         try:
             lat1 = asyncio.run(api_latencies(app.url, 1, args.turns))
             lat8 = asyncio.run(api_latencies(app.url, 8, 2))

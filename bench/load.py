@@ -128,7 +128,7 @@ def main() -> None:
 
     from assistant.config import EngineConfig
     from assistant.vllm_server import EmbeddedVLLMServer
-    from tests.app_process import AppProcess
+    from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
     from tests.tiny_model import build_tiny_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -152,6 +152,7 @@ def main() -> None:
                     "--max-backlog", "64",
                     "--no-cai",
                     "--reading-words-per-second", "0",
+                    *MANY_USERS_ON_ONE_ADDRESS,
                 ],
                 work / "app",
             ).start(timeout=120)  # fmt: skip

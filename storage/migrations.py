@@ -151,4 +151,11 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        6,
+        "which client a vote came from (a keyed tag of its address, never the address itself)",
+        """
+        ALTER TABLE votes ADD COLUMN client VARCHAR;
+        """,
+    ),
 ]

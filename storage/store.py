@@ -339,6 +339,7 @@ class Store:
         *,
         voter: str | None = None,
         session_id: str | None = None,
+        client: str | None = None,
         flagged: str | None = None,
     ) -> dict[str, Any]:
         """Store a vote and continue the conversation with the chosen reply, atomically.
@@ -364,9 +365,9 @@ class Store:
             if con.execute("SELECT 1 FROM votes WHERE pair_id = ?", [pair_id]).fetchone():
                 raise ConflictError(f"pair {pair_id} already has a vote")
             con.execute(
-                "INSERT INTO votes (id, pair_id, choice, voter, session_id, flagged) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [vote_id, pair_id, choice, voter, session_id, flagged],
+                "INSERT INTO votes (id, pair_id, choice, voter, session_id, client, flagged) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [vote_id, pair_id, choice, voter, session_id, client, flagged],
             )
             chosen_text = None
             if choice == "both_bad":
@@ -424,15 +425,24 @@ class Store:
             raise ValueError(f"unknown table {table!r}")
         return self._rows(f"SELECT count(*) AS n FROM {table}")[0]["n"]
 
-    def voted_pairs(self) -> list[dict[str, Any]]:
-        """Every unflagged voted pair with its prompt and both candidate texts, oldest first."""
+    def voted_pairs(
+        self, after: tuple[Any, str] | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Unflagged voted pairs with their prompt and both candidate texts, oldest first: all
+        of them, or a page of `limit` after the row whose (voted_at, vote_id) is `after`."""
+        where, params = "v.flagged IS NULL", []
+        if after is not None:
+            where += " AND (v.created_at, v.id) > (?, ?)"
+            params += list(after)
         return self._prompt_rows(
             "SELECT p.id AS pair_id, p.prompt, p.model_version, v.choice, v.source, "
-            "v.created_at AS voted_at, a.text AS text_a, b.text AS text_b "
+            "v.id AS vote_id, v.created_at AS voted_at, a.text AS text_a, b.text AS text_b "
             "FROM votes v JOIN pairs p ON p.id = v.pair_id "
             "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
             "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
-            "WHERE v.flagged IS NULL ORDER BY v.created_at, v.id"
+            f"WHERE {where} ORDER BY v.created_at, v.id"
+            + (f" LIMIT {int(limit)}" if limit is not None else ""),
+            params,
         )
 
     # --- constitutional AI ----------------------------------------------------------------
@@ -714,6 +724,33 @@ class Store:
             "       (SELECT epoch(now() - t) / 60 FROM last) AS minutes"
         )
         return rows[0]["n"], rows[0]["minutes"]
+
+    def new_vote_sources(self) -> dict[str, Any]:
+        """Where the decisive votes since the last cycle came from: their number and the share
+        of the largest single session and of the largest single client address (votes without
+        one count as their own source each)."""
+        rows = self._rows(
+            "WITH last AS (SELECT max(started_at) AS t FROM training_runs WHERE kind = 'cycle'), "
+            "new AS (SELECT session_id, client FROM votes, last WHERE choice IN ('a', 'b') "
+            "        AND flagged IS NULL AND (last.t IS NULL OR created_at > last.t)) "
+            "SELECT (SELECT count(*) FROM new) AS n, "
+            "  (SELECT coalesce(max(k), 0) FROM (SELECT count(*) AS k FROM new "
+            "   WHERE session_id IS NOT NULL GROUP BY session_id)) AS top_session, "
+            "  (SELECT coalesce(max(k), 0) FROM (SELECT count(*) AS k FROM new "
+            "   WHERE client IS NOT NULL GROUP BY client)) AS top_client"
+        )[0]
+        n = rows["n"]
+        return {
+            "votes": n,
+            "top_session_share": rows["top_session"] / n if n else 0.0,
+            "top_address_share": rows["top_client"] / n if n else 0.0,
+        }
+
+    def refuse_cycle(self, reason: str, metrics: dict) -> None:
+        """A cycle refused before it started, recorded as one (so its votes are not counted
+        again as new, and the Admin tab lists it with the reason)."""
+        run_id = self.start_run("cycle", {"refused": True})
+        self.finish_run(run_id, "refused", metrics, reason)
 
     def logged_prompts(self) -> list[list[dict[str, str]]]:
         """Every distinct prompt sent to the engine, for PPO rollouts."""

@@ -13,6 +13,14 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token"  # what the shared test apps are started with
+# Simulated users all come from 127.0.0.1, where real ones each have an address: the limits per
+# address (votes a minute, share of the backlog) would make them one user. Tests of those limits
+# pass their own values after these (the last flag wins).
+MANY_USERS_ON_ONE_ADDRESS = [
+    "--max-votes-per-minute-per-address", "0",
+    "--max-votes-per-minute-total", "0",
+    "--max-backlog-share", "1",
+]  # fmt: skip
 
 
 def free_port() -> int:
@@ -82,6 +90,12 @@ class AppProcess:
         return httpx.get(
             self.url + "/api/export", params={"format": fmt}, headers=self.admin_headers()
         )
+
+    def new_session(self) -> dict[str, str]:
+        """Headers carrying a session this app issued (`POST /api/session`)."""
+        r = httpx.post(self.url + "/api/session", timeout=30)
+        r.raise_for_status()
+        return {"X-Session-Id": r.json()["session_id"]}
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_process import ADMIN_TOKEN, AppProcess
+from tests.app_process import ADMIN_TOKEN, MANY_USERS_ON_ONE_ADDRESS, AppProcess
 from tests.tiny_model import build_tiny_checkpoint
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -57,6 +57,7 @@ def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
         "--temperature",
         "1.0",
         *([] if cai else ["--no-cai"]),
+        *MANY_USERS_ON_ONE_ADDRESS,
         *extra,
     ]
 
@@ -99,7 +100,7 @@ def smol_app(tmp_path_factory) -> Iterator[AppProcess]:
             "which provisions it first"
         )
     app = AppProcess(
-        ["--model", str(SMOL_DIR), "--max-new-tokens", "48"],
+        ["--model", str(SMOL_DIR), "--max-new-tokens", "48", *MANY_USERS_ON_ONE_ADDRESS],
         tmp_path_factory.mktemp("smol-app"),
         env={"ASSISTANT_ADMIN_TOKEN": ADMIN_TOKEN},
     ).start(timeout=900)

@@ -1,4 +1,5 @@
-"""The admin tab in a real browser: token refused, retrain deploys, the version table updates."""
+"""The admin tab in a real browser: sign-in refused with a wrong token, accepted with the right
+one (as an HttpOnly cookie, never a Gradio value), retrain deploys, the version table updates."""
 
 from __future__ import annotations
 
@@ -26,11 +27,23 @@ def test_admin_tab_retrain_needs_token_and_deploys(
         page = browser.new_page(viewport={"width": 1200, "height": 1400})
         page.goto(app.url, wait_until="domcontentloaded")
         page.get_by_role("tab", name="Admin").click()
-        token = page.locator("#admin-token input")
-        token.fill("wrong")
         page.get_by_role("button", name="Retrain now").click()
-        expect(page.locator("#admin-result")).to_contain_text("wrong admin token")
-        token.fill("page-token")
+        expect(page.locator("#admin-result")).to_contain_text("sign in with the admin token")
+        page.locator("#admin-token").fill("wrong")
+        page.locator("#admin-sign-in").click()
+        expect(page.locator("#admin-login-error")).to_contain_text("wrong admin token")
+        page.goto(app.url, wait_until="domcontentloaded")
+        page.get_by_role("tab", name="Admin").click()
+        page.locator("#admin-token").fill("page-token")
+        page.locator("#admin-sign-in").click()
+        page.wait_for_url(app.url + "/")
+        page.get_by_role("tab", name="Admin").click()
+        expect(page.locator("#admin-signed-in")).to_contain_text("Signed in as admin")
+        # the sign-in is an HttpOnly cookie: no script on the page can read it or the session
+        assert "assistant_admin" not in page.evaluate("document.cookie")
+        assert "assistant_session" not in page.evaluate("document.cookie")
+        cookies = {c["name"]: c for c in page.context.cookies()}
+        assert cookies["assistant_admin"]["httpOnly"] and "page-token" not in str(cookies)
         page.get_by_role("button", name="Retrain now").click()
         expect(page.locator("#admin-result")).to_contain_text(
             "Cycle deployed: v0001", timeout=180_000

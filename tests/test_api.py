@@ -94,18 +94,16 @@ def test_bad_input_gets_4xx_json_and_changes_nothing(tiny_app, route, body, stat
 
 
 def test_another_sessions_conversation_cannot_be_continued_or_voted_in(tiny_app):
-    alice = {"x-session-id": "alice"}
+    alice, mallory = tiny_app.new_session(), tiny_app.new_session()
     turn = httpx.post(
         tiny_app.url + "/api/chat", json={"message": "mine"}, headers=alice, timeout=60
     ).json()
     vote = {"pair_id": turn["pair_id"], "choice": "a"}
-    for headers in ({"x-session-id": "mallory"}, {}):
+    for headers in (mallory, {}):
         resp = httpx.post(tiny_app.url + "/api/vote", json=vote, headers=headers)
         assert resp.status_code == 403 and "another session" in resp.json()["error"]
     follow = {"message": "hijack", "conversation_id": turn["conversation_id"]}
-    resp = httpx.post(
-        tiny_app.url + "/api/chat", json=follow, headers={"x-session-id": "mallory"}, timeout=60
-    )
+    resp = httpx.post(tiny_app.url + "/api/chat", json=follow, headers=mallory, timeout=60)
     assert resp.status_code == 403
     resp = httpx.post(tiny_app.url + "/api/vote", json=vote, headers=alice)
     assert resp.status_code == 200, resp.text  # the owner still can: the refusals stored nothing
@@ -279,7 +277,7 @@ def test_too_fast_votes_are_kept_but_flagged_and_sessions_are_rate_limited(
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", ADMIN_TOKEN)
     # The default reading pace (15 words/s) applies: an instant vote cannot have read 2 replies.
     app = tiny_app_factory("--reading-words-per-second", "15", "--max-votes-per-minute", "2")
-    headers = {"X-Session-Id": "s1"}
+    headers = app.new_session()
     pairs = []
     for i in range(3):
         turn = httpx.post(

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from alignment.config import GateConfig
-from tests.app_process import AppProcess
+from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
 from tests.tiny_model import (
     TOPICS,
     TWO_STYLE_RETRAIN_CONFIG,
@@ -78,6 +78,7 @@ def test_deployed_version_satisfies_the_users_preference_more_than_v0(
             "--retrain-every-votes", "0",
             "--retrain-every-minutes", "0",
             "--retrain-config", str(config_file),
+            *MANY_USERS_ON_ONE_ADDRESS,
         ],
         tmp_path / "app",
     ).start(timeout=300)  # fmt: skip

@@ -18,30 +18,23 @@ from tests.app_process import ADMIN_TOKEN
 from tests.test_e2e_smollm2 import CHROMIUM, CHROMIUM_ARGS
 
 
-def _turn(app, message: str, session: str) -> dict:
-    r = httpx.post(
-        app.url + "/api/chat",
-        json={"message": message},
-        headers={"X-Session-Id": session},
-        timeout=120,
-    )
+def _turn(app, message: str, session: dict) -> dict:
+    r = httpx.post(app.url + "/api/chat", json={"message": message}, headers=session, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def _vote(app, pair_id: str, choice: str, session: str) -> None:
+def _vote(app, pair_id: str, choice: str, session: dict) -> None:
     r = httpx.post(
-        app.url + "/api/vote",
-        json={"pair_id": pair_id, "choice": choice},
-        headers={"X-Session-Id": session},
-        timeout=30,
+        app.url + "/api/vote", json={"pair_id": pair_id, "choice": choice}, headers=session
     )
     assert r.status_code == 200, r.text
 
 
 def test_bulk_reads_of_users_chats_need_the_admin_token(tiny_app):
-    turn = _turn(tiny_app, "my private question", "alice")
-    _vote(tiny_app, turn["pair_id"], "a", "alice")
+    alice = tiny_app.new_session()
+    turn = _turn(tiny_app, "my private question", alice)
+    _vote(tiny_app, turn["pair_id"], "a", alice)
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         export = httpx.get(tiny_app.url + "/api/export", headers=headers)
         assert export.status_code == 401 and "private question" not in export.text
@@ -53,26 +46,32 @@ def test_bulk_reads_of_users_chats_need_the_admin_token(tiny_app):
 
 
 def test_a_user_deletes_their_own_conversation_and_nothing_of_it_remains(tiny_app):
-    first = _turn(tiny_app, "delete me please", "bob")
-    _vote(tiny_app, first["pair_id"], "b", "bob")
+    bob, mallory = tiny_app.new_session(), tiny_app.new_session()
+    first = _turn(tiny_app, "delete me please", bob)
+    _vote(tiny_app, first["pair_id"], "b", bob)
     url = f"{tiny_app.url}/api/conversations/{first['conversation_id']}"
-    # another session (or none) may not delete it
-    assert httpx.delete(url, headers={"X-Session-Id": "mallory"}).status_code == 403
+    # another session (or none, or one the server never issued) may not delete it
+    assert httpx.delete(url, headers=mallory).status_code == 403
     assert httpx.delete(url).status_code == 403
+    real = bob["X-Session-Id"]
+    forged = httpx.delete(
+        url, headers={"X-Session-Id": real[:-1] + ("1" if real[-1] == "0" else "0")}
+    )
+    assert forged.status_code == 403 and "unknown session" in forged.json()["error"]
     assert "delete me please" in tiny_app.export().text
 
-    gone = httpx.delete(url, headers={"X-Session-Id": "bob"})
+    gone = httpx.delete(url, headers=bob)
     assert gone.status_code == 200, gone.text
     removed = gone.json()["removed"]
     assert removed["conversations"] == 1 and removed["pairs"] == 1
     assert removed["candidates"] == 2 and removed["votes"] == 1 and removed["messages"] >= 1
     assert "delete me please" not in tiny_app.export().text
-    assert httpx.delete(url, headers={"X-Session-Id": "bob"}).status_code == 404
+    assert httpx.delete(url, headers=bob).status_code == 404
     # the id is no longer a conversation one can continue
     again = httpx.post(
         tiny_app.url + "/api/chat",
         json={"message": "hello?", "conversation_id": first["conversation_id"]},
-        headers={"X-Session-Id": "bob"},
+        headers=bob,
         timeout=60,
     )
     assert again.status_code == 404
@@ -104,9 +103,10 @@ def test_job_folders_are_private_and_lose_the_chats_once_the_cycle_ends(
 ):
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", ADMIN_TOKEN)
     app = tiny_app_factory("--model", str(tiny_model_dir), "--retrain-preset", "fast")
+    carol = app.new_session()
     for i in range(6):
-        turn = _turn(app, f"job question {i}?", "carol")
-        _vote(app, turn["pair_id"], "ab"[i % 2], "carol")
+        turn = _turn(app, f"job question {i}?", carol)
+        _vote(app, turn["pair_id"], "ab"[i % 2], carol)
     cycle = httpx.post(app.url + "/api/retrain", headers=app.admin_headers(), timeout=600)
     assert cycle.status_code == 200, cycle.text
     (job,) = (app.data_dir / "jobs").iterdir()
@@ -125,8 +125,9 @@ def test_job_folders_are_private_and_lose_the_chats_once_the_cycle_ends(
 def test_retention_deletes_old_conversations(tiny_app_factory, tmp_path):
     data = tmp_path / "retained"
     app = tiny_app_factory(data_dir=data)
-    old = _turn(app, "an old chat", "dave")
-    _vote(app, old["pair_id"], "a", "dave")
+    dave = app.new_session()
+    old = _turn(app, "an old chat", dave)
+    _vote(app, old["pair_id"], "a", dave)
     app.stop()
     con = duckdb.connect(str(app.db))
     con.execute(
@@ -135,7 +136,7 @@ def test_retention_deletes_old_conversations(tiny_app_factory, tmp_path):
     )
     con.close()
     app = tiny_app_factory("--retention-days", "7", data_dir=data)
-    fresh = _turn(app, "a new chat", "dave")
+    fresh = _turn(app, "a new chat", dave)  # sessions outlive a restart
     app.stop()
     con = duckdb.connect(str(app.db), read_only=True)
     ids = {r[0] for r in con.execute("SELECT id FROM conversations").fetchall()}

@@ -100,6 +100,20 @@ def test_voted_pairs_joins_prompt_and_both_texts(store):
     assert row["prompt"] == [{"role": "user", "content": "hi"}]
 
 
+def test_voted_pairs_page_by_page_are_all_of_them_in_order(store):
+    """Export reads a page at a time; the pages together are exactly the whole."""
+    for i in range(7):
+        conv = store.create_conversation()
+        store.record_vote(_turn(store, conv, f"q{i}").pair_id, "ab"[i % 2])
+    whole = store.voted_pairs()
+    pages, after = [], None
+    while page := store.voted_pairs(after, 3):
+        pages.append(page)
+        after = (page[-1]["voted_at"], page[-1]["vote_id"])
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [r for p in pages for r in p] == whole and len(whole) == 7
+
+
 def test_unwritable_location_fails_with_clear_message(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

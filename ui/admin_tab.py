@@ -1,8 +1,12 @@
 """The admin tab: retrain now, roll back, the cycle's stage while it runs, versions and plots.
 
-Every action asks for the admin token (`ASSISTANT_ADMIN_TOKEN`); without it set, admin actions are
-refused with a clear message. Plots per cycle: reward-model held-out accuracy and gate win rate;
-per PPO step of the latest cycle: reward and KL.
+Admin actions need a sign-in: the token (`ASSISTANT_ADMIN_TOKEN`) is posted by a plain form to
+`/admin/login`, outside Gradio, which answers with an HttpOnly cookie; the handlers here check the
+cookie, so the token is never a component value (Gradio keeps those in its session state). Without
+the variable set, admin actions are refused with a clear message.
+
+Plots per cycle: reward-model held-out accuracy and gate win rate; per PPO step of the latest
+cycle: reward and KL.
 """
 
 from __future__ import annotations
@@ -11,7 +15,17 @@ import gradio as gr
 import pandas as pd
 
 from alignment.stats import format_interval
-from assistant.admin import admin_error
+from assistant.admin import ADMIN_COOKIE, cookie_admin_error
+from assistant.sessions import SessionKeys
+
+LOGIN_FORM = """
+<form method="post" action="admin/login" id="admin-login" class="admin-login">
+  <input type="password" name="token" id="admin-token" placeholder="Admin token"
+         autocomplete="current-password" aria-label="Admin token">
+  <button type="submit" id="admin-sign-in">Sign in</button>
+</form>
+<form method="post" action="admin/logout"><button type="submit">Sign out</button></form>
+"""
 
 VERSION_COLUMNS = [
     "version",
@@ -85,8 +99,16 @@ def _stage_line(status: dict) -> str:
     return f"Cycle running: **{status['stage']}** {detail}"
 
 
-def build_admin_tab(loop) -> None:
-    token = gr.Textbox(label="Admin token", type="password", elem_id="admin-token")
+def admin_problem(request: gr.Request | None, sessions: SessionKeys) -> str | None:
+    """None when the page's visitor is signed in as admin; else why not, in words."""
+    cookies = getattr(request, "cookies", None) or {}
+    cookie = cookies.get(ADMIN_COOKIE) if hasattr(cookies, "get") else None
+    return cookie_admin_error(cookie, sessions)
+
+
+def build_admin_tab(loop, sessions: SessionKeys) -> None:
+    gr.HTML(LOGIN_FORM)
+    signed_in = gr.Markdown("", elem_id="admin-signed-in")
     stage = gr.Markdown("No cycle running.", elem_id="cycle-stage")
     with gr.Row():
         retrain = gr.Button("Retrain now", variant="primary")
@@ -116,9 +138,13 @@ def build_admin_tab(loop) -> None:
 
     outputs = [stage, table, version, cycle_plot, step_plot]
 
-    async def on_retrain(given: str):
-        if (problem := admin_error(given)) is not None:
-            return f"⚠ {problem[1]}"
+    def who(request: gr.Request):
+        problem = admin_problem(request, sessions)
+        return "Signed in as admin." if problem is None else f"Not signed in: {problem}."
+
+    async def on_retrain(request: gr.Request):
+        if (problem := admin_problem(request, sessions)) is not None:
+            return f"⚠ {problem}"
         try:
             summary = await loop.retrain()
         except Exception as exc:  # noqa: BLE001 - shown to the admin
@@ -126,9 +152,9 @@ def build_admin_tab(loop) -> None:
         extra = summary.get("reason") or summary.get("error") or ""
         return f"Cycle {summary['status']}: {summary['version']} {extra}"
 
-    async def on_rollback(given: str, name: str):
-        if (problem := admin_error(given)) is not None:
-            return f"⚠ {problem[1]}"
+    async def on_rollback(name: str, request: gr.Request):
+        if (problem := admin_problem(request, sessions)) is not None:
+            return f"⚠ {problem}"
         if not name:
             return "⚠ choose a version first"
         try:
@@ -137,8 +163,10 @@ def build_admin_tab(loop) -> None:
             return f"⚠ {exc}"
         return f"Serving {done['version']} (swap {done['swap_seconds']:.2f} s)"
 
-    retrain.click(on_retrain, token, result, concurrency_limit=None).then(refresh, None, outputs)
-    rollback.click(on_rollback, [token, version], result, concurrency_limit=None).then(
+    retrain.click(on_retrain, None, result, concurrency_limit=None).then(refresh, None, outputs)
+    rollback.click(on_rollback, version, result, concurrency_limit=None).then(
         refresh, None, outputs
     )
-    gr.Timer(2.0).tick(refresh, None, outputs, concurrency_limit=None, show_progress="hidden")
+    timer = gr.Timer(2.0)
+    timer.tick(refresh, None, outputs, concurrency_limit=None, show_progress="hidden")
+    timer.tick(who, None, signed_in, concurrency_limit=None, show_progress="hidden")

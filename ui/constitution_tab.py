@@ -8,8 +8,9 @@ import json
 
 import gradio as gr
 
-from assistant.admin import admin_error
 from assistant.constitution import ConstitutionError
+from assistant.sessions import SessionKeys
+from ui.admin_tab import admin_problem
 
 
 def _chain_markdown(reply: str, rounds: list[dict]) -> str:
@@ -25,7 +26,7 @@ def _chain_markdown(reply: str, rounds: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def build_constitution_tab(cai) -> None:
+def build_constitution_tab(cai, sessions: SessionKeys) -> None:
     status = gr.Markdown("", elem_id="cai-status")
     with gr.Row():
         with gr.Column():
@@ -41,15 +42,15 @@ def build_constitution_tab(cai) -> None:
                 interactive=True,
                 elem_id="cai-constitution",
             )
-            token = gr.Textbox(label="Admin token", type="password")
             save = gr.Button("Save as new version")
             saved = gr.Markdown("", elem_id="cai-saved")
     replies: dict[str, dict] = {}
 
-    async def refresh(given: str):
+    async def refresh(request: gr.Request):
         backlog, agreement = await cai.backlog(), await cai.agreement()
+        admin = admin_problem(request, sessions) is None
         # the critiqued replies quote other people's questions: listed for the admin only
-        recent = await cai.recent() if admin_error(given) is None else []
+        recent = await cai.recent() if admin else []
         replies.clear()
         choices = []
         for r in recent:
@@ -69,19 +70,22 @@ def build_constitution_tab(cai) -> None:
                 else "no pair has both labels yet"
             )
         )
-        if admin_error(given) is not None:
-            line += " Enter the admin token to browse critiqued replies (they quote users' chats)."
+        if not admin:
+            line += (
+                " Sign in as admin (Admin tab) to browse critiqued replies (they quote users' "
+                "chats) and to edit the constitution."
+            )
         return line, gr.update(choices=choices)
 
-    async def show(label: str, given: str):
+    async def show(label: str, request: gr.Request):
         r = replies.get(label)
-        if r is None or admin_error(given) is not None:
+        if r is None or admin_problem(request, sessions) is not None:
             return "Pick a reply to see its critique-revision chain."
         return _chain_markdown(r["text"], await cai.chain(r["candidate_id"]))
 
-    async def on_save(given: str, body: str):
-        if (problem := admin_error(given)) is not None:
-            return f"⚠ {problem[1]}", gr.skip()
+    async def on_save(body: str, request: gr.Request):
+        if (problem := admin_problem(request, sessions)) is not None:
+            return f"⚠ {problem}", gr.skip()
         try:
             version = await cai.replace_constitution(json.loads(body))
         except json.JSONDecodeError as exc:
@@ -93,6 +97,6 @@ def build_constitution_tab(cai) -> None:
             json.dumps(cai.constitution.as_json(), indent=2),
         )
 
-    picker.change(show, [picker, token], chain)
-    save.click(on_save, [token, text], [saved, text])
-    gr.Timer(5.0).tick(refresh, token, [status, picker], show_progress="hidden")
+    picker.change(show, picker, chain)
+    save.click(on_save, text, [saved, text])
+    gr.Timer(5.0).tick(refresh, None, [status, picker], show_progress="hidden")

@@ -14,6 +14,7 @@ import gradio as gr
 
 from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
 from assistant.engine import EngineError, PromptTooLongError
+from assistant.sessions import SESSION_COOKIE, SessionKeys
 from storage import ConflictError, ForbiddenError, NotFoundError, StorageWriteError
 from ui.admin_tab import build_admin_tab
 from ui.constitution_tab import build_constitution_tab
@@ -53,7 +54,19 @@ def _user_error(exc: Exception) -> str:
     return getattr(exc, "public_message", None) or str(exc)
 
 
-def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
+def visitor(request: gr.Request | None, sessions: SessionKeys) -> dict[str, str | None]:
+    """The page's session (the server's HttpOnly cookie, never an id the browser makes up)
+    and its client tag, as the chat service's keyword arguments."""
+    cookies = getattr(request, "cookies", None) or {}
+    cookie = cookies.get(SESSION_COOKIE) if hasattr(cookies, "get") else None
+    client = getattr(request, "client", None)
+    return {
+        "session_id": cookie if sessions.is_valid(cookie) else None,
+        "client": sessions.client_tag(getattr(client, "host", None)),
+    }
+
+
+def build_page(service: ChatService, sessions: SessionKeys, loop=None, cai=None) -> gr.Blocks:
     with gr.Blocks(title="Aligned assistant") as page, gr.Tabs():
         with gr.Tab("Chat"):
             state = gr.State(_empty_state())
@@ -117,10 +130,9 @@ def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
                     )
                     return
                 hist = [*hist, {"role": "user", "content": html.escape(text or "")}]
-                session = getattr(request, "session_hash", None)
                 try:
                     async for update in service.stream_turn(
-                        st["conversation_id"], text, session_id=session
+                        st["conversation_id"], text, **visitor(request, sessions)
                     ):
                         if update.result is None:
                             yield view(
@@ -156,9 +168,7 @@ def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
                         yield view(st, hist, a, b, note="Nothing to vote on yet.")
                         return
                     try:
-                        await service.vote(
-                            st["pair_id"], choice, session_id=getattr(request, "session_hash", None)
-                        )
+                        await service.vote(st["pair_id"], choice, **visitor(request, sessions))
                     except USER_ERRORS as exc:
                         yield view(st, hist, a, b, note=f"⚠ {_user_error(exc)}", votable=True)
                         return
@@ -190,7 +200,7 @@ def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
                     return view(_empty_state(), [], note="Nothing to delete yet.")
                 try:
                     await service.delete_conversation(
-                        st["conversation_id"], getattr(request, "session_hash", None)
+                        st["conversation_id"], visitor(request, sessions)["session_id"]
                     )
                 except USER_ERRORS as exc:
                     return view(st, hist, note=f"⚠ {_user_error(exc)}")
@@ -225,8 +235,8 @@ def build_page(service: ChatService, loop=None, cai=None) -> gr.Blocks:
             )
         if cai is not None:
             with gr.Tab("Constitution"):
-                build_constitution_tab(cai)
+                build_constitution_tab(cai, sessions)
         if loop is not None:
             with gr.Tab("Admin"):
-                build_admin_tab(loop)
+                build_admin_tab(loop, sessions)
     return page
