@@ -21,6 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from alignment.engine_http import async_client
+from alignment.engine_http import client as engine_client
+
 log = logging.getLogger(__name__)
 _names = itertools.count()
 
@@ -44,7 +47,7 @@ class VLLMRollouts:
 
     async def _all(self, prompts, max_new_tokens, temperature, seed):
         model = self.current or self.model_name
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s) as client:
+        async with async_client(self.base_url, timeout=self.timeout_s) as client:
 
             async def one(i, messages):
                 r = await client.post(
@@ -72,11 +75,10 @@ class VLLMRollouts:
         path = self._dir / name
         peft_model.save_pretrained(path)
         try:
-            r = httpx.post(
-                f"{self.base_url}/v1/load_lora_adapter",
-                json={"lora_name": name, "lora_path": str(path)},
-                timeout=120,
-            )
+            with engine_client(self.base_url, timeout=120) as http:
+                r = http.post(
+                    "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}
+                )
         except httpx.HTTPError:
             r = None
         if r is None or r.status_code != 200:
@@ -95,12 +97,8 @@ class VLLMRollouts:
     def reset(self) -> None:
         """Back to the serving weights (unload the adapter)."""
         if self.current is not None:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.post(
-                    f"{self.base_url}/v1/unload_lora_adapter",
-                    json={"lora_name": self.current},
-                    timeout=60,
-                )
+            with contextlib.suppress(httpx.HTTPError), engine_client(self.base_url) as http:
+                http.post("/v1/unload_lora_adapter", json={"lora_name": self.current}, timeout=60)
             shutil.rmtree(self._dir / self.current, ignore_errors=True)
             self.current = None
 

@@ -137,7 +137,10 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
             # A restart serves what was deployed last, not the base checkpoint.
             source, version = ModelSource(serving["path"], serving["version"]), serving["version"]
         embedded = EmbeddedVLLMServer(
-            source.path, config.engine, config.data_dir / "logs" / "engine.log"
+            source.path,
+            config.engine,
+            config.data_dir / "logs" / "engine.log",
+            private_socket=True,
         )
         embedded.start()
         try:

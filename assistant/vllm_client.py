@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 
+from alignment.engine_http import async_client
 from assistant.engine import CandidateDraft, EngineError, PairProgress, PromptTooLongError
 
 
@@ -72,8 +73,8 @@ class VLLMServerEngine:
         self.base_url = base_url.rstrip("/")
         self.model_name = model_name
         self._version = model_version
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
+        self._http = async_client(
+            self.base_url,
             timeout=httpx.Timeout(request_timeout_s, connect=10.0),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )

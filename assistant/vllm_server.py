@@ -8,15 +8,19 @@ This module only manages the process: talking to it is `assistant.vllm_client`.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from alignment.engine_http import client as engine_client
+from alignment.engine_http import socket_url
 from alignment.lifetime import die_with_parent
 from assistant.config import EngineConfig
 from assistant.engine import EngineError
@@ -38,18 +42,43 @@ def _on_cpu() -> bool:
 
 
 class EmbeddedVLLMServer:
-    """A `vllm serve` child process bound to loopback."""
+    """A `vllm serve` child process on a Unix socket in a private directory (`private_socket`,
+    what the app uses unless a fixed `engine_port` is configured), or on a loopback port (the
+    tests' shared engine, which several apps reach by URL).
 
-    def __init__(self, model_path: str, config: EngineConfig, log_path: Path) -> None:
+    On a loopback port every local user of the machine could call the engine's development
+    endpoints (reload weights, pause, load adapters); the socket's 0700 directory admits only
+    this user."""
+
+    def __init__(
+        self,
+        model_path: str,
+        config: EngineConfig,
+        log_path: Path,
+        private_socket: bool = False,
+    ) -> None:
         self.model_path = model_path
         self.config = config
-        self.port = config.engine_port or free_port()
         self.log_path = log_path
+        self.socket: Path | None = None
+        self.port: int | None = None
+        if private_socket and not config.engine_port:
+            # a short path in /tmp: a socket's path must fit in 107 bytes
+            self.socket = Path(tempfile.mkdtemp(prefix="assistant-engine-")) / "engine.sock"
+        else:
+            self.port = config.engine_port or free_port()
         self._proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
+        if self.socket is not None:
+            return socket_url(str(self.socket))
         return f"http://127.0.0.1:{self.port}"
+
+    def _listen_args(self) -> list[str]:
+        if self.socket is not None:
+            return ["--uds", str(self.socket)]
+        return ["--host", "127.0.0.1", "--port", str(self.port)]
 
     def command(self) -> list[str]:
         c = self.config
@@ -75,10 +104,7 @@ class EmbeddedVLLMServer:
             self.model_path,
             "--served-model-name",
             c.served_model_name,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
+            *self._listen_args(),
             "--max-model-len",
             str(c.max_model_len),
             "--max-num-seqs",
@@ -107,6 +133,9 @@ class EmbeddedVLLMServer:
         if _on_cpu():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.socket is not None:
+            self.socket.parent.mkdir(mode=0o700, exist_ok=True)
+            self.socket.unlink(missing_ok=True)  # a dead engine's socket (a restart)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         print(
             f"[engine] starting vLLM on {self.url} (log: {self.log_path})",
@@ -133,8 +162,9 @@ class EmbeddedVLLMServer:
                     f"the last lines of {self.log_path}:\n{self.tail_log()}"
                 )
             try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return
+                with engine_client(self.url, timeout=2.0) as http:
+                    if http.get("/health").status_code == 200:
+                        return
             except httpx.HTTPError:
                 pass
             if time.monotonic() - last_report > 15:
@@ -162,6 +192,13 @@ class EmbeddedVLLMServer:
             return "(no log)"
 
     def stop(self, timeout: float = 20.0) -> None:
+        try:
+            self._stop_process(timeout)
+        finally:
+            if self.socket is not None:
+                shutil.rmtree(self.socket.parent, ignore_errors=True)
+
+    def _stop_process(self, timeout: float) -> None:
         if self._proc is None or self._proc.poll() is not None:
             return
         try:

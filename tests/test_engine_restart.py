@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -36,6 +38,11 @@ def test_app_restarts_a_dead_engine_and_says_so(tiny_model_dir, tmp_path):
             if "vllm.entrypoints" in " ".join(p.cmdline())
         ]
         assert engines, "no engine process under the app"
+        # it listens on a Unix socket in a directory only this user can enter, on no TCP port
+        cmdline = engines[0].cmdline()
+        assert "--uds" in cmdline and "--port" not in cmdline
+        socket_dir = Path(cmdline[cmdline.index("--uds") + 1]).parent
+        assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
         os.killpg(engines[0].pid, signal.SIGKILL)  # the engine and its core die at once
 
         seen_note, deadline = None, time.monotonic() + 300
