@@ -13,8 +13,9 @@ MODEL  := $(DATA)/models/SmolLM2-135M-Instruct/config.json
 
 .PHONY: run test test-fast lint format bench install model browser clean
 
+# App options go through ARGS, e.g.  make run ARGS="--retrain-preset fast --port 8080"
 run: install model
-	$(VENV)/bin/assistant run --data-dir $(DATA)
+	$(VENV)/bin/assistant run --data-dir $(DATA) $(ARGS)
 
 test: install model browser
 	$(PY) -m pytest

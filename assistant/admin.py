@@ -1,7 +1,10 @@
 """The admin token check shared by the API and the page.
 
-Admin actions (retrain, rollback) need `ASSISTANT_ADMIN_TOKEN`; without it they are refused, while
-chatting and voting stay open. The comparison is constant-time.
+Admin actions (retrain, rollback) need `ASSISTANT_ADMIN_TOKEN`. When `assistant run` starts
+without it, it uses the token stored in DATA_DIR/secrets/admin-token (generated on the first run,
+readable only by the user) and prints it, as Jupyter prints its token, so the Admin tab works at
+once; the CLI reads the same file. A token set in the environment is used and never printed. The
+comparison is constant-time.
 """
 
 from __future__ import annotations
@@ -9,13 +12,40 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import secrets
 import time
+from pathlib import Path
 
 DISABLED = (
     "admin actions are disabled: start the app with ASSISTANT_ADMIN_TOKEN set "
     "and send it as 'Authorization: Bearer <token>'"
 )
 WRONG = "missing or wrong admin token ('Authorization: Bearer <token>')"
+
+
+TOKEN_FILE = Path("secrets") / "admin-token"
+
+
+def stored_admin_token(data_dir: Path) -> str | None:
+    try:
+        return (data_dir / TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def ensure_admin_token(data_dir: Path) -> Path | None:
+    """With ASSISTANT_ADMIN_TOKEN unset, make the stored token (created private on the first
+    run) this process's admin token and return its file, for the caller to print; else None."""
+    if os.environ.get("ASSISTANT_ADMIN_TOKEN"):
+        return None
+    path = data_dir / TOKEN_FILE
+    if stored_admin_token(data_dir) is None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+    os.environ["ASSISTANT_ADMIN_TOKEN"] = stored_admin_token(data_dir) or ""
+    return path
 
 
 def admin_error(given: str | None) -> tuple[int, str] | None:

@@ -83,12 +83,29 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(
         prog="assistant", description="A chat assistant that aligns itself from your votes."
     )
+    try:
+        installed = version("online-aligned-assistant")
+    except PackageNotFoundError:  # run from a checkout without `pip install -e .`
+        installed = "unknown"
+    parser.add_argument("--version", action="version", version=f"assistant {installed}")
     sub = parser.add_subparsers(dest="command")
 
-    run = sub.add_parser("run", help="start the page and the JSON API")
+    run = sub.add_parser(
+        "run",
+        help="start the page and the JSON API",
+        description="Start the page and the JSON API (and the embedded engine unless "
+        "--vllm-url is given).",
+        epilog="Admin actions (retrain, rollback, constitution edits, export) need the admin "
+        "token: $ASSISTANT_ADMIN_TOKEN, or, when it is not set, a token generated on the first "
+        "run, stored in DATA_DIR/secrets/admin-token and printed at start. Examples: "
+        "`assistant run` (embedded SmolLM2 on the CPU); `assistant run --retrain-preset fast`; "
+        "`assistant run --vllm-url http://gpu-box:8000 --model /models/llama`.",
+    )
     _add_common(run)
     for flag, section, name in RUN_OPTIONS:
         f = _field(SECTIONS[section], name)
@@ -245,7 +262,7 @@ def cmd_export(args: argparse.Namespace, config: AppConfig) -> int:
     except StoreError as exc:
         if "in use" not in str(exc):
             raise
-        records = _export_via_app(args.url, args.format, args.token)
+        records = _export_via_app(args.url, args.format, args.token or _admin_token(args))
     else:
         try:
             records = preference_records(store.voted_pairs(), args.format)
@@ -268,12 +285,21 @@ def _app_holds_db(config: AppConfig) -> bool:
     return False
 
 
-def _call_app(args: argparse.Namespace, method: str, route: str, body: dict | None = None):
+def _admin_token(args: argparse.Namespace) -> str:
+    """$ASSISTANT_ADMIN_TOKEN, else the token `assistant run` stored in the data directory."""
     import os
+
+    from assistant.admin import stored_admin_token
+
+    data_dir = config_from_args(args).data_dir
+    return os.environ.get("ASSISTANT_ADMIN_TOKEN") or stored_admin_token(data_dir) or ""
+
+
+def _call_app(args: argparse.Namespace, method: str, route: str, body: dict | None = None):
 
     import httpx
 
-    token = args.token or os.environ.get("ASSISTANT_ADMIN_TOKEN", "")
+    token = args.token or _admin_token(args)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     print(f"the app is running; asking it at {args.url}", file=sys.stderr)
     try:

@@ -299,13 +299,25 @@ def _check_external(url: str) -> None:
 def serve(config: AppConfig) -> None:
     import uvicorn
 
+    from assistant.admin import ensure_admin_token
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    generated = ensure_admin_token(config.data_dir)
     app = build_app(config)
     print(
         f"[app] ready on http://{config.serve.host}:{config.serve.port}",
         file=sys.stderr,
         flush=True,
     )
+    if generated is not None:
+        print(
+            "[app] admin token (the Admin tab's sign-in, `Authorization: Bearer ...`): "
+            f"{os.environ['ASSISTANT_ADMIN_TOKEN']}\n"
+            f"      stored in {generated} (readable only by you); set ASSISTANT_ADMIN_TOKEN "
+            "to choose your own",
+            file=sys.stderr,
+            flush=True,
+        )
     uvicorn.run(
         app,
         host=config.serve.host,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from assistant.cli import build_parser, config_from_args
@@ -184,3 +186,53 @@ def test_retrain_config_overrides_only_the_fields_it_names(tmp_path):
     assert cycle.gate.max_kl == 4.0
     assert cycle.ppo.max_new_tokens == fast.ppo.max_new_tokens  # untouched fields keep the preset
     assert cycle.reward == fast.reward
+
+
+def test_run_without_a_token_generates_one_prints_it_and_the_cli_uses_it(
+    tiny_app_factory, monkeypatch, tmp_path
+):
+    """A newcomer's first retrain must not fail on "admin actions are disabled"."""
+    monkeypatch.delenv("ASSISTANT_ADMIN_TOKEN", raising=False)
+    data = tmp_path / "first-run"
+    app = tiny_app_factory(data_dir=data)
+    stored = data / "secrets" / "admin-token"
+    token = stored.read_text().strip()
+    assert len(token) >= 24 and stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert "admin token (the Admin tab's sign-in" in app.log.read_text()
+    assert token in app.log.read_text()
+    url = app.url + "/api/prune"
+    assert httpx.post(url, json={"keep": 3}).status_code == 401
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.post(url, json={"keep": 3}, headers=auth).status_code == 200
+    # the CLI finds the stored token by itself while the app runs
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "assistant",
+            "prune",
+            "--keep",
+            "3",
+            "--data-dir",
+            str(data),
+            "--url",
+            app.url,
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0 and "pruned 0 version(s)" in cli.stdout, cli.stderr
+    app.stop()
+    # a token set in the environment is used as it is and never printed
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "chosen-token")
+    again = tiny_app_factory(data_dir=data)
+    assert "chosen-token" not in again.log.read_text()
+    assert (
+        httpx.post(
+            again.url + "/api/prune",
+            json={"keep": 3},
+            headers={"Authorization": "Bearer chosen-token"},
+        ).status_code
+        == 200
+    )
