@@ -133,7 +133,7 @@ def one_budget(url, model, work, config, prompts, likes, n_chats, seed, max_toke
 
 def smol_config() -> CycleConfig:
     return CycleConfig(
-        reward=RewardConfig(epochs=2, batch_size=8, max_length=512),
+        reward=RewardConfig(learning_rate=2e-4, epochs=2, batch_size=8, max_length=512),
         ppo=PPOConfig(
             steps=8,
             prompts_per_step=8,
