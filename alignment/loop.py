@@ -46,6 +46,7 @@ class AlignmentLoop:
         self._lock = asyncio.Lock()
         self.stage = "idle"
         self.events: list[dict] = []  # the running (or last) cycle's progress lines
+        self.last: dict | None = None  # the last cycle's summary, for the page's status line
 
     @property
     def running(self) -> bool:
@@ -57,7 +58,11 @@ class AlignmentLoop:
             raise ConflictError("a retrain cycle is already running")
         async with self._lock:
             try:
-                return await self._cycle()
+                self.last = await self._cycle()
+                return self.last
+            except Exception as exc:
+                self.last = {"status": "failed", "error": str(exc)}
+                raise
             finally:
                 self.stage = "idle"
 

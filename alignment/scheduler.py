@@ -52,6 +52,19 @@ class RetrainScheduler:
         self.config = config
         self.max_source_share = max_source_share
         self.started = time.time()
+        self._until_next: tuple[float, int | None] = (0.0, None)  # (when read, votes to go)
+
+    async def votes_until_next(self, max_age_s: float = 10.0) -> int | None:
+        """Decisive votes still needed before the scheduler starts a cycle by itself (None: it
+        does not count votes); read at most every `max_age_s`, however many pages ask."""
+        if not self.config.every_votes:
+            return None
+        read_at, value = self._until_next
+        if time.monotonic() - read_at > max_age_s:
+            new, _ = await asyncio.to_thread(self.store.new_decisive_votes)
+            value = max(0, self.config.every_votes - new)
+            self._until_next = (time.monotonic(), value)
+        return value
 
     async def run_forever(self) -> None:
         if not (self.config.every_votes or self.config.every_minutes):

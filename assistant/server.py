@@ -247,7 +247,9 @@ def build_app(config: AppConfig):
     app.include_router(build_admin_login_router(sessions))
     app.state.service = service
     app.state.runtime = runtime
-    page = build_page(service, sessions, runtime.loop, cai).queue(default_concurrency_limit=None)
+    page = build_page(service, sessions, runtime.loop, cai, scheduler).queue(
+        default_concurrency_limit=None
+    )
     return gr.mount_gradio_app(
         app, page, path="/", css=CSS, footer_links=["api"], run_history=False, max_file_size="1kb"
     )

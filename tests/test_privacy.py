@@ -153,6 +153,9 @@ def test_page_deletes_the_chat_it_shows(tiny_app, tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(tiny_app.url, wait_until="domcontentloaded")
+        # an empty page says what to do, and how far the next retrain is
+        expect(page.locator("#how-to")).to_contain_text("once both are complete, vote")
+        expect(page.locator("#loop-status")).to_contain_text("more votes for A or B")
         box = page.locator("#message textarea")
         box.fill("a chat I regret")
         box.press("Enter")

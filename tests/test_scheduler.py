@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -47,3 +48,35 @@ def test_app_retrains_by_itself_after_n_votes(tiny_app_factory, tiny_model_dir, 
         headers={"Authorization": "Bearer t"},
         timeout=120,
     )
+
+
+def test_page_says_how_far_the_next_retrain_is_and_how_the_last_one_ended(tmp_path):
+    """The chat page's loop line, from the scheduler's vote count (a real DuckDB file)."""
+    from types import SimpleNamespace
+
+    from alignment.scheduler import RetrainScheduler
+    from storage import Store
+    from storage.store import CandidateRecord
+    from ui.page import loop_line
+
+    store = Store(tmp_path / "db.duckdb")
+    conversation = store.create_conversation()
+    records = tuple(
+        CandidateRecord(slot, "reply", "v0000", {}, 1, 1, "stop", 1.0) for slot in ("a", "b")
+    )
+    pair = store.record_pair(
+        conversation, "hi", [{"role": "user", "content": "hi"}], "v0000", 1, records
+    )
+    store.record_vote(pair.pair_id, "a")
+    loop = SimpleNamespace(running=False, stage="idle", last=None)
+    scheduler = RetrainScheduler(loop, store, LoopConfig(every_votes=3))
+
+    def line():
+        return asyncio.run(loop_line(loop, scheduler))
+
+    assert line() == "Next retrain after 2 more votes for A or B."
+    loop.last = {"status": "deployed", "version": "v0001"}
+    assert line().startswith("New version **v0001** learned from your votes")
+    loop.running, loop.stage = True, "ppo"
+    assert line() == "Retraining on your votes now (ppo); this version answers meanwhile."
+    store.close()

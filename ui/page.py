@@ -37,6 +37,37 @@ CSS = """
 """
 
 
+HOW_TO = (
+    "Ask anything. Two replies, **A** and **B**, appear side by side; once both are complete, "
+    "vote for the better one: it continues the conversation (**Tie**: A continues; **Both bad**: "
+    "ask again). Your votes teach the next version of the assistant."
+)
+
+
+async def loop_line(loop, scheduler) -> str:
+    """What the retrain loop is doing, in a line a user reads: a cycle running, how the last
+    one ended, or how many votes until the next one starts by itself."""
+    if loop is None:
+        return ""
+    if loop.running:
+        return f"Retraining on your votes now ({loop.stage}); this version answers meanwhile."
+    parts = []
+    last = loop.last
+    if last and last.get("status") == "deployed":
+        parts.append(f"New version **{last['version']}** learned from your votes and is serving.")
+    elif last and last.get("status") in ("rejected", "failed"):
+        why = last.get("reason") or last.get("error") or ""
+        parts.append(f"The last retrain kept the current version ({last['status']}: {why}).")
+    until = await scheduler.votes_until_next() if scheduler is not None else None
+    if until is not None:
+        parts.append(
+            f"Next retrain after {until} more vote{'s' if until != 1 else ''} for A or B."
+            if until
+            else "A retrain starts shortly."
+        )
+    return " ".join(parts)
+
+
 def _empty_state() -> dict:
     return {"conversation_id": None, "pair_id": None, "pending_text": None}
 
@@ -66,13 +97,17 @@ def visitor(request: gr.Request | None, sessions: SessionKeys) -> dict[str, str 
     }
 
 
-def build_page(service: ChatService, sessions: SessionKeys, loop=None, cai=None) -> gr.Blocks:
+def build_page(
+    service: ChatService, sessions: SessionKeys, loop=None, cai=None, scheduler=None
+) -> gr.Blocks:
     with gr.Blocks(title="Aligned assistant") as page, gr.Tabs():
         with gr.Tab("Chat"):
             state = gr.State(_empty_state())
             with gr.Row():
                 gr.Markdown("## Aligned assistant: pick the better reply")
                 version = gr.Markdown(_version_line(service.model_version), elem_id="model-version")
+            gr.Markdown(HOW_TO, elem_id="how-to")
+            loop_status = gr.Markdown("", elem_id="loop-status")
             history = gr.Chatbot(
                 label="Conversation", height=320, elem_id="history", feedback_options=None
             )
@@ -227,12 +262,19 @@ def build_page(service: ChatService, sessions: SessionKeys, loop=None, cai=None)
                 lambda: _version_line(service.model_version, service.engine_note), None, version
             )
             # A hot-swap changes the serving version under an open page: keep the line true.
-            gr.Timer(3.0).tick(
+            timer = gr.Timer(3.0)
+            timer.tick(
                 lambda: _version_line(service.model_version, service.engine_note),
                 None,
                 version,
                 show_progress="hidden",
             )
+
+            async def on_tick():
+                return await loop_line(loop, scheduler)
+
+            page.load(on_tick, None, loop_status)
+            timer.tick(on_tick, None, loop_status, show_progress="hidden")
         if cai is not None:
             with gr.Tab("Constitution"):
                 build_constitution_tab(cai, sessions)
