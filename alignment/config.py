@@ -36,9 +36,6 @@ class RewardConfig:
         default=1.0,
     )
     seed: int = _help("seed of the head initialisation and data order", default=0)
-    ai_label_weight: float = _help(
-        "weight of AI-judge labels relative to human votes (0: human votes only)", default=0.5
-    )
     precision: str = _help(
         "'auto' (bf16 autocast where the CPU or GPU computes bf16 natively), 'bf16' or 'fp32'",
         default="auto",

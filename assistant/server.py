@@ -93,6 +93,21 @@ def _hub_snapshot(repo_id: str) -> str:
         ) from exc
 
 
+VLLM_LORA_RANKS = (16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
+
+
+def engine_lora_rank(config: AppConfig) -> int:
+    """The embedded engine's --max-lora-rank, derived from the PPO adapter's rank, so a larger
+    `ppo.lora_rank` keeps rollouts on-policy instead of silently falling back."""
+    from alignment.config import cycle_config
+
+    rank = cycle_config(config.retrain_preset, config.retrain_overrides()).ppo.lora_rank
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ConfigError(f"ppo.lora_rank {rank} is over vLLM's largest LoRA rank (512)")
+
+
 @dataclass
 class Runtime:
     """What both the app and an offline `assistant retrain` need: store, engine, loop."""
@@ -117,6 +132,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
     from storage import Store
 
     config.validate()
+    config.engine.max_lora_rank = engine_lora_rank(config)
     store = Store(config.database)  # fails fast on an unwritable path
     for run in store.fail_interrupted_runs():
         if run.get("job"):

@@ -117,7 +117,7 @@ class EmbeddedVLLMServer:
             *(["--enforce-eager"] if eager else []),
             *no_chunking,
             *(
-                ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2"]
+                ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", "2"]
                 if c.lora_rollouts
                 else []
             ),

@@ -236,3 +236,21 @@ def test_run_without_a_token_generates_one_prints_it_and_the_cli_uses_it(
         ).status_code
         == 200
     )
+
+
+def test_the_engines_lora_rank_follows_the_ppo_adapters(tmp_path):
+    from assistant.server import engine_lora_rank
+    from assistant.vllm_server import EmbeddedVLLMServer
+
+    config = AppConfig()
+    assert engine_lora_rank(config) == 16
+    retrain = tmp_path / "retrain.json"
+    retrain.write_text('{"ppo": {"lora_rank": 48}}')
+    config.retrain_config = retrain
+    config.engine.max_lora_rank = engine_lora_rank(config)
+    assert config.engine.max_lora_rank == 64
+    command = EmbeddedVLLMServer("model", config.engine, tmp_path / "log").command()
+    assert command[command.index("--max-lora-rank") + 1] == "64"
+    retrain.write_text('{"ppo": {"lora_rank": 1024}}')
+    with pytest.raises(ConfigError, match="over vLLM's largest LoRA rank"):
+        engine_lora_rank(config)
