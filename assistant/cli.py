@@ -254,16 +254,13 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
 
 
 def cmd_export(args: argparse.Namespace, config: AppConfig) -> int:
-    from storage import Store, StoreError
+    from storage import Store
     from storage.export import preference_records, write_records
 
-    try:
-        store = Store(config.database, read_only=True)
-    except StoreError as exc:
-        if "in use" not in str(exc):
-            raise
+    if _app_holds_db(config):
         records = _export_via_app(args.url, args.format, args.token or _admin_token(args))
     else:
+        store = Store(config.database, read_only=True)
         try:
             records = preference_records(store.voted_pairs(), args.format)
         finally:
@@ -274,14 +271,13 @@ def cmd_export(args: argparse.Namespace, config: AppConfig) -> int:
 
 
 def _app_holds_db(config: AppConfig) -> bool:
-    from storage import Store, StoreError
+    """Whether a running app holds the database: then the CLI asks the app over HTTP."""
+    from storage import DatabaseInUseError, Store
 
     try:
         Store(config.database, read_only=True).close()
-    except StoreError as exc:
-        if "in use" in str(exc):
-            return True
-        raise
+    except DatabaseInUseError:
+        return True
     return False
 
 

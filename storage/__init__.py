@@ -2,6 +2,7 @@
 
 from storage.store import (
     ConflictError,
+    DatabaseInUseError,
     ForbiddenError,
     NotFoundError,
     StorageWriteError,
@@ -11,6 +12,7 @@ from storage.store import (
 
 __all__ = [
     "ConflictError",
+    "DatabaseInUseError",
     "ForbiddenError",
     "NotFoundError",
     "StorageWriteError",

@@ -30,6 +30,10 @@ class StoreError(RuntimeError):
     """The database could not be opened or written; the message says why and what to do."""
 
 
+class DatabaseInUseError(StoreError):
+    """Another process (the running app) holds the database; ask that process instead."""
+
+
 class StorageWriteError(StoreError):
     """A write could not reach the disk (full, read-only, I/O error). DuckDB rolls the whole
     transaction back, so nothing of it is kept and what was committed before stays intact;
@@ -129,7 +133,7 @@ class Store:
         except duckdb.IOException as exc:
             msg = str(exc)
             if "lock" in msg.lower():
-                raise StoreError(
+                raise DatabaseInUseError(
                     f"the database {self.path} is in use by another process (only one process "
                     f"may write it): {msg.splitlines()[0]}"
                 ) from exc
