@@ -124,24 +124,32 @@ def test_worker_stores_chain_round_by_round_then_ai_label(tiny_engine_url, tmp_p
     store.close()
 
 
-def test_worker_yields_to_user_traffic(tiny_engine_url, tmp_path):
+def test_worker_yields_to_user_traffic_and_works_once_it_ends(tiny_engine_url, tmp_path):
     store, candidate_id = _store_with_voted_pair(tmp_path)
+    service = _Service(generating=1)
 
     async def run():
         engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
         worker = CAIWorker(
             Critic(engine, load_constitution(), max_new_tokens=8),
             store,
-            _Service(generating=1),
+            service,
             idle_poll_s=0.1,
         )
         task = asyncio.create_task(worker.run_forever())
         await asyncio.sleep(1.5)
+        during = store.critique_chain(candidate_id)
+        service.generating = 0  # the user's turn is done: the worker may use the engine
+        deadline = asyncio.get_running_loop().time() + 60
+        while not store.critique_chain(candidate_id):
+            assert asyncio.get_running_loop().time() < deadline, "the worker never worked"
+            await asyncio.sleep(0.2)
         task.cancel()
         await engine.aclose()
+        return during
 
-    asyncio.run(run())
-    assert store.critique_chain(candidate_id) == []  # a user turn was generating all along
+    assert asyncio.run(run()) == []  # nothing while a user turn was generating
+    assert store.critique_chain(candidate_id)  # then it critiqued the reply
     store.close()
 
 
