@@ -43,6 +43,26 @@ def tiny_engine_url(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture
+def restores_tiny_engine(tiny_engine_url, tiny_model_dir) -> Iterator[None]:
+    """For tests that hot-swap the shared tiny engine: its original weights go back afterwards,
+    also when the test fails halfway, so later tests never run on the wrong weights."""
+    import asyncio
+
+    from assistant.vllm_client import VLLMServerEngine
+
+    yield
+
+    async def restore() -> None:
+        engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
+        try:
+            await engine.reload_weights(str(tiny_model_dir), "v0000")
+        finally:
+            await engine.aclose()
+
+    asyncio.run(restore())
+
+
 def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
     """`assistant run` flags for an app on the shared tiny engine: short, varied replies; no
     background critique worker unless a test asks for it (it would load the shared engine); and

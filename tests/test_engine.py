@@ -52,7 +52,7 @@ def test_prompt_over_context_raises_prompt_too_long(tiny_engine_url):
 
 
 def test_reload_weights_swaps_outputs_and_restores_exactly(
-    tiny_engine_url, tiny_model_dir, tmp_path
+    tiny_engine_url, tiny_model_dir, tmp_path, restores_tiny_engine
 ):
     other = build_tiny_checkpoint(tmp_path / "other", seed=1)
 
@@ -91,7 +91,7 @@ def test_reload_weights_swaps_outputs_and_restores_exactly(
 
 
 def test_pairs_asked_for_during_a_swap_are_labelled_with_the_weights_that_answer_them(
-    tiny_engine_url, tiny_model_dir, tmp_path
+    tiny_engine_url, tmp_path, restores_tiny_engine
 ):
     """The server queues requests that arrive while a swap drains and answers them with the new
     weights; their candidates must say so (every rating and canary count reads this label). The
@@ -120,7 +120,6 @@ def test_pairs_asked_for_during_a_swap_are_labelled_with_the_weights_that_answer
             during = await asyncio.gather(*during)
             new = await texts(engine)
         finally:
-            await engine.reload_weights(str(tiny_model_dir), "v0000")  # leave it as found
             await engine.aclose()
         return old, drained, during, new, overlapped
 
