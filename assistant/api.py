@@ -6,8 +6,14 @@ Routes (documented in the README):
   POST /api/vote     {"pair_id", "choice": "a"|"b"|"tie"|"both_bad"}
   GET  /api/health
   GET  /api/versions -> {"serving", "versions": [...]}  (server paths only with the token)
-  GET  /api/export?format=trl|hh -> JSON lines of preference data  (admin token)
+  GET  /api/export?format=trl|hh -> JSON lines of preference data, streamed  (admin token)
   DELETE /api/conversations/{id}  (from the session that started it)
+  POST /api/retrain, POST /api/rollback {"version"}, POST /api/prune {"keep"}  (admin token)
+  GET  /api/constitution, PUT /api/constitution (admin), GET /api/critiques/{id} (admin)
+
+The edge's own rules: a session id must be one the server issued (`assistant.sessions`), the
+client's address becomes a keyed tag before it reaches the service, and a body is refused once it
+passes MAX_BODY_BYTES while it arrives.
 """
 
 from __future__ import annotations
