@@ -29,37 +29,51 @@ from assistant.config import (
     ServeConfig,
 )
 
-# (flag, config section, field) for every option that maps straight onto a config field.
-RUN_OPTIONS = [
-    ("--model", "engine", "model"),
-    ("--vllm-url", "engine", "vllm_url"),
-    ("--max-model-len", "engine", "max_model_len"),
-    ("--max-num-seqs", "engine", "max_num_seqs"),
-    ("--dtype", "engine", "dtype"),
-    ("--gpu-memory-utilization", "engine", "gpu_memory_utilization"),
-    ("--kv-cache-gib", "engine", "kv_cache_gib"),
-    ("--compile", "engine", "compile"),
-    ("--host", "serve", "host"),
-    ("--port", "serve", "port"),
-    ("--max-backlog", "serve", "max_backlog"),
-    ("--max-message-chars", "serve", "max_message_chars"),
-    ("--system-prompt", "serve", "system_prompt"),
-    ("--reading-words-per-second", "serve", "reading_words_per_second"),
-    ("--max-votes-per-minute", "serve", "max_votes_per_minute"),
-    ("--max-votes-per-minute-per-address", "serve", "max_votes_per_minute_per_address"),
-    ("--max-votes-per-minute-total", "serve", "max_votes_per_minute_total"),
-    ("--max-backlog-share", "serve", "max_backlog_share"),
-    ("--retention-days", "serve", "retention_days"),
-    ("--temperature", "sampling", "temperature"),
-    ("--top-p", "sampling", "top_p"),
-    ("--max-new-tokens", "sampling", "max_new_tokens"),
-    ("--retrain-every-votes", "loop", "every_votes"),
-    ("--retrain-every-minutes", "loop", "every_minutes"),
-    ("--retrain-poll-seconds", "loop", "poll_seconds"),
-    ("--max-vote-source-share", "loop", "max_source_share"),
-    ("--cai-rounds", "cai", "rounds"),
-    ("--ai-label-weight", "cai", "ai_label_weight"),
-]
+# The `run` options that map straight onto a config field, in the groups `--help` shows:
+# (flag, config section, field, metavar). Choices and defaults come from the config dataclasses.
+RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
+    "model and engine": [
+        ("--model", "engine", "model", "DIR|ORG/NAME"),
+        ("--vllm-url", "engine", "vllm_url", "URL"),
+        ("--max-model-len", "engine", "max_model_len", "TOKENS"),
+        ("--max-num-seqs", "engine", "max_num_seqs", "N"),
+        ("--dtype", "engine", "dtype", "DTYPE"),
+        ("--gpu-memory-utilization", "engine", "gpu_memory_utilization", "FRACTION"),
+        ("--kv-cache-gib", "engine", "kv_cache_gib", "GIB"),
+        ("--compile", "engine", "compile", "{auto,yes,no}"),
+    ],
+    "server": [
+        ("--host", "serve", "host", "ADDRESS"),
+        ("--port", "serve", "port", "PORT"),
+        ("--max-backlog", "serve", "max_backlog", "TURNS"),
+        ("--max-backlog-share", "serve", "max_backlog_share", "FRACTION"),
+        ("--max-message-chars", "serve", "max_message_chars", "CHARS"),
+        ("--system-prompt", "serve", "system_prompt", "TEXT"),
+        ("--retention-days", "serve", "retention_days", "DAYS"),
+    ],
+    "sampling (the two candidates)": [
+        ("--temperature", "sampling", "temperature", "T"),
+        ("--top-p", "sampling", "top_p", "P"),
+        ("--max-new-tokens", "sampling", "max_new_tokens", "TOKENS"),
+    ],
+    "vote hygiene": [
+        ("--reading-words-per-second", "serve", "reading_words_per_second", "WPS"),
+        ("--max-votes-per-minute", "serve", "max_votes_per_minute", "N"),
+        ("--max-votes-per-minute-per-address", "serve", "max_votes_per_minute_per_address", "N"),
+        ("--max-votes-per-minute-total", "serve", "max_votes_per_minute_total", "N"),
+    ],
+    "retrain loop": [
+        ("--retrain-every-votes", "loop", "every_votes", "VOTES"),
+        ("--retrain-every-minutes", "loop", "every_minutes", "MINUTES"),
+        ("--retrain-poll-seconds", "loop", "poll_seconds", "SECONDS"),
+        ("--max-vote-source-share", "loop", "max_source_share", "FRACTION"),
+    ],
+    "Constitutional AI": [
+        ("--cai-rounds", "cai", "rounds", "N"),
+        ("--ai-label-weight", "cai", "ai_label_weight", "WEIGHT"),
+    ],
+}
+RUN_OPTIONS = [(flag, sec, name) for group in RUN_GROUPS.values() for flag, sec, name, _ in group]
 SECTIONS = {
     "engine": EngineConfig,
     "serve": ServeConfig,
@@ -75,10 +89,18 @@ def _field(cls: type, name: str):
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--data-dir", type=Path, default=None, help=_field(AppConfig, "data_dir").metadata["help"]
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=_field(AppConfig, "data_dir").metadata["help"],
     )
     p.add_argument(
-        "--db", type=Path, default=None, help=_field(AppConfig, "db_path").metadata["help"]
+        "--db",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=_field(AppConfig, "db_path").metadata["help"],
     )
 
 
@@ -107,18 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
         "`assistant run --vllm-url http://gpu-box:8000 --model /models/llama`.",
     )
     _add_common(run)
-    for flag, section, name in RUN_OPTIONS:
-        f = _field(SECTIONS[section], name)
-        typ = {"int": int, "float": float}.get(str(f.type), str)
-        run.add_argument(
-            flag,
-            dest=f"{section}.{name}",
-            type=typ,
-            default=None,
-            metavar=name.upper(),
-            help=f"{f.metadata['help']} (default: {f.default})",
-        )
-    run.add_argument(
+    groups = {title: run.add_argument_group(title) for title in RUN_GROUPS}
+    for title, options in RUN_GROUPS.items():
+        for flag, section, name, metavar in options:
+            f = _field(SECTIONS[section], name)
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            described = f.default is None or "default" in f.metadata["help"]
+            groups[title].add_argument(
+                flag,
+                dest=f"{section}.{name}",
+                type=typ,
+                default=None,
+                metavar=metavar,
+                help=f.metadata["help"] + ("" if described else f" (default: {f.default})"),
+            )
+    groups["server"].add_argument(
         "--allowed-host",
         dest="allowed_hosts",
         action="append",
@@ -126,28 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=_field(ServeConfig, "allowed_hosts").metadata["help"] + " (repeatable)",
     )
-    run.add_argument(
+    groups["Constitutional AI"].add_argument(
         "--constitution",
         type=Path,
         default=None,
+        metavar="FILE",
         help="constitution JSON file (default: the shipped one)",
     )
-    run.add_argument(
+    groups["Constitutional AI"].add_argument(
         "--sft",
         action="store_true",
         help="add an SFT stage on constitutional revisions to retrain cycles",
     )
-    run.add_argument(
+    groups["Constitutional AI"].add_argument(
         "--no-cai",
         action="store_true",
         help="do not run the background critique/revision and AI-judge worker",
     )
-    _add_retrain_settings(run)
-    run.add_argument(
+    _add_retrain_settings(groups["retrain loop"])
+    groups["model and engine"].add_argument(
         "--vllm-arg",
         dest="vllm_args",
         action="append",
         default=[],
+        metavar="ARG",
         help="extra argument for the embedded `vllm serve` (repeatable), "
         "e.g. --vllm-arg=--enforce-eager",
     )
@@ -210,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_retrain_settings(parser: argparse.ArgumentParser) -> None:
+def _add_retrain_settings(parser) -> None:
     """Cycle settings, shared by `run` (for its scheduler and admin triggers) and `retrain`."""
     parser.add_argument(
         "--retrain-preset",
