@@ -1,6 +1,6 @@
 """The JSON API: HTTP in, chat service call, HTTP out. No logic lives here.
 
-Routes (documented in the README):
+Routes (documented in docs/api.md):
   POST /api/session  -> {"session_id"}  (send it back as X-Session-Id; the page has a cookie)
   POST /api/chat     {"conversation_id"?, "message"} -> pair of candidates
   POST /api/vote     {"pair_id", "choice": "a"|"b"|"tie"|"both_bad"}
