@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         "`assistant run --vllm-url http://gpu-box:8000 --model /models/llama`.",
     )
     _add_common(run)
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="YAML file with any of these settings (sections engine, serve, sampling, loop, cai, "
+        "retrain; see examples/); flags given here override it",
+    )
     groups = {title: run.add_argument_group(title) for title in RUN_GROUPS}
     for title, options in RUN_GROUPS.items():
         for flag, section, name, metavar in options:
@@ -242,8 +250,8 @@ def _add_retrain_settings(parser) -> None:
     parser.add_argument(
         "--retrain-preset",
         choices=list(PRESETS),
-        default="default",
-        help="cycle settings (fast: seconds on a tiny test model)",
+        default=None,
+        help="cycle settings (fast: seconds on a tiny test model) (default: default)",
     )
     parser.add_argument(
         "--retrain-config",
@@ -255,10 +263,17 @@ def _add_retrain_settings(parser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
-    config = AppConfig()
+    """The --config file if given (else the defaults), then every flag given over it."""
+    if getattr(args, "config", None) is not None:
+        from assistant.config_file import load_config_file
+
+        config = load_config_file(args.config)
+    else:
+        config = AppConfig()
     if args.data_dir is not None:
         config.data_dir = args.data_dir
-    config.db_path = args.db
+    if args.db is not None:
+        config.db_path = args.db
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".")
@@ -344,6 +359,12 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
     import asyncio
 
     if _app_holds_db(config):
+        if args.retrain_preset is not None or args.retrain_config is not None:
+            raise ConfigError(
+                "the running app retrains with the settings it was started with "
+                "(--retrain-preset, --retrain-config or --config of `assistant run`); restart it "
+                "with these, or stop it to retrain offline with them"
+            )
         summary = _call_app(args, "POST", "retrain")
     else:
         from assistant.server import open_runtime

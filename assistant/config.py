@@ -178,6 +178,10 @@ class AppConfig:
         '(reward, ppo, gate, sft), e.g. {"ppo": {"steps": 16}}',
         default=None,
     )
+    retrain_settings: dict = _help(
+        "the retrain sections of a --config file; --retrain-config overrides them field by field",
+        default_factory=dict,
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -197,21 +201,33 @@ class AppConfig:
         return self.db_path if self.db_path is not None else self.data_dir / "assistant.duckdb"
 
     def retrain_overrides(self) -> dict:
-        """The `--retrain-config` file's contents, checked against the cycle's dataclasses
-        (without importing torch) so a typo is refused at start-up, naming the entry."""
+        """The retrain overrides: a --config file's `retrain` sections, then the --retrain-config
+        file's fields over them; checked against the cycle's dataclasses (without importing
+        torch) so a typo is refused at start-up, naming the entry."""
         import json
 
         from alignment.config import cycle_config
 
-        if self.retrain_config is None:
-            return {}
+        overrides = {
+            k: dict(v) if isinstance(v, dict) else v for k, v in self.retrain_settings.items()
+        }
+        source = "the --config file's retrain section"
         try:
-            overrides = json.loads(Path(self.retrain_config).read_text())
+            if self.retrain_config is not None:
+                source = f"--retrain-config {self.retrain_config}"
+                from_file = json.loads(Path(self.retrain_config).read_text())
+                if not isinstance(from_file, dict):
+                    raise ValueError("the retrain config must be a JSON object of sections")
+                for section, values in from_file.items():
+                    if isinstance(values, dict) and isinstance(overrides.get(section), dict):
+                        overrides[section] |= values
+                    else:
+                        overrides[section] = values
             cycle_config(self.retrain_preset, overrides)
         except OSError as exc:
-            raise ConfigError(f"cannot read --retrain-config {self.retrain_config}: {exc}") from exc
+            raise ConfigError(f"cannot read {source}: {exc}") from exc
         except ValueError as exc:  # JSONDecodeError is a ValueError
-            raise ConfigError(f"--retrain-config {self.retrain_config}: {exc}") from exc
+            raise ConfigError(f"{source}: {exc}") from exc
         return overrides
 
     def validate(self) -> AppConfig:

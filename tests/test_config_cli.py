@@ -6,12 +6,15 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
 from assistant.cli import build_parser, config_from_args
 from assistant.config import AppConfig, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_flags_map_onto_typed_config():
@@ -223,6 +226,27 @@ def test_run_without_a_token_generates_one_prints_it_and_the_cli_uses_it(
         timeout=120,
     )
     assert cli.returncode == 0 and "pruned 0 version(s)" in cli.stdout, cli.stderr
+    # retrain settings for a running app are refused with the reason, never silently ignored
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "assistant",
+            "retrain",
+            "--retrain-preset",
+            "fast",
+            "--data-dir",
+            str(data),
+            "--url",
+            app.url,
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "retrains with the settings it was started with" in (
+        refused.stderr
+    )
     app.stop()
     # a token set in the environment is used as it is and never printed
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "chosen-token")
@@ -254,3 +278,41 @@ def test_the_engines_lora_rank_follows_the_ppo_adapters(tmp_path):
     retrain.write_text('{"ppo": {"lora_rank": 1024}}')
     with pytest.raises(ConfigError, match="over vLLM's largest LoRA rank"):
         engine_lora_rank(config)
+
+
+def test_one_yaml_file_holds_every_setting_and_flags_override_it(tmp_path):
+    for example in ("cpu.yaml", "gpu-7b.yaml"):  # the shipped examples load
+        args = build_parser().parse_args(["run", "--config", str(REPO / "examples" / example)])
+        config_from_args(args).validate()
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "data_dir: " + str(tmp_path / "d") + "\n"
+        "serve: {port: 9000, max_votes_per_minute: 5, allowed_hosts: [chat.example.org]}\n"
+        "sampling: {temperature: 1}\n"
+        "loop: {every_votes: 7}\n"
+        "retrain: {ppo: {steps: 3}}\n"
+    )
+    config = config_from_args(build_parser().parse_args(["run", "--config", str(good)]))
+    assert (config.serve.port, config.serve.max_votes_per_minute) == (9000, 5)
+    assert config.sampling.temperature == 1.0 and config.loop.every_votes == 7
+    assert config.serve.allowed_hosts == ["chat.example.org"]
+    assert config.data_dir == tmp_path / "d" and config.retrain_overrides()["ppo"]["steps"] == 3
+    # a flag given on the command line wins; the retrain config file wins field by field
+    retrain = tmp_path / "retrain.json"
+    retrain.write_text('{"ppo": {"learning_rate": 1e-3}}')
+    args = ["run", "--config", str(good), "--port", "9100", "--retrain-config", str(retrain)]
+    config = config_from_args(build_parser().parse_args(args))
+    assert config.serve.port == 9100 and config.serve.max_votes_per_minute == 5
+    assert config.retrain_overrides()["ppo"] == {"steps": 3, "learning_rate": 1e-3}
+    for text, message in [
+        ("serve: {prot: 9000}\n", "unknown setting serve.prot"),
+        ("serve: {port: nine}\n", "serve.port must be int"),
+        ("colour: blue\n", "unknown setting 'colour'"),
+        ("retrain: {ppo: {stpes: 3}}\n", "unknown field ppo.stpes"),
+        ("serve: [1, 2]\n", "'serve' must be a mapping"),
+        ("serve: {port: 1\n", "not valid YAML"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(build_parser().parse_args(["run", "--config", str(bad)]))
