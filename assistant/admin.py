@@ -90,3 +90,23 @@ def cookie_admin_error(cookie: str | None, keys, now: float | None = None) -> st
     if not 0 <= age <= ADMIN_COOKIE_MAX_AGE_S:
         return "your admin sign-in expired: sign in again (Admin tab)"
     return None
+
+
+# --- the OpenAI-compatible route ----------------------------------------------------------------
+
+OPENAI_OFF = (
+    "the OpenAI-compatible route is off: start the app with ASSISTANT_OPENAI_API_KEY set and send "
+    "it as the API key"
+)
+
+
+def openai_key_error(header: str | None) -> tuple[int, str] | None:
+    """None when the `Authorization` header carries ASSISTANT_OPENAI_API_KEY; else (status,
+    message). A key of its own: tools that call the model never hold the admin token."""
+    key = os.environ.get("ASSISTANT_OPENAI_API_KEY")
+    if not key:
+        return 403, OPENAI_OFF
+    given = header[len("Bearer ") :] if header and header.startswith("Bearer ") else ""
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        return 401, "missing or wrong API key ('Authorization: Bearer <key>')"
+    return None

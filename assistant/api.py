@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from assistant.admin import admin_error
 from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
 from assistant.constitution import ConstitutionError
-from assistant.engine import EngineError, PromptTooLongError
+from assistant.engine import EngineError, EngineRequestError, PromptTooLongError
 from assistant.sessions import (
     SESSION_COOKIE,
     SESSION_HEADER,
@@ -62,6 +62,8 @@ def map_error(exc: Exception) -> JSONResponse:
         return error(429, str(exc), {"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, BusyError):
         return error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, EngineRequestError):
+        return error(exc.status, exc.public_message)
     if isinstance(exc, PromptTooLongError):
         return error(
             413,

@@ -174,28 +174,7 @@ class ChatService:
         text = validate_message(message, self.serve.max_message_chars)
         if conversation_id is not None and not isinstance(conversation_id, str):
             raise InvalidInputError("'conversation_id' must be a string", 422)
-        if self.engine_note is not None:
-            raise BusyError(
-                f"{self.engine_note}; retry in {self.serve.retry_after_s} s",
-                self.serve.retry_after_s,
-            )
-        if self._generating >= self.serve.max_backlog:
-            raise BusyError(
-                f"busy: {self._generating} replies are being generated; retry in "
-                f"{self.serve.retry_after_s} s",
-                self.serve.retry_after_s,
-            )
-        if client is not None and self._generating_by_client[client] >= self.backlog_per_client:
-            raise RateLimitError(
-                f"this address already has {self.backlog_per_client} replies generating (its "
-                f"share of the {self.serve.max_backlog} places); retry in "
-                f"{self.serve.retry_after_s} s",
-                self.serve.retry_after_s,
-            )
-        # Admission is counted before the first await, so a burst cannot slip past the limit.
-        self._generating += 1
-        if client is not None:
-            self._generating_by_client[client] += 1
+        self._admit(client)
         claimed: str | None = None
         try:
             if conversation_id is None:
@@ -257,13 +236,56 @@ class ChatService:
                 conversation_id, records[0].text, records[1].text, last.model_version, result
             )
         finally:
-            self._generating -= 1
-            if client is not None:
-                self._generating_by_client[client] -= 1
-                if not self._generating_by_client[client]:
-                    del self._generating_by_client[client]
+            self._release(client)
             if claimed is not None:
                 self._conversations_generating.discard(claimed)
+
+    def _admit(self, client: str | None) -> None:
+        """Take a place in the backlog for one generation, or refuse it (503 engine down or
+        backlog full, 429 this address's share taken). No await: a burst cannot slip past."""
+        if self.engine_note is not None:
+            raise BusyError(
+                f"{self.engine_note}; retry in {self.serve.retry_after_s} s",
+                self.serve.retry_after_s,
+            )
+        if self._generating >= self.serve.max_backlog:
+            raise BusyError(
+                f"busy: {self._generating} replies are being generated; retry in "
+                f"{self.serve.retry_after_s} s",
+                self.serve.retry_after_s,
+            )
+        if client is not None and self._generating_by_client[client] >= self.backlog_per_client:
+            raise RateLimitError(
+                f"this address already has {self.backlog_per_client} replies generating (its "
+                f"share of the {self.serve.max_backlog} places); retry in "
+                f"{self.serve.retry_after_s} s",
+                self.serve.retry_after_s,
+            )
+        self._generating += 1
+        if client is not None:
+            self._generating_by_client[client] += 1
+
+    def _release(self, client: str | None) -> None:
+        self._generating -= 1
+        if client is not None:
+            self._generating_by_client[client] -= 1
+            if not self._generating_by_client[client]:
+                del self._generating_by_client[client]
+
+    async def openai_chat(self, body: object, *, client: str | None = None) -> AsyncIterator[bytes]:
+        """An OpenAI chat-completions request answered by the serving version, for other tools
+        (Open WebUI, LangChain, an OpenAI client): one reply, not a pair, not logged; it takes a
+        place in the backlog like a turn."""
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise InvalidInputError("'messages' must be a list of chat messages", 422)
+        if not isinstance(body.get("n", 1), int) or body.get("n", 1) != 1:
+            raise InvalidInputError("'n' must be 1 on this route", 422)
+        self._admit(client)
+        try:
+            async for chunk in self.engine.forward_chat(body):
+                yield chunk
+        finally:
+            self._release(client)
 
     async def chat(
         self,

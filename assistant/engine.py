@@ -23,6 +23,16 @@ class PromptTooLongError(EngineError):
     """The conversation plus the reply budget does not fit the model's context window."""
 
 
+class EngineRequestError(EngineError):
+    """The engine refused a request passed through to it as malformed (HTTP 4xx); the message
+    is about the request, so the client is told it with the same status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.public_message = message
+
+
 @dataclass
 class CandidateDraft:
     """One candidate as it grows during streaming."""

@@ -191,6 +191,7 @@ def build_app(config: AppConfig):
     from assistant.chat_service import ChatService
     from assistant.critic import CAIWorker, Critic
     from assistant.engine_watch import EngineWatch
+    from assistant.openai_api import build_openai_router
     from assistant.sessions import SESSION_COOKIE, SessionKeys
     from ui.page import CSS, build_page
 
@@ -261,6 +262,7 @@ def build_app(config: AppConfig):
 
     app.include_router(build_api_router(service, sessions, runtime.loop, cai))
     app.include_router(build_admin_login_router(sessions))
+    app.include_router(build_openai_router(service, sessions))
     app.state.service = service
     app.state.runtime = runtime
     page = build_page(service, sessions, runtime.loop, cai, scheduler).queue(

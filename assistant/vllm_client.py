@@ -28,7 +28,13 @@ from contextlib import asynccontextmanager
 import httpx
 
 from alignment.engine_http import async_client
-from assistant.engine import CandidateDraft, EngineError, PairProgress, PromptTooLongError
+from assistant.engine import (
+    CandidateDraft,
+    EngineError,
+    EngineRequestError,
+    PairProgress,
+    PromptTooLongError,
+)
 
 
 class _SwapGate:
@@ -154,6 +160,30 @@ class VLLMServerEngine:
         if not all(d.done for d in drafts):
             raise EngineError("the engine ended the reply stream before both candidates finished")
         yield PairProgress(drafts, version, prompt_tokens, final=True, sampling=sampling)
+
+    async def forward_chat(self, body: dict) -> AsyncIterator[bytes]:
+        """An OpenAI chat-completions request passed through as it is (the model name set to
+        the served one), its answer's bytes as they come: JSON, or server-sent events when
+        `body["stream"]`. For the app's OpenAI-compatible route."""
+        async with self._gate.request():
+            request = self._http.build_request(
+                "POST", "/v1/chat/completions", json={**body, "model": self.model_name}
+            )
+            try:
+                resp = await self._http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
+            try:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    error = _error_from(resp)
+                    if 400 <= resp.status_code < 500 and not isinstance(error, PromptTooLongError):
+                        raise EngineRequestError(str(error), resp.status_code)
+                    raise error
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:
+                await resp.aclose()
 
     async def complete(self, messages: list[dict[str, str]], sampling: dict, seed: int) -> str:
         """One reply, not streamed (critiques and revisions)."""

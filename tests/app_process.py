@@ -83,7 +83,10 @@ class AppProcess:
         raise RuntimeError(f"app did not start in {timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def admin_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        """The app's admin token: from its environment, else the one it generated and stored."""
+        stored = self.data_dir / "secrets" / "admin-token"
+        token = self.admin_token or (stored.read_text().strip() if stored.exists() else None)
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def export(self, fmt: str = "trl") -> httpx.Response:
         """`GET /api/export` as the operator (it needs the admin token)."""
