@@ -11,11 +11,15 @@ DATA   ?= data
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 MODEL  := $(DATA)/models/SmolLM2-135M-Instruct/config.json
 
-.PHONY: run test test-fast lint format bench install model browser clean
+.PHONY: run demo test test-fast lint format bench install model browser clean
 
 # App options go through ARGS, e.g.  make run ARGS="--retrain-preset fast --port 8080"
 run: install model
 	$(VENV)/bin/assistant run --data-dir $(DATA) $(ARGS)
+
+# The loop learning in a few minutes on the CPU, with the page open (bench/demo.py)
+demo: install
+	$(PY) -m bench.demo $(ARGS)
 
 test: install model browser
 	$(PY) -m pytest
