@@ -19,15 +19,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from alignment.config import PRESETS, LoopConfig
-from assistant.config import (
-    AppConfig,
-    CAIConfig,
-    ConfigError,
-    EngineConfig,
-    SamplingConfig,
-    ServeConfig,
-)
+from alignment.config import PRESETS
+from assistant.config import SECTIONS, AppConfig, ConfigError, ServeConfig
 
 # The `run` options that map straight onto a config field, in the groups `--help` shows:
 # (flag, config section, field, metavar). Choices and defaults come from the config dataclasses.
@@ -74,13 +67,6 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
     ],
 }
 RUN_OPTIONS = [(flag, sec, name) for group in RUN_GROUPS.values() for flag, sec, name, _ in group]
-SECTIONS = {
-    "engine": EngineConfig,
-    "serve": ServeConfig,
-    "sampling": SamplingConfig,
-    "loop": LoopConfig,
-    "cai": CAIConfig,
-}
 
 
 def _field(cls: type, name: str):

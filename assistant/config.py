@@ -302,3 +302,14 @@ def help_of(cls: type, name: str) -> str:
         if f.name == name:
             return f.metadata.get("help", "")
     raise KeyError(name)
+
+
+# The sections of AppConfig that hold plain settings, by name: what `run`'s flags and a --config
+# file's mappings are read into.
+SECTIONS: dict[str, type] = {
+    "engine": EngineConfig,
+    "serve": ServeConfig,
+    "sampling": SamplingConfig,
+    "loop": LoopConfig,
+    "cai": CAIConfig,
+}

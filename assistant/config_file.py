@@ -13,28 +13,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from assistant.config import (
-    AppConfig,
-    CAIConfig,
-    ConfigError,
-    EngineConfig,
-    SamplingConfig,
-    ServeConfig,
-)
+from assistant.config import SECTIONS, AppConfig, ConfigError
 
-SECTIONS = {
-    "engine": EngineConfig,
-    "serve": ServeConfig,
-    "sampling": SamplingConfig,
-    "cai": CAIConfig,
-}
-TOP_LEVEL = {"data_dir", "db", "retrain_preset", "retrain", "loop", *SECTIONS}
+TOP_LEVEL = {"data_dir", "db", "retrain_preset", "retrain", *SECTIONS}
 
 
 def load_config_file(path: Path) -> AppConfig:
     import yaml
-
-    from alignment.config import LoopConfig
 
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -45,13 +30,12 @@ def load_config_file(path: Path) -> AppConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: the file must be a mapping of settings")
     config = AppConfig()
-    sections = {**SECTIONS, "loop": LoopConfig}
     for key, value in data.items():
         if key not in TOP_LEVEL:
             raise ConfigError(
                 f"--config {path}: unknown setting {key!r}; use {', '.join(sorted(TOP_LEVEL))}"
             )
-        if key in sections:
+        if key in SECTIONS:
             _apply_section(path, key, value, getattr(config, key))
         elif key == "retrain":
             if not isinstance(value, dict):

@@ -20,6 +20,12 @@ async def complete(engine, messages=PROMPT, sampling=SEEDED, seed=1):
     return updates
 
 
+async def texts(engine):
+    """(the version the final update names, both candidates' texts) of one seeded pair."""
+    final = (await complete(engine))[-1]
+    return final.model_version, [c.text for c in final.candidates]
+
+
 def test_stream_pair_grows_then_finishes_both(tiny_engine_url):
     async def run():
         engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
@@ -55,10 +61,6 @@ def test_reload_weights_swaps_outputs_and_restores_exactly(
     tiny_engine_url, tiny_model_dir, tmp_path, restores_tiny_engine
 ):
     other = build_tiny_checkpoint(tmp_path / "other", seed=1)
-
-    async def texts(engine):
-        final = (await complete(engine))[-1]
-        return final.model_version, [c.text for c in final.candidates]
 
     async def run():
         engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
@@ -98,10 +100,6 @@ def test_pairs_asked_for_during_a_swap_are_labelled_with_the_weights_that_answer
     same seeded request before and after the swap also shows that the reload changed what the
     engine generates (vLLM #32718: reloads that kept serving stale weights)."""
     other = build_tiny_checkpoint(tmp_path / "other", seed=1)
-
-    async def texts(engine):
-        final = (await complete(engine))[-1]
-        return final.model_version, [c.text for c in final.candidates]
 
     async def run():
         engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
