@@ -35,8 +35,9 @@ def stored_admin_token(data_dir: Path) -> str | None:
 
 def ensure_admin_token(data_dir: Path) -> Path | None:
     """With ASSISTANT_ADMIN_TOKEN unset, make the stored token (created private on the first
-    run) this process's admin token and return its file, for the caller to print; else None."""
-    if os.environ.get("ASSISTANT_ADMIN_TOKEN"):
+    run) this process's admin token and return its file, for the caller to print; else None.
+    Set, it is used as it is; set to an empty value, admin actions are off."""
+    if "ASSISTANT_ADMIN_TOKEN" in os.environ:
         return None
     path = data_dir / TOKEN_FILE
     if stored_admin_token(data_dir) is None:

@@ -196,8 +196,12 @@ def build_app(config: AppConfig):
     from ui.page import CSS, build_page
 
     constitution = active_constitution(config)  # before the engine: a bad file fails fast
-    sessions = SessionKeys.load_or_create(config.data_dir / "secrets" / "session.key")
-    runtime = open_runtime(config)
+    runtime = open_runtime(config)  # a read-only data directory is refused here, with the reason
+    try:
+        sessions = SessionKeys.load_or_create(config.data_dir / "secrets" / "session.key")
+    except OSError as exc:
+        _run_async_close(runtime)
+        raise ConfigError(f"cannot write the session key under {config.data_dir}: {exc}") from exc
     service = ChatService(runtime.store, runtime.engine, config.sampling, config.serve)
     version = runtime.store.latest_constitution()
     if version is None or version["body"] != constitution.as_json():
@@ -273,6 +277,10 @@ def build_app(config: AppConfig):
     )
 
 
+def _run_async_close(runtime) -> None:
+    asyncio.run(runtime.aclose())
+
+
 async def _retention(store, days: float, every_s: float = 3600.0) -> None:
     """Delete conversations older than `days`, at start and then hourly."""
     while True:
@@ -322,8 +330,11 @@ def serve(config: AppConfig) -> None:
     from assistant.admin import ensure_admin_token
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    generated = ensure_admin_token(config.data_dir)
     app = build_app(config)
+    try:
+        generated = ensure_admin_token(config.data_dir)
+    except OSError as exc:
+        raise ConfigError(f"cannot store the admin token under {config.data_dir}: {exc}") from exc
     print(
         f"[app] ready on http://{config.serve.host}:{config.serve.port}",
         file=sys.stderr,

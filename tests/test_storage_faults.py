@@ -81,7 +81,8 @@ def test_full_disk_mid_run_refuses_clearly_and_loses_nothing(tiny_engine_url, tm
     script = (
         'mount -t tmpfs -o size=48m tmpfs "$1"\n'
         '"$2" -m assistant run --data-dir "$1" --port "$3" --vllm-url "$4" --no-cai '
-        '--max-new-tokens 8 --reading-words-per-second 0 >>"$5" 2>&1 || true\n'
+        '--max-new-tokens 8 --reading-words-per-second 0 --max-votes-per-minute-per-address 0 '
+        '--max-votes-per-minute-total 0 >>"$5" 2>&1 || true\n'
         '"$2" -c "$6" "$1/assistant.duckdb"\n'
     )
     proc = _namespaced(
@@ -122,8 +123,17 @@ def test_full_disk_mid_run_refuses_clearly_and_loses_nothing(tiny_engine_url, tm
             assert "disk is full" in r.json()["error"] and "nothing was saved" in r.json()["error"]
             refused.append(pair_id)
         assert refused, "no write was refused on a full disk"
-        full_chat = chat("a long turn while the disk is full " + "x" * 3000)
-        assert full_chat.status_code == 507, full_chat.text
+        # Turns (within the tiny model's 512-token window) until the disk refuses one: as with
+        # votes, a turn is either stored whole and kept, or refused with nothing of it stored.
+        full_chat = None
+        for i in range(20):
+            r = chat(f"a long turn while the disk is full {i} " + "x" * 300)
+            if r.status_code == 200:
+                stored_pairs.append(r.json()["pair_id"])
+                continue
+            full_chat = r
+            break
+        assert full_chat is not None and full_chat.status_code == 507, full_chat and full_chat.text
 
         (root / "filler").unlink()  # space again: the refused votes now go through
         for pair_id in refused:
