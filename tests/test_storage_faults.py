@@ -81,7 +81,7 @@ def test_full_disk_mid_run_refuses_clearly_and_loses_nothing(tiny_engine_url, tm
     script = (
         'mount -t tmpfs -o size=48m tmpfs "$1"\n'
         '"$2" -m assistant run --data-dir "$1" --port "$3" --vllm-url "$4" --no-cai '
-        '--max-new-tokens 8 --reading-words-per-second 0 --max-votes-per-minute-per-address 0 '
+        "--max-new-tokens 8 --reading-words-per-second 0 --max-votes-per-minute-per-address 0 "
         '--max-votes-per-minute-total 0 >>"$5" 2>&1 || true\n'
         '"$2" -c "$6" "$1/assistant.duckdb"\n'
     )
