@@ -207,46 +207,22 @@ def test_run_without_a_token_generates_one_prints_it_and_the_cli_uses_it(
     assert httpx.post(url, json={"keep": 3}).status_code == 401
     auth = {"Authorization": f"Bearer {token}"}
     assert httpx.post(url, json={"keep": 3}, headers=auth).status_code == 200
+
     # the CLI finds the stored token by itself while the app runs
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "assistant",
-            "prune",
-            "--keep",
-            "3",
-            "--data-dir",
-            str(data),
-            "--url",
-            app.url,
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert cli.returncode == 0 and "pruned 0 version(s)" in cli.stdout, cli.stderr
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "assistant", *args, "--data-dir", str(data), "--url", app.url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    pruned = cli("prune", "--keep", "3")
+    assert pruned.returncode == 0 and "pruned 0 version(s)" in pruned.stdout, pruned.stderr
     # retrain settings for a running app are refused with the reason, never silently ignored
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "assistant",
-            "retrain",
-            "--retrain-preset",
-            "fast",
-            "--data-dir",
-            str(data),
-            "--url",
-            app.url,
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert refused.returncode == 2 and "retrains with the settings it was started with" in (
-        refused.stderr
-    )
+    refused = cli("retrain", "--retrain-preset", "fast")
+    assert refused.returncode == 2
+    assert "retrains with the settings it was started with" in refused.stderr
     app.stop()
     # a token set in the environment is used as it is and never printed
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "chosen-token")
