@@ -142,6 +142,26 @@ class LoopConfig:
 
 
 @dataclass
+class CanaryConfig:
+    """How a version that passed the automatic gate is judged by the users before it takes all
+    traffic (see `alignment.canary` for the decision rule)."""
+
+    share: float = _help(
+        "share of turns whose pair sets the challenger against the serving version "
+        "(0: deploy at the gate, no canary)",
+        default=0.5,
+    )
+    min_votes: int = _help(
+        "comparisons (decisive votes and ties on canary pairs) before a challenger can be promoted",
+        default=30,
+    )
+    max_votes: int = _help(
+        "at this many comparisons without a verdict the challenger is retired (0: no cap)",
+        default=200,
+    )
+
+
+@dataclass
 class SFTConfig:
     """Optional supervised stage on constitutional revisions (loss on reply tokens only)."""
 

@@ -34,6 +34,9 @@ class CycleResult:
     gate: dict
     seconds: dict
     sft: dict | None = None
+    # the policy's LoRA adapter on the serving weights, for a canary (None after SFT: it is on
+    # the SFT model then, which the engine does not serve)
+    adapter: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -119,9 +122,12 @@ def run_cycle(
         reward_summary = reward.as_dict() | {"ppo_disagreement": scorer.disagreement}
     else:
         reward_summary = reward.as_dict()
-    path = None
+    path = adapter = None
     if gate.deploy:
         t = time.perf_counter()
+        if sft is None:
+            adapter = str(out_root / f"{new_version}.adapter")
+            policy.lm.save_pretrained(adapter)  # before the merge, which spends the adapter
         manifest = {
             "version": new_version,
             "parent": parent_version,
@@ -144,4 +150,5 @@ def run_cycle(
         gate.as_dict(),
         seconds,
         sft,
+        adapter,
     )

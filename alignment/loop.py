@@ -35,6 +35,9 @@ class AlignmentLoop:
         ai_label_weight: float = 0.5,
         overrides: dict | None = None,
     ) -> None:
+        # The running canary, if the app judges new versions by the users' votes first
+        # (`assistant.canary_service`); None: a version that passes the gate deploys at once.
+        self.canary = None
         self.overrides = overrides or {}
         self.sft = sft
         self.ai_label_weight = ai_label_weight
@@ -43,20 +46,26 @@ class AlignmentLoop:
         self.data_dir = data_dir
         self.preset = preset
         self.on_progress = on_progress
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
         self.stage = "idle"
         self.events: list[dict] = []  # the running (or last) cycle's progress lines
         self.last: dict | None = None  # the last cycle's summary, for the page's status line
 
     @property
     def running(self) -> bool:
-        return self._lock.locked()
+        return self.lock.locked()
 
     async def retrain(self) -> dict:
         """One cycle now; returns a summary (deployed, rejected or failed)."""
-        if self._lock.locked():
+        if self.lock.locked():
             raise ConflictError("a retrain cycle is already running")
-        async with self._lock:
+        if self.canary is not None and self.canary.running:
+            c = self.canary.current
+            raise ConflictError(
+                f"a canary is running ({c['challenger']} against {c['serving']}): the users are "
+                "judging the last version; promote or retire it first"
+            )
+        async with self.lock:
             try:
                 self.last = await self._cycle()
                 return self.last
@@ -172,6 +181,24 @@ class AlignmentLoop:
                 **metrics,
             }
 
+        if self.canary is not None and self.canary.config.share > 0:
+            if result.get("adapter") is None:
+                metrics["canary"] = "none: an SFT cycle's adapter is not on the serving weights"
+            else:
+                self.stage = "canary"
+                try:
+                    await self.canary.start(
+                        version,
+                        serving["version"],
+                        result["adapter"],
+                        {**metrics, "path": result["path"]},
+                    )
+                except Exception as exc:  # noqa: BLE001 - e.g. an engine without LoRA support
+                    metrics["canary"] = f"could not start ({exc}); deployed at the gate"
+                else:
+                    await asyncio.to_thread(self.store.finish_run, run_id, "challenger", metrics)
+                    return {"status": "challenger", "version": version, **metrics}
+
         self.stage = "swap"
         await asyncio.to_thread(
             self.store.record_model_version,
@@ -227,21 +254,23 @@ class AlignmentLoop:
         """Delete old checkpoints (see `alignment.pruning`); not while a cycle runs."""
         from alignment.pruning import prune
 
-        if self._lock.locked():
+        if self.lock.locked():
             raise ConflictError("a retrain cycle is running; prune after it ends")
-        async with self._lock:
+        async with self.lock:
             result = await asyncio.to_thread(prune, self.store, self.data_dir / "versions", keep)
             return result.as_dict()
 
     async def rollback(self, version: str) -> dict:
-        if self._lock.locked():
+        if self.lock.locked():
             raise ConflictError("a retrain cycle is running; roll back after it ends")
-        async with self._lock:
+        async with self.lock:
             row = await asyncio.to_thread(self.store.model_version, version)
             if row["status"] == "rejected" or not row["path"]:
                 raise ConflictError(
                     f"version {version} has no weights to serve (rejected by the gate, or pruned)"
                 )
+            if self.canary is not None and self.canary.running:
+                await self.canary.finish("retired", f"an admin rolled back to {version}")
             swap = await self.engine.reload_weights(row["path"], version)
             await asyncio.to_thread(self.store.set_serving, version, swap)
             return {"status": "serving", "version": version, "swap_seconds": swap}

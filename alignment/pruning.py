@@ -28,7 +28,9 @@ class PruneResult:
 def to_prune(versions: list[dict], keep: int) -> tuple[list[str], list[str]]:
     """(kept, pruned) version names from the store's rows (oldest first)."""
     with_weights = [v for v in versions if v["path"]]
-    protected = {v["version"] for v in with_weights if v["status"] in ("serving", "previous")}
+    protected = {
+        v["version"] for v in with_weights if v["status"] in ("serving", "previous", "challenger")
+    }
     newest = {v["version"] for v in with_weights[-keep:]} if keep > 0 else set()
     kept = [v["version"] for v in with_weights if v["version"] in protected | newest]
     pruned = [v["version"] for v in with_weights if v["version"] not in protected | newest]
@@ -45,7 +47,7 @@ def prune(store, versions_dir: Path, keep: int) -> PruneResult:
     paths = {v["version"]: Path(v["path"]) for v in rows}
     pruned, freed = [], 0.0
     for name in names:
-        targets = [paths[name], root / "runs" / name]
+        targets = [paths[name], root / "runs" / name, root / f"{name}.adapter"]
         inside = [p for p in targets if p.resolve().is_relative_to(root) and p.resolve() != root]
         if paths[name].resolve() not in [p.resolve() for p in inside]:
             kept.append(name)  # a checkpoint outside versions/ (the base model): never deleted

@@ -71,8 +71,8 @@ class RetrainScheduler:
             return
         while True:
             await asyncio.sleep(self.config.poll_seconds)
-            if self.loop.running:
-                continue
+            if self.loop.running or (self.loop.canary is not None and self.loop.canary.running):
+                continue  # one cycle at a time, and none while users judge the last version
             new, minutes = await asyncio.to_thread(self.store.new_decisive_votes)
             if minutes is None:  # never trained: count the time since the app started
                 minutes = (time.time() - self.started) / 60

@@ -9,6 +9,7 @@ Routes (documented in docs/api.md):
   GET  /api/export?format=trl|hh -> JSON lines of preference data, streamed  (admin token)
   DELETE /api/conversations/{id}  (from the session that started it)
   POST /api/retrain, POST /api/rollback {"version"}, POST /api/prune {"keep"}  (admin token)
+  GET  /api/canary; POST /api/canary/promote, POST /api/canary/retire  (admin token)
   GET  /api/constitution, PUT /api/constitution (admin), GET /api/critiques/{id} (admin)
 
 The edge's own rules: a session id must be one the server issued (`assistant.sessions`), the
@@ -114,7 +115,9 @@ def is_admin(request: Request) -> bool:
     return admin_refusal(request) is None
 
 
-def build_api_router(service: ChatService, sessions: SessionKeys, loop=None, cai=None) -> APIRouter:
+def build_api_router(
+    service: ChatService, sessions: SessionKeys, loop=None, cai=None, canary=None
+) -> APIRouter:
     router = APIRouter(prefix="/api")
 
     def session(request: Request, data: dict) -> str | None:
@@ -213,6 +216,28 @@ def build_api_router(service: ChatService, sessions: SessionKeys, loop=None, cai
             if not isinstance(data.get("version"), str):
                 raise InvalidInputError("'version' must be a version name such as 'v0000'", 422)
             return await loop.rollback(data["version"])
+        except Exception as exc:  # noqa: BLE001
+            return map_error(exc)
+
+    @router.get("/canary")
+    async def canary_status():
+        return await canary.status()
+
+    @router.post("/canary/promote")
+    async def canary_promote(request: Request):
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
+        try:
+            return await canary.promote()
+        except Exception as exc:  # noqa: BLE001
+            return map_error(exc)
+
+    @router.post("/canary/retire")
+    async def canary_retire(request: Request):
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
+        try:
+            return await canary.retire()
         except Exception as exc:  # noqa: BLE001
             return map_error(exc)
 

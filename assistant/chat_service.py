@@ -18,9 +18,11 @@ import secrets
 import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
+from alignment.ratings import ratings
 from assistant.config import SamplingConfig, ServeConfig
-from assistant.engine import Engine, PairProgress
+from assistant.engine import Challenger, Engine, PairProgress
 from assistant.limits import VoteLimits
 from storage import ConflictError, Store
 from storage.export import preference_records
@@ -125,6 +127,16 @@ def validate_choice(choice: object) -> str:
     return choice  # type: ignore[return-value]
 
 
+class Canary(Protocol):
+    """The running canary as the chat service sees it (`assistant.canary_service`)."""
+
+    def pick(self) -> Challenger | None:
+        """The challenger and its slot for this turn's pair, or None for an ordinary pair."""
+        ...
+
+    async def vote_cast(self, versions: dict[str, str]) -> None: ...
+
+
 class ChatService:
     def __init__(
         self, store: Store, engine: Engine, sampling: SamplingConfig, serve: ServeConfig
@@ -142,6 +154,7 @@ class ChatService:
         )
         self._generating_by_client: collections.Counter[str] = collections.Counter()
         self._conversations_generating: set[str] = set()
+        self.canary: Canary | None = None
 
     @property
     def model_version(self) -> str:
@@ -196,7 +209,13 @@ class ChatService:
             prompt = self._system() + history + [{"role": "user", "content": text}]
             seed = secrets.randbelow(2**31 - 2)
             last: PairProgress | None = None
-            async for progress in self.engine.stream_pair(prompt, self.sampling.as_dict(), seed):
+            challenger = self.canary.pick() if self.canary is not None else None
+            stream = (
+                self.engine.stream_pair(prompt, self.sampling.as_dict(), seed)
+                if challenger is None  # engines without canary support need not know of it
+                else self.engine.stream_pair(prompt, self.sampling.as_dict(), seed, challenger)
+            )
+            async for progress in stream:
                 last = progress
                 a, b = progress.candidates
                 yield TurnUpdate(conversation_id, a.text, b.text, progress.model_version)
@@ -205,7 +224,7 @@ class ChatService:
                 CandidateRecord(
                     slot=SLOTS[d.index],
                     text=d.text,
-                    model_version=last.model_version,
+                    model_version=d.model_version or last.model_version,
                     sampling={**last.sampling, "seed": d.seed},
                     prompt_tokens=last.prompt_tokens,
                     completion_tokens=d.completion_tokens,
@@ -335,7 +354,7 @@ class ChatService:
                 f"voted {age:.1f} s after the replies; reading {words} words "
                 f"needs {words / wps:.1f} s"
             )
-        return await asyncio.to_thread(
+        answer = await asyncio.to_thread(
             self.store.record_vote,
             pair_id,
             choice,
@@ -344,6 +363,9 @@ class ChatService:
             client=client,
             flagged=flagged,
         )
+        if self.canary is not None and flagged is None:
+            await self.canary.vote_cast(answer["versions"])
+        return answer
 
     async def preference_data(self, fmt: str, page: int = 500) -> AsyncIterator[dict]:
         """Decisive votes as preference records (`trl` or `hh`), for export: read a page at a
@@ -372,6 +394,11 @@ class ChatService:
     async def versions(self, admin: bool = False) -> dict:
         """Versions and their metrics; checkpoint paths and run folders only for the admin."""
         rows = await asyncio.to_thread(self.store.model_versions)
+        rated = await asyncio.to_thread(
+            lambda: ratings(self.store.cross_version_votes())  # votes across two versions
+        )
+        for row in rows:
+            row["rating"] = rated.get(row["version"])
         if not admin:
             rows = [public_version(r) for r in rows]
         return {"serving": self.model_version, "versions": rows}

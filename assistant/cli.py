@@ -61,6 +61,11 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
         ("--retrain-poll-seconds", "loop", "poll_seconds", "SECONDS"),
         ("--max-vote-source-share", "loop", "max_source_share", "FRACTION"),
     ],
+    "canary (users judge a new version first)": [
+        ("--canary-share", "canary", "share", "FRACTION"),
+        ("--canary-min-votes", "canary", "min_votes", "VOTES"),
+        ("--canary-max-votes", "canary", "max_votes", "VOTES"),
+    ],
     "Constitutional AI": [
         ("--cai-rounds", "cai", "rounds", "N"),
         ("--ai-label-weight", "cai", "ai_label_weight", "WEIGHT"),

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from alignment.config import LoopConfig
+from alignment.config import CanaryConfig, LoopConfig
 
 
 class ConfigError(ValueError):
@@ -186,6 +186,7 @@ class AppConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
     cai: CAIConfig = field(default_factory=CAIConfig)
 
     @property
@@ -283,6 +284,12 @@ class AppConfig:
                 0 <= self.loop.max_source_share <= 1,
                 "--max-vote-source-share must be in [0, 1] (0: the default for the bound address)",
             ),
+            (0 <= self.canary.share <= 1, "--canary-share must be in [0, 1] (0: no canary)"),
+            (self.canary.min_votes >= 1, "--canary-min-votes must be at least 1"),
+            (
+                self.canary.max_votes == 0 or self.canary.max_votes >= self.canary.min_votes,
+                "--canary-max-votes must be 0 (no cap) or at least --canary-min-votes",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -311,5 +318,6 @@ SECTIONS: dict[str, type] = {
     "serve": ServeConfig,
     "sampling": SamplingConfig,
     "loop": LoopConfig,
+    "canary": CanaryConfig,
     "cai": CAIConfig,
 }

@@ -43,10 +43,20 @@ class CandidateDraft:
     completion_tokens: int = 0
     finish_reason: str | None = None
     latency_ms: float | None = None  # from request start to this candidate's last token
+    model_version: str | None = None  # the version that wrote it (a canary pair has two)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """A canary pair's second version: the candidate in `slot` (0 = A, 1 = B) comes from the
+    challenger, loaded in the engine as a LoRA adapter named `version`."""
+
+    version: str
+    slot: int
 
 
 @dataclass
@@ -74,10 +84,21 @@ class Engine(Protocol):
         ...
 
     def stream_pair(
-        self, messages: list[dict[str, str]], sampling: dict, seed: int
+        self,
+        messages: list[dict[str, str]],
+        sampling: dict,
+        seed: int,
+        challenger: Challenger | None = None,
     ) -> AsyncIterator[PairProgress]:
-        """Two candidates for the same prompt in one batched request, seeds `seed` and `seed+1`."""
+        """Two candidates for the same prompt, seeds `seed` and `seed+1`: both from the serving
+        version, or (a canary pair) one of them from the `challenger`."""
         ...
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Make a LoRA adapter on the serving weights answerable under `name` (a challenger)."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...
 
     async def healthy(self) -> bool: ...
 

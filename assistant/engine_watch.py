@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class EngineWatch:
-    def __init__(self, embedded, service, store, poll_s: float = 2.0) -> None:
+    def __init__(self, embedded, service, store, poll_s: float = 2.0, after_restart=None) -> None:
+        self.after_restart = after_restart  # e.g. reload a running canary's adapter
         self.embedded = embedded
         self.service = service
         self.store = store
@@ -36,6 +37,8 @@ class EngineWatch:
                 self.embedded.start()
                 await asyncio.to_thread(self.embedded.wait_ready)
                 self.restarts += 1
+                if self.after_restart is not None:
+                    await self.after_restart()
                 self.service.engine_note = None
             except Exception:  # noqa: BLE001 - keep trying; the note stays up meanwhile
                 log.exception("engine restart failed; trying again")

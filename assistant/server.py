@@ -188,6 +188,7 @@ def build_app(config: AppConfig):
     from alignment.scheduler import RetrainScheduler
     from assistant.admin_login import build_admin_login_router
     from assistant.api import build_api_router, set_session_cookie
+    from assistant.canary_service import CanaryService
     from assistant.chat_service import ChatService
     from assistant.critic import CAIWorker, Critic
     from assistant.engine_watch import EngineWatch
@@ -203,6 +204,8 @@ def build_app(config: AppConfig):
         _run_async_close(runtime)
         raise ConfigError(f"cannot write the session key under {config.data_dir}: {exc}") from exc
     service = ChatService(runtime.store, runtime.engine, config.sampling, config.serve)
+    canary = CanaryService(runtime.store, runtime.engine, config.canary, runtime.loop.lock)
+    runtime.loop.canary = service.canary = canary
     version = runtime.store.latest_constitution()
     if version is None or version["body"] != constitution.as_json():
         runtime.store.save_constitution(constitution.name, constitution.as_json())
@@ -220,9 +223,12 @@ def build_app(config: AppConfig):
 
     @asynccontextmanager
     async def lifespan(_app):
+        await canary.resume()  # a canary the last run left going goes on, or is closed
         tasks = [asyncio.create_task(scheduler.run_forever())]
         if runtime.embedded is not None:
-            watch = EngineWatch(runtime.embedded, service, runtime.store)
+            watch = EngineWatch(
+                runtime.embedded, service, runtime.store, after_restart=canary.resume
+            )
             tasks.append(asyncio.create_task(watch.run_forever()))
         if config.cai.enabled:
             tasks.append(asyncio.create_task(cai.run_forever()))
@@ -264,12 +270,12 @@ def build_app(config: AppConfig):
             set_session_cookie(response, sessions.issue())
         return response
 
-    app.include_router(build_api_router(service, sessions, runtime.loop, cai))
+    app.include_router(build_api_router(service, sessions, runtime.loop, cai, canary))
     app.include_router(build_admin_login_router(sessions))
     app.include_router(build_openai_router(service, sessions))
     app.state.service = service
     app.state.runtime = runtime
-    page = build_page(service, sessions, runtime.loop, cai, scheduler).queue(
+    page = build_page(service, sessions, runtime.loop, cai, scheduler, canary).queue(
         default_concurrency_limit=None
     )
     return gr.mount_gradio_app(

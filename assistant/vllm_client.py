@@ -19,6 +19,7 @@ replies), pairs asked for meanwhile wait for the swap and are labelled with what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -30,6 +31,7 @@ import httpx
 from alignment.engine_http import async_client
 from assistant.engine import (
     CandidateDraft,
+    Challenger,
     EngineError,
     EngineRequestError,
     PairProgress,
@@ -97,53 +99,73 @@ class VLLMServerEngine:
             return False
 
     async def stream_pair(
-        self, messages: list[dict[str, str]], sampling: dict, seed: int
+        self,
+        messages: list[dict[str, str]],
+        sampling: dict,
+        seed: int,
+        challenger: Challenger | None = None,
     ) -> AsyncIterator[PairProgress]:
         async with self._gate.request():
             # read inside the gate: no swap can start or finish while this pair generates
             version = self._version
-            async for progress in self._stream_pair(messages, sampling, seed, version):
+            drafts = (
+                CandidateDraft(0, seed, model_version=version),
+                CandidateDraft(1, seed + 1, model_version=version),
+            )
+            if challenger is None:  # one request, n=2: the engine batches the two samples
+                requests = [(self._body(messages, sampling, seed, self.model_name, 2), drafts)]
+            else:  # a canary pair: one request per version, concurrently
+                drafts[challenger.slot].model_version = challenger.version
+                requests = [
+                    (
+                        self._body(
+                            messages,
+                            sampling,
+                            d.seed,
+                            challenger.version if d.index == challenger.slot else self.model_name,
+                            1,
+                        ),
+                        (d,),
+                    )
+                    for d in drafts
+                ]
+            async for progress in self._stream(requests, drafts, version, sampling):
                 yield progress
 
-    async def _stream_pair(
-        self, messages: list[dict[str, str]], sampling: dict, seed: int, version: str
-    ) -> AsyncIterator[PairProgress]:
-        body = {
-            "model": self.model_name,
+    @staticmethod
+    def _body(messages, sampling: dict, seed: int, model: str, n: int) -> dict:
+        return {
+            "model": model,
             "messages": messages,
-            "n": 2,
+            "n": n,
             "seed": seed,
             "stream": True,
             "stream_options": {"include_usage": True},
             "return_token_ids": True,
             **sampling,
         }
-        drafts = (CandidateDraft(0, seed), CandidateDraft(1, seed + 1))
-        prompt_tokens: int | None = None
+
+    async def _stream(
+        self,
+        requests: list[tuple[dict, tuple[CandidateDraft, ...]]],
+        drafts: tuple[CandidateDraft, CandidateDraft],
+        version: str,
+        sampling: dict,
+    ) -> AsyncIterator[PairProgress]:
+        """Run the requests concurrently, each filling its drafts (its choice i -> drafts[i]),
+        and yield a snapshot of the pair whenever either changes."""
+        changes: asyncio.Queue = asyncio.Queue()
+        prompt_tokens: list[int] = []
         started = time.perf_counter()
-        try:
-            async with self._http.stream("POST", "/v1/chat/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    raise _error_from(resp)
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    payload = line[len("data: ") :]
-                    if payload == "[DONE]":
-                        break
-                    chunk = json.loads(payload)
-                    if "error" in chunk:
-                        error = chunk["error"]
-                        text = error.get("message", "") if isinstance(error, dict) else str(error)
-                        if _says_too_long(text):
-                            raise PromptTooLongError(text)
-                        raise EngineError(f"the engine failed mid-reply: {text}")
-                    if chunk.get("prompt_token_ids") is not None:
-                        prompt_tokens = len(chunk["prompt_token_ids"])
+
+        async def run(body: dict, targets: tuple[CandidateDraft, ...]) -> None:
+            try:
+                async for chunk in self._chunks(body):
+                    if chunk.get("prompt_token_ids") is not None and not prompt_tokens:
+                        prompt_tokens.append(len(chunk["prompt_token_ids"]))
                     changed = False
                     for choice in chunk.get("choices") or []:
-                        draft = drafts[choice["index"]]
+                        draft = targets[choice["index"]]
                         delta = choice.get("delta") or {}
                         if delta.get("content"):
                             draft.text += delta["content"]
@@ -154,12 +176,76 @@ class VLLMServerEngine:
                             draft.latency_ms = (time.perf_counter() - started) * 1000
                             changed = True
                     if changed:
-                        yield PairProgress(drafts, version, prompt_tokens, sampling=sampling)
-        except httpx.HTTPError as exc:
-            raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
+                        changes.put_nowait("changed")
+                changes.put_nowait("done")
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                changes.put_nowait(exc)
+
+        tasks = [asyncio.create_task(run(body, targets)) for body, targets in requests]
+        try:
+            running = len(tasks)
+            while running:
+                item = await changes.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item == "done":
+                    running -= 1
+                    continue
+                tokens = prompt_tokens[0] if prompt_tokens else None
+                yield PairProgress(drafts, version, tokens, sampling=sampling)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         if not all(d.done for d in drafts):
             raise EngineError("the engine ended the reply stream before both candidates finished")
-        yield PairProgress(drafts, version, prompt_tokens, final=True, sampling=sampling)
+        tokens = prompt_tokens[0] if prompt_tokens else None
+        yield PairProgress(drafts, version, tokens, final=True, sampling=sampling)
+
+    async def _chunks(self, body: dict) -> AsyncIterator[dict]:
+        """The parsed server-sent events of one streamed chat request."""
+        try:
+            async with self._http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise _error_from(resp)
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    payload = line[len("data: ") :]
+                    if payload == "[DONE]":
+                        return
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        text = error.get("message", "") if isinstance(error, dict) else str(error)
+                        if _says_too_long(text):
+                            raise PromptTooLongError(text)
+                        raise EngineError(f"the engine failed mid-reply: {text}")
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter under `name` (the server needs --enable-lora and
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING=1; the embedded one has both)."""
+        try:
+            resp = await self._http.post(
+                "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+            )
+        except httpx.HTTPError as exc:
+            raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
+        if resp.status_code != 200 and "already" not in resp.text:
+            raise EngineError(
+                f"the engine could not load the adapter {name}: {resp.status_code} "
+                f"{resp.text[:300]}"
+            )
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload once this client's pairs in flight (some may use it) have finished."""
+        async with self._gate.swap():
+            with contextlib.suppress(httpx.HTTPError):  # not loaded (an engine restart): fine
+                await self._http.post("/v1/unload_lora_adapter", json={"lora_name": name})
 
     async def forward_chat(self, body: dict) -> AsyncIterator[bytes]:
         """An OpenAI chat-completions request passed through as it is (the model name set to

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.generation import PROMPTS
-from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 TOKEN = "bench-token"
 
@@ -89,6 +89,7 @@ def main() -> None:
                 "--reading-words-per-second",  # simulated users vote instantly
                 "0",
                 *MANY_USERS_ON_ONE_ADDRESS,
+                *DEPLOY_AT_THE_GATE,
                 "--no-cai",
                 "--model",
                 str(repo / "data/models/SmolLM2-135M-Instruct"),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
 from tests.tiny_model import (
     TOPICS,
     TWO_STYLE_RETRAIN_CONFIG,
@@ -78,7 +78,7 @@ def main() -> int:
             "--temperature", "1.0", "--no-cai", "--reading-words-per-second", "0",
             "--max-votes-per-minute", "0", "--retrain-every-votes", "0",
             "--retrain-every-minutes", "0", "--retrain-config", str(config),
-            *MANY_USERS_ON_ONE_ADDRESS,
+            *MANY_USERS_ON_ONE_ADDRESS, *DEPLOY_AT_THE_GATE,
         ],
         args.data_dir / "app",
         port=args.port,

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SMOL = REPO / "data/models/SmolLM2-135M-Instruct"
@@ -150,7 +150,7 @@ def calibrate(n_prompts: int, max_tokens: int, dump: Path | None = None) -> dict
     items = prompts(TOPICS, random.Random(0))[:n_prompts]
     args = ["--model", str(SMOL), "--max-new-tokens", str(max_tokens), "--no-cai",
             "--retrain-every-votes", "0", "--retrain-every-minutes", "0",
-            *MANY_USERS_ON_ONE_ADDRESS]  # fmt: skip
+            *MANY_USERS_ON_ONE_ADDRESS, *DEPLOY_AT_THE_GATE]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         app = AppProcess(args, Path(tmp)).start()
         try:
@@ -179,7 +179,7 @@ def run(family: str, seed: int, votes: int, max_chats: int, config: Path | None,
     args = ["--model", str(SMOL), "--max-new-tokens", str(max_tokens), "--no-cai",
             "--retrain-every-votes", "0", "--retrain-every-minutes", "0",
             "--reading-words-per-second", "0", "--max-votes-per-minute", "0",
-            *MANY_USERS_ON_ONE_ADDRESS]  # fmt: skip
+            *MANY_USERS_ON_ONE_ADDRESS, *DEPLOY_AT_THE_GATE]  # fmt: skip
     if config is not None:
         args += ["--retrain-config", str(config)]
     row: dict = {"family": family, "seed": seed}

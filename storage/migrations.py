@@ -158,4 +158,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE votes ADD COLUMN client VARCHAR;
         """,
     ),
+    (
+        7,
+        "canaries: a challenger version judged by the users on a share of pairs",
+        """
+        CREATE TABLE canaries (
+            id          VARCHAR PRIMARY KEY,
+            challenger  VARCHAR NOT NULL,
+            serving     VARCHAR NOT NULL,
+            adapter     VARCHAR NOT NULL,  -- the challenger: LoRA on the serving weights
+            share       DOUBLE NOT NULL,
+            decision    VARCHAR NOT NULL DEFAULT 'running'
+                        CHECK (decision IN ('running', 'promoted', 'retired', 'interrupted')),
+            reason      VARCHAR,
+            started_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+            decided_at  TIMESTAMPTZ
+        );
+        """,
+    ),
 ]

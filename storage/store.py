@@ -21,6 +21,7 @@ from typing import Any
 
 import duckdb
 
+from storage.canaries import CanaryRecords
 from storage.migrations import MIGRATIONS
 
 VOTE_CHOICES = ("a", "b", "tie", "both_bad")
@@ -112,7 +113,7 @@ class StoredPair:
     candidate_ids: tuple[str, str]  # (a, b)
 
 
-class Store:
+class Store(CanaryRecords):
     """Thread-safe access to one DuckDB file, schema migrated on open."""
 
     def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
@@ -373,6 +374,11 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [vote_id, pair_id, choice, voter, session_id, client, flagged],
             )
+            versions = dict(
+                con.execute(
+                    "SELECT slot, model_version FROM candidates WHERE pair_id = ?", [pair_id]
+                ).fetchall()
+            )
             chosen_text = None
             if choice == "both_bad":
                 con.execute(
@@ -396,6 +402,7 @@ class Store:
             "conversation_id": conversation_id,
             "continued_with": chosen_text,
             "flagged": flagged,
+            "versions": versions,  # which version wrote each reply, revealed once voted
         }
 
     def reading_load(self, pair_id: str) -> tuple[float, int]:

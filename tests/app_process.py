@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -21,6 +22,9 @@ MANY_USERS_ON_ONE_ADDRESS = [
     "--max-votes-per-minute-total", "0",
     "--max-backlog-share", "1",
 ]  # fmt: skip
+# A version that passes the gate serves at once instead of first facing the users as a canary
+# challenger: for tests and benchmarks that measure a deployed version (the canary has its own).
+DEPLOY_AT_THE_GATE = ["--canary-share", "0"]
 
 
 def free_port() -> int:
@@ -109,3 +113,18 @@ class AppProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+async def chat_turns(app: AppProcess, messages: list[str], at_once: int = 8) -> list[dict]:
+    """One new conversation per message through `POST /api/chat`, `at_once` at a time (the
+    engine batches them); the chat answers, in order."""
+    gate = asyncio.Semaphore(at_once)
+    async with httpx.AsyncClient(base_url=app.url, timeout=120) as client:
+
+        async def one(message: str) -> dict:
+            async with gate:
+                r = await client.post("/api/chat", json={"message": message})
+                assert r.status_code == 200, r.text
+                return r.json()
+
+        return await asyncio.gather(*(one(m) for m in messages))

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_process import ADMIN_TOKEN, MANY_USERS_ON_ONE_ADDRESS, AppProcess
-from tests.tiny_model import build_tiny_checkpoint
+from tests.app_process import (
+    ADMIN_TOKEN,
+    DEPLOY_AT_THE_GATE,
+    MANY_USERS_ON_ONE_ADDRESS,
+    AppProcess,
+)
+from tests.tiny_model import build_tiny_checkpoint, build_two_style_checkpoint
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +28,12 @@ TINY_MAX_MODEL_LEN = 512
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def two_style_model(tmp_path_factory) -> Path:
+    """The tiny model taught two reply styles, half and half (the learning and canary tests)."""
+    return build_two_style_checkpoint(tmp_path_factory.mktemp("two-style") / "model")
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +89,7 @@ def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
         "1.0",
         *([] if cai else ["--no-cai"]),
         *MANY_USERS_ON_ONE_ADDRESS,
+        *DEPLOY_AT_THE_GATE,
         *extra,
     ]
 
@@ -120,7 +132,14 @@ def smol_app(tmp_path_factory) -> Iterator[AppProcess]:
             "which provisions it first"
         )
     app = AppProcess(
-        ["--model", str(SMOL_DIR), "--max-new-tokens", "48", *MANY_USERS_ON_ONE_ADDRESS],
+        [
+            "--model",
+            str(SMOL_DIR),
+            "--max-new-tokens",
+            "48",
+            *MANY_USERS_ON_ONE_ADDRESS,
+            *DEPLOY_AT_THE_GATE,
+        ],
         tmp_path_factory.mktemp("smol-app"),
         env={"ASSISTANT_ADMIN_TOKEN": ADMIN_TOKEN},
     ).start(timeout=900)

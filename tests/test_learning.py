@@ -14,14 +14,12 @@ import asyncio
 import json
 
 import httpx
-import pytest
 
 from alignment.config import GateConfig
-from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess, chat_turns
 from tests.tiny_model import (
     TOPICS,
     TWO_STYLE_RETRAIN_CONFIG,
-    build_two_style_checkpoint,
     likes_cheerful,
 )
 
@@ -29,25 +27,6 @@ TOKEN = "learning-token"
 RETRAIN_CONFIG = TWO_STYLE_RETRAIN_CONFIG
 MAX_KL = GateConfig().max_kl  # the default limit, which the config above keeps
 likes = likes_cheerful
-
-
-@pytest.fixture(scope="module")
-def two_style_model(tmp_path_factory):
-    return build_two_style_checkpoint(tmp_path_factory.mktemp("two-style") / "model")
-
-
-async def _turns(app: AppProcess, messages: list[str]) -> list[dict]:
-    """One new conversation per message, 8 at a time (the engine batches them)."""
-    gate = asyncio.Semaphore(8)
-    async with httpx.AsyncClient(base_url=app.url, timeout=120) as client:
-
-        async def one(message: str) -> dict:
-            async with gate:
-                r = await client.post("/api/chat", json={"message": message})
-                assert r.status_code == 200, r.text
-                return r.json()
-
-        return await asyncio.gather(*(one(m) for m in messages))
 
 
 def _satisfaction(turns: list[dict]) -> float:
@@ -78,7 +57,7 @@ def test_deployed_version_satisfies_the_users_preference_more_than_v0(
             "--retrain-every-votes", "0",
             "--retrain-every-minutes", "0",
             "--retrain-config", str(config_file),
-            *MANY_USERS_ON_ONE_ADDRESS,
+            *MANY_USERS_ON_ONE_ADDRESS, *DEPLOY_AT_THE_GATE,
         ],
         tmp_path / "app",
     ).start(timeout=300)  # fmt: skip
@@ -87,7 +66,7 @@ def test_deployed_version_satisfies_the_users_preference_more_than_v0(
         # and says "tie" otherwise (ties are stored but not trained on).
         voting = [f"Tell me about {t} ({i})." for i in range(4) for t in TOPICS]
         decisive = 0
-        for turn in asyncio.run(_turns(app, voting)):
+        for turn in asyncio.run(chat_turns(app, voting)):
             a, b = (likes(c["text"]) for c in turn["candidates"])
             choice = "a" if a and not b else "b" if b and not a else "tie"
             decisive += choice != "tie"
@@ -106,10 +85,10 @@ def test_deployed_version_satisfies_the_users_preference_more_than_v0(
         assert cycle["gate"]["kl"] <= MAX_KL and cycle["gate"]["win_rate"] >= 0.5, cycle["gate"]
 
         held_out = [f"Tell me about {t} ({i})." for i in (100, 101) for t in TOPICS]
-        after = asyncio.run(_turns(app, held_out))
+        after = asyncio.run(chat_turns(app, held_out))
         assert {t["model_version"] for t in after} == {cycle["version"]}
         assert _admin(app, "rollback", {"version": "v0000"}).status_code == 200
-        before = asyncio.run(_turns(app, held_out))
+        before = asyncio.run(chat_turns(app, held_out))
         assert {t["model_version"] for t in before} == {"v0000"}
     finally:
         app.stop()

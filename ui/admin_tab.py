@@ -37,6 +37,7 @@ VERSION_COLUMNS = [
     "comparisons",
     "KL",
     "RM accuracy",
+    "users' rating",
     "why",
 ]
 
@@ -57,10 +58,36 @@ def _versions_frame(versions: list[dict]) -> pd.DataFrame:
                 gate.get("comparisons"),
                 gate.get("kl"),
                 reward.get("heldout_accuracy"),
+                _rating(v.get("rating")),
                 gate.get("reason", ""),
             ]
         )
     return pd.DataFrame(rows, columns=VERSION_COLUMNS)
+
+
+def _rating(rating: dict | None) -> str:
+    if not rating:
+        return ""
+    lo, hi = rating["interval"]
+    return f"{rating['score']:.0f} [{lo:.0f}, {hi:.0f}] ({rating['votes']} votes)"
+
+
+def canary_line(status: dict) -> str:
+    """The canary in words: who runs against whom, the users' votes, the verdict so far."""
+    if status["challenger"] is None:
+        return "No canary yet: the next version that passes the gate will be judged here."
+    votes = status["votes"]
+    counts = (
+        f"challenger {votes['challenger']}, serving {votes['serving']}, tie {votes['tie']}, "
+        f"both bad {votes['both_bad']}"
+    )
+    head = (
+        f"Canary **running**: {status['challenger']} against {status['serving']} on "
+        f"{status['share']:.0%} of pairs"
+        if status["decision"] == "running"
+        else f"Last canary: {status['challenger']} **{status['decision']}**"
+    )
+    return f"{head}. Votes: {counts}. {status['reason'] or ''}"
 
 
 def _plots(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -106,10 +133,14 @@ def admin_problem(request: gr.Request | None, sessions: SessionKeys) -> str | No
     return cookie_admin_error(cookie, sessions)
 
 
-def build_admin_tab(loop, sessions: SessionKeys) -> None:
+def build_admin_tab(loop, sessions: SessionKeys, canary=None) -> None:
     gr.HTML(LOGIN_FORM)
     signed_in = gr.Markdown("", elem_id="admin-signed-in")
     stage = gr.Markdown("No cycle running.", elem_id="cycle-stage")
+    with gr.Row():
+        canary_status = gr.Markdown("", elem_id="canary-status")
+        promote = gr.Button("Promote challenger", size="sm")
+        retire = gr.Button("Retire challenger", size="sm")
     with gr.Row():
         retrain = gr.Button("Retrain now", variant="primary")
         version = gr.Dropdown(label="Version", choices=[], allow_custom_value=True)
@@ -134,9 +165,10 @@ def build_admin_tab(loop, sessions: SessionKeys) -> None:
             gr.update(choices=names),
             cycle_df,
             step_df,
+            canary_line(await canary.status()) if canary is not None else "",
         )
 
-    outputs = [stage, table, version, cycle_plot, step_plot]
+    outputs = [stage, table, version, cycle_plot, step_plot, canary_status]
 
     def who(request: gr.Request):
         problem = admin_problem(request, sessions)
@@ -163,6 +195,26 @@ def build_admin_tab(loop, sessions: SessionKeys) -> None:
             return f"⚠ {exc}"
         return f"Serving {done['version']} (swap {done['swap_seconds']:.2f} s)"
 
+    def canary_action(name: str):
+        async def act(request: gr.Request):
+            if (problem := admin_problem(request, sessions)) is not None:
+                return f"⚠ {problem}"
+            if canary is None:
+                return "⚠ this app runs no canary"
+            try:
+                status = await getattr(canary, name)()
+            except Exception as exc:  # noqa: BLE001 - shown to the admin
+                return f"⚠ {exc}"
+            return f"{status['challenger']} {status['decision']}: {status['reason']}"
+
+        return act
+
+    promote.click(canary_action("promote"), None, result, concurrency_limit=None).then(
+        refresh, None, outputs
+    )
+    retire.click(canary_action("retire"), None, result, concurrency_limit=None).then(
+        refresh, None, outputs
+    )
     retrain.click(on_retrain, None, result, concurrency_limit=None).then(refresh, None, outputs)
     rollback.click(on_rollback, version, result, concurrency_limit=None).then(
         refresh, None, outputs

@@ -97,8 +97,20 @@ def visitor(request: gr.Request | None, sessions: SessionKeys) -> dict[str, str 
     }
 
 
+def _canary_reveal(versions: dict[str, str]) -> str:
+    """After the vote, and only then: which reply came from which version, on a canary pair."""
+    if versions.get("a") == versions.get("b"):
+        return ""
+    return f" This pair was a trial of a new version: A was {versions['a']}, B was {versions['b']}."
+
+
 def build_page(
-    service: ChatService, sessions: SessionKeys, loop=None, cai=None, scheduler=None
+    service: ChatService,
+    sessions: SessionKeys,
+    loop=None,
+    cai=None,
+    scheduler=None,
+    canary=None,
 ) -> gr.Blocks:
     with gr.Blocks(title="Aligned assistant") as page, gr.Tabs():
         with gr.Tab("Chat"):
@@ -203,10 +215,13 @@ def build_page(
                         yield view(st, hist, a, b, note="Nothing to vote on yet.")
                         return
                     try:
-                        await service.vote(st["pair_id"], choice, **visitor(request, sessions))
+                        answer = await service.vote(
+                            st["pair_id"], choice, **visitor(request, sessions)
+                        )
                     except USER_ERRORS as exc:
                         yield view(st, hist, a, b, note=f"⚠ {_user_error(exc)}", votable=True)
                         return
+                    reveal = _canary_reveal(answer["versions"])
                     pending = st["pending_text"]
                     st = {**st, "pair_id": None, "pending_text": None}
                     if choice == "both_bad":
@@ -215,14 +230,14 @@ def build_page(
                             st,
                             hist[:-1],
                             msg=pending,
-                            note="Vote saved: both bad. Edit your message and ask again.",
+                            note="Vote saved: both bad. Edit your message and ask again." + reveal,
                         )
                         return
                     chosen = b if choice == "b" else a
                     yield view(
                         st,
                         [*hist, {"role": "assistant", "content": chosen}],
-                        note=f"Vote saved: {VOTE_LABELS[choice]}.",
+                        note=f"Vote saved: {VOTE_LABELS[choice]}.{reveal}",
                     )
 
                 return on_vote
@@ -280,5 +295,5 @@ def build_page(
                 build_constitution_tab(cai, sessions)
         if loop is not None:
             with gr.Tab("Admin"):
-                build_admin_tab(loop, sessions)
+                build_admin_tab(loop, sessions, canary)
     return page

@@ -1,0 +1,193 @@
+"""The running canary: a challenger version answers one side of a share of pairs until the
+users' votes promote it to serve everybody or retire it.
+
+The challenger is the cycle's PPO adapter, loaded in the same engine as a LoRA adapter on the
+serving weights (the engine runs with LoRA enabled for on-policy rollouts anyway), so a canary
+pair is two requests, one per version, generated concurrently; nothing is merged or copied
+until the users have spoken. Promotion is the ordinary hot swap to the challenger's merged
+checkpoint. One challenger at a time; the retrain loop refuses cycles while it runs.
+
+State lives in the store (`canaries` table), so a restarted app resumes the canary (reloading
+the adapter) or, when that is impossible, records it as interrupted and keeps serving as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from pathlib import Path
+
+from alignment.canary import CanaryDecision, CanaryVotes, count_canary_votes, decide
+from alignment.config import CanaryConfig
+from assistant.engine import Challenger, EngineError
+from storage import ConflictError
+
+log = logging.getLogger(__name__)
+
+
+class CanaryService:
+    def __init__(
+        self, store, engine, config: CanaryConfig, lock: asyncio.Lock, seed: int | None = None
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.config = config
+        self.lock = lock  # the retrain loop's: swaps, cycles and canary decisions never overlap
+        self.current: dict | None = None  # the running canary's row
+        self._rng = random.Random(seed)
+        self._concluding: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.current is not None
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    async def start(self, version: str, parent: str, adapter: str, manifest: dict) -> None:
+        """Load the challenger's adapter and record the canary; raises EngineError when the
+        engine cannot serve adapters (the caller then deploys at the gate)."""
+        await self.engine.load_adapter(version, adapter)
+        await asyncio.to_thread(
+            self.store.start_canary, version, parent, adapter, self.config.share, manifest
+        )
+        self.current = await asyncio.to_thread(self.store.running_canary)
+
+    async def resume(self) -> None:
+        """At app start (and after an engine restart): reload the running canary's adapter, or
+        record it as interrupted, serving untouched."""
+        row = await asyncio.to_thread(self.store.running_canary)
+        if row is None:
+            self.current = None
+            return
+        serving = await asyncio.to_thread(self.store.serving_version)
+        problem = None
+        if serving is None or serving["version"] != row["serving"]:
+            problem = "the serving version changed"
+        elif not Path(row["adapter"]).is_dir():
+            problem = "its adapter is no longer on disk"
+        else:
+            try:
+                await self.engine.load_adapter(row["challenger"], row["adapter"])
+            except EngineError as exc:
+                problem = str(exc)
+        if problem is None:
+            self.current = row
+            return
+        self.current = None
+        await asyncio.to_thread(
+            self.store.finish_canary,
+            row["id"],
+            "interrupted",
+            f"interrupted: {problem}; {row['serving']} kept serving",
+        )
+        log.warning("canary of %s interrupted: %s", row["challenger"], problem)
+
+    def pick(self) -> Challenger | None:
+        """For a new turn: the challenger and its slot on a `share` of turns, else None."""
+        c = self.current
+        if c is None or self.engine.model_version != c["serving"]:
+            return None
+        if self._rng.random() >= c["share"]:
+            return None
+        return Challenger(c["challenger"], self._rng.randrange(2))
+
+    async def vote_cast(self, versions: dict[str, str]) -> None:
+        """After a vote on a pair with these versions: decide when the votes allow. The swap
+        (or retirement) runs in the background; the vote's answer does not wait for it."""
+        c = self.current
+        if c is None or set(versions.values()) != {c["challenger"], c["serving"]}:
+            return
+        verdict = decide(await self.votes(), self.config.min_votes, self.config.max_votes)
+        if verdict.decision is not None and self._concluding is None:
+            self._concluding = asyncio.create_task(self._conclude(verdict))
+
+    async def _conclude(self, verdict: CanaryDecision) -> None:
+        try:
+            async with self.lock:
+                await self.finish(verdict.decision, verdict.reason)
+        except Exception:  # noqa: BLE001 - the canary keeps running; an admin can decide
+            log.exception("concluding the canary failed")
+        finally:
+            self._concluding = None
+
+    async def promote(self) -> dict:
+        """An admin promotes the challenger now, whatever the votes say so far."""
+        async with self.lock:
+            votes = await self._require_running()
+            await self.finish("promoted", f"promoted by an admin after {votes.comparisons} votes")
+        return await self.status()
+
+    async def retire(self) -> dict:
+        async with self.lock:
+            votes = await self._require_running()
+            await self.finish("retired", f"retired by an admin after {votes.comparisons} votes")
+        return await self.status()
+
+    async def _require_running(self) -> CanaryVotes:
+        if self.current is None:
+            raise ConflictError("no canary is running")
+        return await self.votes()
+
+    async def finish(self, decision: str, reason: str) -> None:
+        """End the running canary (the caller holds the lock). Promotion swaps the challenger's
+        merged weights in for everybody; either way its adapter is unloaded."""
+        c = self.current
+        if c is None:
+            return
+        if decision == "promoted":
+            row = await asyncio.to_thread(self.store.model_version, c["challenger"])
+            swap = await self.engine.reload_weights(row["path"], c["challenger"])
+            await asyncio.to_thread(self.store.set_serving, c["challenger"], swap)
+        self.current = None  # no new canary pairs from here
+        await self.engine.unload_adapter(c["challenger"])
+        await asyncio.to_thread(self.store.finish_canary, c["id"], decision, reason)
+        log.warning("canary: %s %s (%s)", c["challenger"], decision, reason)
+
+    # --- what the users said ----------------------------------------------------------------
+
+    async def votes(self, row: dict | None = None) -> CanaryVotes:
+        row = row or self.current
+        if row is None:
+            return CanaryVotes()
+        rows = await asyncio.to_thread(
+            self.store.cross_version_votes, (row["challenger"], row["serving"])
+        )
+        return count_canary_votes(rows, row["challenger"], row["serving"])
+
+    async def status(self) -> dict:
+        """`GET /api/canary`: the running canary, else the last one, else all fields empty."""
+        row = self.current or await asyncio.to_thread(self.store.latest_canary)
+        if row is None:
+            return {
+                "challenger": None,
+                "serving": self.engine.model_version,
+                "share": self.config.share,
+                "votes": CanaryVotes().as_dict(),
+                "win_rate": None,
+                "interval": None,
+                "decision": None,
+                "reason": None,
+                "min_votes": self.config.min_votes,
+                "max_votes": self.config.max_votes,
+            }
+        votes = await self.votes(row)
+        running = row["decision"] == "running"
+        reason = (
+            decide(votes, self.config.min_votes, self.config.max_votes).reason
+            if running
+            else row["reason"]
+        )
+        lo, hi = votes.interval
+        return {
+            "challenger": row["challenger"],
+            "serving": row["serving"],
+            "share": row["share"],
+            "votes": votes.as_dict(),
+            "win_rate": None if votes.win_rate is None else round(votes.win_rate, 4),
+            "interval": [round(lo, 4), round(hi, 4)] if votes.comparisons else None,
+            "decision": row["decision"],
+            "reason": reason,
+            "min_votes": self.config.min_votes,
+            "max_votes": self.config.max_votes,
+        }

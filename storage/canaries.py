@@ -1,0 +1,80 @@
+"""Canaries and the votes on pairs that straddle two versions: the rows the users' verdict on
+a new version is computed from. Mixed into `Store`, which owns the connection and transactions.
+
+A canary row says which challenger ran against which serving version, as what adapter, on what
+share of pairs, and how it ended. The counts themselves are never stored: they are read from the
+votes each time (a deleted conversation's votes drop out of them, as from everything else).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class CanaryRecords:
+    """Requires `_transaction()` and `_rows()` (see `Store`)."""
+
+    def start_canary(
+        self, challenger: str, parent: str, adapter: str, share: float, manifest: dict
+    ) -> str:
+        """Record the version as `challenger` and its canary as running, in one transaction."""
+        from storage.store import ConflictError, new_id
+
+        canary_id = new_id()
+        with self._transaction() as con:
+            if con.execute("SELECT 1 FROM canaries WHERE decision = 'running'").fetchone():
+                raise ConflictError("a canary is already running: one challenger at a time")
+            con.execute(
+                "INSERT INTO model_versions (version, parent, path, status, manifest) "
+                "VALUES (?, ?, ?, 'challenger', ?)",
+                [challenger, parent, manifest.pop("path"), json.dumps(manifest, default=str)],
+            )
+            con.execute(
+                "INSERT INTO canaries (id, challenger, serving, adapter, share) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [canary_id, challenger, parent, adapter, share],
+            )
+        return canary_id
+
+    def running_canary(self) -> dict[str, Any] | None:
+        rows = self._rows(
+            "SELECT * FROM canaries WHERE decision = 'running' ORDER BY started_at DESC LIMIT 1"
+        )
+        return rows[0] if rows else None
+
+    def latest_canary(self) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM canaries ORDER BY started_at DESC LIMIT 1")
+        return rows[0] if rows else None
+
+    def finish_canary(self, canary_id: str, decision: str, reason: str) -> None:
+        """Close a canary. A challenger not promoted becomes `retired` (served again only by an
+        admin's rollback); promotion's status change is `set_serving`'s, done by the swap."""
+        with self._transaction() as con:
+            row = con.execute(
+                "UPDATE canaries SET decision = ?, reason = ?, decided_at = now() "
+                "WHERE id = ? AND decision = 'running' RETURNING challenger",
+                [decision, reason, canary_id],
+            ).fetchone()
+            if row is not None and decision != "promoted":
+                con.execute(
+                    "UPDATE model_versions SET status = 'retired' "
+                    "WHERE version = ? AND status = 'challenger'",
+                    [row[0]],
+                )
+
+    def cross_version_votes(self, versions: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+        """Unflagged votes on pairs whose two candidates came from different versions: choice
+        and both versions; only pairs of exactly these two versions when `versions` is given."""
+        where, params = "a.model_version <> b.model_version AND v.flagged IS NULL", []
+        if versions is not None:
+            where += " AND a.model_version IN (?, ?) AND b.model_version IN (?, ?)"
+            params = [*versions, *versions]
+        return self._rows(
+            "SELECT v.choice, a.model_version AS version_a, b.model_version AS version_b "
+            "FROM votes v "
+            "JOIN candidates a ON a.pair_id = v.pair_id AND a.slot = 'a' "
+            "JOIN candidates b ON b.pair_id = v.pair_id AND b.slot = 'b' "
+            f"WHERE {where}",
+            params,
+        )

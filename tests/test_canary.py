@@ -1,0 +1,166 @@
+"""The users' votes are the last gate: a version that passed the reward-model gate serves a share
+of pairs as the challenger, and the votes on those pairs promote it or retire it.
+
+Through `assistant run` and the HTTP API, on the tiny model taught two reply styles (half and
+half): a simulated user likes the cheerful one. A challenger trained on votes for the *other*
+style (an adversary's) passes the automatic gate, since its reward model learned the adversary's
+taste, and must be retired by the user's votes without ever serving everybody; a challenger
+trained on the user's own votes must be promoted. The app is killed with SIGKILL halfway through
+a canary and the canary resumes with no vote lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess, chat_turns
+from tests.tiny_model import TOPICS, TWO_STYLE_RETRAIN_CONFIG, likes_cheerful
+
+TOKEN = "canary-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _app(model: Path, data_dir: Path, share: str) -> AppProcess:
+    config = data_dir.parent / f"{data_dir.name}-retrain.json"
+    config.write_text(json.dumps(TWO_STYLE_RETRAIN_CONFIG))
+    return AppProcess(
+        [
+            "--model", str(model),
+            "--max-model-len", "512",
+            "--max-new-tokens", "16",
+            "--temperature", "1.0",
+            "--no-cai",
+            "--reading-words-per-second", "0",
+            "--max-votes-per-minute", "0",
+            "--retrain-every-votes", "0",
+            "--retrain-every-minutes", "0",
+            "--retrain-config", str(config),
+            "--canary-share", share,
+            *MANY_USERS_ON_ONE_ADDRESS,
+        ],
+        data_dir,
+        env={"ASSISTANT_ADMIN_TOKEN": TOKEN},
+    )  # fmt: skip
+
+
+def _user_choice(a: str, b: str, wants=likes_cheerful) -> str:
+    """The reply it likes when exactly one has its style, else a tie."""
+    la, lb = wants(a), wants(b)
+    return "a" if la and not lb else "b" if lb and not la else "tie"
+
+
+def _vote(app: AppProcess, turn: dict, choice: str) -> dict:
+    r = httpx.post(app.url + "/api/vote", json={"pair_id": turn["pair_id"], "choice": choice})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _train_challenger(app: AppProcess, wants) -> str:
+    """32 chats voted by `wants`, then a cycle by hand: it must start a canary."""
+    prompts = [f"Tell me about {t} ({i})." for i in range(4) for t in TOPICS]
+    for turn in asyncio.run(chat_turns(app, prompts)):
+        a, b = (c["text"] for c in turn["candidates"])
+        _vote(app, turn, _user_choice(a, b, wants))
+    r = httpx.post(app.url + "/api/retrain", headers=ADMIN, timeout=900)
+    assert r.status_code == 200, r.text
+    cycle = r.json()
+    assert cycle["status"] == "challenger", cycle
+    versions = httpx.get(app.url + "/api/versions").json()
+    status = {v["version"]: v["status"] for v in versions["versions"]}
+    assert status[cycle["version"]] == "challenger" and versions["serving"] == "v0000", versions
+    canary = httpx.get(app.url + "/api/canary").json()
+    assert canary["challenger"] == cycle["version"] and canary["decision"] == "running", canary
+    return cycle["version"]
+
+
+def _judge(app: AppProcess, challenger: str, batches: int, seen: dict) -> dict:
+    """The user chats and votes in batches of 16 turns until the canary is decided (or
+    `batches` run out); `seen` collects how many pairs were canary pairs and the slots."""
+    for n in range(batches):
+        prompts = [f"What about {t} ({n}-{i})?" for i in range(2) for t in TOPICS]
+        if n == 0 and seen.get("restart"):
+            prompts = prompts[:3]  # too few to decide (that takes 4 losses): kill it after
+        for turn in asyncio.run(chat_turns(app, prompts)):
+            # the chat answer does not say which reply (if any) came from the challenger
+            assert challenger not in json.dumps(turn), turn
+            a, b = (c["text"] for c in turn["candidates"])
+            answer = _vote(app, turn, _user_choice(a, b))
+            versions = answer["versions"]  # revealed once voted
+            seen["turns"] += 1
+            if versions["a"] != versions["b"]:
+                assert set(versions.values()) == {challenger, "v0000"}, versions
+                seen["canary"] += 1
+                seen["slots"].add("a" if versions["a"] == challenger else "b")
+        canary = httpx.get(app.url + "/api/canary").json()
+        if canary["decision"] != "running":
+            return canary
+        if n == 0 and seen.get("restart"):
+            seen["restart"](canary)
+    deadline = time.monotonic() + 60  # a decision made by the last vote swaps in the background
+    while (canary := httpx.get(app.url + "/api/canary").json())["decision"] == "running":
+        assert time.monotonic() < deadline, canary
+        time.sleep(1)
+    return canary
+
+
+def test_users_retire_a_worse_challenger_and_the_canary_survives_a_kill(two_style_model, tmp_path):
+    app = _app(two_style_model, tmp_path / "app", share="0.5").start(timeout=300)
+    try:
+        challenger = _train_challenger(app, wants=lambda reply: not likes_cheerful(reply))
+        refused = httpx.post(app.url + "/api/retrain", headers=ADMIN, timeout=60)
+        assert refused.status_code == 409 and "canary" in refused.json()["error"], refused.text
+
+        def kill_and_restart(before: dict) -> None:
+            app.stop(signal.SIGKILL)  # no chance to clean up
+            app.start(timeout=300)
+            after = httpx.get(app.url + "/api/canary").json()
+            assert after["decision"] == "running", after  # resumed, not lost
+            assert after["votes"] == before["votes"], (before, after)  # no vote lost
+
+        seen = {"turns": 0, "canary": 0, "slots": set(), "restart": kill_and_restart}
+        canary = _judge(app, challenger, batches=13, seen=seen)
+        print("CANARY-WORSE " + json.dumps(canary | _tally(seen)))
+        assert canary["decision"] == "retired", canary
+        assert canary["interval"][1] < 0.5, canary
+        assert 0.25 <= seen["canary"] / seen["turns"] <= 0.75, seen  # --canary-share 0.5
+        assert seen["slots"] == {"a", "b"}, seen  # the challenger's side is random
+        versions = httpx.get(app.url + "/api/versions").json()
+        status = {v["version"]: v["status"] for v in versions["versions"]}
+        assert versions["serving"] == "v0000" and status[challenger] == "retired", versions
+        # after it: ordinary pairs from the serving version only
+        for turn in asyncio.run(chat_turns(app, ["Tell me about tea (after)."] * 4)):
+            a, b = (c["text"] for c in turn["candidates"])
+            assert set(_vote(app, turn, "tie")["versions"].values()) == {"v0000"}
+    finally:
+        app.stop()
+
+
+def test_users_promote_a_better_challenger_and_rate_it_above_v0(two_style_model, tmp_path):
+    app = _app(two_style_model, tmp_path / "app", share="1").start(timeout=300)
+    try:
+        challenger = _train_challenger(app, wants=likes_cheerful)
+        seen = {"turns": 0, "canary": 0, "slots": set()}
+        canary = _judge(app, challenger, batches=16, seen=seen)
+        print("CANARY-BETTER " + json.dumps(canary | _tally(seen)))
+        assert canary["decision"] == "promoted", canary
+        votes = canary["votes"]
+        assert votes["challenger"] + votes["serving"] + votes["tie"] >= 30, canary
+        assert canary["interval"][0] > 0.5, canary
+        versions = httpx.get(app.url + "/api/versions").json()
+        assert versions["serving"] == challenger, versions
+        rating = {v["version"]: v["rating"] for v in versions["versions"]}
+        assert rating[challenger]["score"] > rating["v0000"]["score"], rating
+        turn = asyncio.run(chat_turns(app, ["Tell me about tea (after)."]))[0]
+        assert turn["model_version"] == challenger
+    finally:
+        app.stop()
+
+
+def _tally(seen: dict) -> dict:
+    return {"turns": seen["turns"], "canary_pairs": seen["canary"]}
