@@ -246,7 +246,9 @@ class AlignmentLoop:
 
     async def history(self) -> dict:
         """Versions and finished cycles with their metrics, for the admin tab's table and plots."""
-        versions = await asyncio.to_thread(self.store.model_versions)
+        from alignment.monitors import annotated_versions
+
+        versions = await asyncio.to_thread(annotated_versions, self.store)
         runs = await asyncio.to_thread(self.store.training_runs)
         return {"versions": versions, "runs": runs}
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from alignment.ratings import ratings
+from alignment.monitors import annotated_versions
 from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import Challenger, Engine, PairProgress
 from assistant.limits import VoteLimits
@@ -392,13 +392,10 @@ class ChatService:
         return {"deleted": conversation_id, "removed": removed}
 
     async def versions(self, admin: bool = False) -> dict:
-        """Versions and their metrics; checkpoint paths and run folders only for the admin."""
-        rows = await asyncio.to_thread(self.store.model_versions)
-        rated = await asyncio.to_thread(
-            lambda: ratings(self.store.cross_version_votes())  # votes across two versions
-        )
-        for row in rows:
-            row["rating"] = rated.get(row["version"])
+        """Versions with their metrics, the users' rating of each, reward-hacking monitors and
+        warnings; checkpoint paths and run folders only for the admin."""
+
+        rows = await asyncio.to_thread(annotated_versions, self.store)
         if not admin:
             rows = [public_version(r) for r in rows]
         return {"serving": self.model_version, "versions": rows}

@@ -1,5 +1,6 @@
-"""Canaries and the votes on pairs that straddle two versions: the rows the users' verdict on
-a new version is computed from. Mixed into `Store`, which owns the connection and transactions.
+"""Canaries, the votes on pairs that straddle two versions and each version's recent replies:
+the rows the users' verdict on a new version, its rating and its monitors are computed from.
+Mixed into `Store`, which owns the connection and transactions.
 
 A canary row says which challenger ran against which serving version, as what adapter, on what
 share of pairs, and how it ended. The counts themselves are never stored: they are read from the
@@ -77,4 +78,18 @@ class CanaryRecords:
             "JOIN candidates b ON b.pair_id = v.pair_id AND b.slot = 'b' "
             f"WHERE {where}",
             params,
+        )
+
+    def canaries(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM canaries ORDER BY started_at")
+
+    def recent_replies(self, per_version: int = 400) -> list[dict[str, Any]]:
+        """The latest `per_version` candidates of each version (text, finish reason): what the
+        reward-hacking monitors look at."""
+        return self._rows(
+            "SELECT model_version, text, finish_reason FROM ("
+            "  SELECT model_version, text, finish_reason, row_number() OVER ("
+            "    PARTITION BY model_version ORDER BY created_at DESC) AS k FROM candidates"
+            ") WHERE k <= ?",
+            [per_version],
         )

@@ -133,6 +133,11 @@ def test_users_retire_a_worse_challenger_and_the_canary_survives_a_kill(two_styl
         versions = httpx.get(app.url + "/api/versions").json()
         status = {v["version"]: v["status"] for v in versions["versions"]}
         assert versions["serving"] == "v0000" and status[challenger] == "retired", versions
+        # the monitors put the reward model's verdict and the users' side by side, and warn
+        record = next(v for v in versions["versions"] if v["version"] == challenger)
+        assert record["monitors"]["gate_win_rate"] >= 0.5, record
+        assert record["monitors"]["human_win_rate"] < 0.5, record
+        assert any("users said worse" in w for w in record["warnings"]), record
         # after it: ordinary pairs from the serving version only
         for turn in asyncio.run(chat_turns(app, ["Tell me about tea (after)."] * 4)):
             a, b = (c["text"] for c in turn["candidates"])

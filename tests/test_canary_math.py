@@ -1,5 +1,5 @@
-"""The canary's interval and decision rule, and the Bradley-Terry ratings, against values
-computed by hand."""
+"""The canary's interval and decision rule, the Bradley-Terry ratings and the reward-hacking
+monitors, against values computed by hand."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import pytest
 
 from alignment.canary import CanaryVotes, count_canary_votes, decide
+from alignment.monitors import annotate, distinct_2, reply_monitors, warnings
 from alignment.ratings import comparisons, fit, ratings
 from alignment.stats import wilson_interval
 
@@ -75,3 +76,51 @@ def test_same_version_pairs_and_both_bad_give_no_rating():
         {"choice": "both_bad", "version_a": "v1", "version_b": "v0"},
     ]
     assert ratings(rows) == {}
+
+
+def test_reply_monitors_by_hand():
+    replies = [
+        {"text": "the cat sat", "finish_reason": "stop"},  # bigrams: the cat, cat sat
+        {"text": "the cat ran far", "finish_reason": "length"},  # the cat, cat ran, ran far
+    ]
+    m = reply_monitors(replies)
+    assert m == {"replies": 2, "mean_words": 3.5, "cut_off_share": 0.5, "distinct_2": 0.8}
+    assert distinct_2(["word"]) is None
+
+
+def _version(name, parent, words, cut, d2, deploy=True, human=None, interval=None, n=20):
+    return {
+        "version": name,
+        "parent": parent,
+        "manifest": {"gate": {"deploy": deploy, "win_rate": 0.9}},
+        "monitors": {"replies": n, "mean_words": words, "cut_off_share": cut, "distinct_2": d2,
+                     "human_win_rate": human, "human_interval": interval},
+    }  # fmt: skip
+
+
+def test_warnings_when_the_reward_model_and_the_users_part_ways_or_replies_drift():
+    v0 = _version("v0000", None, 20, 0.1, 0.9)
+    fine = _version("v0001", "v0000", 24, 0.15, 0.85, human=0.6, interval=[0.52, 0.7])
+    assert warnings(fine, v0) == []
+    hacked = _version("v0002", "v0000", 40, 0.5, 0.5, human=0.3, interval=[0.2, 0.45])
+    said = " | ".join(warnings(hacked, v0))
+    assert "reward model said better" in said and "users said worse" in said
+    assert "100% longer" in said and "cut off" in said and "less varied" in said
+    few = _version("v0003", "v0000", 40, 0.5, 0.5, n=5)  # too few replies to judge drift
+    assert warnings(few, v0) == []
+
+
+def test_annotate_rates_versions_from_canary_votes():
+    versions = [
+        {"version": "v0000", "parent": None, "manifest": {}},
+        {"version": "v0001", "parent": "v0000", "manifest": {"gate": {"deploy": True}}},
+    ]
+    votes = [{"choice": "a", "version_a": "v0001", "version_b": "v0000"}] * 6 + [
+        {"choice": "tie", "version_a": "v0000", "version_b": "v0001"}
+    ] * 2
+    canaries = [{"challenger": "v0001", "serving": "v0000"}]
+    out = {v["version"]: v for v in annotate(versions, votes, [], canaries)}
+    assert out["v0001"]["monitors"]["human_win_rate"] == pytest.approx(7 / 8)
+    assert out["v0001"]["monitors"]["human_comparisons"] == 8
+    assert out["v0000"]["monitors"]["human_win_rate"] is None
+    assert out["v0001"]["rating"]["score"] > out["v0000"]["rating"]["score"] == 1000.0

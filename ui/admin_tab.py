@@ -38,6 +38,10 @@ VERSION_COLUMNS = [
     "KL",
     "RM accuracy",
     "users' rating",
+    "users' win rate",
+    "words",
+    "cut off",
+    "distinct-2",
     "why",
 ]
 
@@ -47,6 +51,7 @@ def _versions_frame(versions: list[dict]) -> pd.DataFrame:
     for v in versions:
         m = v.get("manifest") or {}
         gate, reward = m.get("gate") or {}, m.get("reward") or {}
+        mon = v.get("monitors") or {}
         rows.append(
             [
                 v["version"],
@@ -59,10 +64,23 @@ def _versions_frame(versions: list[dict]) -> pd.DataFrame:
                 gate.get("kl"),
                 reward.get("heldout_accuracy"),
                 _rating(v.get("rating")),
+                _users(mon),
+                mon.get("mean_words"),
+                mon.get("cut_off_share"),
+                mon.get("distinct_2"),
                 gate.get("reason", ""),
             ]
         )
     return pd.DataFrame(rows, columns=VERSION_COLUMNS)
+
+
+def _users(monitors: dict) -> str:
+    if monitors.get("human_win_rate") is None:
+        return ""
+    return (
+        f"{monitors['human_win_rate']:.2f} {format_interval(monitors['human_interval'])} "
+        f"({monitors['human_comparisons']})"
+    )
 
 
 def _rating(rating: dict | None) -> str:
@@ -70,6 +88,12 @@ def _rating(rating: dict | None) -> str:
         return ""
     lo, hi = rating["interval"]
     return f"{rating['score']:.0f} [{lo:.0f}, {hi:.0f}] ({rating['votes']} votes)"
+
+
+def _warnings(versions: list[dict]) -> str:
+    """The reward-hacking monitors' warnings, newest version first (`alignment.monitors`)."""
+    lines = [w for v in reversed(versions) for w in v.get("warnings") or []]
+    return "\n".join(f"- ⚠ {w}" for w in lines)
 
 
 def canary_line(status: dict) -> str:
@@ -146,6 +170,7 @@ def build_admin_tab(loop, sessions: SessionKeys, canary=None) -> None:
         version = gr.Dropdown(label="Version", choices=[], allow_custom_value=True)
         rollback = gr.Button("Roll back")
     result = gr.Markdown("", elem_id="admin-result")
+    watch = gr.Markdown("", elem_id="version-warnings")
     table = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False, label="Versions")
     with gr.Row():
         cycle_plot = gr.ScatterPlot(
@@ -166,9 +191,10 @@ def build_admin_tab(loop, sessions: SessionKeys, canary=None) -> None:
             cycle_df,
             step_df,
             canary_line(await canary.status()) if canary is not None else "",
+            _warnings(history["versions"]),
         )
 
-    outputs = [stage, table, version, cycle_plot, step_plot, canary_status]
+    outputs = [stage, table, version, cycle_plot, step_plot, canary_status, watch]
 
     def who(request: gr.Request):
         problem = admin_problem(request, sessions)
