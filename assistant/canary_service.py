@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from datetime import datetime, timezone
 from pathlib import Path
 
 from alignment.canary import CanaryDecision, CanaryVotes, count_canary_votes, decide
@@ -99,13 +100,14 @@ class CanaryService:
         if c is None or set(versions.values()) != {c["challenger"], c["serving"]}:
             return
         verdict = decide(await self.votes(), self.config.min_votes, self.config.max_votes)
+        decided_at = datetime.now(timezone.utc)  # the verdict stands on the votes until now
         if verdict.decision is not None and self._concluding is None:
-            self._concluding = asyncio.create_task(self._conclude(verdict))
+            self._concluding = asyncio.create_task(self._conclude(verdict, decided_at))
 
-    async def _conclude(self, verdict: CanaryDecision) -> None:
+    async def _conclude(self, verdict: CanaryDecision, decided_at: datetime) -> None:
         try:
             async with self.lock:
-                await self.finish(verdict.decision, verdict.reason)
+                await self.finish(verdict.decision, verdict.reason, decided_at)
         except Exception:  # noqa: BLE001 - the canary keeps running; an admin can decide
             log.exception("concluding the canary failed")
         finally:
@@ -129,19 +131,21 @@ class CanaryService:
             raise ConflictError("no canary is running")
         return await self.votes()
 
-    async def finish(self, decision: str, reason: str) -> None:
+    async def finish(self, decision: str, reason: str, decided_at: datetime | None = None) -> None:
         """End the running canary (the caller holds the lock). Promotion swaps the challenger's
-        merged weights in for everybody; either way its adapter is unloaded."""
+        merged weights in for everybody; either way its adapter is unloaded. The verdict is
+        recorded as of `decided_at` (now by default): later votes on its pairs do not count."""
         c = self.current
         if c is None:
             return
+        decided_at = decided_at or datetime.now(timezone.utc)
         if decision == "promoted":
             row = await asyncio.to_thread(self.store.model_version, c["challenger"])
             swap = await self.engine.reload_weights(row["path"], c["challenger"])
             await asyncio.to_thread(self.store.set_serving, c["challenger"], swap)
         self.current = None  # no new canary pairs from here
         await self.engine.unload_adapter(c["challenger"])
-        await asyncio.to_thread(self.store.finish_canary, c["id"], decision, reason)
+        await asyncio.to_thread(self.store.finish_canary, c["id"], decision, reason, decided_at)
         log.warning("canary: %s %s (%s)", c["challenger"], decision, reason)
 
     # --- what the users said ----------------------------------------------------------------
@@ -150,8 +154,12 @@ class CanaryService:
         row = row or self.current
         if row is None:
             return CanaryVotes()
+        # a decided canary's verdict stands on the votes cast until the decision (votes on its
+        # pairs that came later are ordinary votes: they train and rate, they do not re-decide)
         rows = await asyncio.to_thread(
-            self.store.cross_version_votes, (row["challenger"], row["serving"])
+            self.store.cross_version_votes,
+            (row["challenger"], row["serving"]),
+            row.get("decided_at"),
         )
         return count_canary_votes(rows, row["challenger"], row["serving"])
 

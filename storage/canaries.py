@@ -48,14 +48,18 @@ class CanaryRecords:
         rows = self._rows("SELECT * FROM canaries ORDER BY started_at DESC LIMIT 1")
         return rows[0] if rows else None
 
-    def finish_canary(self, canary_id: str, decision: str, reason: str) -> None:
-        """Close a canary. A challenger not promoted becomes `retired` (served again only by an
-        admin's rollback); promotion's status change is `set_serving`'s, done by the swap."""
+    def finish_canary(
+        self, canary_id: str, decision: str, reason: str, decided_at: Any = None
+    ) -> None:
+        """Close a canary as of `decided_at` (now by default). A challenger not promoted becomes
+        `retired` (served again only by an admin's rollback); promotion's status change is
+        `set_serving`'s, done by the swap."""
         with self._transaction() as con:
             row = con.execute(
-                "UPDATE canaries SET decision = ?, reason = ?, decided_at = now() "
+                "UPDATE canaries SET decision = ?, reason = ?, "
+                "decided_at = coalesce(?::TIMESTAMPTZ, now()) "
                 "WHERE id = ? AND decision = 'running' RETURNING challenger",
-                [decision, reason, canary_id],
+                [decision, reason, decided_at, canary_id],
             ).fetchone()
             if row is not None and decision != "promoted":
                 con.execute(
@@ -64,13 +68,19 @@ class CanaryRecords:
                     [row[0]],
                 )
 
-    def cross_version_votes(self, versions: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    def cross_version_votes(
+        self, versions: tuple[str, str] | None = None, until: Any = None
+    ) -> list[dict[str, Any]]:
         """Unflagged votes on pairs whose two candidates came from different versions: choice
-        and both versions; only pairs of exactly these two versions when `versions` is given."""
+        and both versions; only pairs of exactly these two versions when `versions` is given,
+        only votes cast up to `until` (a decided canary's verdict) when that is given."""
         where, params = "a.model_version <> b.model_version AND v.flagged IS NULL", []
         if versions is not None:
             where += " AND a.model_version IN (?, ?) AND b.model_version IN (?, ?)"
             params = [*versions, *versions]
+        if until is not None:
+            where += " AND v.created_at <= ?"
+            params.append(until)
         return self._rows(
             "SELECT v.choice, a.model_version AS version_a, b.model_version AS version_b "
             "FROM votes v "

@@ -210,3 +210,33 @@ def test_pruning_keeps_serving_previous_and_newest_and_never_the_base(store, tmp
     row = store.model_version("v0004")
     assert row["path"] == "" and row["status"] == "candidate"
     assert prune(store, versions, keep=1).pruned == []  # nothing left to prune
+
+
+def test_canary_rows_and_the_votes_that_straddle_two_versions(store):
+    from dataclasses import replace
+
+    store.ensure_base_version("v0000", "/base", {})
+    store.start_canary("v0001", "v0000", "/adapter", 0.5, {"path": "/v0001", "gate": {}})
+    with pytest.raises(ConflictError):  # one challenger at a time
+        store.start_canary("v0002", "v0000", "/adapter2", 0.5, {"path": "/v0002"})
+    assert store.model_version("v0001")["status"] == "challenger"
+    assert store.running_canary()["challenger"] == "v0001"
+
+    def canary_turn(choice: str) -> str:
+        cid = store.create_conversation()
+        a, b = _candidates()
+        pair = store.record_pair(cid, "hi", [], "v0000", 7, (replace(a, model_version="v0001"), b))
+        return store.record_vote(pair.pair_id, choice)["versions"]
+
+    assert canary_turn("a") == {"a": "v0001", "b": "v0000"}  # the vote reveals the versions
+    same = _turn(store, store.create_conversation(), "same version")
+    store.record_vote(same.pair_id, "a")  # not a cross-version pair: not counted
+    rows = store.cross_version_votes(("v0001", "v0000"))
+    assert rows == [{"choice": "a", "version_a": "v0001", "version_b": "v0000"}]
+    store.finish_canary(store.running_canary()["id"], "retired", "users said no")
+    canary_turn("b")  # cast after the decision
+    decided = store.latest_canary()
+    assert decided["decision"] == "retired" and store.running_canary() is None
+    assert store.model_version("v0001")["status"] == "retired"
+    assert len(store.cross_version_votes(("v0001", "v0000"))) == 2
+    assert len(store.cross_version_votes(("v0001", "v0000"), decided["decided_at"])) == 1
