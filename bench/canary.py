@@ -13,12 +13,14 @@ Reported: time to both replies complete, median over the prompts, for one user a
 4 users at once, as a ratio to the ordinary pair (one request, n=2) measured in the same run.
 
 Run: `.venv/bin/python -m bench.canary` (about 6 minutes on 2 cores). Prints a Markdown table.
+`--repeat-test N` instead runs the canary test N times and prints the votes each verdict took.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -114,13 +116,55 @@ async def measure(url: str, second_url: str | None, tokens: int, rounds: int) ->
     return rows
 
 
+def repeat_canary_test(n: int) -> int:
+    """Run the canary test (`tests/test_canary.py`: a worse challenger retired, a better one
+    promoted, through the app) n times; one line per case and run with the votes it took."""
+    import json
+    import platform
+    import re
+    import subprocess
+    import sys
+
+    failures = 0
+    for i in range(1, n + 1):
+        started = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+             "tests/test_canary.py"],
+            cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
+        out = proc.stdout + proc.stderr
+        failures += proc.returncode != 0
+        for case, line in re.findall(r"^CANARY-(WORSE|BETTER) (.*)$", out, re.M):
+            c = json.loads(line)
+            v = c["votes"]
+            print(
+                f"| {i} | {case.lower()} | {c['decision']} | {c['canary_pairs']} of "
+                f"{c['turns']} | {v['challenger']} / {v['serving']} / {v['tie']} | "
+                f"{c['win_rate']:.2f} [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}] |",
+                flush=True,
+            )
+        print(f"run {i}: rc {proc.returncode}, {time.perf_counter() - started:.0f} s", flush=True)
+        if proc.returncode:
+            print(out[-3000:], flush=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    print(f"\ncanary test: {n - failures}/{n} passed ({machine})")
+    return 1 if failures else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SMOL))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-second-engine", action="store_true")
+    parser.add_argument(
+        "--repeat-test", type=int, default=0,
+        help="instead: run tests/test_canary.py N times, printing the votes each verdict took",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.repeat_test:
+        raise SystemExit(repeat_canary_test(args.repeat_test))
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = make_adapter(args.model, Path(tmp) / "adapter")
         first = EmbeddedVLLMServer(args.model, EngineConfig(), Path(tmp) / "engine.log")
