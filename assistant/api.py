@@ -27,16 +27,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from assistant.admin import admin_error
-from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
-from assistant.constitution import ConstitutionError
-from assistant.engine import EngineError, EngineRequestError, PromptTooLongError
-from assistant.sessions import (
-    SESSION_COOKIE,
-    SESSION_HEADER,
-    SessionKeys,
-    UnknownSessionError,
-)
-from storage import ConflictError, ForbiddenError, NotFoundError, StorageWriteError
+from assistant.chat_service import ChatService, InvalidInputError
+from assistant.sessions import SESSION_COOKIE, SESSION_HEADER, SessionKeys
+from storage import AppError
 from storage.export import FORMATS
 
 MAX_BODY_BYTES = 256 * 1024
@@ -47,38 +40,23 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def map_error(exc: Exception) -> JSONResponse:
-    """The one place where service errors become HTTP statuses."""
-    if isinstance(exc, InvalidInputError):
-        return error(exc.status, str(exc))
-    if isinstance(exc, UnknownSessionError):
-        return error(403, str(exc))
-    if isinstance(exc, NotFoundError):
-        return error(404, str(exc))
-    if isinstance(exc, ForbiddenError):
-        return error(403, str(exc))
-    if isinstance(exc, ConflictError):
-        return error(409, str(exc))
-    if isinstance(exc, RateLimitError):
-        return error(429, str(exc), {"Retry-After": str(exc.retry_after_s)})
-    if isinstance(exc, BusyError):
-        return error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
-    if isinstance(exc, EngineRequestError):
-        return error(exc.status, exc.public_message)
-    if isinstance(exc, PromptTooLongError):
-        return error(
-            413,
-            f"the conversation no longer fits the model's context window; start a new chat ({exc})",
-        )
-    if isinstance(exc, EngineError):
-        # The detail names the engine's URL (with --vllm-url, maybe credentials): log only.
-        log.warning("engine error: %s", exc)
-        return error(502, exc.public_message)
-    if isinstance(exc, StorageWriteError):
-        # 507 Insufficient Storage says "full" precisely; other write failures are a 503.
-        log.error("database write failed: %s", exc)
-        return error(507 if exc.disk_full else 503, exc.public_message, {"Retry-After": "30"})
-    raise exc
+def error_response(exc: AppError) -> JSONResponse:
+    """The one place where the layers' errors become HTTP answers: the status and public
+    message each error carries, Retry-After when a retry can work. Detail that names server
+    things (paths, the engine's URL) goes to the log only."""
+    if exc.log_detail:
+        log.warning("%s: %s", type(exc).__name__, exc)
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return error(exc.status, exc.public(), headers)
+
+
+def install_error_handler(app) -> None:
+    """Routes raise; this answers (as vLLM's router does with its exception handlers)."""
+
+    async def handle(_request: Request, exc: AppError) -> JSONResponse:
+        return error_response(exc)
+
+    app.add_exception_handler(AppError, handle)
 
 
 async def read_json(request: Request) -> dict:
@@ -143,40 +121,34 @@ def build_api_router(
 
     @router.post("/chat")
     async def chat(request: Request):
-        try:
-            data = await read_json(request)
-            if "message" not in data:
-                raise InvalidInputError("missing 'message'")
-            result = await service.chat(
-                data.get("conversation_id"),
-                data["message"],
-                session_id=session(request, data),
-                client=client(request),
-            )
-        except Exception as exc:  # noqa: BLE001 - map_error re-raises what it does not know
-            return map_error(exc)
+        data = await read_json(request)
+        if "message" not in data:
+            raise InvalidInputError("missing 'message'")
+        result = await service.chat(
+            data.get("conversation_id"),
+            data["message"],
+            session_id=session(request, data),
+            client=client(request),
+        )
         return result.as_json()
 
     @router.post("/vote")
     async def vote(request: Request):
-        try:
-            data = await read_json(request)
-            for key in ("pair_id", "choice"):
-                if key not in data:
-                    raise InvalidInputError(f"missing '{key}'")
-            voter = data.get("voter")
-            if voter is not None and not isinstance(voter, str):
-                raise InvalidInputError("'voter' must be a string", 422)
-            started = time.perf_counter()
-            body = await service.vote(
-                data["pair_id"],
-                data["choice"],
-                voter=voter,
-                session_id=session(request, data),
-                client=client(request),
-            )
-        except Exception as exc:  # noqa: BLE001
-            return map_error(exc)
+        data = await read_json(request)
+        for key in ("pair_id", "choice"):
+            if key not in data:
+                raise InvalidInputError(f"missing '{key}'")
+        voter = data.get("voter")
+        if voter is not None and not isinstance(voter, str):
+            raise InvalidInputError("'voter' must be a string", 422)
+        started = time.perf_counter()
+        body = await service.vote(
+            data["pair_id"],
+            data["choice"],
+            voter=voter,
+            session_id=session(request, data),
+            client=client(request),
+        )
         # How long saving the vote took (queueing for the single writer included), in the
         # standard Server-Timing header, so clients and the load benchmark can see write latency.
         ms = (time.perf_counter() - started) * 1000
@@ -193,31 +165,22 @@ def build_api_router(
 
     @router.delete("/conversations/{conversation_id}")
     async def delete_conversation(conversation_id: str, request: Request):
-        try:
-            return await service.delete_conversation(conversation_id, session(request, {}))
-        except Exception as exc:  # noqa: BLE001
-            return map_error(exc)
+        return await service.delete_conversation(conversation_id, session(request, {}))
 
     @router.post("/retrain")
     async def retrain(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
-        try:
-            return await loop.retrain()
-        except Exception as exc:  # noqa: BLE001
-            return map_error(exc)
+        return await loop.retrain()
 
     @router.post("/rollback")
     async def rollback(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
-        try:
-            data = await read_json(request)
-            if not isinstance(data.get("version"), str):
-                raise InvalidInputError("'version' must be a version name such as 'v0000'", 422)
-            return await loop.rollback(data["version"])
-        except Exception as exc:  # noqa: BLE001
-            return map_error(exc)
+        data = await read_json(request)
+        if not isinstance(data.get("version"), str):
+            raise InvalidInputError("'version' must be a version name such as 'v0000'", 422)
+        return await loop.rollback(data["version"])
 
     @router.get("/canary")
     async def canary_status():
@@ -227,32 +190,23 @@ def build_api_router(
     async def canary_promote(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
-        try:
-            return await canary.promote()
-        except Exception as exc:  # noqa: BLE001
-            return map_error(exc)
+        return await canary.promote()
 
     @router.post("/canary/retire")
     async def canary_retire(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
-        try:
-            return await canary.retire()
-        except Exception as exc:  # noqa: BLE001
-            return map_error(exc)
+        return await canary.retire()
 
     @router.post("/prune")
     async def prune(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
-        try:
-            data = await read_json(request)
-            keep = data.get("keep", 3)
-            if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
-                raise InvalidInputError("'keep' must be a whole number >= 0", 422)
-            return await loop.prune(keep)
-        except Exception as exc:  # noqa: BLE001
-            return map_error(exc)
+        data = await read_json(request)
+        keep = data.get("keep", 3)
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+            raise InvalidInputError("'keep' must be a whole number >= 0", 422)
+        return await loop.prune(keep)
 
     @router.get("/constitution")
     async def constitution():
@@ -266,12 +220,7 @@ def build_api_router(
     async def edit_constitution(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
-        try:
-            version = await cai.replace_constitution(await read_json(request))
-        except ConstitutionError as exc:
-            return error(422, str(exc))
-        except Exception as exc:  # noqa: BLE001
-            return map_error(exc)
+        version = await cai.replace_constitution(await read_json(request))
         return {"version": version, "constitution": cai.constitution.as_json()}
 
     @router.get("/critiques/{candidate_id}")

@@ -24,14 +24,14 @@ from alignment.monitors import annotated_versions
 from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import Challenger, Engine, PairProgress
 from assistant.limits import VoteLimits
-from storage import ConflictError, Store
+from storage import AppError, ConflictError, Store
 from storage.export import preference_records
 from storage.store import VOTE_CHOICES, CandidateRecord
 
 SLOTS = ("a", "b")
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(AppError, ValueError):
     """The request is malformed; the message says what is wrong (HTTP 400/413/422)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
@@ -39,17 +39,21 @@ class InvalidInputError(ValueError):
         self.status = status
 
 
-class RateLimitError(RuntimeError):
+class RateLimitError(AppError):
     """A session, an address or everybody votes faster than allowed, or one client already
     has its share of the backlog generating; retry after `retry_after_s` seconds (HTTP 429)."""
+
+    status = 429
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
-class BusyError(RuntimeError):
+class BusyError(AppError):
     """Too many turns are generating; retry after `retry_after_s` seconds (HTTP 503)."""
+
+    status = 503
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)

@@ -531,12 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    config = config_from_args(args)
-    from assistant.engine import EngineError
-    from assistant.provision import ProvisionError
-    from storage import ConflictError, StoreError
+    from storage import AppError
 
     try:
+        config = config_from_args(args)
         if args.command == "run":
             from assistant.server import serve
 
@@ -555,15 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_versions(args, config)
         elif args.command == "rollback":
             return cmd_rollback(args, config)
-    except (
-        ConfigError,
-        StoreError,
-        ProvisionError,
-        EngineError,
-        ConflictError,
-        ValueError,
-        KeyError,
-    ) as exc:
+    except (AppError, ValueError) as exc:  # ValueError: a bad argument value (--keep -1)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from alignment.config import CanaryConfig, LoopConfig
+from storage.errors import AppError
 
 
-class ConfigError(ValueError):
+class ConfigError(AppError, ValueError):
     """A setting is invalid; the message says which one and how to fix it."""
+
+    status = 400
 
 
 def _help(text: str, **kwargs):

@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from storage.errors import AppError
 
-class ConstitutionError(ValueError):
+
+class ConstitutionError(AppError, ValueError):
     """The constitution file is malformed; the message names the entry and the fix."""
+
+    status = 422
 
 
 @dataclass(frozen=True)

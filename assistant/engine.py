@@ -11,16 +11,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from storage.errors import AppError
 
-class EngineError(RuntimeError):
+
+class EngineError(AppError):
     """The engine failed or is unreachable. The message is for the operator's log (it can name
     the engine's URL); `public_message` is what a user or an API client is told."""
 
+    status = 502
     public_message = "the model engine did not answer; try again in a minute"
+    log_detail = True
 
 
 class PromptTooLongError(EngineError):
     """The conversation plus the reply budget does not fit the model's context window."""
+
+    status = 413
+    public_message = "the conversation no longer fits the model's context window: start a new chat"
+    log_detail = False
 
 
 class EngineRequestError(EngineError):
@@ -31,6 +39,7 @@ class EngineRequestError(EngineError):
         super().__init__(message)
         self.status = status
         self.public_message = message
+        self.log_detail = False
 
 
 @dataclass

@@ -16,9 +16,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from assistant.admin import openai_key_error
-from assistant.api import map_error, read_json
+from assistant.api import error_response, read_json
 from assistant.chat_service import ChatService
 from assistant.sessions import SessionKeys
+from storage import AppError
 
 MODEL_ID = "aligned-assistant"
 
@@ -67,8 +68,8 @@ def build_openai_router(service: ChatService, sessions: SessionKeys) -> APIRoute
             # the first chunk settles the status: admission, validation and the engine's own
             # refusals all happen before it
             first = await anext(chunks, b"")
-        except Exception as exc:  # noqa: BLE001 - map_error re-raises what it does not know
-            mapped = map_error(exc)
+        except AppError as exc:
+            mapped = error_response(exc)
             message = json.loads(mapped.body)["error"]
             retry = (
                 {"Retry-After": mapped.headers["retry-after"]}

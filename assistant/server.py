@@ -187,7 +187,7 @@ def build_app(config: AppConfig):
 
     from alignment.scheduler import RetrainScheduler
     from assistant.admin_login import build_admin_login_router
-    from assistant.api import build_api_router, set_session_cookie
+    from assistant.api import build_api_router, install_error_handler, set_session_cookie
     from assistant.canary_service import CanaryService
     from assistant.chat_service import ChatService
     from assistant.critic import CAIWorker, Critic
@@ -270,6 +270,7 @@ def build_app(config: AppConfig):
             set_session_cookie(response, sessions.issue())
         return response
 
+    install_error_handler(app)
     app.include_router(build_api_router(service, sessions, runtime.loop, cai, canary))
     app.include_router(build_admin_login_router(sessions))
     app.include_router(build_openai_router(service, sessions))

@@ -19,14 +19,18 @@ import os
 import secrets
 from pathlib import Path
 
+from storage.errors import AppError
+
 SESSION_COOKIE = "assistant_session"
 SESSION_HEADER = "x-session-id"
 MAX_SESSION_CHARS = 64  # an issued id is 40; anything longer is refused before any lookup
 _TAG_BYTES = 12
 
 
-class UnknownSessionError(ValueError):
+class UnknownSessionError(AppError, ValueError):
     """A session id this server did not issue (HTTP 403)."""
+
+    status = 403
 
 
 class SessionKeys:

@@ -1,5 +1,6 @@
 """DuckDB storage: the only package that speaks SQL. It knows no model and no screen."""
 
+from storage.errors import AppError
 from storage.store import (
     ConflictError,
     DatabaseInUseError,
@@ -11,6 +12,7 @@ from storage.store import (
 )
 
 __all__ = [
+    "AppError",
     "ConflictError",
     "DatabaseInUseError",
     "ForbiddenError",

@@ -22,17 +22,22 @@ from typing import Any
 import duckdb
 
 from storage.canaries import CanaryRecords
+from storage.errors import AppError
 from storage.migrations import MIGRATIONS
 
 VOTE_CHOICES = ("a", "b", "tie", "both_bad")
 
 
-class StoreError(RuntimeError):
+class StoreError(AppError):
     """The database could not be opened or written; the message says why and what to do."""
+
+    status = 503
 
 
 class DatabaseInUseError(StoreError):
     """Another process (the running app) holds the database; ask that process instead."""
+
+    status = 409
 
 
 class StorageWriteError(StoreError):
@@ -54,6 +59,10 @@ class StorageWriteError(StoreError):
             f"nothing was saved: the database {path} could not be written ({cause}: "
             f"{detail.splitlines()[0][:200]}). Free space or fix the data directory and retry."
         )
+        # 507 Insufficient Storage says "full" precisely; other write failures are a 503.
+        self.status = 507 if self.disk_full else 503
+        self.retry_after_s = 30
+        self.log_detail = True
         # What an unauthenticated caller may read: no server path, no driver text (the log
         # has those).
         self.public_message = (
@@ -71,19 +80,25 @@ def _is_io_failure(exc: duckdb.Error) -> bool:
     return isinstance(exc, duckdb.IOException) or any(w in str(exc).lower() for w in _IO_WORDS)
 
 
-class NotFoundError(KeyError):
+class NotFoundError(AppError, KeyError):
     """An id that the caller sent does not exist."""
+
+    status = 404
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "not found"
 
 
-class ForbiddenError(RuntimeError):
+class ForbiddenError(AppError):
     """The id exists but belongs to another session's conversation."""
 
+    status = 403
 
-class ConflictError(RuntimeError):
+
+class ConflictError(AppError):
     """The request contradicts stored state (a second vote on a pair, say)."""
+
+    status = 409
 
 
 def _check_session(owner: str | None, session_id: str | None) -> None:

@@ -12,24 +12,12 @@ import html
 
 import gradio as gr
 
-from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
-from assistant.engine import EngineError, PromptTooLongError
+from assistant.chat_service import AppError, ChatService
 from assistant.sessions import SESSION_COOKIE, SessionKeys
-from storage import ConflictError, ForbiddenError, NotFoundError, StorageWriteError
 from ui.admin_tab import build_admin_tab
 from ui.constitution_tab import build_constitution_tab
 
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
-USER_ERRORS = (
-    InvalidInputError,
-    BusyError,
-    RateLimitError,
-    ConflictError,
-    ForbiddenError,
-    NotFoundError,
-    EngineError,
-    StorageWriteError,
-)
 
 CSS = """
 .candidate { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px;
@@ -75,14 +63,6 @@ def _empty_state() -> dict:
 def _version_line(version: str, note: str | None = None) -> str:
     line = f"Serving model version: **{version}**"
     return f"{line} ⚠ {note}" if note else line
-
-
-def _user_error(exc: Exception) -> str:
-    if isinstance(exc, PromptTooLongError):
-        return "This conversation no longer fits the model's context window: start a new chat."
-    # engine and disk failures carry server details for the log; the page shows their public
-    # wording
-    return getattr(exc, "public_message", None) or str(exc)
 
 
 def visitor(request: gr.Request | None, sessions: SessionKeys) -> dict[str, str | None]:
@@ -206,8 +186,8 @@ def build_page(
                             votable=True,
                             ver=update.model_version,
                         )
-                except USER_ERRORS as exc:
-                    yield view(st, hist[:-1], msg=text, note=f"⚠ {_user_error(exc)}")
+                except AppError as exc:
+                    yield view(st, hist[:-1], msg=text, note=f"⚠ {exc.public()}")
 
             def vote_handler(choice: str):
                 async def on_vote(st: dict, hist: list, a: str, b: str, request: gr.Request):
@@ -218,8 +198,8 @@ def build_page(
                         answer = await service.vote(
                             st["pair_id"], choice, **visitor(request, sessions)
                         )
-                    except USER_ERRORS as exc:
-                        yield view(st, hist, a, b, note=f"⚠ {_user_error(exc)}", votable=True)
+                    except AppError as exc:
+                        yield view(st, hist, a, b, note=f"⚠ {exc.public()}", votable=True)
                         return
                     reveal = _canary_reveal(answer["versions"])
                     pending = st["pending_text"]
@@ -252,8 +232,8 @@ def build_page(
                     await service.delete_conversation(
                         st["conversation_id"], visitor(request, sessions)["session_id"]
                     )
-                except USER_ERRORS as exc:
-                    return view(st, hist, note=f"⚠ {_user_error(exc)}")
+                except AppError as exc:
+                    return view(st, hist, note=f"⚠ {exc.public()}")
                 return view(
                     _empty_state(),
                     [],
