@@ -28,6 +28,25 @@ from storage.migrations import MIGRATIONS
 VOTE_CHOICES = ("a", "b", "tie", "both_bad")
 
 
+def continued_slot(choice: str) -> str | None:
+    """The vote's rule, in one place: the reply voted for continues the conversation, a tie
+    continues with A, "both bad" with neither (the user asks again)."""
+    return None if choice == "both_bad" else "b" if choice == "b" else "a"
+
+
+# The same rule in SQL, for the queries over chosen replies (`v` is the votes row).
+CONTINUED_SLOT_SQL = "CASE v.choice WHEN 'b' THEN 'b' WHEN 'both_bad' THEN NULL ELSE 'a' END"
+
+# Chosen replies of unflagged votes with no critique yet and not given up on (`c`: candidates).
+_AWAITING_CRITIQUE = (
+    "FROM votes v JOIN pairs p ON p.id = v.pair_id "
+    f"JOIN candidates c ON c.pair_id = p.id AND c.slot = {CONTINUED_SLOT_SQL} "
+    "WHERE v.flagged IS NULL "
+    "AND NOT EXISTS (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id) "
+    "AND NOT EXISTS (SELECT 1 FROM cai_skips s WHERE s.item_id = c.id)"
+)
+
+
 class StoreError(AppError):
     """The database could not be opened or written; the message says why and what to do."""
 
@@ -395,13 +414,13 @@ class Store(CanaryRecords):
                 ).fetchall()
             )
             chosen_text = None
-            if choice == "both_bad":
+            slot = continued_slot(choice)
+            if slot is None:
                 con.execute(
                     "UPDATE messages SET superseded = true WHERE pair_id = ? AND role = 'user'",
                     [pair_id],
                 )
             else:
-                slot = "b" if choice == "b" else "a"
                 chosen_text = con.execute(
                     "SELECT text FROM candidates WHERE pair_id = ? AND slot = ?", [pair_id, slot]
                 ).fetchone()[0]
@@ -499,13 +518,7 @@ class Store(CanaryRecords):
         Flagged votes (too fast to have read the replies) choose nothing: their revisions would
         reach SFT by the back door that reward-model training closed to them."""
         return self._prompt_rows(
-            "SELECT c.id AS candidate_id, c.text, p.prompt FROM votes v "
-            "JOIN pairs p ON p.id = v.pair_id "
-            "JOIN candidates c ON c.pair_id = p.id "
-            " AND c.slot = CASE WHEN v.choice = 'b' THEN 'b' ELSE 'a' END "
-            "WHERE v.choice IN ('a', 'b', 'tie') AND v.flagged IS NULL "
-            "AND NOT EXISTS (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id) "
-            "AND NOT EXISTS (SELECT 1 FROM cai_skips s WHERE s.item_id = c.id) "
+            f"SELECT c.id AS candidate_id, c.text, p.prompt {_AWAITING_CRITIQUE} "
             "ORDER BY v.created_at LIMIT ?",
             [limit],
         )
@@ -513,11 +526,7 @@ class Store(CanaryRecords):
     def cai_backlog(self) -> dict[str, int]:
         """How many chosen replies await a critique and pairs await an AI judgement."""
         row = self._rows(
-            "SELECT (SELECT count(*) FROM votes v JOIN candidates c ON c.pair_id = v.pair_id "
-            "        AND c.slot = CASE WHEN v.choice = 'b' THEN 'b' ELSE 'a' END "
-            "        WHERE v.choice IN ('a', 'b', 'tie') AND v.flagged IS NULL AND NOT EXISTS "
-            "        (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id) AND NOT EXISTS "
-            "        (SELECT 1 FROM cai_skips s WHERE s.item_id = c.id)) AS critiques, "
+            f"SELECT (SELECT count(*) {_AWAITING_CRITIQUE}) AS critiques, "
             "       (SELECT count(*) FROM pairs p WHERE NOT EXISTS "
             "        (SELECT 1 FROM ai_labels l WHERE l.pair_id = p.id) AND NOT EXISTS "
             "        (SELECT 1 FROM cai_skips s WHERE s.item_id = p.id)) AS judgements"

@@ -213,7 +213,7 @@ def build_page(
                             note="Vote saved: both bad. Edit your message and ask again." + reveal,
                         )
                         return
-                    chosen = b if choice == "b" else a
+                    chosen = answer["continued_with"]  # the store's rule (a tie: A)
                     yield view(
                         st,
                         [*hist, {"role": "assistant", "content": chosen}],
