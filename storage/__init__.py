@@ -1,15 +1,15 @@
 """DuckDB storage: the only package that speaks SQL. It knows no model and no screen."""
 
-from storage.errors import AppError
-from storage.store import (
+from storage.errors import (
+    AppError,
     ConflictError,
     DatabaseInUseError,
     ForbiddenError,
     NotFoundError,
     StorageWriteError,
-    Store,
     StoreError,
 )
+from storage.store import Store
 
 __all__ = [
     "AppError",

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from storage.errors import ConflictError
+from storage.rules import BOTH_CANDIDATES, new_id
+
 
 class CanaryRecords:
     """Requires `_transaction()` and `_rows()` (see `Store`)."""
@@ -20,8 +23,6 @@ class CanaryRecords:
         self, challenger: str, parent: str, adapter: str, share: float, manifest: dict
     ) -> str:
         """Record the version as `challenger` and its canary as running, in one transaction."""
-        from storage.store import ConflictError, new_id
-
         canary_id = new_id()
         with self._transaction() as con:
             if con.execute("SELECT 1 FROM canaries WHERE decision = 'running'").fetchone():
@@ -83,9 +84,7 @@ class CanaryRecords:
             params.append(until)
         return self._rows(
             "SELECT v.choice, a.model_version AS version_a, b.model_version AS version_b "
-            "FROM votes v "
-            "JOIN candidates a ON a.pair_id = v.pair_id AND a.slot = 'a' "
-            "JOIN candidates b ON b.pair_id = v.pair_id AND b.slot = 'b' "
+            f"FROM votes v JOIN pairs p ON p.id = v.pair_id {BOTH_CANDIDATES} "
             f"WHERE {where}",
             params,
         )

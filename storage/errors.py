@@ -9,6 +9,8 @@ of them enumerates the classes. It lives in the bottom package so that every lay
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class AppError(Exception):
     status: int = 500
@@ -20,3 +22,67 @@ class AppError(Exception):
 
     def public(self) -> str:
         return self.public_message or str(self)
+
+
+class StoreError(AppError):
+    """The database could not be opened or written; the message says why and what to do."""
+
+    status = 503
+
+
+class DatabaseInUseError(StoreError):
+    """Another process (the running app) holds the database; ask that process instead."""
+
+    status = 409
+
+
+class StorageWriteError(StoreError):
+    """A write could not reach the disk (full, read-only, I/O error). DuckDB rolls the whole
+    transaction back, so nothing of it is kept and what was committed before stays intact;
+    the write succeeds again once the cause is fixed, without a restart."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.disk_full = "no space left" in detail.lower()
+        self.read_only = "read-only" in detail.lower()
+        cause = (
+            "the disk is full"
+            if self.disk_full
+            else "the file system is read-only"
+            if self.read_only
+            else "an I/O error"
+        )
+        super().__init__(
+            f"nothing was saved: the database {path} could not be written ({cause}: "
+            f"{detail.splitlines()[0][:200]}). Free space or fix the data directory and retry."
+        )
+        # 507 Insufficient Storage says "full" precisely; other write failures are a 503.
+        self.status = 507 if self.disk_full else 503
+        self.retry_after_s = 30
+        self.log_detail = True
+        # What an unauthenticated caller may read: no server path, no driver text (the log
+        # has those).
+        self.public_message = (
+            f"nothing was saved: the server could not write its database ({cause}). "
+            "Try again later."
+        )
+
+
+class NotFoundError(AppError, KeyError):
+    """An id that the caller sent does not exist."""
+
+    status = 404
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
+class ForbiddenError(AppError):
+    """The id exists but belongs to another session's conversation."""
+
+    status = 403
+
+
+class ConflictError(AppError):
+    """The request contradicts stored state (a second vote on a pair, say)."""
+
+    status = 409

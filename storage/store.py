@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,73 +21,22 @@ from typing import Any
 import duckdb
 
 from storage.canaries import CanaryRecords
-from storage.errors import AppError
-from storage.migrations import MIGRATIONS
-
-VOTE_CHOICES = ("a", "b", "tie", "both_bad")
-
-
-def continued_slot(choice: str) -> str | None:
-    """The vote's rule, in one place: the reply voted for continues the conversation, a tie
-    continues with A, "both bad" with neither (the user asks again)."""
-    return None if choice == "both_bad" else "b" if choice == "b" else "a"
-
-
-# The same rule in SQL, for the queries over chosen replies (`v` is the votes row).
-CONTINUED_SLOT_SQL = "CASE v.choice WHEN 'b' THEN 'b' WHEN 'both_bad' THEN NULL ELSE 'a' END"
-
-# Chosen replies of unflagged votes with no critique yet and not given up on (`c`: candidates).
-_AWAITING_CRITIQUE = (
-    "FROM votes v JOIN pairs p ON p.id = v.pair_id "
-    f"JOIN candidates c ON c.pair_id = p.id AND c.slot = {CONTINUED_SLOT_SQL} "
-    "WHERE v.flagged IS NULL "
-    "AND NOT EXISTS (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id) "
-    "AND NOT EXISTS (SELECT 1 FROM cai_skips s WHERE s.item_id = c.id)"
+from storage.errors import (
+    ConflictError,
+    DatabaseInUseError,
+    ForbiddenError,
+    NotFoundError,
+    StorageWriteError,
+    StoreError,
 )
-
-
-class StoreError(AppError):
-    """The database could not be opened or written; the message says why and what to do."""
-
-    status = 503
-
-
-class DatabaseInUseError(StoreError):
-    """Another process (the running app) holds the database; ask that process instead."""
-
-    status = 409
-
-
-class StorageWriteError(StoreError):
-    """A write could not reach the disk (full, read-only, I/O error). DuckDB rolls the whole
-    transaction back, so nothing of it is kept and what was committed before stays intact;
-    the write succeeds again once the cause is fixed, without a restart."""
-
-    def __init__(self, path: Path, detail: str) -> None:
-        self.disk_full = "no space left" in detail.lower()
-        self.read_only = "read-only" in detail.lower()
-        cause = (
-            "the disk is full"
-            if self.disk_full
-            else "the file system is read-only"
-            if self.read_only
-            else "an I/O error"
-        )
-        super().__init__(
-            f"nothing was saved: the database {path} could not be written ({cause}: "
-            f"{detail.splitlines()[0][:200]}). Free space or fix the data directory and retry."
-        )
-        # 507 Insufficient Storage says "full" precisely; other write failures are a 503.
-        self.status = 507 if self.disk_full else 503
-        self.retry_after_s = 30
-        self.log_detail = True
-        # What an unauthenticated caller may read: no server path, no driver text (the log
-        # has those).
-        self.public_message = (
-            f"nothing was saved: the server could not write its database ({cause}). "
-            "Try again later."
-        )
-
+from storage.migrations import MIGRATIONS
+from storage.rules import (
+    AWAITING_CRITIQUE,
+    BOTH_CANDIDATES,
+    VOTE_CHOICES,
+    continued_slot,
+    new_id,
+)
 
 # DuckDB reports a failed write as an IOException, or at commit as a TransactionException
 # wrapping "Could not write file ..."; the latter also covers logic errors, hence the wording test.
@@ -99,34 +47,9 @@ def _is_io_failure(exc: duckdb.Error) -> bool:
     return isinstance(exc, duckdb.IOException) or any(w in str(exc).lower() for w in _IO_WORDS)
 
 
-class NotFoundError(AppError, KeyError):
-    """An id that the caller sent does not exist."""
-
-    status = 404
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "not found"
-
-
-class ForbiddenError(AppError):
-    """The id exists but belongs to another session's conversation."""
-
-    status = 403
-
-
-class ConflictError(AppError):
-    """The request contradicts stored state (a second vote on a pair, say)."""
-
-    status = 409
-
-
 def _check_session(owner: str | None, session_id: str | None) -> None:
     if owner is not None and owner != session_id:
         raise ForbiddenError("this conversation belongs to another session")
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -483,8 +406,7 @@ class Store(CanaryRecords):
             "SELECT p.id AS pair_id, p.prompt, p.model_version, v.choice, v.source, "
             "v.id AS vote_id, v.created_at AS voted_at, a.text AS text_a, b.text AS text_b "
             "FROM votes v JOIN pairs p ON p.id = v.pair_id "
-            "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
-            "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
+            f"{BOTH_CANDIDATES} "
             f"WHERE {where} ORDER BY v.created_at, v.id"
             + (f" LIMIT {int(limit)}" if limit is not None else ""),
             params,
@@ -518,7 +440,7 @@ class Store(CanaryRecords):
         Flagged votes (too fast to have read the replies) choose nothing: their revisions would
         reach SFT by the back door that reward-model training closed to them."""
         return self._prompt_rows(
-            f"SELECT c.id AS candidate_id, c.text, p.prompt {_AWAITING_CRITIQUE} "
+            f"SELECT c.id AS candidate_id, c.text, p.prompt {AWAITING_CRITIQUE} "
             "ORDER BY v.created_at LIMIT ?",
             [limit],
         )
@@ -526,7 +448,7 @@ class Store(CanaryRecords):
     def cai_backlog(self) -> dict[str, int]:
         """How many chosen replies await a critique and pairs await an AI judgement."""
         row = self._rows(
-            f"SELECT (SELECT count(*) {_AWAITING_CRITIQUE}) AS critiques, "
+            f"SELECT (SELECT count(*) {AWAITING_CRITIQUE}) AS critiques, "
             "       (SELECT count(*) FROM pairs p WHERE NOT EXISTS "
             "        (SELECT 1 FROM ai_labels l WHERE l.pair_id = p.id) AND NOT EXISTS "
             "        (SELECT 1 FROM cai_skips s WHERE s.item_id = p.id)) AS judgements"
@@ -595,8 +517,7 @@ class Store(CanaryRecords):
     def pairs_to_judge(self, limit: int) -> list[dict[str, Any]]:
         return self._prompt_rows(
             "SELECT p.id AS pair_id, p.prompt, a.text AS text_a, b.text AS text_b FROM pairs p "
-            "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
-            "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
+            f"{BOTH_CANDIDATES} "
             "WHERE NOT EXISTS (SELECT 1 FROM ai_labels l WHERE l.pair_id = p.id) "
             "AND NOT EXISTS (SELECT 1 FROM cai_skips s WHERE s.item_id = p.id) "
             "ORDER BY p.created_at LIMIT ?",
@@ -625,8 +546,7 @@ class Store(CanaryRecords):
         return self._prompt_rows(
             "SELECT p.id AS pair_id, p.prompt, l.choice, 'ai' AS source, l.confidence, "
             "a.text AS text_a, b.text AS text_b FROM ai_labels l JOIN pairs p ON p.id = l.pair_id "
-            "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
-            "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b' "
+            f"{BOTH_CANDIDATES} "
             "LEFT JOIN votes v ON v.pair_id = p.id "
             "WHERE v.id IS NULL OR v.choice NOT IN ('a', 'b') ORDER BY l.created_at"
         )

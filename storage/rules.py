@@ -1,0 +1,37 @@
+"""The vote's rules and the SQL fragments the storage modules share: one home each."""
+
+from __future__ import annotations
+
+import uuid
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+VOTE_CHOICES = ("a", "b", "tie", "both_bad")
+
+
+def continued_slot(choice: str) -> str | None:
+    """The vote's rule, in one place: the reply voted for continues the conversation, a tie
+    continues with A, "both bad" with neither (the user asks again)."""
+    return None if choice == "both_bad" else "b" if choice == "b" else "a"
+
+
+# The same rule in SQL, for the queries over chosen replies (`v` is the votes row).
+CONTINUED_SLOT_SQL = "CASE v.choice WHEN 'b' THEN 'b' WHEN 'both_bad' THEN NULL ELSE 'a' END"
+
+# A pair's two candidates, `a` and `b`, beside the pair `p`.
+BOTH_CANDIDATES = (
+    "JOIN candidates a ON a.pair_id = p.id AND a.slot = 'a' "
+    "JOIN candidates b ON b.pair_id = p.id AND b.slot = 'b'"
+)
+
+# Chosen replies of unflagged votes with no critique yet and not given up on (`c`: candidates).
+AWAITING_CRITIQUE = (
+    "FROM votes v JOIN pairs p ON p.id = v.pair_id "
+    f"JOIN candidates c ON c.pair_id = p.id AND c.slot = {CONTINUED_SLOT_SQL} "
+    "WHERE v.flagged IS NULL "
+    "AND NOT EXISTS (SELECT 1 FROM critiques k WHERE k.candidate_id = c.id) "
+    "AND NOT EXISTS (SELECT 1 FROM cai_skips s WHERE s.item_id = c.id)"
+)
