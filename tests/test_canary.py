@@ -5,19 +5,21 @@ Through `assistant run` and the HTTP API, on the tiny model taught two reply sty
 half): a simulated user likes the cheerful one. A challenger trained on votes for the *other*
 style (an adversary's) passes the automatic gate, since its reward model learned the adversary's
 taste, and must be retired by the user's votes without ever serving everybody; a challenger
-trained on the user's own votes must be promoted. The app is killed with SIGKILL halfway through
-a canary and the canary resumes with no vote lost.
+trained on the user's own votes must be promoted. The app, and in the other test the engine, is
+killed with SIGKILL halfway through a canary, and the canary resumes with no vote lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess, chat_turns
 from tests.tiny_model import TOPICS, TWO_STYLE_RETRAIN_CONFIG, likes_cheerful
@@ -150,7 +152,27 @@ def test_users_promote_a_better_challenger_and_rate_it_above_v0(two_style_model,
     app = _app(two_style_model, tmp_path / "app", share="1").start(timeout=300)
     try:
         challenger = _train_challenger(app, wants=likes_cheerful)
-        seen = {"turns": 0, "canary": 0, "slots": set()}
+
+        def kill_the_engine(before: dict) -> None:
+            engines = [
+                p
+                for p in psutil.Process(app.proc.pid).children(recursive=True)
+                if "vllm.entrypoints" in " ".join(p.cmdline())
+            ]
+            os.killpg(engines[0].pid, signal.SIGKILL)  # the engine and its core die at once
+            deadline = time.monotonic() + 300
+            time.sleep(3)  # the watcher polls every 2 s
+            while httpx.get(app.url + "/api/health", timeout=10).status_code != 200:
+                assert time.monotonic() < deadline, "the engine did not come back"
+                time.sleep(1)
+            after = httpx.get(app.url + "/api/canary").json()
+            assert after["decision"] == "running" and after["votes"] == before["votes"], after
+            # the restarted engine has the challenger's adapter again: canary pairs work
+            turn = asyncio.run(chat_turns(app, ["Tell me about tea (restarted)."]))[0]
+            versions = _vote(app, turn, "tie")["versions"]
+            assert set(versions.values()) == {challenger, "v0000"}, versions
+
+        seen = {"turns": 0, "canary": 0, "slots": set(), "restart": kill_the_engine}
         canary = _judge(app, challenger, batches=16, seen=seen)
         print("CANARY-BETTER " + json.dumps(canary | _tally(seen)))
         assert canary["decision"] == "promoted", canary
