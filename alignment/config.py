@@ -133,6 +133,12 @@ class LoopConfig:
         "or after this many minutes, if any new decisive vote came", default=60.0
     )
     poll_seconds: float = _help("how often the scheduler checks", default=10.0)
+    keep_versions: int = _help(
+        "after each deployment delete the checkpoints of all but this many newest versions "
+        "(serving, previous and a challenger are always kept; 0 keeps everything; a 7B "
+        "checkpoint is about 15 GB)",
+        default=0,
+    )
     max_source_share: float = _help(
         "refuse a scheduled cycle when more than this share of its new votes came from one "
         "session or one client address (0: 1.0, no limit, when the app listens on loopback "

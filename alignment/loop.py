@@ -31,6 +31,7 @@ class AlignmentLoop:
         preset: str = "default",
         on_progress: Callable[[dict], None] | None = None,
         *,
+        keep_versions: int = 0,
         sft: bool = False,
         ai_label_weight: float = 0.5,
         overrides: dict | None = None,
@@ -39,6 +40,7 @@ class AlignmentLoop:
         # (`assistant.canary_service`); None: a version that passes the gate deploys at once.
         self.canary = None
         self.overrides = overrides or {}
+        self.keep_versions = keep_versions
         self.sft = sft
         self.ai_label_weight = ai_label_weight
         self.store = store
@@ -211,6 +213,7 @@ class AlignmentLoop:
         swap = await self.engine.reload_weights(result["path"], version)
         await asyncio.to_thread(self.store.set_serving, version, swap)
         metrics["swap_seconds"] = swap
+        await self.prune_after_deploy()
         await asyncio.to_thread(self.store.finish_run, run_id, "deployed", metrics)
         return {"status": "deployed", "version": version, **metrics}
 
@@ -251,6 +254,15 @@ class AlignmentLoop:
         versions = await asyncio.to_thread(annotated_versions, self.store)
         runs = await asyncio.to_thread(self.store.training_runs)
         return {"versions": versions, "runs": runs}
+
+    async def prune_after_deploy(self) -> None:
+        """--keep-versions: old checkpoints go once a new version serves (lock held)."""
+        if self.keep_versions > 0:
+            from alignment.pruning import prune
+
+            await asyncio.to_thread(
+                prune, self.store, self.data_dir / "versions", self.keep_versions
+            )
 
     async def prune(self, keep: int) -> dict:
         """Delete old checkpoints (see `alignment.pruning`); not while a cycle runs."""

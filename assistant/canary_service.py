@@ -38,6 +38,7 @@ class CanaryService:
         self.current: dict | None = None  # the running canary's row
         self._rng = random.Random(seed)
         self._concluding: asyncio.Task | None = None
+        self.after_promotion = None  # e.g. the loop's --keep-versions pruning
 
     @property
     def running(self) -> bool:
@@ -143,6 +144,8 @@ class CanaryService:
             row = await asyncio.to_thread(self.store.model_version, c["challenger"])
             swap = await self.engine.reload_weights(row["path"], c["challenger"])
             await asyncio.to_thread(self.store.set_serving, c["challenger"], swap)
+            if self.after_promotion is not None:
+                await self.after_promotion()
         self.current = None  # no new canary pairs from here
         await self.engine.unload_adapter(c["challenger"])
         await asyncio.to_thread(self.store.finish_canary, c["id"], decision, reason, decided_at)

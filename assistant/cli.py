@@ -60,6 +60,7 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
         ("--retrain-every-minutes", "loop", "every_minutes", "MINUTES"),
         ("--retrain-poll-seconds", "loop", "poll_seconds", "SECONDS"),
         ("--max-vote-source-share", "loop", "max_source_share", "FRACTION"),
+        ("--keep-versions", "loop", "keep_versions", "N"),
     ],
     "canary (users judge a new version first)": [
         ("--canary-share", "canary", "share", "FRACTION"),

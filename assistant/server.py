@@ -172,6 +172,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
         config.data_dir,
         config.retrain_preset,
         on_progress,
+        keep_versions=config.loop.keep_versions,
         sft=config.cai.sft,
         ai_label_weight=config.cai.ai_label_weight,
         overrides=config.retrain_overrides(),
@@ -206,6 +207,7 @@ def build_app(config: AppConfig):
     service = ChatService(runtime.store, runtime.engine, config.sampling, config.serve)
     canary = CanaryService(runtime.store, runtime.engine, config.canary, runtime.loop.lock)
     runtime.loop.canary = service.canary = canary
+    canary.after_promotion = runtime.loop.prune_after_deploy
     version = runtime.store.latest_constitution()
     if version is None or version["body"] != constitution.as_json():
         runtime.store.save_constitution(constitution.name, constitution.as_json())

@@ -212,6 +212,29 @@ def test_pruning_keeps_serving_previous_and_newest_and_never_the_base(store, tmp
     assert prune(store, versions, keep=1).pruned == []  # nothing left to prune
 
 
+def test_keep_versions_prunes_after_a_deployment_and_keeps_a_challenger(store, tmp_path):
+    import asyncio
+
+    from alignment.loop import AlignmentLoop
+
+    versions = tmp_path / "versions"
+    store.ensure_base_version("v0000", str(tmp_path / "base"), {})
+    for n in range(1, 5):
+        (versions / f"v{n:04d}").mkdir(parents=True)
+        (versions / f"v{n:04d}.adapter").mkdir()
+        store.record_model_version(f"v{n:04d}", None, str(versions / f"v{n:04d}"), "candidate", {})
+    store.set_serving("v0002", 0.1)
+    store.start_canary("v0005", "v0002", str(versions / "v0005.adapter"), 0.5,
+                       {"path": str(versions / "v0005")})  # fmt: skip
+    (versions / "v0005").mkdir()
+    loop = AlignmentLoop(store, None, tmp_path, keep_versions=1)
+    asyncio.run(loop.prune_after_deploy())
+    kept = {p.name for p in versions.iterdir()}
+    # serving v0002, the challenger v0005 (the newest); v0001, v0003, v0004 and adapters go
+    assert kept == {"v0002", "v0002.adapter", "v0005"}, kept
+    assert AlignmentLoop(store, None, tmp_path).keep_versions == 0  # the default keeps all
+
+
 def test_canary_rows_and_the_votes_that_straddle_two_versions(store):
     from dataclasses import replace
 
