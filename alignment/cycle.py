@@ -19,6 +19,7 @@ from alignment.gate import GateResult, evaluate, reward_refusal
 from alignment.merge import merge_to_checkpoint
 from alignment.ppo import PolicyWithValueHead, PPOTrainer
 from alignment.reward_model import RewardScorer, split_heldout, train_reward_model
+from alignment.rollouts import as_rollouts
 
 Progress = Callable[[str, dict], None]
 __all__ = ["CycleConfig", "CycleResult", "run_cycle"]
@@ -57,6 +58,7 @@ def run_cycle(
     from transformers import AutoTokenizer
 
     say = progress or (lambda stage, details: None)
+    serving_generate = as_rollouts(serving_generate)
     seconds: dict[str, float] = {}
     work = out_root / "runs" / new_version
 
@@ -70,10 +72,9 @@ def run_cycle(
         seconds["sft"] = time.perf_counter() - t
         say("sft", sft)
         serving_model = sft["path"]  # the SFT model is the base and KL reference from here on
-        if hasattr(serving_generate, "lora"):
-            # The engine serves the pre-SFT weights: an adapter trained on the SFT model would
-            # not sample the current policy there, so rollouts stay on the serving weights.
-            serving_generate.lora = False
+        # The engine serves the pre-SFT weights: an adapter trained on the SFT model would not
+        # sample the current policy there, so rollouts stay on the serving weights.
+        serving_generate.stay_off_policy()
 
     t = time.perf_counter()
     say("reward_model", {"pairs": len(records)})
@@ -106,10 +107,8 @@ def run_cycle(
     steps = trainer.train(train_prompts, on_step=lambda s: say("ppo", s.as_dict()))
     seconds["ppo"] = time.perf_counter() - t
 
-    reset = getattr(serving_generate, "reset", None)
-    if reset is not None:
-        reset()  # the gate compares against the serving weights, not the last PPO adapter
-    say("ppo_rollouts", {"on_policy": bool(getattr(serving_generate, "on_policy", False))})
+    serving_generate.reset()  # the gate compares against the serving weights, not PPO's adapter
+    say("ppo_rollouts", {"on_policy": serving_generate.on_policy})
     t = time.perf_counter()
     say("gate", {})
     gate: GateResult = evaluate(

@@ -42,11 +42,8 @@ from alignment.ppo_math import (
     whiten,
 )
 from alignment.precision import autocast
+from alignment.rollouts import GenerateFn, Rollouts, as_rollouts
 
-# prompts (chat messages) -> [(prompt_token_ids, response_token_ids)], one per prompt
-GenerateFn = Callable[
-    [list[list[dict[str, str]]], int, float, int], list[tuple[list[int], list[int]]]
-]
 # conversations (prompt + assistant reply) -> scores (B,)
 ScoreFn = Callable[[list[list[dict[str, str]]]], torch.Tensor]
 
@@ -163,13 +160,13 @@ class PPOTrainer:
         self,
         policy: PolicyWithValueHead,
         tokenizer,
-        generate: GenerateFn,
+        generate: Rollouts | GenerateFn,
         score: ScoreFn,
         config: PPOConfig,
     ) -> None:
         self.policy = policy
         self.tokenizer = tokenizer
-        self.generate = generate
+        self.generate = as_rollouts(generate)
         self.score = score
         self.config = config
         if config.advantage not in ("rloo", "gae"):
@@ -188,9 +185,8 @@ class PPOTrainer:
 
     def rollout(self, prompts: list[list[dict[str, str]]], step: int) -> Rollout:
         c = self.config
-        publish = getattr(self.generate, "publish", None)
-        if publish is not None and step > 0:  # step 0: the adapter is still the identity
-            publish(self.policy.lm)
+        if step > 0:  # step 0: the adapter is still the identity
+            self.generate.publish(self.policy.lm)
         pairs = self.generate(prompts, c.max_new_tokens, c.temperature, c.seed * 100003 + step)
         pad = self.tokenizer.pad_token_id
         ids, attn, resp = pack_rollouts(pairs, pad if pad is not None else 0)

@@ -17,7 +17,10 @@ import itertools
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import httpx
 
@@ -27,9 +30,67 @@ from alignment.engine_http import client as engine_client
 log = logging.getLogger(__name__)
 _names = itertools.count()
 
+# prompts (chat messages) -> [(prompt_token_ids, response_token_ids)], one per prompt
+GenerateFn = Callable[
+    [list[list[dict[str, str]]], int, float, int], list[tuple[list[int], list[int]]]
+]
+
+
+@runtime_checkable
+class Rollouts(Protocol):
+    """What PPO and the gate sample from: a `GenerateFn` that may follow the policy."""
+
+    on_policy: bool  # did the last rollouts come from the current adapter?
+
+    def __call__(
+        self,
+        prompts: list[list[dict[str, str]]],
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+    ) -> list[tuple[list[int], list[int]]]: ...
+
+    def publish(self, peft_model) -> bool:
+        """Sample the next rollouts from this adapter; False if that cannot be done."""
+        ...
+
+    def reset(self) -> None:
+        """Back to the serving weights (the gate compares against them)."""
+        ...
+
+    def stay_off_policy(self) -> None:
+        """Never follow the policy from now on (after SFT the engine serves other weights)."""
+        ...
+
+
+@dataclass
+class FixedRollouts:
+    """A plain sampling function as `Rollouts` that always samples the same weights (tests,
+    diagnostics, a server without LoRA)."""
+
+    generate: GenerateFn
+    on_policy: bool = False
+
+    def __call__(self, prompts, max_new_tokens, temperature, seed):
+        return self.generate(prompts, max_new_tokens, temperature, seed)
+
+    def publish(self, peft_model) -> bool:
+        return False
+
+    def reset(self) -> None:
+        pass
+
+    def stay_off_policy(self) -> None:
+        pass
+
+
+def as_rollouts(generate: Rollouts | GenerateFn) -> Rollouts:
+    return generate if isinstance(generate, Rollouts) else FixedRollouts(generate)
+
 
 class VLLMRollouts:
-    """A `GenerateFn`: one chat request per prompt, concurrently (vLLM batches them)."""
+    """`Rollouts` from the engine: one chat request per prompt, concurrently (vLLM batches
+    them), on-policy through runtime-loaded LoRA adapters where the engine allows."""
 
     def __init__(
         self, base_url: str, model_name: str = "policy", timeout_s: float = 600.0, lora: bool = True
@@ -93,6 +154,10 @@ class VLLMRollouts:
         self.reset()
         self.current, self.on_policy = name, True
         return True
+
+    def stay_off_policy(self) -> None:
+        self.reset()
+        self.lora = False
 
     def reset(self) -> None:
         """Back to the serving weights (unload the adapter)."""

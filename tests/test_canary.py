@@ -63,15 +63,22 @@ def _vote(app: AppProcess, turn: dict, choice: str) -> dict:
     return r.json()
 
 
-def _train_challenger(app: AppProcess, wants) -> str:
-    """32 chats voted by `wants`, then a cycle by hand: it must start a canary."""
-    prompts = [f"Tell me about {t} ({i})." for i in range(4) for t in TOPICS]
-    for turn in asyncio.run(chat_turns(app, prompts)):
-        a, b = (c["text"] for c in turn["candidates"])
-        _vote(app, turn, _user_choice(a, b, wants))
-    r = httpx.post(app.url + "/api/retrain", headers=ADMIN, timeout=900)
-    assert r.status_code == 200, r.text
-    cycle = r.json()
+def _train_challenger(app: AppProcess, wants, attempts: int = 3) -> str:
+    """32 chats voted by `wants`, then a cycle by hand, until a version passes the gate and
+    starts a canary. (The gate rejects a cycle that did not clearly move the policy; the voter
+    then votes on 32 more chats, as a person would. This test is about what the users do with
+    a version that got through the gate.)"""
+    for attempt in range(attempts):
+        prompts = [f"Tell me about {t} ({attempt}-{i})." for i in range(4) for t in TOPICS]
+        for turn in asyncio.run(chat_turns(app, prompts)):
+            a, b = (c["text"] for c in turn["candidates"])
+            _vote(app, turn, _user_choice(a, b, wants))
+        r = httpx.post(app.url + "/api/retrain", headers=ADMIN, timeout=900)
+        assert r.status_code == 200, r.text
+        cycle = r.json()
+        print("CANARY-CYCLE " + json.dumps({"status": cycle["status"], "gate": cycle["gate"]}))
+        if cycle["status"] != "rejected":
+            break
     assert cycle["status"] == "challenger", cycle
     versions = httpx.get(app.url + "/api/versions").json()
     status = {v["version"]: v["status"] for v in versions["versions"]}
