@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alignment.config import CycleConfig
 from alignment.gate import GateResult, evaluate, reward_refusal
+from alignment.job import JobResult
 from alignment.merge import merge_to_checkpoint
 from alignment.ppo import PolicyWithValueHead, PPOTrainer
 from alignment.reward_model import RewardScorer, split_heldout, train_reward_model
@@ -25,22 +25,7 @@ Progress = Callable[[str, dict], None]
 __all__ = ["CycleConfig", "CycleResult", "run_cycle"]
 
 
-@dataclass
-class CycleResult:
-    version: str
-    parent: str
-    path: str | None  # merged checkpoint, None when the gate rejected the policy
-    reward: dict
-    ppo_steps: list[dict]
-    gate: dict
-    seconds: dict
-    sft: dict | None = None
-    # the policy's LoRA adapter on the serving weights, for a canary (None after SFT: it is on
-    # the SFT model then, which the engine does not serve)
-    adapter: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+CycleResult = JobResult  # what a cycle returns is what the worker hands the app
 
 
 def run_cycle(

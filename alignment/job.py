@@ -2,7 +2,8 @@
 
 The app writes `job.json` (a `Job`) and the data snapshot beside it; the worker
 (`python -m alignment.worker JOB_DIR`) reads them, appends progress lines and writes
-`result.json`. One dataclass states the contract on both sides of the process boundary.
+`result.json` (a `JobResult`). One dataclass each states the contract on both sides of the
+process boundary.
 """
 
 from __future__ import annotations
@@ -30,3 +31,31 @@ class Job:
     @classmethod
     def read(cls, job_dir: Path) -> Job:
         return cls(**json.loads((job_dir / "job.json").read_text()))
+
+
+@dataclass
+class JobResult:
+    """What a cycle produced (`result.json`), written by the worker and read by the app."""
+
+    version: str
+    parent: str
+    path: str | None  # merged checkpoint, None when the gate rejected the policy
+    reward: dict
+    ppo_steps: list[dict]
+    gate: dict
+    seconds: dict
+    sft: dict | None = None
+    # the policy's LoRA adapter on the serving weights, for a canary (None after SFT: it sits
+    # on the SFT model then, which the engine does not serve)
+    adapter: str | None = None
+    peak_rss_mb: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def write(self, job_dir: Path) -> None:
+        (job_dir / "result.json").write_text(json.dumps(self.as_dict(), default=str))
+
+    @classmethod
+    def read(cls, job_dir: Path) -> JobResult:
+        return cls(**json.loads((job_dir / "result.json").read_text()))

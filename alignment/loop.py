@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from alignment.job import Job
+from alignment.job import Job, JobResult
 from alignment.labels import agreement_rate, weighted_ai_rows
 from alignment.lifetime import die_with_parent
 from storage import ConflictError, Store
@@ -151,22 +151,22 @@ class AlignmentLoop:
             )
             await asyncio.to_thread(self.store.finish_run, run_id, "failed", None, error)
             return {"status": "failed", "version": version, "error": error.splitlines()[0]}
-        result = json.loads(result_path.read_text())
+        result = JobResult.read(job)
         metrics = {
-            "reward": result["reward"],
-            "gate": result["gate"],
-            "sft": result.get("sft"),
+            "reward": result.reward,
+            "gate": result.gate,
+            "sft": result.sft,
             "human_pairs": len(human),
             "ai_pairs": len(records) - len(human),
             "vote_sources": sources,
             "ai_human_agreement": agreement,
             "agreement_pairs": compared,
-            "ppo_steps": result["ppo_steps"],
-            "seconds": result["seconds"],
+            "ppo_steps": result.ppo_steps,
+            "seconds": result.seconds,
             "cycle_seconds": time.perf_counter() - started,
-            "peak_rss_mb": result.get("peak_rss_mb"),
+            "peak_rss_mb": result.peak_rss_mb,
         }
-        if result["path"] is None:
+        if result.path is None:
             await asyncio.to_thread(
                 self.store.record_model_version,
                 version,
@@ -179,12 +179,12 @@ class AlignmentLoop:
             return {
                 "status": "rejected",
                 "version": version,
-                "reason": result["gate"]["reason"],
+                "reason": result.gate["reason"],
                 **metrics,
             }
 
         if self.canary is not None and self.canary.config.share > 0:
-            if result.get("adapter") is None:
+            if result.adapter is None:
                 metrics["canary"] = "none: an SFT cycle's adapter is not on the serving weights"
             else:
                 self.stage = "canary"
@@ -192,8 +192,8 @@ class AlignmentLoop:
                     await self.canary.start(
                         version,
                         serving["version"],
-                        result["adapter"],
-                        {**metrics, "path": result["path"]},
+                        result.adapter,
+                        {**metrics, "path": result.path},
                     )
                 except Exception as exc:  # noqa: BLE001 - e.g. an engine without LoRA support
                     metrics["canary"] = f"could not start ({exc}); deployed at the gate"
@@ -206,11 +206,11 @@ class AlignmentLoop:
             self.store.record_model_version,
             version,
             serving["version"],
-            result["path"],
+            result.path,
             "candidate",
             metrics,
         )
-        swap = await self.engine.reload_weights(result["path"], version)
+        swap = await self.engine.reload_weights(result.path, version)
         await asyncio.to_thread(self.store.set_serving, version, swap)
         metrics["swap_seconds"] = swap
         await self.prune_after_deploy()

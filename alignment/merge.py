@@ -13,10 +13,6 @@ from pathlib import Path
 import torch
 
 
-def version_name(number: int) -> str:
-    return f"v{number:04d}"
-
-
 def merge_to_checkpoint(policy, tokenizer, out_dir: Path, manifest: dict) -> Path:
     merged = policy.lm.merge_and_unload()  # W' = W + (alpha/r) BA; the policy is spent after
     tmp = out_dir.with_name(out_dir.name + ".partial")

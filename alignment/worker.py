@@ -57,8 +57,8 @@ def main(job_dir: str) -> int:
             progress=say,
             revisions=_read_jsonl(revisions_file) if revisions_file.exists() else None,
         )
-        summary = result.as_dict() | {"peak_rss_mb": _peak_rss_mb()}
-        (job_path / "result.json").write_text(json.dumps(summary, default=str))
+        result.peak_rss_mb = _peak_rss_mb()
+        result.write(job_path)
         say("done", {})
         return 0
     except Exception as exc:  # noqa: BLE001 - reported to the app through the job folder

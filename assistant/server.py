@@ -17,10 +17,11 @@ from pathlib import Path
 
 from assistant.config import AppConfig, ConfigError
 from assistant.engine import EngineError
+from storage.rules import version_name
 
 log = logging.getLogger(__name__)
 
-BASE_VERSION = "v0000"
+BASE_VERSION = version_name(0)
 # Gradio routes this page never uses, each a way in for someone else's data: uploads (an open file
 # drop served back by URL), recordings (any size, into temp files never deleted), deep links (a
 # file per call, holding the session's component values: the admin token typed into a tab among

@@ -9,6 +9,11 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def version_name(number: int) -> str:
+    """The one place that knows how versions are named: v0000 (the base), v0001, ..."""
+    return f"v{number:04d}"
+
+
 VOTE_CHOICES = ("a", "b", "tie", "both_bad")
 
 

@@ -36,6 +36,7 @@ from storage.rules import (
     VOTE_CHOICES,
     continued_slot,
     new_id,
+    version_name,
 )
 
 # DuckDB reports a failed write as an IOException, or at commit as a TransactionException
@@ -606,7 +607,7 @@ class Store(CanaryRecords):
             "  UNION ALL SELECT TRY_CAST(substr(json_extract_string(config, '$.version'), 2) "
             "  AS INTEGER) FROM training_runs)"
         )[0]["n"]
-        return f"v{(-1 if n is None else n) + 1:04d}"
+        return version_name((-1 if n is None else n) + 1)
 
     def fail_interrupted_runs(self) -> list[dict[str, Any]]:
         """Cycles still 'running' when the app starts were cut off by a stop or crash: mark
