@@ -90,6 +90,20 @@ def _rating(rating: dict | None) -> str:
     return f"{rating['score']:.0f} [{lo:.0f}, {hi:.0f}] ({rating['votes']} votes)"
 
 
+def _ratings_frame(versions: list[dict]) -> pd.DataFrame:
+    """Rating and interval bounds per rated version, oldest first, for the ratings plot."""
+    rows = []
+    for v in versions:
+        if r := v.get("rating"):
+            lo, hi = r["interval"]
+            rows += [
+                {"version": v["version"], "rating": r["score"], "bound": "rating"},
+                {"version": v["version"], "rating": lo, "bound": "95% low"},
+                {"version": v["version"], "rating": hi, "bound": "95% high"},
+            ]
+    return pd.DataFrame(rows, columns=["version", "rating", "bound"])
+
+
 def _warnings(versions: list[dict]) -> str:
     """The reward-hacking monitors' warnings, newest version first (`alignment.monitors`)."""
     lines = [w for v in reversed(versions) for w in v.get("warnings") or []]
@@ -179,6 +193,10 @@ def build_admin_tab(loop, sessions: SessionKeys, canary=None) -> None:
         step_plot = gr.LinePlot(
             x="step", y="value", color="metric", title="Latest cycle, per PPO step: reward and KL"
         )
+        rating_plot = gr.ScatterPlot(
+            x="version", y="rating", color="bound",
+            title="Users' rating of each version (Bradley-Terry, 95% interval)",
+        )  # fmt: skip
 
     async def refresh():
         history = await loop.history()
@@ -192,9 +210,10 @@ def build_admin_tab(loop, sessions: SessionKeys, canary=None) -> None:
             step_df,
             canary_line(await canary.status()) if canary is not None else "",
             _warnings(history["versions"]),
+            _ratings_frame(history["versions"]),
         )
 
-    outputs = [stage, table, version, cycle_plot, step_plot, canary_status, watch]
+    outputs = [stage, table, version, cycle_plot, step_plot, canary_status, watch, rating_plot]
 
     def who(request: gr.Request):
         problem = admin_problem(request, sessions)
