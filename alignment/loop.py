@@ -41,7 +41,9 @@ class AlignmentLoop:
         self.canary = None
         self.overrides = overrides or {}
         self.keep_versions = keep_versions
-        self.sft = sft
+        # one switch, two spellings: --sft, or "sft": {"enabled": true} in the retrain config
+        # (the worker used to overwrite the latter with the former)
+        self.sft = sft or bool((self.overrides.get("sft") or {}).get("enabled"))
         self.ai_label_weight = ai_label_weight
         self.store = store
         self.engine = engine
