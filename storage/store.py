@@ -159,9 +159,6 @@ class Store(CanaryRecords):
                     [version, description],
                 )
 
-    def schema_version(self) -> int:
-        return self._rows("SELECT max(version) AS v FROM schema_migrations")[0]["v"] or 0
-
     # --- conversations ------------------------------------------------------------------
 
     def create_conversation(self, session_id: str | None = None) -> str:
@@ -172,9 +169,6 @@ class Store(CanaryRecords):
                 [conversation_id, session_id],
             )
         return conversation_id
-
-    def conversation_exists(self, conversation_id: str) -> bool:
-        return bool(self._rows("SELECT 1 FROM conversations WHERE id = ?", [conversation_id]))
 
     def check_owner(self, conversation_id: str, session_id: str | None) -> None:
         """A conversation started in a session belongs to it: others may not continue it or
@@ -376,19 +370,6 @@ class Store(CanaryRecords):
             raise NotFoundError(f"unknown pair_id {pair_id!r}")
         return float(rows[0]["age"]), int(rows[0]["words"] or 0)
 
-    def pair(self, pair_id: str) -> dict[str, Any]:
-        rows = self._rows("SELECT * FROM pairs WHERE id = ?", [pair_id])
-        if not rows:
-            raise NotFoundError(f"unknown pair_id {pair_id!r}")
-        pair = rows[0]
-        pair["prompt"] = json.loads(pair["prompt"])
-        pair["candidates"] = self._rows(
-            "SELECT * FROM candidates WHERE pair_id = ? ORDER BY slot", [pair_id]
-        )
-        votes = self._rows("SELECT * FROM votes WHERE pair_id = ?", [pair_id])
-        pair["vote"] = votes[0] if votes else None
-        return pair
-
     def count(self, table: str) -> int:
         if table not in {"conversations", "messages", "pairs", "candidates", "votes"}:
             raise ValueError(f"unknown table {table!r}")
@@ -465,11 +446,6 @@ class Store(CanaryRecords):
                 "ON CONFLICT DO NOTHING",
                 [item_id, kind, reason[:500], attempts],
             )
-
-    def cai_skips(self) -> list[dict[str, Any]]:
-        return self._rows(
-            "SELECT item_id, kind, reason, attempts FROM cai_skips ORDER BY created_at"
-        )
 
     def record_critique_round(
         self,

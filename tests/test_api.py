@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from storage import Store
+from tests import store_reads
 from tests.app_process import ADMIN_TOKEN
 
 
@@ -198,7 +199,7 @@ def test_candidates_logged_with_version_sampling_tokens_latency(tiny_app_factory
     body = chat(app, "Log me").json()
     app.stop()
     store = Store(app.db, read_only=True)
-    pair = store.pair(body["pair_id"])
+    pair = store_reads.pair(store, body["pair_id"])
     store.close()
     for cand, slot in zip(pair["candidates"], "ab", strict=True):
         assert cand["slot"] == slot and cand["model_version"] == "v0000"

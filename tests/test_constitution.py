@@ -15,6 +15,7 @@ from assistant.critic import CAIWorker, Critic, label_from_probabilities
 from assistant.vllm_client import VLLMServerEngine
 from storage import Store
 from storage.store import CandidateRecord
+from tests import store_reads
 
 
 def test_default_constitution_has_ten_distinct_principles():
@@ -216,7 +217,7 @@ def test_an_item_that_keeps_failing_is_skipped_with_its_reason_and_the_queue_mov
 
     assert asyncio.run(run()) == {"critiques": 0, "judgements": 0}
     assert critic.calls == 3
-    (skip,) = store.cai_skips()
+    (skip,) = store_reads.cai_skips(store)
     assert skip["item_id"] == candidate_id and skip["attempts"] == 3
     assert "longer than the judge's context" in skip["reason"]
     store.close()

@@ -7,6 +7,7 @@ import pytest
 from storage import ConflictError, NotFoundError, Store, StoreError
 from storage.migrations import MIGRATIONS
 from storage.store import CandidateRecord
+from tests import store_reads
 
 
 def _candidates(text_a="reply A", text_b="reply B"):
@@ -33,12 +34,12 @@ def store(tmp_path):
 def test_migrations_apply_once_and_reopen_keeps_data(tmp_path):
     path = tmp_path / "a.duckdb"
     s = Store(path)
-    assert s.schema_version() == MIGRATIONS[-1][0]
+    assert store_reads.schema_version(s) == MIGRATIONS[-1][0]
     conv = s.create_conversation("sess")
     s.close()
     s = Store(path)  # re-running migrations must be a no-op, not an error
-    assert s.schema_version() == MIGRATIONS[-1][0]
-    assert s.conversation_exists(conv)
+    assert store_reads.schema_version(s) == MIGRATIONS[-1][0]
+    assert store_reads.conversation_exists(s, conv)
     assert s.count("conversations") == 1
     s.close()
 
@@ -55,7 +56,7 @@ def test_vote_a_continues_conversation_with_chosen_reply(store):
         {"role": "assistant", "content": "second"},
     ]
     pair2 = _turn(store, conv, "more")
-    stored = store.pair(pair2.pair_id)
+    stored = store_reads.pair(store, pair2.pair_id)
     # The second turn's prompt carries the chosen reply of the first.
     assert stored["prompt"][1] == {"role": "assistant", "content": "second"}
     assert [c["slot"] for c in stored["candidates"]] == ["a", "b"]
@@ -87,7 +88,7 @@ def test_second_vote_unknown_pair_and_bad_choice_change_nothing(store):
         store.record_vote(pair.pair_id, "c")
     assert store.count("votes") == 1
     assert store.count("messages") == 2  # the failed votes added no assistant message
-    assert store.pair(pair.pair_id)["vote"]["choice"] == "a"
+    assert store_reads.pair(store, pair.pair_id)["vote"]["choice"] == "a"
 
 
 def test_voted_pairs_joins_prompt_and_both_texts(store):
@@ -166,7 +167,9 @@ def test_deleting_a_conversation_removes_everything_recorded_from_it(store):
         "critiques": 1, "ai_labels": 1, "votes": 1, "cai_skips": 0, "candidates": 2,
         "messages": 2, "pairs": 1, "conversations": 1,
     }  # fmt: skip
-    assert not store.conversation_exists(conv) and store.conversation_exists(other)
+    assert not store_reads.conversation_exists(store, conv) and store_reads.conversation_exists(
+        store, other
+    )
     assert [r["text_a"] for r in store.voted_pairs()] == ["reply A"]  # only the other one left
     assert store.delete_conversation(conv)["conversations"] == 0  # idempotent
 
