@@ -16,6 +16,8 @@ import secrets
 import time
 from pathlib import Path
 
+from assistant import environment
+
 DISABLED = (
     "admin actions are disabled: start the app with ASSISTANT_ADMIN_TOKEN set "
     "and send it as 'Authorization: Bearer <token>'"
@@ -37,7 +39,7 @@ def ensure_admin_token(data_dir: Path) -> Path | None:
     """With ASSISTANT_ADMIN_TOKEN unset, make the stored token (created private on the first
     run) this process's admin token and return its file, for the caller to print; else None.
     Set, it is used as it is; set to an empty value, admin actions are off."""
-    if "ASSISTANT_ADMIN_TOKEN" in os.environ:
+    if environment.admin_token_chosen():
         return None
     path = data_dir / TOKEN_FILE
     if stored_admin_token(data_dir) is None:
@@ -45,13 +47,13 @@ def ensure_admin_token(data_dir: Path) -> Path | None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(24) + "\n")
-    os.environ["ASSISTANT_ADMIN_TOKEN"] = stored_admin_token(data_dir) or ""
+    environment.use_admin_token(stored_admin_token(data_dir) or "")
     return path
 
 
 def admin_error(given: str | None) -> tuple[int, str] | None:
     """None when `given` is the admin token; else (HTTP status, message)."""
-    token = os.environ.get("ASSISTANT_ADMIN_TOKEN")
+    token = environment.admin_token()
     if not token:
         return 403, DISABLED
     if not hmac.compare_digest((given or "").encode(), token.encode()):
@@ -70,7 +72,7 @@ NOT_SIGNED_IN = "sign in with the admin token first (Admin tab)"
 
 
 def _cookie_tag(keys, issued: str) -> str:
-    token = os.environ.get("ASSISTANT_ADMIN_TOKEN", "")
+    token = environment.admin_token()
     return keys.sign(b"admin:", issued + ":" + hashlib.sha256(token.encode()).hexdigest())
 
 
@@ -82,7 +84,7 @@ def admin_cookie(keys, now: float | None = None) -> str:
 
 def cookie_admin_error(cookie: str | None, keys, now: float | None = None) -> str | None:
     """None when the cookie is a live sign-in with the current token; else why not."""
-    if not os.environ.get("ASSISTANT_ADMIN_TOKEN"):
+    if not environment.admin_token():
         return DISABLED
     issued, _, tag = (cookie or "").partition(".")
     if not issued.isdigit() or not hmac.compare_digest(tag, _cookie_tag(keys, issued)):
@@ -104,7 +106,7 @@ OPENAI_OFF = (
 def openai_key_error(header: str | None) -> tuple[int, str] | None:
     """None when the `Authorization` header carries ASSISTANT_OPENAI_API_KEY; else (status,
     message). A key of its own: tools that call the model never hold the admin token."""
-    key = os.environ.get("ASSISTANT_OPENAI_API_KEY")
+    key = environment.openai_api_key()
     if not key:
         return 403, OPENAI_OFF
     given = header[len("Bearer ") :] if header and header.startswith("Bearer ") else ""

@@ -317,12 +317,11 @@ def _app_holds_db(config: AppConfig) -> bool:
 
 def _admin_token(args: argparse.Namespace) -> str:
     """$ASSISTANT_ADMIN_TOKEN, else the token `assistant run` stored in the data directory."""
-    import os
-
+    from assistant import environment
     from assistant.admin import stored_admin_token
 
     data_dir = config_from_args(args).data_dir
-    return os.environ.get("ASSISTANT_ADMIN_TOKEN") or stored_admin_token(data_dir) or ""
+    return environment.admin_token() or stored_admin_token(data_dir) or ""
 
 
 def _call_app(args: argparse.Namespace, method: str, route: str, body: dict | None = None):
@@ -504,12 +503,13 @@ def cmd_prune(args: argparse.Namespace, config: AppConfig) -> int:
 
 def _export_via_app(url: str, fmt: str, token: str | None) -> list[dict]:
     import json
-    import os
 
     import httpx
 
     print(f"the database is in use by the running app; asking it at {url}", file=sys.stderr)
-    token = token or os.environ.get("ASSISTANT_ADMIN_TOKEN", "")
+    from assistant import environment
+
+    token = token or environment.admin_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         resp = httpx.get(

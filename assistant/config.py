@@ -7,11 +7,11 @@ help string that the CLI shows. `AppConfig.validate()` is called once at start-u
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from alignment.config import CanaryConfig, LoopConfig
+from assistant import environment
 from storage.errors import AppError
 
 
@@ -26,7 +26,7 @@ def _help(text: str, **kwargs):
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("ASSISTANT_DATA_DIR", "data")).expanduser()
+    return environment.data_dir()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from assistant import environment
 from assistant.config import AppConfig, ConfigError
 from assistant.engine import EngineError
 from storage.rules import version_name
@@ -353,7 +354,7 @@ def serve(config: AppConfig) -> None:
     if generated is not None:
         print(
             "[app] admin token (the Admin tab's sign-in, `Authorization: Bearer ...`): "
-            f"{os.environ['ASSISTANT_ADMIN_TOKEN']}\n"
+            f"{environment.admin_token()}\n"
             f"      stored in {generated} (readable only by you); set ASSISTANT_ADMIN_TOKEN "
             "to choose your own",
             file=sys.stderr,
