@@ -188,12 +188,12 @@ def build_app(config: AppConfig):
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
+    from alignment.critic import CAIWorker, Critic
     from alignment.scheduler import RetrainScheduler
     from assistant.admin_login import build_admin_login_router
     from assistant.api import build_api_router, install_error_handler, set_session_cookie
     from assistant.canary_service import CanaryService
     from assistant.chat_service import ChatService
-    from assistant.critic import CAIWorker, Critic
     from assistant.engine_watch import EngineWatch
     from assistant.openai_api import build_openai_router
     from assistant.sessions import SESSION_COOKIE, SessionKeys
@@ -306,7 +306,7 @@ async def _retention(store, days: float, every_s: float = 3600.0) -> None:
 def active_constitution(config: AppConfig):
     """--constitution FILE if given; else the latest edited version in the database; else the
     shipped default. The database is opened read-only here only to peek; the app writes later."""
-    from assistant.constitution import load_constitution, parse_constitution
+    from alignment.constitution import load_constitution, parse_constitution
     from storage import Store, StoreError
 
     if config.cai.constitution is not None:

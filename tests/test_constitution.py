@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
+from alignment.constitution import ConstitutionError, load_constitution, parse_constitution
+from alignment.critic import CAIWorker, Critic, label_from_probabilities
 from alignment.labels import agreement_rate
-from assistant.constitution import ConstitutionError, load_constitution, parse_constitution
-from assistant.critic import CAIWorker, Critic, label_from_probabilities
 from assistant.vllm_client import VLLMServerEngine
 from storage import Store
 from storage.store import CandidateRecord
@@ -197,7 +197,7 @@ class _FailingCritic:
         raise RuntimeError("the prompt is longer than the judge's context")
 
     async def judge(self, prompt, a, b):
-        from assistant.critic import AILabel
+        from alignment.critic import AILabel
 
         return AILabel("a", "p", 0.9, 0.9, 0.1)
 

@@ -8,7 +8,7 @@ import json
 
 import gradio as gr
 
-from assistant.constitution import ConstitutionError
+from alignment.constitution import ConstitutionError
 from assistant.sessions import SessionKeys
 from ui.admin_tab import admin_problem
 

@@ -19,14 +19,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from alignment.labels import agreement_rate
-from assistant.constitution import (
+from alignment.constitution import (
     Constitution,
     critique_messages,
     judge_messages,
     parse_constitution,
     revision_messages,
 )
+from alignment.labels import agreement_rate
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ def parse_constitution(data: object, source: str = "constitution") -> Constituti
 
 def load_constitution(path: Path | None = None) -> Constitution:
     if path is None:
-        text = resources.files("assistant").joinpath("constitution.json").read_text()
+        text = resources.files("alignment").joinpath("constitution.json").read_text()
         return parse_constitution(json.loads(text), "default constitution")
     try:
         data = json.loads(Path(path).read_text())
