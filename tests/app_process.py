@@ -128,3 +128,22 @@ async def chat_turns(app: AppProcess, messages: list[str], at_once: int = 8) -> 
                 return r.json()
 
         return await asyncio.gather(*(one(m) for m in messages))
+
+
+def two_style_app_args(model: Path, retrain_config: Path) -> list[str]:
+    """`assistant run` flags for the learning and canary tests on the two-style model: short
+    sampled replies, no critique worker, simulated users who vote instantly and as fast as they
+    like, cycles only by hand, with the given retrain config."""
+    return [
+        "--model", str(model),
+        "--max-model-len", "512",
+        "--max-new-tokens", "16",
+        "--temperature", "1.0",
+        "--no-cai",
+        "--reading-words-per-second", "0",
+        "--max-votes-per-minute", "0",
+        "--retrain-every-votes", "0",
+        "--retrain-every-minutes", "0",
+        "--retrain-config", str(retrain_config),
+        *MANY_USERS_ON_ONE_ADDRESS,
+    ]  # fmt: skip

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess, chat_turns
+from tests.app_process import AppProcess, chat_turns, two_style_app_args
 from tests.tiny_model import TOPICS, TWO_STYLE_RETRAIN_CONFIG, likes_cheerful
 
 TOKEN = "canary-token"
@@ -32,23 +32,10 @@ def _app(model: Path, data_dir: Path, share: str) -> AppProcess:
     config = data_dir.parent / f"{data_dir.name}-retrain.json"
     config.write_text(json.dumps(TWO_STYLE_RETRAIN_CONFIG))
     return AppProcess(
-        [
-            "--model", str(model),
-            "--max-model-len", "512",
-            "--max-new-tokens", "16",
-            "--temperature", "1.0",
-            "--no-cai",
-            "--reading-words-per-second", "0",
-            "--max-votes-per-minute", "0",
-            "--retrain-every-votes", "0",
-            "--retrain-every-minutes", "0",
-            "--retrain-config", str(config),
-            "--canary-share", share,
-            *MANY_USERS_ON_ONE_ADDRESS,
-        ],
+        [*two_style_app_args(model, config), "--canary-share", share],
         data_dir,
         env={"ASSISTANT_ADMIN_TOKEN": TOKEN},
-    )  # fmt: skip
+    )
 
 
 def _user_choice(a: str, b: str, wants=likes_cheerful) -> str:

@@ -16,7 +16,7 @@ import json
 import httpx
 
 from alignment.config import GateConfig
-from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess, chat_turns
+from tests.app_process import DEPLOY_AT_THE_GATE, AppProcess, chat_turns, two_style_app_args
 from tests.tiny_model import (
     TOPICS,
     TWO_STYLE_RETRAIN_CONFIG,
@@ -46,19 +46,7 @@ def test_deployed_version_satisfies_the_users_preference_more_than_v0(
     config_file = tmp_path / "retrain.json"
     config_file.write_text(json.dumps(RETRAIN_CONFIG))
     app = AppProcess(
-        [
-            "--model", str(two_style_model),
-            "--max-model-len", "512",
-            "--max-new-tokens", "16",
-            "--temperature", "1.0",
-            "--no-cai",
-            "--reading-words-per-second", "0",
-            "--max-votes-per-minute", "0",
-            "--retrain-every-votes", "0",
-            "--retrain-every-minutes", "0",
-            "--retrain-config", str(config_file),
-            *MANY_USERS_ON_ONE_ADDRESS, *DEPLOY_AT_THE_GATE,
-        ],
+        [*two_style_app_args(two_style_model, config_file), *DEPLOY_AT_THE_GATE],
         tmp_path / "app",
     ).start(timeout=300)  # fmt: skip
     try:
