@@ -196,6 +196,7 @@ def build_app(config: AppConfig):
     from assistant.chat_service import ChatService
     from assistant.engine_watch import EngineWatch
     from assistant.openai_api import build_openai_router
+    from assistant.page_auth import PageAuth
     from assistant.sessions import SESSION_COOKIE, SessionKeys
     from ui.page import CSS, build_page
 
@@ -280,7 +281,7 @@ def build_app(config: AppConfig):
     app.include_router(build_openai_router(service, sessions))
     app.state.service = service
     app.state.runtime = runtime
-    page = build_page(service, sessions, runtime.loop, cai, scheduler, canary).queue(
+    page = build_page(service, PageAuth(sessions), runtime.loop, cai, scheduler, canary).queue(
         default_concurrency_limit=None
     )
     return gr.mount_gradio_app(

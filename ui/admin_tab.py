@@ -15,8 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from alignment.stats import format_interval
-from assistant.admin import ADMIN_COOKIE, cookie_admin_error
-from assistant.sessions import SessionKeys
+from ui.ports import PageAuth
 
 LOGIN_FORM = """
 <form method="post" action="admin/login" id="admin-login" class="admin-login">
@@ -164,14 +163,7 @@ def _stage_line(status: dict) -> str:
     return f"Cycle running: **{status['stage']}** {detail}"
 
 
-def admin_problem(request: gr.Request | None, sessions: SessionKeys) -> str | None:
-    """None when the page's visitor is signed in as admin; else why not, in words."""
-    cookies = getattr(request, "cookies", None) or {}
-    cookie = cookies.get(ADMIN_COOKIE) if hasattr(cookies, "get") else None
-    return cookie_admin_error(cookie, sessions)
-
-
-def build_admin_tab(loop, sessions: SessionKeys, canary=None) -> None:
+def build_admin_tab(loop, auth: PageAuth, canary=None) -> None:
     gr.HTML(LOGIN_FORM)
     signed_in = gr.Markdown("", elem_id="admin-signed-in")
     stage = gr.Markdown("No cycle running.", elem_id="cycle-stage")
@@ -216,11 +208,11 @@ def build_admin_tab(loop, sessions: SessionKeys, canary=None) -> None:
     outputs = [stage, table, version, cycle_plot, step_plot, canary_status, watch, rating_plot]
 
     def who(request: gr.Request):
-        problem = admin_problem(request, sessions)
+        problem = auth.admin_problem(request)
         return "Signed in as admin." if problem is None else f"Not signed in: {problem}."
 
     async def on_retrain(request: gr.Request):
-        if (problem := admin_problem(request, sessions)) is not None:
+        if (problem := auth.admin_problem(request)) is not None:
             return f"⚠ {problem}"
         try:
             summary = await loop.retrain()
@@ -230,7 +222,7 @@ def build_admin_tab(loop, sessions: SessionKeys, canary=None) -> None:
         return f"Cycle {summary['status']}: {summary['version']} {extra}"
 
     async def on_rollback(name: str, request: gr.Request):
-        if (problem := admin_problem(request, sessions)) is not None:
+        if (problem := auth.admin_problem(request)) is not None:
             return f"⚠ {problem}"
         if not name:
             return "⚠ choose a version first"
@@ -242,7 +234,7 @@ def build_admin_tab(loop, sessions: SessionKeys, canary=None) -> None:
 
     def canary_action(name: str):
         async def act(request: gr.Request):
-            if (problem := admin_problem(request, sessions)) is not None:
+            if (problem := auth.admin_problem(request)) is not None:
                 return f"⚠ {problem}"
             if canary is None:
                 return "⚠ this app runs no canary"

@@ -9,8 +9,7 @@ import json
 import gradio as gr
 
 from alignment.constitution import ConstitutionError
-from assistant.sessions import SessionKeys
-from ui.admin_tab import admin_problem
+from ui.ports import PageAuth
 
 
 def _chain_markdown(reply: str, rounds: list[dict]) -> str:
@@ -26,7 +25,7 @@ def _chain_markdown(reply: str, rounds: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def build_constitution_tab(cai, sessions: SessionKeys) -> None:
+def build_constitution_tab(cai, auth: PageAuth) -> None:
     status = gr.Markdown("", elem_id="cai-status")
     with gr.Row():
         with gr.Column():
@@ -48,7 +47,7 @@ def build_constitution_tab(cai, sessions: SessionKeys) -> None:
 
     async def refresh(request: gr.Request):
         backlog, agreement = await cai.backlog(), await cai.agreement()
-        admin = admin_problem(request, sessions) is None
+        admin = auth.admin_problem(request) is None
         # the critiqued replies quote other people's questions: listed for the admin only
         recent = await cai.recent() if admin else []
         replies.clear()
@@ -79,12 +78,12 @@ def build_constitution_tab(cai, sessions: SessionKeys) -> None:
 
     async def show(label: str, request: gr.Request):
         r = replies.get(label)
-        if r is None or admin_problem(request, sessions) is not None:
+        if r is None or auth.admin_problem(request) is not None:
             return "Pick a reply to see its critique-revision chain."
         return _chain_markdown(r["text"], await cai.chain(r["candidate_id"]))
 
     async def on_save(body: str, request: gr.Request):
-        if (problem := admin_problem(request, sessions)) is not None:
+        if (problem := auth.admin_problem(request)) is not None:
             return f"⚠ {problem}", gr.skip()
         try:
             version = await cai.replace_constitution(json.loads(body))

@@ -12,10 +12,10 @@ import html
 
 import gradio as gr
 
-from assistant.chat_service import AppError, ChatService
-from assistant.sessions import SESSION_COOKIE, SessionKeys
+from storage.errors import AppError
 from ui.admin_tab import build_admin_tab
 from ui.constitution_tab import build_constitution_tab
+from ui.ports import ChatService, PageAuth
 
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 
@@ -65,18 +65,6 @@ def _version_line(version: str, note: str | None = None) -> str:
     return f"{line} ⚠ {note}" if note else line
 
 
-def visitor(request: gr.Request | None, sessions: SessionKeys) -> dict[str, str | None]:
-    """The page's session (the server's HttpOnly cookie, never an id the browser makes up)
-    and its client tag, as the chat service's keyword arguments."""
-    cookies = getattr(request, "cookies", None) or {}
-    cookie = cookies.get(SESSION_COOKIE) if hasattr(cookies, "get") else None
-    client = getattr(request, "client", None)
-    return {
-        "session_id": cookie if sessions.is_valid(cookie) else None,
-        "client": sessions.client_tag(getattr(client, "host", None)),
-    }
-
-
 def _canary_reveal(versions: dict[str, str]) -> str:
     """After the vote, and only then: which reply came from which version, on a canary pair."""
     if versions.get("a") == versions.get("b"):
@@ -86,7 +74,7 @@ def _canary_reveal(versions: dict[str, str]) -> str:
 
 def build_page(
     service: ChatService,
-    sessions: SessionKeys,
+    auth: PageAuth,
     loop=None,
     cai=None,
     scheduler=None,
@@ -159,7 +147,7 @@ def build_page(
                 hist = [*hist, {"role": "user", "content": html.escape(text or "")}]
                 try:
                     async for update in service.stream_turn(
-                        st["conversation_id"], text, **visitor(request, sessions)
+                        st["conversation_id"], text, **auth.visitor(request)
                     ):
                         if update.result is None:
                             yield view(
@@ -195,9 +183,7 @@ def build_page(
                         yield view(st, hist, a, b, note="Nothing to vote on yet.")
                         return
                     try:
-                        answer = await service.vote(
-                            st["pair_id"], choice, **visitor(request, sessions)
-                        )
+                        answer = await service.vote(st["pair_id"], choice, **auth.visitor(request))
                     except AppError as exc:
                         yield view(st, hist, a, b, note=f"⚠ {exc.public()}", votable=True)
                         return
@@ -230,7 +216,7 @@ def build_page(
                     return view(_empty_state(), [], note="Nothing to delete yet.")
                 try:
                     await service.delete_conversation(
-                        st["conversation_id"], visitor(request, sessions)["session_id"]
+                        st["conversation_id"], auth.visitor(request)["session_id"]
                     )
                 except AppError as exc:
                     return view(st, hist, note=f"⚠ {exc.public()}")
@@ -272,8 +258,8 @@ def build_page(
             timer.tick(on_tick, None, loop_status, show_progress="hidden")
         if cai is not None:
             with gr.Tab("Constitution"):
-                build_constitution_tab(cai, sessions)
+                build_constitution_tab(cai, auth)
         if loop is not None:
             with gr.Tab("Admin"):
-                build_admin_tab(loop, sessions, canary)
+                build_admin_tab(loop, auth, canary)
     return page
