@@ -399,7 +399,14 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
         print(f"reward models: {_reward_line(summary['reward'])}")
     if "gate" in summary:
         print(f"gate: {summary['gate']['reason']}")
-    return 0 if summary["status"] in ("deployed", "rejected") else 1
+    if summary["status"] == "challenger":
+        print(
+            f"{summary['version']} passed the gate and is now the challenger: the users' votes "
+            "on canary pairs promote or retire it (assistant versions, GET /api/canary)"
+        )
+    elif "canary" in summary:
+        print(f"canary: {summary['canary']}")
+    return 0 if summary["status"] in ("deployed", "rejected", "challenger") else 1
 
 
 def _reward_line(r: dict) -> str:
