@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -18,8 +19,10 @@ from pathlib import Path
 from alignment.job import Job, JobResult
 from alignment.labels import agreement_rate, weighted_ai_rows
 from alignment.lifetime import die_with_parent
-from storage import ConflictError, Store
+from storage import AppError, ConflictError, Store
 from storage.export import preference_records
+
+log = logging.getLogger(__name__)
 
 
 class AlignmentLoop:
@@ -198,7 +201,9 @@ class AlignmentLoop:
                         {**metrics, "path": result.path},
                     )
                 except Exception as exc:  # noqa: BLE001 - e.g. an engine without LoRA support
-                    metrics["canary"] = f"could not start ({exc}); deployed at the gate"
+                    log.warning("canary not started, deploying at the gate: %s", exc)
+                    said = exc.public() if isinstance(exc, AppError) else type(exc).__name__
+                    metrics["canary"] = f"could not start ({said}); deployed at the gate"
                 else:
                     await asyncio.to_thread(self.store.finish_run, run_id, "challenger", metrics)
                     return {"status": "challenger", "version": version, **metrics}

@@ -129,7 +129,7 @@ def canary_line(status: dict) -> str:
 
 def _plots(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     cycles, steps = [], []
-    finished = [r for r in runs if r["status"] in ("deployed", "rejected")]
+    finished = [r for r in runs if r["status"] in ("deployed", "rejected", "challenger")]
     for i, r in enumerate(finished, start=1):
         m = r["metrics"]
         cycles.append(
