@@ -87,6 +87,7 @@ class VLLMServerEngine:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
         self._gate = _SwapGate()
+        self._adapters: set[str] = set()  # challengers loaded as LoRA adapters
 
     @property
     def model_version(self) -> str:
@@ -108,6 +109,12 @@ class VLLMServerEngine:
         async with self._gate.request():
             # read inside the gate: no swap can start or finish while this pair generates
             version = self._version
+            if challenger is not None and (
+                challenger.version not in self._adapters or challenger.version == version
+            ):
+                # the canary ended while this turn waited (retired: unloaded; promoted: it
+                # serves now, and its adapter on its own weights would apply it twice)
+                challenger = None
             drafts = (
                 CandidateDraft(0, seed, model_version=version),
                 CandidateDraft(1, seed + 1, model_version=version),
@@ -240,10 +247,12 @@ class VLLMServerEngine:
                 f"the engine could not load the adapter {name}: {resp.status_code} "
                 f"{resp.text[:300]}"
             )
+        self._adapters.add(name)
 
     async def unload_adapter(self, name: str) -> None:
         """Unload once this client's pairs in flight (some may use it) have finished."""
         async with self._gate.swap():
+            self._adapters.discard(name)
             with contextlib.suppress(httpx.HTTPError):  # not loaded (an engine restart): fine
                 await self._http.post("/v1/unload_lora_adapter", json={"lora_name": name})
 
