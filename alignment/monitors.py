@@ -11,6 +11,8 @@ Pure functions over rows; the chat service reads the rows from the store.
 
 from __future__ import annotations
 
+import functools
+
 # How far a version may drift from its parent before the Admin tab warns (absolute changes,
 # except length, which is relative).
 LENGTH_DRIFT = 0.5  # replies 50 % longer or shorter
@@ -82,9 +84,8 @@ def annotate(
     """Give each version record its `rating` (Bradley-Terry over cross-version votes),
     `monitors` (reply figures, gate and canary win rates) and `warnings`, in place."""
     from alignment.canary import count_canary_votes
-    from alignment.ratings import ratings
 
-    rated = ratings(cross_votes)
+    rated = _ratings(tuple((r["choice"], r["version_a"], r["version_b"]) for r in cross_votes))
     by_version: dict[str, list[dict]] = {}
     for r in replies:
         by_version.setdefault(r["model_version"], []).append(r)
@@ -109,6 +110,15 @@ def annotate(
     for v in versions:
         v["warnings"] = warnings(v, named.get(v.get("parent")))
     return versions
+
+
+@functools.lru_cache(maxsize=4)
+def _ratings(votes: tuple[tuple[str, str, str], ...]) -> dict[str, dict]:
+    """Ratings, bootstrap and all, computed once per set of votes: the Admin tab asks every two
+    seconds and the votes rarely changed in between."""
+    from alignment.ratings import ratings
+
+    return ratings([{"choice": c, "version_a": a, "version_b": b} for c, a, b in votes])
 
 
 def annotated_versions(store) -> list[dict]:
