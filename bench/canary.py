@@ -122,19 +122,14 @@ def repeat_canary_test(n: int) -> int:
     import json
     import platform
     import re
-    import subprocess
-    import sys
+
+    from bench.learning import run_test_file
 
     failures = 0
     for i in range(1, n + 1):
         started = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-             "tests/test_canary.py"],
-            cwd=REPO, capture_output=True, text=True,
-        )  # fmt: skip
-        out = proc.stdout + proc.stderr
-        failures += proc.returncode != 0
+        returncode, out = run_test_file("tests/test_canary.py")
+        failures += returncode != 0
         for case, line in re.findall(r"^CANARY-(WORSE|BETTER) (.*)$", out, re.M):
             c = json.loads(line)
             v = c["votes"]
@@ -144,8 +139,8 @@ def repeat_canary_test(n: int) -> int:
                 f"{c['win_rate']:.2f} [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}] |",
                 flush=True,
             )
-        print(f"run {i}: rc {proc.returncode}, {time.perf_counter() - started:.0f} s", flush=True)
-        if proc.returncode:
+        print(f"run {i}: rc {returncode}, {time.perf_counter() - started:.0f} s", flush=True)
+        if returncode:
             print(out[-3000:], flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     print(f"\ncanary test: {n - failures}/{n} passed ({machine})")

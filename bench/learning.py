@@ -146,26 +146,31 @@ def smol_config() -> CycleConfig:
     )
 
 
+def run_test_file(path: str) -> tuple[int, str]:
+    """One run of a test file in its own pytest process, as CI runs it: (exit code, output)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", path],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def repeat_learning_test(n: int) -> int:
     """Run the learning test n times; print one line per run and the tally. Exit code 1 if any
     run failed."""
     import platform
     import re
-    import subprocess
-    import sys
 
     tally = {"passed": 0, "rejected by the gate": 0, "deployed, not better": 0, "error": 0}
     for i in range(1, n + 1):
         started = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-             "tests/test_learning.py"],
-            cwd=REPO, capture_output=True, text=True,
-        )  # fmt: skip
-        out = proc.stdout + proc.stderr
+        returncode, out = run_test_file("tests/test_learning.py")
         cycle = re.search(r"^LEARNING-CYCLE (.*)$", out, re.M)
         result = re.search(r"^LEARNING-RESULT (.*)$", out, re.M)
-        if proc.returncode == 0:
+        if returncode == 0:
             kind = "passed"
         elif cycle and json.loads(cycle.group(1))["status"] != "deployed":
             kind = "rejected by the gate"
