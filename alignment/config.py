@@ -20,6 +20,17 @@ class RewardConfig:
 
     lora_rank: int = _help("LoRA rank of the reward model adapter", default=8)
     lora_alpha: int = _help("LoRA alpha (scale = alpha / rank)", default=16)
+    lora_layers: int = _help(
+        "LoRA on the top N transformer layers only (0: every layer); the backward pass stops at "
+        "the lowest adapted layer, so fewer layers train faster",
+        default=0,
+    )
+    gradient_checkpointing: bool = _help(
+        "recompute activations in the backward pass to save memory (TRL turns it on by default; "
+        "it costs a third more compute and makes gradients flow through every layer: worth it "
+        "only for a large model on a GPU)",
+        default=False,
+    )
     # ~100 votes are ~10 steps an epoch: at 2e-4 x 2 epochs the heads barely left their
     # initialisation (training loss ln 2, chance on unseen replies); bench/RESULTS.md
     learning_rate: float = _help("AdamW learning rate", default=2e-3)
@@ -180,6 +191,9 @@ class SFTConfig:
     epochs: float = _help("passes over the revisions", default=1.0)
     batch_size: int = _help("examples per step", default=8)
     max_length: int = _help("longest prompt+revision in tokens", default=512)
+    gradient_checkpointing: bool = _help(
+        "recompute activations to save memory (TRL's default is on; see reward)", default=False
+    )
 
 
 @dataclass
@@ -191,6 +205,8 @@ class CycleConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     heldout_prompt_fraction: float = 0.25
+    # trackers that also receive every stage's metrics ("tensorboard"): alignment/tracking.py
+    report_to: list[str] = field(default_factory=list)
 
 
 PRESETS = ("default", "fast")
@@ -215,6 +231,9 @@ def check(config: CycleConfig) -> CycleConfig:
     for ok, message in problems:
         if not ok:
             raise ValueError(message)
+    from alignment.tracking import check_trackers
+
+    check_trackers(config.report_to)
     return config
 
 

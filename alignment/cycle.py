@@ -20,6 +20,7 @@ from alignment.merge import merge_to_checkpoint
 from alignment.ppo import PolicyWithValueHead, PPOTrainer
 from alignment.reward_model import RewardScorer, split_heldout, train_reward_model
 from alignment.rollouts import as_rollouts
+from alignment.tracking import Tracker
 
 Progress = Callable[[str, dict], None]
 __all__ = ["CycleConfig", "CycleResult", "run_cycle"]
@@ -40,12 +41,54 @@ def run_cycle(
     progress: Progress | None = None,
     revisions: list[dict] | None = None,
 ) -> CycleResult:
-    from transformers import AutoTokenizer
-
-    say = progress or (lambda stage, details: None)
-    serving_generate = as_rollouts(serving_generate)
     seconds: dict[str, float] = {}
     work = out_root / "runs" / new_version
+    tracker = Tracker(config.report_to, work / "tensorboard")
+    try:
+        return _run_stages(
+            serving_model,
+            parent_version,
+            new_version,
+            records,
+            prompts,
+            as_rollouts(serving_generate),
+            out_root,
+            config,
+            _reporter(progress, tracker),
+            revisions,
+            seconds,
+            work,
+        )
+    finally:
+        tracker.close()
+
+
+def _reporter(progress: Progress | None, tracker: Tracker) -> Progress:
+    """Progress goes to the caller (the job's progress file, then DuckDB) and the trackers."""
+
+    def say(stage: str, details: dict) -> None:
+        if progress is not None:
+            progress(stage, details)
+        tracker.log(stage, details)
+
+    return say
+
+
+def _run_stages(
+    serving_model: str,
+    parent_version: str,
+    new_version: str,
+    records: list[dict],
+    prompts: list[list[dict[str, str]]],
+    serving_generate,
+    out_root: Path,
+    config: CycleConfig,
+    say: Progress,
+    revisions: list[dict] | None,
+    seconds: dict[str, float],
+    work: Path,
+) -> CycleResult:
+    from transformers import AutoTokenizer
 
     sft = None
     if config.sft.enabled and revisions:

@@ -23,6 +23,7 @@ Per-step statistics (reward mean, KL, beta, entropy, clip fraction, losses) go t
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -61,6 +62,11 @@ class StepStats:
     step_kl: float = 0.0  # mean per-token KL(pi_old || pi) after the round's updates
     updates: int = 0  # gradient steps taken before the trust region stopped the round
     cut_off: float = 0.0  # share of the round's replies that hit max_new_tokens
+    # where the round's time went: sampling (vLLM), the no-grad passes and the reward models'
+    # scores, the gradient steps
+    rollout_s: float = 0.0
+    score_s: float = 0.0
+    update_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -199,7 +205,9 @@ class PPOTrainer:
         """One round: `samples_per_prompt` replies to each prompt (consecutive), then updates."""
         c = self.config
         k = max(1, c.samples_per_prompt)
+        started = time.perf_counter()
         ro = self.rollout([p for p in prompts for _ in range(k)], step)
+        rolled = time.perf_counter()
         # Token t's log-prob sits at position t; the value of the state *before* token t is
         # the value head's output at position t-1, so shift values right by one.
         mask = ro.response_mask  # (B, L)
@@ -230,6 +238,7 @@ class PPOTrainer:
                 advantages, returns = gae(rewards, old_values, mask, c.gamma, c.lam)
                 advantages = whiten(advantages, mask)
 
+        scored = time.perf_counter()
         batch = ro.input_ids.shape[0]
         stats: dict[str, list[float]] = {"pl": [], "vl": [], "cf": [], "ent": []}
         step_kl, stop = 0.0, False
@@ -283,6 +292,9 @@ class PPOTrainer:
             step_kl=step_kl,
             updates=len(stats["pl"]),
             cut_off=ro.cut_off.mean().item(),
+            rollout_s=rolled - started,
+            score_s=scored - rolled,
+            update_s=time.perf_counter() - scored,
         )
 
     def _normalised(self, scores: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,23 @@ def train_reward_model(
     return result
 
 
+def lora_targets(model, top: int) -> dict:
+    """LoraConfig arguments: every linear layer of the transformer, or only those of its top
+    `top` blocks. Adapting only the top lets autograd stop there: the frozen bottom runs
+    forward only (peft takes a layer range only with the module names spelled out)."""
+    if top < 0:
+        raise ValueError(f"reward.lora_layers must be 0 (all) or positive, got {top}")
+    total = model.config.num_hidden_layers
+    if top == 0 or top >= total:
+        return {"target_modules": "all-linear"}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(p.isdigit() for p in name.split("."))
+    }
+    return {"target_modules": sorted(names), "layers_to_transform": list(range(total - top, total))}
+
+
 def _train_member(
     base_model: str,
     train: list[dict],
@@ -168,6 +185,7 @@ def _train_member(
         logging_steps=1,
         save_strategy="no",
         report_to=[],
+        gradient_checkpointing=config.gradient_checkpointing,
         use_cpu=_device() == "cpu",
         bf16=use_bf16(config.precision, _device()),
         seed=seed,
@@ -177,7 +195,7 @@ def _train_member(
         task_type=TaskType.SEQ_CLS,
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
-        target_modules="all-linear",
+        **lora_targets(model, config.lora_layers),
     )
     trainer = RewardTrainer(
         model=model,

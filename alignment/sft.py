@@ -67,6 +67,7 @@ def train_sft(base_model: str, records: list[dict], out_dir: Path, config: SFTCo
         logging_steps=1,
         save_strategy="no",
         report_to=[],
+        gradient_checkpointing=config.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
         disable_tqdm=True,

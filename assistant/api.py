@@ -11,6 +11,7 @@ Routes (documented in docs/api.md):
   POST /api/retrain, POST /api/rollback {"version"}, POST /api/prune {"keep"}  (admin token)
   GET  /api/canary; POST /api/canary/promote, POST /api/canary/retire  (admin token)
   GET  /api/constitution, PUT /api/constitution (admin), GET /api/critiques/{id} (admin)
+  GET  /api/openapi.json -> the schema (request and answer models: assistant/protocol.py)
 
 The edge's own rules: a session id must be one the server issued (`assistant.sessions`), the
 client's address becomes a keyed tag before it reaches the service, and a body is refused once it
@@ -28,6 +29,24 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from assistant.admin import admin_error
 from assistant.chat_service import ChatService, InvalidInputError
+from assistant.protocol import (
+    ERRORS,
+    CanaryAnswer,
+    ChatAnswer,
+    ChatRequest,
+    DeletedAnswer,
+    HealthAnswer,
+    PruneRequest,
+    RetrainAnswer,
+    RollbackAnswer,
+    RollbackRequest,
+    SessionAnswer,
+    VersionsAnswer,
+    VoteAnswer,
+    VoteRequest,
+    body_schema,
+    parse,
+)
 from assistant.sessions import SESSION_COOKIE, SESSION_HEADER, SessionKeys
 from storage import AppError
 from storage.export import FORMATS
@@ -98,12 +117,10 @@ def build_api_router(
 ) -> APIRouter:
     router = APIRouter(prefix="/api")
 
-    def session(request: Request, data: dict) -> str | None:
-        """An id sent explicitly must be one this server issued (403 otherwise); a stale
-        cookie is only ignored (the page gets a new one)."""
-        explicit = data.get("session_id") or request.headers.get(SESSION_HEADER)
-        if explicit is not None and not isinstance(explicit, str):
-            raise InvalidInputError("'session_id' must be a string", 422)
+    def session(request: Request, sent: str | None) -> str | None:
+        """An id sent explicitly (in the body or the header) must be one this server issued
+        (403 otherwise); a stale cookie is only ignored (the page gets a new one)."""
+        explicit = sent or request.headers.get(SESSION_HEADER)
         if explicit is not None:
             return sessions.check(explicit)
         cookie = request.cookies.get(SESSION_COOKIE)
@@ -112,101 +129,100 @@ def build_api_router(
     def client(request: Request) -> str | None:
         return sessions.client_tag(request.client.host if request.client else None)
 
-    @router.post("/session")
+    @router.post("/session", response_model=SessionAnswer)
     async def new_session():
         session_id = sessions.issue()
         answer = JSONResponse({"session_id": session_id})
         set_session_cookie(answer, session_id)
         return answer
 
-    @router.post("/chat")
+    @router.post(
+        "/chat", response_model=ChatAnswer, responses=ERRORS, openapi_extra=body_schema(ChatRequest)
+    )
     async def chat(request: Request):
         data = await read_json(request)
-        if "message" not in data:
-            raise InvalidInputError("missing 'message'")
+        body = parse(ChatRequest, data)
         result = await service.chat(
-            data.get("conversation_id"),
-            data["message"],
-            session_id=session(request, data),
+            body.conversation_id,
+            body.message,
+            session_id=session(request, body.session_id),
             client=client(request),
         )
         return result.as_json()
 
-    @router.post("/vote")
+    @router.post(
+        "/vote", response_model=VoteAnswer, responses=ERRORS, openapi_extra=body_schema(VoteRequest)
+    )
     async def vote(request: Request):
-        data = await read_json(request)
-        for key in ("pair_id", "choice"):
-            if key not in data:
-                raise InvalidInputError(f"missing '{key}'")
-        voter = data.get("voter")
-        if voter is not None and not isinstance(voter, str):
-            raise InvalidInputError("'voter' must be a string", 422)
+        data = parse(VoteRequest, await read_json(request))
         started = time.perf_counter()
         body = await service.vote(
-            data["pair_id"],
-            data["choice"],
-            voter=voter,
-            session_id=session(request, data),
+            data.pair_id,
+            data.choice,
+            voter=data.voter,
+            session_id=session(request, data.session_id),
             client=client(request),
         )
         # How long saving the vote took (queueing for the single writer included), in the
         # standard Server-Timing header, so clients and the load benchmark can see write latency.
         ms = (time.perf_counter() - started) * 1000
-        return JSONResponse(body, headers={"Server-Timing": f"db;dur={ms:.2f}"})
+        return JSONResponse(body.as_dict(), headers={"Server-Timing": f"db;dur={ms:.2f}"})
 
-    @router.get("/health")
+    @router.get("/health", response_model=HealthAnswer, responses={503: {"model": HealthAnswer}})
     async def health():
         body = await service.health()
         return JSONResponse(body, status_code=200 if body["engine"] else 503)
 
-    @router.get("/versions")
+    @router.get("/versions", response_model=VersionsAnswer)
     async def versions(request: Request):
         return await service.versions(admin=is_admin(request))
 
-    @router.delete("/conversations/{conversation_id}")
+    @router.delete(
+        "/conversations/{conversation_id}", response_model=DeletedAnswer, responses=ERRORS
+    )
     async def delete_conversation(conversation_id: str, request: Request):
-        return await service.delete_conversation(conversation_id, session(request, {}))
+        return await service.delete_conversation(conversation_id, session(request, None))
 
-    @router.post("/retrain")
+    @router.post("/retrain", response_model=RetrainAnswer, responses=ERRORS)
     async def retrain(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
         return await loop.retrain()
 
-    @router.post("/rollback")
+    @router.post(
+        "/rollback",
+        response_model=RollbackAnswer,
+        responses=ERRORS,
+        openapi_extra=body_schema(RollbackRequest),
+    )
     async def rollback(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
-        data = await read_json(request)
-        if not isinstance(data.get("version"), str):
-            raise InvalidInputError("'version' must be a version name such as 'v0000'", 422)
-        return await loop.rollback(data["version"])
+        data = parse(RollbackRequest, await read_json(request))
+        return await loop.rollback(data.version)
 
-    @router.get("/canary")
+    @router.get("/canary", response_model=CanaryAnswer)
     async def canary_status():
         return await canary.status()
 
-    @router.post("/canary/promote")
+    @router.post("/canary/promote", response_model=CanaryAnswer, responses=ERRORS)
     async def canary_promote(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
         return await canary.promote()
 
-    @router.post("/canary/retire")
+    @router.post("/canary/retire", response_model=CanaryAnswer, responses=ERRORS)
     async def canary_retire(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
         return await canary.retire()
 
-    @router.post("/prune")
+    @router.post("/prune", responses=ERRORS, openapi_extra=body_schema(PruneRequest))
     async def prune(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
-        data = await read_json(request)
-        keep = data.get("keep", 3)
-        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
-            raise InvalidInputError("'keep' must be a whole number >= 0", 422)
-        return await loop.prune(keep)
+        data = parse(PruneRequest, await read_json(request))
+        return await loop.prune(data.keep)
 
     @router.get("/constitution")
     async def constitution():

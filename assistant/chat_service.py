@@ -26,7 +26,7 @@ from assistant.engine import Challenger, Engine, PairProgress
 from assistant.limits import VoteLimits
 from storage import AppError, ConflictError, Store
 from storage.export import preference_records
-from storage.store import VOTE_CHOICES, CandidateRecord
+from storage.store import VOTE_CHOICES, CandidateRecord, RecordedVote
 
 SLOTS = ("a", "b")
 
@@ -194,23 +194,18 @@ class ChatService:
         self._admit(client)
         claimed: str | None = None
         try:
-            if conversation_id is None:
-                conversation_id = await asyncio.to_thread(
-                    self.store.create_conversation, session_id
-                )
-            else:
-                await asyncio.to_thread(self.store.check_owner, conversation_id, session_id)
+            opened = await asyncio.to_thread(self.store.open_turn, conversation_id, session_id)
+            conversation_id = opened.conversation_id
             if conversation_id in self._conversations_generating:
                 raise ConflictError("this conversation is already generating a reply; wait")
             self._conversations_generating.add(conversation_id)
             claimed = conversation_id
-            pending = await asyncio.to_thread(self.store.pending_pair, conversation_id)
-            if pending is not None:
+            if opened.pending_pair is not None:
                 raise ConflictError(
-                    f"vote on pair {pending} first: the chosen reply continues the conversation"
+                    f"vote on pair {opened.pending_pair} first: the chosen reply continues the "
+                    "conversation"
                 )
-            history = await asyncio.to_thread(self.store.transcript, conversation_id)
-            prompt = self._system() + history + [{"role": "user", "content": text}]
+            prompt = self._system() + opened.history + [{"role": "user", "content": text}]
             seed = secrets.randbelow(2**31 - 2)
             last: PairProgress | None = None
             challenger = self.canary.pick() if self.canary is not None else None
@@ -341,35 +336,39 @@ class ChatService:
         voter: str | None = None,
         session_id: str | None = None,
         client: str | None = None,
-    ) -> dict:
+    ) -> RecordedVote:
         """`client` is the caller's address tag: votes are limited per session, per address
-        and in total, and the address tag is stored to see one client steering a cycle."""
+        and in total, and the address tag is stored to see one client steering a cycle.
+
+        One store call: the allowance is charged inside the vote's transaction, once the pair
+        is known to exist and to be this session's to vote on (a refused vote costs nothing)."""
         if not isinstance(pair_id, str) or not pair_id:
             raise InvalidInputError("'pair_id' must be a non-empty string", 422)
         choice = validate_choice(choice)
-        # the pair first: a vote on a pair that does not exist costs no one any allowance
-        age, words = await asyncio.to_thread(self.store.reading_load, pair_id)
-        if (refusal := self.vote_limits.charge(session_id, client)) is not None:
-            raise RateLimitError(refusal.message, refusal.retry_after_s)
-        flagged = None
-        wps = self.serve.reading_words_per_second
-        if wps > 0 and age < words / wps:
-            flagged = (
-                f"voted {age:.1f} s after the replies; reading {words} words "
-                f"needs {words / wps:.1f} s"
-            )
-        answer = await asyncio.to_thread(
+
+        def admit(age: float, words: int) -> str | None:
+            if (refusal := self.vote_limits.charge(session_id, client)) is not None:
+                raise RateLimitError(refusal.message, refusal.retry_after_s)
+            wps = self.serve.reading_words_per_second
+            if wps > 0 and age < words / wps:
+                return (
+                    f"voted {age:.1f} s after the replies; reading {words} words "
+                    f"needs {words / wps:.1f} s"
+                )
+            return None
+
+        recorded = await asyncio.to_thread(
             self.store.record_vote,
             pair_id,
             choice,
             voter=voter,
             session_id=session_id,
             client=client,
-            flagged=flagged,
+            admit=admit,
         )
-        if self.canary is not None and flagged is None:
-            await self.canary.vote_cast(answer["versions"])
-        return answer
+        if self.canary is not None and recorded.flagged is None:
+            await self.canary.vote_cast(recorded.versions)
+        return recorded
 
     async def preference_data(self, fmt: str, page: int = 500) -> AsyncIterator[dict]:
         """Decisive votes as preference records (`trl` or `hh`), for export: read a page at a

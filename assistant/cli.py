@@ -204,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="admin token for a running app (default: $ASSISTANT_ADMIN_TOKEN); exports "
         "contain users' conversations",
     )
+    exp.add_argument(
+        "--push",
+        default=None,
+        metavar="REPO",
+        help="also upload the file with a dataset card to this Hugging Face Hub dataset repo "
+        "(needs `hf auth login`; users' conversations: publish with their consent)",
+    )
+    exp.add_argument("--private", action="store_true", help="with --push: a private repo")
+    push = sub.add_parser(
+        "push",
+        help="upload a version to the Hugging Face Hub, with a generated model card",
+        description="Upload a version's checkpoint (an ordinary transformers checkpoint that "
+        "`vllm serve` loads) with a model card: parent, votes trained on, the gate's figures. "
+        "Needs the network and `hf auth login` (or HF_TOKEN).",
+    )
+    push.add_argument("version", help="version name, e.g. v0001")
+    push.add_argument("--repo", required=True, metavar="NAME", help="Hub repo, e.g. you/my-model")
+    push.add_argument("--private", action="store_true", help="create the repo private")
     retrain = sub.add_parser(
         "retrain", help="run one retrain-and-deploy cycle now (through the app if it runs)"
     )
@@ -215,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete old checkpoints: keeps serving, previous and the newest --keep versions",
     )
     prune.add_argument("--keep", type=int, default=3, help="newest versions to keep (default 3)")
-    for p in (retrain, versions, rollback, prune):
+    for p in (retrain, versions, rollback, prune, push):
         _add_common(p)
         p.add_argument(
             "--url",
@@ -252,6 +270,15 @@ def _add_retrain_settings(parser) -> None:
         metavar="FILE",
         help=_field(AppConfig, "retrain_config").metadata["help"],
     )
+    parser.add_argument(
+        "--report-to",
+        action="append",
+        default=None,
+        choices=["tensorboard"],
+        metavar="TRACKER",
+        help="also send every stage's training metrics to this tracker (tensorboard); logs in "
+        "DATA_DIR/versions/runs/VERSION/tensorboard (repeatable)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
@@ -280,6 +307,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         config.retrain_preset = args.retrain_preset
     if getattr(args, "retrain_config", None) is not None:
         config.retrain_config = args.retrain_config
+    if getattr(args, "report_to", None):
+        config.retrain_settings = {**config.retrain_settings, "report_to": list(args.report_to)}
     if getattr(args, "vllm_args", None):
         config.engine.extra_args = list(args.vllm_args)
     if getattr(args, "allowed_hosts", None):
@@ -301,6 +330,48 @@ def cmd_export(args: argparse.Namespace, config: AppConfig) -> int:
             store.close()
     write_records(records, args.output)
     print(f"wrote {len(records)} preference pairs ({args.format}) to {args.output}")
+    if args.push:
+        import tempfile
+
+        from assistant.hub import dataset_card, upload
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / f"preferences{args.output.suffix}").write_bytes(args.output.read_bytes())
+            (folder / "README.md").write_text(dataset_card(len(records), args.format))
+            print(f"pushed to {upload(folder, args.push, 'dataset', args.private)}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, config: AppConfig) -> int:
+    """A version folder plus a generated card, uploaded as a model repo."""
+    import shutil
+    import tempfile
+
+    from assistant.hub import HubError, model_card, upload
+
+    if _app_holds_db(config):
+        rows = _call_app(args, "GET", "versions")["versions"]
+    else:
+        from storage import Store
+
+        store = Store(config.database, read_only=True)
+        try:
+            rows = store.model_versions()
+        finally:
+            store.close()
+    version = next((r for r in rows if r["version"] == args.version), None)
+    if version is None:
+        raise HubError(f"no version {args.version!r}: see `assistant versions`")
+    path = Path(version.get("path") or "")
+    if not (path / "config.json").exists():
+        raise HubError(f"{args.version}'s weights are not on disk (pruned?): nothing to push")
+    base = (version.get("manifest") or {}).get("base_model") or config.engine.model or "base model"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / args.version
+        shutil.copytree(path, folder, symlinks=False)
+        (folder / "README.md").write_text(model_card(version, str(base)))
+        print(f"pushed {args.version} to {upload(folder, args.repo, 'model', args.private)}")
     return 0
 
 
@@ -350,10 +421,11 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
     import asyncio
 
     if _app_holds_db(config):
-        if args.retrain_preset is not None or args.retrain_config is not None:
+        if any(v is not None for v in (args.retrain_preset, args.retrain_config, args.report_to)):
             raise ConfigError(
                 "the running app retrains with the settings it was started with "
-                "(--retrain-preset, --retrain-config or --config of `assistant run`); restart it "
+                "(--retrain-preset, --retrain-config, --report-to or --config of `assistant run`); "
+                "restart it "
                 "with these, or stop it to retrain offline with them"
             )
         summary = _call_app(args, "POST", "retrain")
@@ -561,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_versions(args, config)
         elif args.command == "rollback":
             return cmd_rollback(args, config)
+        elif args.command == "push":
+            return cmd_push(args, config)
     except (AppError, ValueError) as exc:  # ValueError: a bad argument value (--keep -1)
         print(f"error: {exc}", file=sys.stderr)
         return 2

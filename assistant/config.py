@@ -70,6 +70,12 @@ class EngineConfig:
     )
     engine_port: int = _help("port of the embedded engine (0: pick a free one)", default=0)
     startup_timeout_s: float = _help("how long to wait for the engine to come up", default=600.0)
+    nice: int = _help(
+        "scheduling niceness of the embedded engine's processes (0: same as the app). On a small "
+        "machine a positive value lets the app answer votes and pages at once while the engine "
+        "generates (bench/RESULTS.md)",
+        default=0,
+    )
     extra_args: list[str] = _help(
         "extra command-line arguments passed to the embedded `vllm serve`", default_factory=list
     )

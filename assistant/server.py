@@ -248,7 +248,14 @@ def build_app(config: AppConfig):
                 task.cancel()
             await runtime.aclose()
 
-    app = FastAPI(title="Aligned assistant", lifespan=lifespan)
+    app = FastAPI(
+        title="Aligned assistant",
+        description="Two replies per turn; your votes retrain it. Routes: docs/api.md.",
+        lifespan=lifespan,
+        openapi_url="/api/openapi.json",  # beside the routes it describes; the page owns "/"
+        docs_url="/api/docs",  # Swagger UI (its scripts come from a CDN: online only)
+        redoc_url=None,
+    )
     if "*" not in config.serve.allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -342,6 +349,10 @@ def serve(config: AppConfig) -> None:
     from assistant.admin import ensure_admin_token
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # The database calls run in threads and hand the GIL back and forth with the event loop at
+    # every DuckDB statement; at the default 5 ms switch interval a busy loop made each vote
+    # wait tens of milliseconds per statement (bench/RESULTS.md, "votes that don't queue").
+    sys.setswitchinterval(float(os.environ.get("ASSISTANT_SWITCH_INTERVAL", "0.0005")))
     app = build_app(config)
     try:
         generated = ensure_admin_token(config.data_dir)

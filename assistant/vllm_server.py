@@ -7,6 +7,7 @@ This module only manages the process: talking to it is `assistant.vllm_client`.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -39,6 +40,14 @@ def _on_cpu() -> bool:
         return not torch.cuda.is_available()
     except ImportError:
         return True
+
+
+def _child_setup(nice: int) -> None:
+    """In the engine's process, before exec: die with the app; run at the given niceness (its
+    engine core inherits it)."""
+    die_with_parent()
+    if nice:
+        os.nice(nice)
 
 
 class EmbeddedVLLMServer:
@@ -148,7 +157,7 @@ class EmbeddedVLLMServer:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own process group: we can stop the engine core too
-            preexec_fn=die_with_parent,
+            preexec_fn=functools.partial(_child_setup, self.config.nice),
         )
         log.close()
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def main() -> None:
     for override in args.override:
         config = replace(RewardConfig(ensemble=1, heldout_fraction=0.0), **json.loads(override))
         with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
             result = train_reward_model(str(SMOL), train, Path(tmp), config)
+            train_s = time.perf_counter() - started
             scorer = RewardScorer.load(str(SMOL), tmp)
             scores = scorer.member_scores(
                 [p + [{"role": "assistant", "content": x}] for p, _, x in unseen]
@@ -77,6 +80,7 @@ def main() -> None:
                     "override": json.loads(override),
                     "steps": result.steps,
                     "train_loss": round(result.train_loss, 3),
+                    "train_s": round(train_s, 1),
                     "auc_unseen": round(auc(liked, other), 3),
                     "liked": len(liked),
                     "other": len(other),

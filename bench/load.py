@@ -29,11 +29,13 @@ class LoadResult:
     chat_s: list[float] = field(default_factory=list)
     vote_s: list[float] = field(default_factory=list)
     vote_db_ms: list[float] = field(default_factory=list)
+    server_errors: list[str] = field(default_factory=list)  # the 5xx answers' bodies
 
     def summary(self) -> dict:
         return {
             "votes_acknowledged": len(self.acknowledged),
             "http_5xx": sum(s >= 500 for s in self.statuses),
+            "http_5xx_reasons": sorted(set(self.server_errors))[:5],
             "chat_p50_s": percentile(self.chat_s, 50),
             "chat_p99_s": percentile(self.chat_s, 99),
             "vote_http_p50_ms": percentile([1000 * s for s in self.vote_s], 50),
@@ -67,6 +69,8 @@ def run_load(url: str, users: int = 32, seconds: float = 30, turns: int = 20) ->
             r = await client.post(url + "/api/chat", json=body)
             result.chat_s.append(time.perf_counter() - start)
             result.statuses.append(r.status_code)
+            if r.status_code >= 500:
+                result.server_errors.append(f"chat {r.status_code}: {r.text[:160]}")
             if r.status_code != 200:
                 continue
             conversation = r.json()["conversation_id"] if turn % 5 != 4 else None
@@ -76,6 +80,8 @@ def run_load(url: str, users: int = 32, seconds: float = 30, turns: int = 20) ->
             )
             result.vote_s.append(time.perf_counter() - start)
             result.statuses.append(v.status_code)
+            if v.status_code >= 500:
+                result.server_errors.append(f"vote {v.status_code}: {v.text[:160]}")
             if v.status_code == 200:
                 result.acknowledged.append(v.json()["pair_id"])
                 timing = v.headers.get("server-timing", "")
@@ -134,13 +140,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--engine-nice", type=int, default=0, help="the engine's niceness")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_tiny_checkpoint(work / "tiny")
-        engine = EmbeddedVLLMServer(
-            str(model), EngineConfig(max_model_len=512, max_num_seqs=32, compile="no"), work / "e"
+        engine_config = EngineConfig(
+            max_model_len=512, max_num_seqs=32, compile="no", nice=args.engine_nice
         )
+        engine = EmbeddedVLLMServer(str(model), engine_config, work / "e")
         engine.start()
         try:
             engine.wait_ready()
@@ -170,6 +178,7 @@ def main() -> None:
         | {
             "users": args.users,
             "seconds": args.seconds,
+            "engine_nice": args.engine_nice,
             "acknowledged_votes_missing_from_db": len(set(result.acknowledged) - stored),
         }
         | isolated_write_latency()

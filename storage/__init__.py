@@ -9,7 +9,7 @@ from storage.errors import (
     StorageWriteError,
     StoreError,
 )
-from storage.store import Store
+from storage.store import RecordedVote, Store
 
 __all__ = [
     "AppError",
@@ -17,6 +17,7 @@ __all__ = [
     "DatabaseInUseError",
     "ForbiddenError",
     "NotFoundError",
+    "RecordedVote",
     "StorageWriteError",
     "Store",
     "StoreError",

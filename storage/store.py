@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,27 @@ class CandidateRecord:
     completion_tokens: int | None
     finish_reason: str | None
     latency_ms: float | None
+
+
+@dataclass(frozen=True)
+class OpenedTurn:
+    conversation_id: str
+    pending_pair: str | None  # a pair of this conversation still waiting for its vote
+    history: list[dict[str, str]]  # the transcript the model sees next
+
+
+@dataclass(frozen=True)
+class RecordedVote:
+    vote_id: str
+    pair_id: str
+    choice: str
+    conversation_id: str
+    continued_with: str | None  # the reply that continues the conversation (None: both bad)
+    flagged: str | None  # why the vote is kept out of training, if it is
+    versions: dict[str, str]  # slot -> the version that wrote that reply
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -177,6 +198,20 @@ class Store(CanaryRecords):
         if not rows:
             raise NotFoundError(f"unknown conversation_id {conversation_id!r}")
         _check_session(rows[0]["session_id"], session_id)
+
+    def open_turn(self, conversation_id: str | None, session_id: str | None) -> OpenedTurn:
+        """Everything a new user turn needs before generation, in one call: the conversation
+        (created when None, else checked to belong to the session), the pair still waiting for
+        a vote if any, and the transcript the model sees next."""
+        if conversation_id is None:
+            return OpenedTurn(self.create_conversation(session_id), None, [])
+        with self._lock:
+            self.check_owner(conversation_id, session_id)
+            return OpenedTurn(
+                conversation_id,
+                self.pending_pair(conversation_id),
+                self.transcript(conversation_id),
+            )
 
     # Rows that hang off a conversation, leaves first. DuckDB checks a foreign key against the
     # committed state, so a parent cannot be deleted in the transaction that deletes its
@@ -297,11 +332,15 @@ class Store(CanaryRecords):
         voter: str | None = None,
         session_id: str | None = None,
         client: str | None = None,
-        flagged: str | None = None,
-    ) -> dict[str, Any]:
-        """Store a vote and continue the conversation with the chosen reply, atomically.
+        admit: Callable[[float, int], str | None] | None = None,
+    ) -> RecordedVote:
+        """Store a vote and continue the conversation with the chosen reply: one call, one
+        transaction (under load every extra call queues behind the others; bench/RESULTS.md).
 
-        A `flagged` vote (with the reason) is kept but left out of training and export.
+        `admit(age_s, words)` runs inside the transaction once the pair is known to exist, to
+        belong to the session and to have no vote yet: it may raise to refuse the vote (nothing
+        is stored), and returns the reason to flag it (kept, left out of training) or None.
+        `age_s` is the time since both replies were complete and `words` their length.
 
         a/b: that reply continues; tie: A continues; both_bad: no reply continues and the user
         turn is marked superseded, so the user asks again.
@@ -311,64 +350,45 @@ class Store(CanaryRecords):
         vote_id = new_id()
         with self._transaction() as con:
             pair = con.execute(
-                "SELECT p.conversation_id, p.position, c.session_id FROM pairs p "
-                "JOIN conversations c ON c.id = p.conversation_id WHERE p.id = ?",
+                "SELECT p.conversation_id, p.position, c.session_id, "
+                "epoch(now() - p.created_at), EXISTS (SELECT 1 FROM votes WHERE pair_id = p.id) "
+                "FROM pairs p JOIN conversations c ON c.id = p.conversation_id WHERE p.id = ?",
                 [pair_id],
             ).fetchone()
             if pair is None:
                 raise NotFoundError(f"unknown pair_id {pair_id!r}")
-            conversation_id, position, owner = pair
+            conversation_id, position, owner, age, voted = pair
             _check_session(owner, session_id)
-            if con.execute("SELECT 1 FROM votes WHERE pair_id = ?", [pair_id]).fetchone():
+            if voted:
                 raise ConflictError(f"pair {pair_id} already has a vote")
+            rows = con.execute(
+                "SELECT slot, text, model_version FROM candidates WHERE pair_id = ?", [pair_id]
+            ).fetchall()
+            texts = {slot: text for slot, text, _ in rows}
+            versions = {slot: version for slot, _, version in rows}
+            words = sum(len(t.strip().split(" ")) for t in texts.values())
+            flagged = admit(float(age), words) if admit is not None else None
             con.execute(
                 "INSERT INTO votes (id, pair_id, choice, voter, session_id, client, flagged) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [vote_id, pair_id, choice, voter, session_id, client, flagged],
             )
-            versions = dict(
-                con.execute(
-                    "SELECT slot, model_version FROM candidates WHERE pair_id = ?", [pair_id]
-                ).fetchall()
-            )
-            chosen_text = None
             slot = continued_slot(choice)
+            chosen_text = None if slot is None else texts[slot]
             if slot is None:
                 con.execute(
                     "UPDATE messages SET superseded = true WHERE pair_id = ? AND role = 'user'",
                     [pair_id],
                 )
             else:
-                chosen_text = con.execute(
-                    "SELECT text FROM candidates WHERE pair_id = ? AND slot = ?", [pair_id, slot]
-                ).fetchone()[0]
                 con.execute(
                     "INSERT INTO messages (id, conversation_id, position, role, content, pair_id) "
                     "VALUES (?, ?, ?, 'assistant', ?, ?)",
                     [new_id(), conversation_id, position + 1, chosen_text, pair_id],
                 )
-        return {
-            "vote_id": vote_id,
-            "pair_id": pair_id,
-            "choice": choice,
-            "conversation_id": conversation_id,
-            "continued_with": chosen_text,
-            "flagged": flagged,
-            "versions": versions,  # which version wrote each reply, revealed once voted
-        }
-
-    def reading_load(self, pair_id: str) -> tuple[float, int]:
-        """(seconds since both candidates were complete, words in both), to judge a vote's pace."""
-        rows = self._rows(
-            "SELECT epoch(now() - p.created_at) AS age, "
-            "sum(len(string_split(trim(c.text), ' '))) AS words "
-            "FROM pairs p JOIN candidates c ON c.pair_id = p.id WHERE p.id = ? "
-            "GROUP BY p.created_at",
-            [pair_id],
+        return RecordedVote(
+            vote_id, pair_id, choice, conversation_id, chosen_text, flagged, versions
         )
-        if not rows:
-            raise NotFoundError(f"unknown pair_id {pair_id!r}")
-        return float(rows[0]["age"]), int(rows[0]["words"] or 0)
 
     def count(self, table: str) -> int:
         if table not in {"conversations", "messages", "pairs", "candidates", "votes"}:

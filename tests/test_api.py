@@ -303,3 +303,17 @@ def test_too_fast_votes_are_kept_but_flagged_and_sessions_are_rate_limited(
     rows = con.execute("SELECT pair_id, flagged IS NOT NULL FROM votes").fetchall()
     con.close()
     assert sorted(rows) == sorted([(pairs[0], True), (pairs[1], True)])
+
+
+def test_openapi_schema_describes_the_pinned_routes(tiny_app):
+    schema = httpx.get(tiny_app.url + "/api/openapi.json", timeout=30).json()
+    paths = schema["paths"]
+    for route in ("/api/chat", "/api/vote", "/api/session", "/api/versions", "/api/canary"):
+        assert route in paths, route
+    vote_body = paths["/api/vote"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert vote_body["required"] == ["pair_id", "choice"]
+    assert vote_body["properties"]["choice"]["enum"] == ["a", "b", "tie", "both_bad"]
+    answer = schema["components"]["schemas"]["VoteAnswer"]["properties"]
+    assert {"vote_id", "continued_with", "flagged", "versions"} <= set(answer)
+    errors = paths["/api/chat"]["post"]["responses"]
+    assert errors["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorAnswer")

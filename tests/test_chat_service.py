@@ -87,7 +87,7 @@ def test_vote_limits_and_the_order_of_checks(tmp_path):
         with pytest.raises(RateLimitError, match="this address: at most 3"):
             await chat.vote(pairs[3], "a", session_id="s3", client="x")
         stored = await chat.vote(pairs[3], "b", session_id="s3", client="elsewhere")
-        assert stored["continued_with"] == "three"
+        assert stored.continued_with == "three"
 
     asyncio.run(run())
     store.close()
@@ -103,6 +103,6 @@ def test_a_vote_faster_than_reading_is_kept_but_flagged(tmp_path):
         return await chat.vote(turn.pair_id, "a")
 
     vote = asyncio.run(run())
-    assert vote["flagged"].startswith("voted ") and "reading 3 words" in vote["flagged"]
+    assert vote.flagged.startswith("voted ") and "reading 3 words" in vote.flagged
     assert store.voted_pairs() == []  # left out of training and export
     store.close()

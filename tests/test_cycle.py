@@ -143,6 +143,7 @@ def test_gate_rejects_policy_pushed_past_kl_limit(tiny_model_dir, tiny_engine_ur
     records = synthetic_preferences(16)
     config = fast_config(min_win_rate=0.0, max_kl=1e-6)
     config.ppo.learning_rate = 5e-2  # push the policy away from the reference
+    config.report_to = ["tensorboard"]
     result = run_cycle(
         str(tiny_model_dir),
         "v0000",
@@ -156,6 +157,23 @@ def test_gate_rejects_policy_pushed_past_kl_limit(tiny_model_dir, tiny_engine_ur
     assert not result.gate["deploy"] and "KL" in result.gate["reason"]
     assert result.path is None and not (tmp_path / "versions" / "v0002").exists()
     assert result.gate["kl"] > 1e-6
+    # every stage's metrics also went to TensorBoard, under the cycle's folder
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "versions" / "runs" / "v0002" / "tensorboard"))
+    tags = set(events.Reload().Tags()["scalars"])
+    assert {"reward_model/member-0/loss", "ppo/kl", "ppo/reward_mean", "gate/kl"} <= tags, tags
+    kl = events.Scalars("ppo/kl")
+    assert [e.step for e in kl] == [s["step"] for s in result.ppo_steps]
+    assert [e.value for e in kl] == pytest.approx([s["kl"] for s in result.ppo_steps])
+
+
+def test_an_unknown_or_missing_tracker_is_refused_before_a_cycle():
+    from alignment.config import cycle_config
+
+    with pytest.raises(ValueError, match="unknown tracker 'tensorbored'"):
+        cycle_config("fast", {"report_to": ["tensorbored"]})
+    assert cycle_config("fast", {"report_to": ["tensorboard"]}).report_to == ["tensorboard"]
 
 
 def test_cycle_with_sft_stage_uses_the_sft_model_as_base(tiny_model_dir, tiny_engine_url, tmp_path):

@@ -49,7 +49,7 @@ def test_vote_a_continues_conversation_with_chosen_reply(store):
     pair = _turn(store, conv, "hello", text_a="first", text_b="second")
     assert store.pending_pair(conv) == pair.pair_id
     result = store.record_vote(pair.pair_id, "b", session_id="s1")
-    assert result["continued_with"] == "second"
+    assert result.continued_with == "second"
     assert store.pending_pair(conv) is None
     assert store.transcript(conv) == [
         {"role": "user", "content": "hello"},
@@ -144,7 +144,9 @@ def test_flagged_votes_choose_nothing_for_critique_or_sft(store):
     store.record_vote(read.pair_id, "a")
     conv2 = store.create_conversation()
     rushed = _turn(store, conv2, "rushed", text_a="rushed reply")
-    store.record_vote(rushed.pair_id, "a", flagged="voted 0.2 s after the replies ended")
+    store.record_vote(
+        rushed.pair_id, "a", admit=lambda age, words: "voted 0.2 s after the replies ended"
+    )
     todo = store.candidates_to_critique(10)
     assert [t["text"] for t in todo] == ["kept reply"]
     assert store.cai_backlog()["critiques"] == 1
@@ -252,7 +254,7 @@ def test_canary_rows_and_the_votes_that_straddle_two_versions(store):
         cid = store.create_conversation()
         a, b = _candidates()
         pair = store.record_pair(cid, "hi", [], "v0000", 7, (replace(a, model_version="v0001"), b))
-        return store.record_vote(pair.pair_id, choice)["versions"]
+        return store.record_vote(pair.pair_id, choice).versions
 
     assert canary_turn("a") == {"a": "v0001", "b": "v0000"}  # the vote reveals the versions
     same = _turn(store, store.create_conversation(), "same version")

@@ -187,7 +187,7 @@ def build_page(
                     except AppError as exc:
                         yield view(st, hist, a, b, note=f"⚠ {exc.public()}", votable=True)
                         return
-                    reveal = _canary_reveal(answer["versions"])
+                    reveal = _canary_reveal(answer.versions)
                     pending = st["pending_text"]
                     st = {**st, "pair_id": None, "pending_text": None}
                     if choice == "both_bad":
@@ -199,7 +199,7 @@ def build_page(
                             note="Vote saved: both bad. Edit your message and ask again." + reveal,
                         )
                         return
-                    chosen = answer["continued_with"]  # the store's rule (a tie: A)
+                    chosen = answer.continued_with  # the store's rule (a tie: A)
                     yield view(
                         st,
                         [*hist, {"role": "assistant", "content": chosen}],

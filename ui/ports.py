@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from storage.store import RecordedVote
+
 
 class ChatService(Protocol):
     """`assistant.chat_service.ChatService`, as far as the page uses it."""
@@ -32,7 +34,7 @@ class ChatService(Protocol):
         voter: str | None = None,
         session_id: str | None = None,
         client: str | None = None,
-    ) -> dict: ...
+    ) -> RecordedVote: ...
 
     async def delete_conversation(self, conversation_id: str, session_id: str | None) -> dict: ...
 

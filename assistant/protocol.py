@@ -1,0 +1,146 @@
+"""The JSON API's contracts: one pydantic model per request body and per answer (vLLM's
+`protocol.py` is the model). The routes and field names are pinned (docs/api.md); these models
+are where they are written down once, and they feed the OpenAPI schema the app serves at
+`GET /api/openapi.json`.
+
+Requests are strict (a number is not a string) and ignore fields they do not know. Validation
+failures keep the API's error shape `{"error": ...}`: a missing field is 400 ("missing
+'message'"), a wrong type or value 422, naming the field. Content rules (an empty message,
+control characters, length limits) belong to the chat service, which the page shares.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from assistant.chat_service import InvalidInputError
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class Answer(BaseModel):
+    # answers carry what the service returns: fields the docs name, and any the service adds
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatRequest(Request):
+    message: str
+    conversation_id: str | None = None
+    session_id: str | None = None
+
+
+class VoteRequest(Request):
+    pair_id: str
+    choice: Literal["a", "b", "tie", "both_bad"]
+    voter: str | None = None
+    session_id: str | None = None
+
+
+class RollbackRequest(Request):
+    version: str = Field(description="a version name such as 'v0000'")
+
+
+class PruneRequest(Request):
+    keep: int = Field(3, ge=0, description="versions to keep besides the serving one")
+
+
+class ErrorAnswer(BaseModel):
+    error: str
+
+
+class SessionAnswer(Answer):
+    session_id: str
+
+
+class Candidate(BaseModel):
+    id: str
+    text: str
+
+
+class ChatAnswer(Answer):
+    conversation_id: str
+    pair_id: str
+    candidates: list[Candidate]
+    model_version: str
+
+
+class VoteAnswer(Answer):
+    vote_id: str
+    pair_id: str
+    choice: str
+    conversation_id: str
+    continued_with: str | None
+    flagged: str | None
+    versions: dict[str, str] = Field(description="slot -> the version that wrote that reply")
+
+
+class HealthAnswer(Answer):
+    status: Literal["ok", "degraded"]
+    engine: bool
+    model_version: str
+    generating: int
+    max_backlog: int
+
+
+class VersionsAnswer(Answer):
+    serving: str | None
+    versions: list[dict[str, Any]]
+
+
+class RetrainAnswer(Answer):
+    status: Literal["challenger", "deployed", "rejected", "failed", "busy"] | str
+    version: str | None = None
+
+
+class RollbackAnswer(Answer):
+    status: str
+    version: str
+    swap_seconds: float | None = None
+
+
+class CanaryAnswer(Answer):
+    challenger: str | None = None
+    serving: str | None = None
+    share: float | None = None
+    votes: dict[str, int] | None = None
+    win_rate: float | None = None
+    interval: list[float] | None = None
+    decision: str | None = None
+    reason: str | None = None
+
+
+class DeletedAnswer(Answer):
+    deleted: str
+    removed: dict[str, int]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorAnswer} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
+}
+
+
+def parse(model: type[Request], data: dict) -> Request:
+    """`data` as `model`, or the API's own 400/422 naming the first problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"]) or "body"
+        if problem["type"] == "missing":
+            raise InvalidInputError(f"missing '{field}'") from None
+        raise InvalidInputError(f"'{field}': {problem['msg']}", 422) from None
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI `requestBody` of a route that reads its body itself (to refuse an oversized
+    one while it arrives): the schema is documented though FastAPI does not parse it."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
