@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from assistant.chat_service import InvalidInputError
+from storage.rules import VOTE_CHOICES
 
 
 class Request(BaseModel):
@@ -35,7 +36,8 @@ class ChatRequest(Request):
 
 class VoteRequest(Request):
     pair_id: str
-    choice: Literal["a", "b", "tie", "both_bad"]
+    # the value is the chat service's to check (the page votes through it too): one rule
+    choice: str = Field(json_schema_extra={"enum": list(VOTE_CHOICES)})
     voter: str | None = None
     session_id: str | None = None
 

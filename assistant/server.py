@@ -349,10 +349,6 @@ def serve(config: AppConfig) -> None:
     from assistant.admin import ensure_admin_token
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    # The database calls run in threads and hand the GIL back and forth with the event loop at
-    # every DuckDB statement; at the default 5 ms switch interval a busy loop made each vote
-    # wait tens of milliseconds per statement (bench/RESULTS.md, "votes that don't queue").
-    sys.setswitchinterval(float(os.environ.get("ASSISTANT_SWITCH_INTERVAL", "0.0005")))
     app = build_app(config)
     try:
         generated = ensure_admin_token(config.data_dir)

@@ -36,6 +36,17 @@ class DatabaseInUseError(StoreError):
     status = 409
 
 
+class WriteConflictError(StoreError):
+    """Another request wrote the same rows at the same moment, and retrying did not get
+    through; nothing of this request was saved and it may simply be sent again."""
+
+    retry_after_s = 1
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"the database was busy with a conflicting write ({detail[:200]})")
+        self.public_message = "the server was busy saving another request; try again"
+
+
 class StorageWriteError(StoreError):
     """A write could not reach the disk (full, read-only, I/O error). DuckDB rolls the whole
     transaction back, so nothing of it is kept and what was committed before stays intact;

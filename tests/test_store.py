@@ -276,3 +276,46 @@ def test_sft_is_on_with_either_spelling(tmp_path):
     assert AlignmentLoop(None, None, tmp_path, sft=True).sft
     assert AlignmentLoop(None, None, tmp_path, overrides={"sft": {"enabled": True}}).sft
     assert not AlignmentLoop(None, None, tmp_path, overrides={"sft": {"epochs": 2}}).sft
+
+
+def test_threads_write_side_by_side_and_a_pair_takes_one_vote(store):
+    """Each thread has its own cursor (no store-wide lock): 8 threads recording turns and votes
+    at once lose nothing, and two threads voting on the same pair at the same moment get one
+    vote stored and one ConflictError, never two votes or a server error."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    def chat_and_vote(i: int) -> str:
+        conv = store.create_conversation()
+        pair = _turn(store, conv, f"q{i}")
+        store.record_vote(pair.pair_id, "ab"[i % 2])
+        return pair.pair_id
+
+    with ThreadPoolExecutor(8) as pool:
+        voted = list(pool.map(chat_and_vote, range(64)))
+    assert store.count("votes") == 64 and store.count("pairs") == 64
+    assert {r["pair_id"] for r in store.voted_pairs()} == set(voted)
+
+    for _ in range(5):  # a race, tried a few times
+        pair = _turn(store, store.create_conversation(), "contested")
+        start = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def vote(choice: str, pair_id=pair.pair_id, barrier=start, outcomes=outcomes) -> None:
+            barrier.wait()
+            try:
+                store.record_vote(pair_id, choice)
+                outcomes.append("stored")
+            except ConflictError:
+                outcomes.append("conflict")
+
+        threads = [threading.Thread(target=vote, args=(c,)) for c in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["conflict", "stored"]
+        assert (
+            store._rows("SELECT count(*) AS n FROM votes WHERE pair_id = ?", [pair.pair_id])[0]["n"]
+            == 1
+        )
