@@ -51,6 +51,11 @@ class RewardConfig:
         "'auto' (bf16 autocast where the CPU or GPU computes bf16 natively), 'bf16' or 'fp32'",
         default="auto",
     )
+    base_weights: str = _help(
+        "dtype of the frozen base weights: 'auto' (bf16 on a GPU, fp32 on the CPU), 'bf16' or "
+        "'fp32'; adapters and optimiser state stay fp32",
+        default="auto",
+    )
 
 
 @dataclass
@@ -105,6 +110,11 @@ class PPOConfig:
         "'auto' (bf16 autocast where the CPU or GPU computes bf16 natively), 'bf16' or 'fp32'",
         default="auto",
     )
+    base_weights: str = _help(
+        "dtype of the frozen base weights: 'auto' (bf16 on a GPU, fp32 on the CPU), 'bf16' or "
+        "'fp32'; adapters and optimiser state stay fp32",
+        default="auto",
+    )
 
 
 @dataclass
@@ -148,7 +158,7 @@ class LoopConfig:
         "after each deployment delete the checkpoints of all but this many newest versions "
         "(serving, previous and a challenger are always kept; 0 keeps everything; a 7B "
         "checkpoint is about 15 GB)",
-        default=0,
+        default=5,
     )
     max_source_share: float = _help(
         "refuse a scheduled cycle when more than this share of its new votes came from one "
@@ -194,6 +204,10 @@ class SFTConfig:
     gradient_checkpointing: bool = _help(
         "recompute activations to save memory (TRL's default is on; see reward)", default=False
     )
+    base_weights: str = _help(
+        "dtype of the frozen base weights: 'auto' (bf16 on a GPU, fp32 on the CPU)",
+        default="auto",
+    )
 
 
 @dataclass
@@ -225,6 +239,11 @@ def check(config: CycleConfig) -> CycleConfig:
         ),
         (config.ppo.precision in PRECISIONS, f"ppo.precision must be one of {PRECISIONS}"),
         (config.reward.precision in PRECISIONS, f"reward.precision must be one of {PRECISIONS}"),
+        (config.ppo.base_weights in PRECISIONS, f"ppo.base_weights must be one of {PRECISIONS}"),
+        (
+            config.reward.base_weights in PRECISIONS,
+            f"reward.base_weights must be one of {PRECISIONS}",
+        ),
         (config.reward.ensemble >= 1, "reward.ensemble must be at least 1"),
         (config.gate.samples_per_prompt >= 1, "gate.samples_per_prompt must be at least 1"),
     ]

@@ -126,7 +126,11 @@ def _run_stages(
     train_prompts, heldout_prompts = split_heldout(prompts, config.heldout_prompt_fraction)
     heldout_prompts = heldout_prompts or train_prompts
     scorer = RewardScorer.load(
-        serving_model, reward.path, config.reward.ensemble_penalty, config.reward.precision
+        serving_model,
+        reward.path,
+        config.reward.ensemble_penalty,
+        config.reward.precision,
+        config.reward.base_weights,
     )
     tokenizer = AutoTokenizer.from_pretrained(serving_model)
     policy = PolicyWithValueHead.from_base(serving_model, config.ppo)

@@ -34,7 +34,7 @@ class AlignmentLoop:
         preset: str = "default",
         on_progress: Callable[[dict], None] | None = None,
         *,
-        keep_versions: int = 0,
+        keep_versions: int = 5,
         sft: bool = False,
         ai_label_weight: float = 0.5,
         overrides: dict | None = None,

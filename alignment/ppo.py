@@ -42,7 +42,7 @@ from alignment.ppo_math import (
     leave_one_out_advantages,
     whiten,
 )
-from alignment.precision import autocast
+from alignment.precision import autocast, base_dtype, train_device
 from alignment.rollouts import GenerateFn, Rollouts, as_rollouts
 
 # conversations (prompt + assistant reply) -> scores (B,)
@@ -89,7 +89,10 @@ class PolicyWithValueHead(nn.Module):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        device = train_device()
+        base = AutoModelForCausalLM.from_pretrained(
+            base_model, dtype=base_dtype(config.base_weights, device)
+        )
         lora = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
@@ -99,7 +102,7 @@ class PolicyWithValueHead(nn.Module):
         policy = cls(get_peft_model(base, lora), config.precision)
         # RLOO needs no critic: a frozen head keeps "every trainable parameter moved" true
         policy.value_head.requires_grad_(config.advantage == "gae")
-        return policy
+        return policy.to(device)
 
     def autocast(self):
         return autocast(self.precision, str(next(self.parameters()).device))

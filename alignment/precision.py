@@ -42,3 +42,22 @@ def autocast(precision: str, device: str):
     if use_bf16(precision, device):
         return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def train_device() -> str:
+    """Where a cycle trains: the GPU when there is one (the worker sees the GPUs its
+    CUDA_VISIBLE_DEVICES gives it; a second GPU keeps training off the engine's)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def base_dtype(setting: str, device: str) -> torch.dtype:
+    """The dtype the frozen base weights are held in. LoRA matrices, heads and optimiser state
+    stay fp32 whatever this says (peft casts adapters up). 'auto': bf16 on a GPU, where a 7B
+    policy is 14 GB instead of 28 and the reward models' copy as much again (the budget in
+    docs/deployment.md); fp32 on the CPU, where the learning results in bench/RESULTS.md were
+    measured (matmuls still run in bf16 there under `precision`)."""
+    if setting not in PRECISIONS:
+        raise ValueError(f"base_weights must be one of {', '.join(PRECISIONS)}, got {setting!r}")
+    if setting == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return torch.bfloat16 if setting == "bf16" else torch.float32

@@ -28,7 +28,7 @@ import torch
 
 from alignment.config import RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
-from alignment.precision import autocast, use_bf16
+from alignment.precision import autocast, base_dtype, use_bf16
 
 
 @dataclass
@@ -101,7 +101,9 @@ def train_reward_model(
     # each on mean 0 / std 1 over the voted replies, so that their spread measures disagreement
     # about the replies and not about units. Without it mean - std penalised every confident
     # score, and PPO on the conservative score stalled (bench/RESULTS.md).
-    scorer = RewardScorer.load(base_model, str(out_dir), precision=config.precision)
+    scorer = RewardScorer.load(
+        base_model, str(out_dir), precision=config.precision, base_weights=config.base_weights
+    )
     replies = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
     raw = scorer.member_scores(replies)  # (K, 2N)
     scale = [[m.mean().item(), max(m.std().item(), 1e-3)] for m in raw] if len(replies) > 1 else []
@@ -167,7 +169,7 @@ def _train_member(
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)  # the score head's initialisation differs per member
     model = AutoModelForSequenceClassification.from_pretrained(
-        base_model, num_labels=1, dtype=torch.float32
+        base_model, num_labels=1, dtype=base_dtype(config.base_weights, _device())
     )
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -239,7 +241,12 @@ class RewardScorer:
 
     @classmethod
     def load(
-        cls, base_model: str, ensemble_dir: str, penalty: float = 1.0, precision: str = "auto"
+        cls,
+        base_model: str,
+        ensemble_dir: str,
+        penalty: float = 1.0,
+        precision: str = "auto",
+        base_weights: str = "auto",
     ) -> RewardScorer:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -249,7 +256,7 @@ class RewardScorer:
         members = ensemble["members"]
         tokenizer = AutoTokenizer.from_pretrained(root / members[0])
         base = AutoModelForSequenceClassification.from_pretrained(
-            base_model, num_labels=1, dtype=torch.float32
+            base_model, num_labels=1, dtype=base_dtype(base_weights, _device())
         )
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, str(root / members[0]), adapter_name=members[0])

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from alignment.config import SFTConfig
+from alignment.precision import base_dtype, train_device
 
 
 def sft_records(revisions: list[dict]) -> list[dict]:
@@ -55,7 +56,9 @@ def train_sft(base_model: str, records: list[dict], out_dir: Path, config: SFTCo
     if not records:
         raise ValueError("no revisions to fine-tune on")
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model, dtype=base_dtype(config.base_weights, train_device())
+    )
     before = completion_loss(model, tokenizer, records)
     args = TRLSFTConfig(
         output_dir=str(out_dir / "trainer"),

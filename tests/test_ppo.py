@@ -141,3 +141,35 @@ def test_replies_cut_off_at_the_token_limit_are_penalised(tiny_model_dir):
     (stats,) = PPOTrainer(policy, tokenizer, generate, score, config).train(PROMPTS[:1])
     assert stats.cut_off == 0.5
     assert first_token_logodds() > before + 0.1  # the finishing reply's first token gained
+
+
+def test_bf16_base_weights_train_fp32_adapters(tiny_model_dir):
+    """The GPU recipe's memory budget: frozen base weights in bf16 (half of fp32), LoRA and
+    its optimiser state in fp32, and a PPO round still moves the adapter. Run here on the CPU
+    with `base_weights: bf16`; on a GPU 'auto' chooses it."""
+    config = PPOConfig(
+        steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4, minibatch_size=4,
+        ppo_epochs=1, learning_rate=1e-2, base_weights="bf16", max_step_kl=0.0,
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer.apply_chat_template(
+        PROMPTS[0], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+
+    def generate(prompts, max_new_tokens, temperature, seed):
+        return [(prompt, [40 + i % 3, 41]) for i in range(len(prompts))]
+
+    def score(conversations):
+        return torch.arange(len(conversations), dtype=torch.float32)
+
+    policy = PolicyWithValueHead.from_base(str(tiny_model_dir), config)
+    frozen = {p.dtype for n, p in policy.lm.named_parameters() if "lora_" not in n}
+    adapters = {n: p.detach().clone() for n, p in policy.lm.named_parameters() if "lora_B" in n}
+    assert frozen == {torch.bfloat16}
+    assert {p.dtype for p in adapters.values()} == {torch.float32}
+    (stats,) = PPOTrainer(policy, tokenizer, generate, score, config).train(PROMPTS[:1])
+    assert stats.updates >= 1
+    moved = [
+        n for n, p in policy.lm.named_parameters() if n in adapters and not p.equal(adapters[n])
+    ]
+    assert moved, "no LoRA matrix moved"

@@ -237,7 +237,7 @@ def test_keep_versions_prunes_after_a_deployment_and_keeps_a_challenger(store, t
     kept = {p.name for p in versions.iterdir()}
     # serving v0002, the challenger v0005 (the newest); v0001, v0003, v0004 and adapters go
     assert kept == {"v0002", "v0002.adapter", "v0005"}, kept
-    assert AlignmentLoop(store, None, tmp_path).keep_versions == 0  # the default keeps all
+    assert AlignmentLoop(store, None, tmp_path).keep_versions == 5  # the default keeps 5
 
 
 def test_canary_rows_and_the_votes_that_straddle_two_versions(store):
