@@ -190,10 +190,14 @@ class CanaryConfig:
 
 @dataclass
 class SFTConfig:
-    """Optional supervised stage on constitutional revisions (loss on reply tokens only)."""
+    """Optional supervised stage on constitutional revisions and the replies users wrote
+    themselves (demonstrations), loss on reply tokens only."""
 
     enabled: bool = _help(
         "fine-tune on (prompt, final revision) before the reward model", default=False
+    )
+    demonstration_weight: int = _help(
+        "times each human demonstration counts against one AI revision", default=3
     )
     lora_rank: int = _help("LoRA rank of the SFT adapter", default=8)
     lora_alpha: int = _help("LoRA alpha", default=16)

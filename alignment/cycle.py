@@ -95,8 +95,13 @@ def _run_stages(
         from alignment.sft import sft_records, train_sft
 
         t = time.perf_counter()
-        say("sft", {"examples": len(revisions)})
-        sft = train_sft(serving_model, sft_records(revisions), work / "sft", config.sft)
+        sources = {
+            "demonstrations": sum(r.get("source") == "human" for r in revisions),
+            "revisions": sum(r.get("source") != "human" for r in revisions),
+        }
+        say("sft", {"examples": len(revisions), **sources})
+        records = sft_records(revisions, config.sft.demonstration_weight)
+        sft = train_sft(serving_model, records, work / "sft", config.sft) | sources
         seconds["sft"] = time.perf_counter() - t
         say("sft", sft)
         serving_model = sft["path"]  # the SFT model is the base and KL reference from here on

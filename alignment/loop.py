@@ -82,13 +82,21 @@ class AlignmentLoop:
             finally:
                 self.stage = "idle"
 
+    async def _sft_examples(self) -> list[dict]:
+        """Constitutional revisions ("ai") and the replies users wrote themselves ("human")."""
+        ai = await asyncio.to_thread(self.store.revisions)
+        human = await asyncio.to_thread(self.store.demonstrations)
+        return [{**r, "source": "ai"} for r in ai] + [
+            {"prompt": d["prompt"], "revision": d["text"], "source": "human"} for d in human
+        ]
+
     async def _cycle(self) -> dict:
         self.stage = "snapshot"
         rows = await asyncio.to_thread(self.store.voted_pairs)
         human = preference_records(rows, "trl")
         ai_rows = await asyncio.to_thread(self.store.ai_labeled_pairs)
         records = human + preference_records(weighted_ai_rows(ai_rows, self.ai_label_weight), "trl")
-        revisions = await asyncio.to_thread(self.store.revisions) if self.sft else []
+        revisions = await self._sft_examples() if self.sft else []
         agreement, compared = agreement_rate(await asyncio.to_thread(self.store.label_pairs))
         prompts = await asyncio.to_thread(self.store.logged_prompts)
         sources = await asyncio.to_thread(self.store.new_vote_sources)

@@ -16,12 +16,22 @@ from alignment.config import SFTConfig
 from alignment.precision import base_dtype, train_device
 
 
-def sft_records(revisions: list[dict]) -> list[dict]:
-    return [
-        {"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["revision"]}]}
-        for r in revisions
-        if r["revision"].strip()
-    ]
+def sft_records(examples: list[dict], demonstration_weight: int = 1) -> list[dict]:
+    """TRL's prompt-completion records. `examples` are constitutional revisions (`source`
+    "ai" or absent) and human demonstrations (`source` "human"); each demonstration is
+    repeated `demonstration_weight` times: a person wrote exactly the reply they wanted, which
+    is worth more than the model's own rewrite."""
+    records = []
+    for r in examples:
+        if not r["revision"].strip():
+            continue
+        record = {
+            "prompt": r["prompt"],
+            "completion": [{"role": "assistant", "content": r["revision"]}],
+        }
+        copies = demonstration_weight if r.get("source") == "human" else 1
+        records.extend([record] * copies)
+    return records
 
 
 def completion_loss(model, tokenizer, records: list[dict]) -> float:

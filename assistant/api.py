@@ -4,6 +4,7 @@ Routes (documented in docs/api.md):
   POST /api/session  -> {"session_id"}  (send it back as X-Session-Id; the page has a cookie)
   POST /api/chat     {"conversation_id"?, "message"} -> pair of candidates
   POST /api/vote     {"pair_id", "choice": "a"|"b"|"tie"|"both_bad"}
+  POST /api/demonstration {"pair_id", "text"}: both were bad; this reply continues instead
   GET  /api/health
   GET  /api/versions -> {"serving", "versions": [...]}  (server paths only with the token)
   GET  /api/export?format=trl|hh -> JSON lines of preference data, streamed  (admin token)
@@ -35,6 +36,8 @@ from assistant.protocol import (
     ChatAnswer,
     ChatRequest,
     DeletedAnswer,
+    DemonstrationAnswer,
+    DemonstrationRequest,
     HealthAnswer,
     PruneRequest,
     RetrainAnswer,
@@ -167,6 +170,22 @@ def build_api_router(
         # standard Server-Timing header, so clients and the load benchmark can see write latency.
         ms = (time.perf_counter() - started) * 1000
         return JSONResponse(body.as_dict(), headers={"Server-Timing": f"db;dur={ms:.2f}"})
+
+    @router.post(
+        "/demonstration",
+        response_model=DemonstrationAnswer,
+        responses=ERRORS,
+        openapi_extra=body_schema(DemonstrationRequest),
+    )
+    async def demonstration(request: Request):
+        data = parse(DemonstrationRequest, await read_json(request))
+        body = await service.demonstrate(
+            data.pair_id,
+            data.text,
+            session_id=session(request, data.session_id),
+            client=client(request),
+        )
+        return body.as_dict()
 
     @router.get("/health", response_model=HealthAnswer, responses={503: {"model": HealthAnswer}})
     async def health():

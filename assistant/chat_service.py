@@ -25,7 +25,7 @@ from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import Challenger, Engine, PairProgress
 from assistant.limits import VoteLimits
 from storage import AppError, ConflictError, Store
-from storage.export import preference_records
+from storage.export import demonstration_records, preference_records
 from storage.store import VOTE_CHOICES, CandidateRecord, RecordedVote
 
 SLOTS = ("a", "b")
@@ -106,19 +106,21 @@ class TurnUpdate:
     result: TurnResult | None = None
 
 
-def validate_message(message: object, max_chars: int) -> str:
+def validate_message(message: object, max_chars: int, name: str = "message") -> str:
+    """A user's text (a message, or a reply they wrote): a non-empty string within the limit,
+    without control characters."""
     if not isinstance(message, str):
-        raise InvalidInputError("'message' must be a string", 422)
+        raise InvalidInputError(f"'{name}' must be a string", 422)
     if not message.strip():
-        raise InvalidInputError("'message' is empty: type something to ask")
+        raise InvalidInputError(f"'{name}' is empty: type something")
     if len(message) > max_chars:
         raise InvalidInputError(
-            f"'message' is {len(message)} characters; the limit is {max_chars}", 413
+            f"'{name}' is {len(message)} characters; the limit is {max_chars}", 413
         )
     bad = {c for c in message if unicodedata.category(c) == "Cc" and c not in "\n\r\t"}
     if bad:
         codes = ", ".join(f"U+{ord(c):04X}" for c in sorted(bad))
-        raise InvalidInputError(f"'message' contains control characters ({codes})")
+        raise InvalidInputError(f"'{name}' contains control characters ({codes})")
     return message
 
 
@@ -336,6 +338,7 @@ class ChatService:
         voter: str | None = None,
         session_id: str | None = None,
         client: str | None = None,
+        demonstration: str | None = None,
     ) -> RecordedVote:
         """`client` is the caller's address tag: votes are limited per session, per address
         and in total, and the address tag is stored to see one client steering a cycle.
@@ -365,15 +368,36 @@ class ChatService:
             session_id=session_id,
             client=client,
             admit=admit,
+            demonstration=demonstration,
         )
         if self.canary is not None and recorded.flagged is None:
             await self.canary.vote_cast(recorded.versions)
         return recorded
 
+    async def demonstrate(
+        self,
+        pair_id: object,
+        text: object,
+        *,
+        session_id: str | None = None,
+        client: str | None = None,
+    ) -> RecordedVote:
+        """Both replies were bad and the user wrote the reply they wanted: it is recorded as a
+        both-bad vote with that demonstration, continues the conversation, and trains the SFT
+        stage. Same session rules, limits and pacing as a vote."""
+        reply = validate_message(text, self.serve.max_message_chars, "text")
+        return await self.vote(
+            pair_id, "both_bad", session_id=session_id, client=client, demonstration=reply
+        )
+
     async def preference_data(self, fmt: str, page: int = 500) -> AsyncIterator[dict]:
         """Decisive votes as preference records (`trl` or `hh`), for export: read a page at a
         time off the event loop, so a large export neither holds everything in memory nor
-        stalls the chat."""
+        stalls the chat. `sft`: the users' demonstrations instead (a few per hundred votes)."""
+        if fmt == "sft":
+            for record in demonstration_records(await asyncio.to_thread(self.store.demonstrations)):
+                yield record
+            return
         after = None
         while True:
             rows = await asyncio.to_thread(self.store.voted_pairs, after, page)

@@ -186,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(exp)
     exp.add_argument(
         "--format",
-        choices=["trl", "hh"],
+        choices=["trl", "hh", "sft"],
         default="trl",
-        help="trl: conversational prompt/chosen/rejected; hh: HH-RLHF text",
+        help="trl: conversational prompt/chosen/rejected; hh: HH-RLHF text; sft: the replies "
+        "users wrote themselves, as TRL conversational SFT messages",
     )
     exp.add_argument(
         "--output", "-o", type=Path, required=True, help="output file: .jsonl or .parquet"
@@ -318,14 +319,18 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
 
 def cmd_export(args: argparse.Namespace, config: AppConfig) -> int:
     from storage import Store
-    from storage.export import preference_records, write_records
+    from storage.export import demonstration_records, preference_records, write_records
 
     if _app_holds_db(config):
         records = _export_via_app(args.url, args.format, args.token or _admin_token(args))
     else:
         store = Store(config.database, read_only=True)
         try:
-            records = preference_records(store.voted_pairs(), args.format)
+            records = (
+                demonstration_records(store.demonstrations())
+                if args.format == "sft"
+                else preference_records(store.voted_pairs(), args.format)
+            )
         finally:
             store.close()
     write_records(records, args.output)

@@ -42,6 +42,12 @@ class VoteRequest(Request):
     session_id: str | None = None
 
 
+class DemonstrationRequest(Request):
+    pair_id: str
+    text: str = Field(description="the reply the user wanted, instead of both candidates")
+    session_id: str | None = None
+
+
 class RollbackRequest(Request):
     version: str = Field(description="a version name such as 'v0000'")
 
@@ -78,6 +84,10 @@ class VoteAnswer(Answer):
     continued_with: str | None
     flagged: str | None
     versions: dict[str, str] = Field(description="slot -> the version that wrote that reply")
+
+
+class DemonstrationAnswer(VoteAnswer):
+    demonstration_id: str
 
 
 class HealthAnswer(Answer):

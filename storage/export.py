@@ -5,6 +5,9 @@
 - `hh`: Anthropic HH-RLHF's text format: `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
   "rejected": ...}`.
 
+- `sft`: the replies users wrote themselves (demonstrations), in TRL's conversational SFT
+  format: `{"messages": [...the prompt..., {"role": "assistant", "content": <their reply>}]}`.
+
 Only decisive votes (a or b) become pairs: a tie says neither is preferred and both_bad gives no
 winner, so both are left out of preference data (they stay in the database).
 """
@@ -15,7 +18,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-FORMATS = ("trl", "hh")
+FORMATS = ("trl", "hh", "sft")
+PREFERENCE_FORMATS = ("trl", "hh")
 
 
 def winner_loser(row: dict) -> tuple[str, str] | None:
@@ -57,9 +61,14 @@ def to_hh(row: dict) -> dict | None:
     }
 
 
+def demonstration_records(rows: Iterable[dict]) -> list[dict]:
+    """Demonstrations (`Store.demonstrations` rows) in TRL's conversational SFT format."""
+    return [{"messages": [*r["prompt"], {"role": "assistant", "content": r["text"]}]} for r in rows]
+
+
 def preference_records(rows: Iterable[dict], fmt: str) -> list[dict]:
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in PREFERENCE_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(PREFERENCE_FORMATS)}, got {fmt!r}")
     convert = to_trl if fmt == "trl" else to_hh
     return [r for r in map(convert, rows) if r is not None]
 

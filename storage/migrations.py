@@ -176,4 +176,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        8,
+        "demonstrations: the reply a user wrote when both candidates were bad",
+        """
+        CREATE TABLE demonstrations (
+            id          VARCHAR PRIMARY KEY,
+            pair_id     VARCHAR NOT NULL UNIQUE REFERENCES pairs(id),
+            text        VARCHAR NOT NULL,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 ]

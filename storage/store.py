@@ -64,9 +64,13 @@ class RecordedVote:
     continued_with: str | None  # the reply that continues the conversation (None: both bad)
     flagged: str | None  # why the vote is kept out of training, if it is
     versions: dict[str, str]  # slot -> the version that wrote that reply
+    demonstration_id: str | None = None  # the user's own reply, when they wrote one
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        answer = asdict(self)
+        if self.demonstration_id is None:
+            del answer["demonstration_id"]  # a plain vote's answer is as it always was
+        return answer
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,8 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             "DELETE FROM ai_labels WHERE pair_id IN "
             "(SELECT id FROM pairs WHERE conversation_id = $id)",
             "DELETE FROM votes WHERE pair_id IN (SELECT id FROM pairs WHERE conversation_id = $id)",
+            "DELETE FROM demonstrations WHERE pair_id IN "
+            "(SELECT id FROM pairs WHERE conversation_id = $id)",
             "DELETE FROM cai_skips WHERE item_id IN (SELECT id FROM pairs WHERE conversation_id = "
             "$id UNION SELECT c.id FROM candidates c JOIN pairs p ON p.id = c.pair_id "
             "WHERE p.conversation_id = $id)",
@@ -232,6 +238,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         session_id: str | None = None,
         client: str | None = None,
         admit: Callable[[float, int], str | None] | None = None,
+        demonstration: str | None = None,
     ) -> RecordedVote:
         """Store a vote and continue the conversation with the chosen reply: one call, one
         transaction (under load every extra call queues behind the others; bench/RESULTS.md).
@@ -242,8 +249,11 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         `age_s` is the time since both replies were complete and `words` their length.
 
         a/b: that reply continues; tie: A continues; both_bad: no reply continues and the user
-        turn is marked superseded, so the user asks again.
+        turn is marked superseded, so the user asks again; both_bad with a `demonstration` (the
+        reply the user wrote instead): it is stored, linked to the pair, and continues.
         """
+        if demonstration is not None and choice != "both_bad":
+            raise ValueError("a demonstration goes with the choice 'both_bad'")
         if choice not in VOTE_CHOICES:
             raise ValueError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got {choice!r}")
         vote_id = new_id()
@@ -276,8 +286,15 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
                 [vote_id, pair_id, choice, voter, session_id, client, flagged],
             )
             slot = continued_slot(choice)
-            chosen_text = None if slot is None else texts[slot]
-            if slot is None:
+            chosen_text = demonstration if slot is None else texts[slot]
+            demonstration_id = None
+            if demonstration is not None:
+                demonstration_id = new_id()
+                con.execute(
+                    "INSERT INTO demonstrations (id, pair_id, text) VALUES (?, ?, ?)",
+                    [demonstration_id, pair_id, demonstration],
+                )
+            if chosen_text is None:
                 con.execute(
                     "UPDATE messages SET superseded = true WHERE pair_id = ? AND role = 'user'",
                     [pair_id],
@@ -290,7 +307,14 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
                 )
             versions = {slot: version for slot, _, version in rows}
             return RecordedVote(
-                vote_id, pair_id, choice, conversation_id, chosen_text, flagged, versions
+                vote_id,
+                pair_id,
+                choice,
+                conversation_id,
+                chosen_text,
+                flagged,
+                versions,
+                demonstration_id,
             )
 
         try:
@@ -299,6 +323,14 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             if "duplicate key" not in str(exc).lower():
                 raise
             raise ConflictError(f"pair {pair_id} already has a vote") from exc
+
+    def demonstrations(self) -> list[dict[str, Any]]:
+        """(prompt, the reply the user wrote) per demonstration whose vote is not flagged,
+        oldest first: the SFT stage's human examples and the `sft` export."""
+        return self._prompt_rows(
+            "SELECT p.prompt, d.text FROM demonstrations d JOIN pairs p ON p.id = d.pair_id "
+            "JOIN votes v ON v.pair_id = p.id AND v.flagged IS NULL ORDER BY d.created_at, d.id"
+        )
 
     def count(self, table: str) -> int:
         if table not in {"conversations", "messages", "pairs", "candidates", "votes"}:

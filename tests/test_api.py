@@ -317,3 +317,32 @@ def test_openapi_schema_describes_the_pinned_routes(tiny_app):
     assert {"vote_id", "continued_with", "flagged", "versions"} <= set(answer)
     errors = paths["/api/chat"]["post"]["responses"]
     assert errors["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorAnswer")
+
+
+def test_a_reply_the_user_wrote_continues_and_is_exported_for_sft(tiny_app):
+    session = tiny_app.new_session()
+    turn = httpx.post(
+        tiny_app.url + "/api/chat", json={"message": "Say hi"}, headers=session, timeout=120
+    ).json()
+    url = tiny_app.url + "/api/demonstration"
+    body = {"pair_id": turn["pair_id"], "text": "Hi! Nice to meet you."}
+    assert httpx.post(url, json={**body, "text": " "}, headers=session).status_code == 400
+    assert httpx.post(url, json={"pair_id": turn["pair_id"]}, headers=session).status_code == 400
+    assert httpx.post(url, json=body, headers=tiny_app.new_session()).status_code == 403
+    wrote = httpx.post(url, json=body, headers=session)
+    assert wrote.status_code == 200, wrote.text
+    answer = wrote.json()
+    assert answer["continued_with"] == "Hi! Nice to meet you." and answer["choice"] == "both_bad"
+    assert answer["demonstration_id"] and set(answer["versions"]) == {"a", "b"}
+    assert httpx.post(url, json=body, headers=session).status_code == 409  # one per pair
+    follow = {"message": "and then?", "conversation_id": turn["conversation_id"]}
+    more = httpx.post(tiny_app.url + "/api/chat", json=follow, headers=session, timeout=120)
+    assert more.status_code == 200, more.text  # the written reply continued the conversation
+    exported = [json.loads(line) for line in tiny_app.export("sft").text.splitlines()]
+    assert {
+        "messages": [
+            {"role": "user", "content": "Say hi"},
+            {"role": "assistant", "content": "Hi! Nice to meet you."},
+        ]
+    } in exported
+    assert "Hi! Nice to meet you." not in tiny_app.export("trl").text  # not a preference pair

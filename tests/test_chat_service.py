@@ -9,10 +9,11 @@ import asyncio
 
 import pytest
 
-from assistant.chat_service import BusyError, ChatService, RateLimitError
+from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
 from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import CandidateDraft, PairProgress
-from storage import NotFoundError, Store
+from storage import ConflictError, NotFoundError, Store
+from tests import store_reads
 
 
 class HeldEngine:
@@ -105,4 +106,54 @@ def test_a_vote_faster_than_reading_is_kept_but_flagged(tmp_path):
     vote = asyncio.run(run())
     assert vote.flagged.startswith("voted ") and "reading 3 words" in vote.flagged
     assert store.voted_pairs() == []  # left out of training and export
+    store.close()
+
+
+def test_a_written_reply_continues_the_conversation_and_feeds_sft(tmp_path):
+    """Both replies bad, the user writes the one they wanted: it is stored as a demonstration
+    of that pair (a both-bad vote), continues the conversation in their words, counts against
+    the vote limits, and reaches the SFT stage's examples and the `sft` export."""
+    chat, engine, store = service(tmp_path, max_votes_per_minute=1)
+    engine.release.set()
+
+    async def run():
+        first = await chat.chat(None, "hi", session_id="s")
+        with pytest.raises(InvalidInputError, match="'text' is empty"):
+            await chat.demonstrate(first.pair_id, "  ", session_id="s")
+        wrote = await chat.demonstrate(first.pair_id, "Hello! How can I help?", session_id="s")
+        with pytest.raises(ConflictError, match="already has a vote"):
+            await chat.vote(first.pair_id, "a", session_id="s")
+        second = await chat.chat(first.conversation_id, "thanks", session_id="s")
+        with pytest.raises(RateLimitError):  # one vote or demonstration a minute here
+            await chat.demonstrate(second.pair_id, "You're welcome.", session_id="s")
+        exported = [r async for r in chat.preference_data("sft")]
+        return wrote, second, exported
+
+    wrote, second, exported = asyncio.run(run())
+    assert wrote.choice == "both_bad" and wrote.continued_with == "Hello! How can I help?"
+    assert wrote.demonstration_id and "demonstration_id" in wrote.as_dict()
+    prompt = store_reads.pair(store, second.pair_id)["prompt"]
+    assert prompt[-2:] == [
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "thanks"},
+    ]
+    assert store.demonstrations() == [
+        {"prompt": [{"role": "user", "content": "hi"}], "text": "Hello! How can I help?"}
+    ]
+    assert exported == [
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello! How can I help?"},
+            ]
+        }
+    ]
+    from alignment.sft import sft_records
+
+    examples = [
+        {"prompt": [{"role": "user", "content": "q"}], "revision": "AI rewrite", "source": "ai"},
+        {"prompt": [{"role": "user", "content": "hi"}], "revision": "mine", "source": "human"},
+    ]
+    records = sft_records(examples, demonstration_weight=3)
+    assert [r["completion"][0]["content"] for r in records] == ["AI rewrite"] + ["mine"] * 3
     store.close()

@@ -166,8 +166,8 @@ def test_deleting_a_conversation_removes_everything_recorded_from_it(store):
     store.record_ai_label(pair.pair_id, "a", "p", 0.9, 0.9, 0.1, "v0")
     removed = store.delete_conversation(conv)
     assert removed == {
-        "critiques": 1, "ai_labels": 1, "votes": 1, "cai_skips": 0, "candidates": 2,
-        "messages": 2, "pairs": 1, "conversations": 1,
+        "critiques": 1, "ai_labels": 1, "votes": 1, "demonstrations": 0, "cai_skips": 0,
+        "candidates": 2, "messages": 2, "pairs": 1, "conversations": 1,
     }  # fmt: skip
     assert not store_reads.conversation_exists(store, conv) and store_reads.conversation_exists(
         store, other

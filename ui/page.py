@@ -28,7 +28,8 @@ CSS = """
 HOW_TO = (
     "Ask anything. Two replies, **A** and **B**, appear side by side; once both are complete, "
     "vote for the better one: it continues the conversation (**Tie**: A continues; **Both bad**: "
-    "ask again). Your votes teach the next version of the assistant."
+    "ask again; or write the reply you wanted under the buttons). Your votes teach the next "
+    "version of the assistant."
 )
 
 
@@ -103,6 +104,19 @@ def build_page(
                     c: gr.Button(label, interactive=False, elem_id=f"vote-{c}")
                     for c, label in VOTE_LABELS.items()
                 }
+            with gr.Accordion("Both bad? Write the reply you wanted", open=False), gr.Row():
+                demonstration = gr.Textbox(
+                    placeholder="The reply you wanted: it continues the conversation and "
+                    "teaches the next version",
+                    show_label=False,
+                    scale=5,
+                    lines=2,
+                    max_lines=8,
+                    elem_id="demonstration",
+                )
+                use_mine = gr.Button(
+                    "Use my reply", interactive=False, scale=1, elem_id="use-my-reply"
+                )
             status = gr.Markdown("", elem_id="status")
             with gr.Row():
                 message = gr.Textbox(
@@ -117,7 +131,7 @@ def build_page(
                 new_chat = gr.Button("New chat", scale=1)
                 delete_chat = gr.Button("Delete this chat", scale=1, variant="stop")
 
-            buttons = list(vote_buttons.values())
+            buttons = [*vote_buttons.values(), use_mine]
             outputs = [state, history, reply_a, reply_b, message, status, version, *buttons]
 
             def view(st, hist, a="", b="", msg="", note="", votable=False, ver=None):
@@ -208,6 +222,22 @@ def build_page(
 
                 return on_vote
 
+            async def on_demonstrate(
+                text: str, st: dict, hist: list, a: str, b: str, request: gr.Request
+            ):
+                if not st.get("pair_id"):
+                    return (*view(st, hist, a, b, note="Nothing to answer yet."), text)
+                try:
+                    answer = await service.demonstrate(st["pair_id"], text, **auth.visitor(request))
+                except AppError as exc:
+                    return (*view(st, hist, a, b, note=f"⚠ {exc.public()}", votable=True), text)
+                st = {**st, "pair_id": None, "pending_text": None}
+                note = "Saved: your reply continues the conversation." + _canary_reveal(
+                    answer.versions
+                )
+                hist = [*hist, {"role": "assistant", "content": html.escape(answer.continued_with)}]
+                return (*view(st, hist, note=note), "")
+
             def on_new_chat():
                 return view(_empty_state(), [], note="New chat started.")
 
@@ -237,6 +267,12 @@ def build_page(
                     outputs,
                     concurrency_limit=None,
                 )
+            use_mine.click(
+                on_demonstrate,
+                [demonstration, state, history, reply_a, reply_b],
+                [*outputs, demonstration],
+                concurrency_limit=None,
+            )
             new_chat.click(on_new_chat, None, outputs)
             delete_chat.click(on_delete, [state, history], outputs)
             page.load(

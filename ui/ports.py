@@ -36,6 +36,15 @@ class ChatService(Protocol):
         client: str | None = None,
     ) -> RecordedVote: ...
 
+    async def demonstrate(
+        self,
+        pair_id: object,
+        text: object,
+        *,
+        session_id: str | None = None,
+        client: str | None = None,
+    ) -> RecordedVote: ...
+
     async def delete_conversation(self, conversation_id: str, session_id: str | None) -> dict: ...
 
 
