@@ -16,7 +16,14 @@ def _help(text: str, **kwargs):
 
 @dataclass
 class RewardConfig:
-    """Bradley-Terry reward model: LoRA on a sequence-classification head over the base model."""
+    """Bradley-Terry reward model: an adapter (LoRA by default) and a sequence-classification
+    head over the base model."""
+
+    adapter: str = _help(
+        "parameter-efficient method: lora, ia3, prompt_tuning or prefix_tuning "
+        "(alignment/adapters.py)",
+        default="lora",
+    )
 
     lora_rank: int = _help("LoRA rank of the reward model adapter", default=8)
     lora_alpha: int = _help("LoRA alpha (scale = alpha / rank)", default=16)
@@ -62,6 +69,9 @@ class RewardConfig:
 class PPOConfig:
     """PPO with a per-token KL penalty against the adapter-disabled reference, on LoRA."""
 
+    adapter: str = _help(
+        "lora: vLLM samples the rollouts and serves canaries from a LoRA adapter", default="lora"
+    )
     steps: int = _help("rollout-and-update rounds per cycle", default=12)
     prompts_per_step: int = _help("prompts rolled out per round", default=8)
     samples_per_prompt: int = _help(
@@ -199,6 +209,9 @@ class SFTConfig:
     demonstration_weight: int = _help(
         "times each human demonstration counts against one AI revision", default=3
     )
+    adapter: str = _help(
+        "lora or ia3: what SFT trains is merged into the served weights", default="lora"
+    )
     lora_rank: int = _help("LoRA rank of the SFT adapter", default=8)
     lora_alpha: int = _help("LoRA alpha", default=16)
     learning_rate: float = _help("AdamW learning rate", default=2e-4)
@@ -254,8 +267,13 @@ def check(config: CycleConfig) -> CycleConfig:
     for ok, message in problems:
         if not ok:
             raise ValueError(message)
+    from alignment.adapters import adapter_problem
     from alignment.tracking import check_trackers
 
+    for stage in ("reward", "sft", "ppo"):
+        problem = adapter_problem(stage, getattr(config, stage).adapter)
+        if problem is not None:
+            raise ValueError(problem)
     check_trackers(config.report_to)
     return config
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from alignment import adapters
 from alignment.config import RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
 from alignment.precision import autocast, base_dtype, use_bf16
@@ -43,6 +44,8 @@ class RewardResult:
     members: int = 1
     member_heldout_accuracy: list[float] | None = None
     heldout_disagreement: float | None = None  # mean std of member scores on held-out replies
+    adapter: str = "lora"
+    trainable_parameters: int | None = None  # per member: adapter and score head
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +86,7 @@ def train_reward_model(
     if config.ensemble < 1:
         raise ValueError(f"reward.ensemble must be at least 1, got {config.ensemble}")
     train, heldout = split_heldout(records, config.heldout_fraction)
-    members, losses, steps = [], [], 0
+    members, losses, steps, trainable = [], [], 0, None
     for i in range(config.ensemble):
         data = train if config.ensemble == 1 else bootstrap(train, config.seed * 1000 + i)
 
@@ -91,7 +94,7 @@ def train_reward_model(
             if on_log:
                 on_log({"member": i, **log})
 
-        loss, steps = _train_member(
+        loss, steps, trainable = _train_member(
             base_model, data, out_dir / f"member-{i}", config, config.seed + i, relay
         )
         members.append(f"member-{i}")
@@ -119,6 +122,8 @@ def train_reward_model(
         None,
         steps,
         members=len(members),
+        adapter=config.adapter,
+        trainable_parameters=trainable,
     )
     if heldout:
         r_w = scorer.member_scores([r["prompt"] + r["chosen"] for r in heldout])  # (K, N)
@@ -128,7 +133,8 @@ def train_reward_model(
         result.member_heldout_accuracy = [
             preference_accuracy(w, lo) for w, lo in zip(r_w, r_l, strict=True)
         ]
-        result.heldout_disagreement = torch.cat([r_w, r_l], dim=1).std(0).mean().item()
+        if len(members) > 1:
+            result.heldout_disagreement = torch.cat([r_w, r_l], dim=1).std(0).mean().item()
     return result
 
 
@@ -156,8 +162,9 @@ def _train_member(
     config: RewardConfig,
     seed: int,
     on_log: Callable[[dict], None],
-) -> tuple[float, int]:
-    """One LoRA reward model with TRL's RewardTrainer. Returns (training loss, steps)."""
+) -> tuple[float, int, int]:
+    """One reward model with TRL's RewardTrainer. Returns (training loss, steps, trainable
+    parameters)."""
     from datasets import Dataset
     from peft import LoraConfig, TaskType
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -193,12 +200,17 @@ def _train_member(
         seed=seed,
         disable_tqdm=True,
     )
-    peft_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        **lora_targets(model, config.lora_layers),
-    )
+    if config.adapter == "lora":
+        peft_config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            **lora_targets(model, config.lora_layers),
+        )
+    else:
+        peft_config = adapters.peft_config(
+            config.adapter, TaskType.SEQ_CLS, config.lora_rank, config.lora_alpha
+        )
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -207,11 +219,12 @@ def _train_member(
         peft_config=peft_config,
         callbacks=[Relay()],
     )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     output = trainer.train()
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return output.training_loss, output.global_step
+    return output.training_loss, output.global_step, trainable
 
 
 class RewardScorer:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from alignment.adapters import peft_config
 from alignment.config import SFTConfig
 from alignment.precision import base_dtype, train_device
 
@@ -58,7 +59,6 @@ def completion_loss(model, tokenizer, records: list[dict]) -> float:
 def train_sft(base_model: str, records: list[dict], out_dir: Path, config: SFTConfig) -> dict:
     """Train, merge and save; returns the merged checkpoint path and before/after losses."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -90,12 +90,7 @@ def train_sft(base_model: str, records: list[dict], out_dir: Path, config: SFTCo
         args=args,
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=peft_config(config.adapter, "CAUSAL_LM", config.lora_rank, config.lora_alpha),
     )
     output = trainer.train()
     after = completion_loss(trainer.model, tokenizer, records)

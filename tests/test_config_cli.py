@@ -163,6 +163,10 @@ def test_cai_flags_map_onto_config(tmp_path):
         ('{"ppo": {"samples_per_prompt": 1}}', "needs ppo.samples_per_prompt >= 2"),
         ('{"reward": {"precision": "half"}}', "reward.precision must be one of"),
         ('{"reward": {"ensemble": 0}}', "reward.ensemble must be at least 1"),
+        ('{"reward": {"adapter": "adalora"}}', "reward.adapter must be one of lora, ia3"),
+        ('{"sft": {"adapter": "prompt_tuning"}}', "cannot be merged into the weights vLLM serves"),
+        ('{"ppo": {"adapter": "ia3"}}', "the policy must be LoRA"),
+        ('{"report_to": ["wandb"]}', "unknown tracker 'wandb'"),
     ],
 )
 def test_retrain_config_file_is_checked_at_start_naming_the_entry(tmp_path, body, message):
