@@ -12,6 +12,7 @@ Routes (documented in docs/api.md):
   POST /api/retrain, POST /api/rollback {"version"}, POST /api/prune {"keep"}  (admin token)
   GET  /api/canary; POST /api/canary/promote, POST /api/canary/retire  (admin token)
   GET  /api/constitution, PUT /api/constitution (admin), GET /api/critiques/{id} (admin)
+  GET  /api/prompt-variants; PUT /api/prompt-variants, POST /api/prompt-variants/default (admin)
   GET  /api/openapi.json -> the schema (request and answer models: assistant/protocol.py)
 
 The edge's own rules: a session id must be one the server issued (`assistant.sessions`), the
@@ -35,6 +36,7 @@ from assistant.protocol import (
     CanaryAnswer,
     ChatAnswer,
     ChatRequest,
+    DefaultVariantRequest,
     DeletedAnswer,
     DemonstrationAnswer,
     DemonstrationRequest,
@@ -44,6 +46,7 @@ from assistant.protocol import (
     RollbackAnswer,
     RollbackRequest,
     SessionAnswer,
+    VariantsAnswer,
     VersionsAnswer,
     VoteAnswer,
     VoteRequest,
@@ -116,7 +119,7 @@ def is_admin(request: Request) -> bool:
 
 
 def build_api_router(
-    service: ChatService, sessions: SessionKeys, loop=None, cai=None, canary=None
+    service: ChatService, sessions: SessionKeys, loop=None, cai=None, canary=None, variants=None
 ) -> APIRouter:
     router = APIRouter(prefix="/api")
 
@@ -132,7 +135,7 @@ def build_api_router(
     def client(request: Request) -> str | None:
         return sessions.client_tag(request.client.host if request.client else None)
 
-    @router.post("/session", response_model=SessionAnswer)
+    @router.post("/session", response_model=SessionAnswer, response_model_exclude_unset=True)
     async def new_session():
         session_id = sessions.issue()
         answer = JSONResponse({"session_id": session_id})
@@ -140,7 +143,11 @@ def build_api_router(
         return answer
 
     @router.post(
-        "/chat", response_model=ChatAnswer, responses=ERRORS, openapi_extra=body_schema(ChatRequest)
+        "/chat",
+        response_model=ChatAnswer,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+        openapi_extra=body_schema(ChatRequest),
     )
     async def chat(request: Request):
         data = await read_json(request)
@@ -154,7 +161,11 @@ def build_api_router(
         return result.as_json()
 
     @router.post(
-        "/vote", response_model=VoteAnswer, responses=ERRORS, openapi_extra=body_schema(VoteRequest)
+        "/vote",
+        response_model=VoteAnswer,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+        openapi_extra=body_schema(VoteRequest),
     )
     async def vote(request: Request):
         data = parse(VoteRequest, await read_json(request))
@@ -174,6 +185,7 @@ def build_api_router(
     @router.post(
         "/demonstration",
         response_model=DemonstrationAnswer,
+        response_model_exclude_unset=True,
         responses=ERRORS,
         openapi_extra=body_schema(DemonstrationRequest),
     )
@@ -187,22 +199,35 @@ def build_api_router(
         )
         return body.as_dict()
 
-    @router.get("/health", response_model=HealthAnswer, responses={503: {"model": HealthAnswer}})
+    @router.get(
+        "/health",
+        response_model=HealthAnswer,
+        response_model_exclude_unset=True,
+        responses={503: {"model": HealthAnswer}},
+    )
     async def health():
         body = await service.health()
         return JSONResponse(body, status_code=200 if body["engine"] else 503)
 
-    @router.get("/versions", response_model=VersionsAnswer)
+    @router.get("/versions", response_model=VersionsAnswer, response_model_exclude_unset=True)
     async def versions(request: Request):
         return await service.versions(admin=is_admin(request))
 
     @router.delete(
-        "/conversations/{conversation_id}", response_model=DeletedAnswer, responses=ERRORS
+        "/conversations/{conversation_id}",
+        response_model=DeletedAnswer,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
     )
     async def delete_conversation(conversation_id: str, request: Request):
         return await service.delete_conversation(conversation_id, session(request, None))
 
-    @router.post("/retrain", response_model=RetrainAnswer, responses=ERRORS)
+    @router.post(
+        "/retrain",
+        response_model=RetrainAnswer,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+    )
     async def retrain(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
@@ -211,6 +236,7 @@ def build_api_router(
     @router.post(
         "/rollback",
         response_model=RollbackAnswer,
+        response_model_exclude_unset=True,
         responses=ERRORS,
         openapi_extra=body_schema(RollbackRequest),
     )
@@ -220,21 +246,61 @@ def build_api_router(
         data = parse(RollbackRequest, await read_json(request))
         return await loop.rollback(data.version)
 
-    @router.get("/canary", response_model=CanaryAnswer)
+    @router.get("/canary", response_model=CanaryAnswer, response_model_exclude_unset=True)
     async def canary_status():
         return await canary.status()
 
-    @router.post("/canary/promote", response_model=CanaryAnswer, responses=ERRORS)
+    @router.post(
+        "/canary/promote",
+        response_model=CanaryAnswer,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+    )
     async def canary_promote(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
         return await canary.promote()
 
-    @router.post("/canary/retire", response_model=CanaryAnswer, responses=ERRORS)
+    @router.post(
+        "/canary/retire",
+        response_model=CanaryAnswer,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+    )
     async def canary_retire(request: Request):
         if (refusal := admin_refusal(request)) is not None:
             return refusal
         return await canary.retire()
+
+    @router.get(
+        "/prompt-variants", response_model=VariantsAnswer, response_model_exclude_unset=True
+    )
+    async def prompt_variants():
+        return await variants.status()
+
+    @router.put(
+        "/prompt-variants",
+        response_model=VariantsAnswer,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+    )
+    async def replace_prompt_variants(request: Request):
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
+        return await variants.replace(await read_json(request))
+
+    @router.post(
+        "/prompt-variants/default",
+        response_model=VariantsAnswer,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+        openapi_extra=body_schema(DefaultVariantRequest),
+    )
+    async def default_prompt_variant(request: Request):
+        if (refusal := admin_refusal(request)) is not None:
+            return refusal
+        data = parse(DefaultVariantRequest, await read_json(request))
+        return await variants.make_default(data.name)
 
     @router.post("/prune", responses=ERRORS, openapi_extra=body_schema(PruneRequest))
     async def prune(request: Request):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import random
 import secrets
 import unicodedata
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from alignment.monitors import annotated_versions
 from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import Challenger, Engine, PairProgress
 from assistant.limits import VoteLimits
+from assistant.prompt_variants import PromptVariants, shipped_variants
 from storage import AppError, ConflictError, Store
 from storage.export import demonstration_records, preference_records
 from storage.store import VOTE_CHOICES, CandidateRecord, RecordedVote
@@ -161,6 +163,8 @@ class ChatService:
         self._generating_by_client: collections.Counter[str] = collections.Counter()
         self._conversations_generating: set[str] = set()
         self.canary: Canary | None = None
+        self.variants: PromptVariants = shipped_variants()  # the app loads the admin's
+        self._rng = random.Random()
 
     @property
     def model_version(self) -> str:
@@ -207,15 +211,17 @@ class ChatService:
                     f"vote on pair {opened.pending_pair} first: the chosen reply continues the "
                     "conversation"
                 )
-            prompt = self._system() + opened.history + [{"role": "user", "content": text}]
+            conversation = [*opened.history, {"role": "user", "content": text}]
             seed = secrets.randbelow(2**31 - 2)
             last: PairProgress | None = None
             challenger = self.canary.pick() if self.canary is not None else None
-            stream = (
-                self.engine.stream_pair(prompt, self.sampling.as_dict(), seed)
-                if challenger is None  # engines without canary support need not know of it
-                else self.engine.stream_pair(prompt, self.sampling.as_dict(), seed, challenger)
-            )
+            prompt, per_candidate, arms = self._prompts(conversation, challenger is None)
+            extra: dict = {}  # engines that know neither canaries nor variants need not
+            if challenger is not None:
+                extra["challenger"] = challenger
+            if per_candidate is not None:
+                extra["per_candidate"] = per_candidate
+            stream = self.engine.stream_pair(prompt, self.sampling.as_dict(), seed, **extra)
             async for progress in stream:
                 last = progress
                 a, b = progress.candidates
@@ -226,7 +232,7 @@ class ChatService:
                     slot=SLOTS[d.index],
                     text=d.text,
                     model_version=d.model_version or last.model_version,
-                    sampling={**last.sampling, "seed": d.seed},
+                    sampling={**last.sampling, "seed": d.seed, "variant": arms[d.index]},
                     prompt_tokens=last.prompt_tokens,
                     completion_tokens=d.completion_tokens,
                     finish_reason=d.finish_reason,
@@ -324,9 +330,22 @@ class ChatService:
         assert result is not None
         return result
 
-    def _system(self) -> list[dict[str, str]]:
-        prompt = self.serve.system_prompt
-        return [{"role": "system", "content": prompt}] if prompt else []
+    def _prompts(
+        self, conversation: list[dict[str, str]], may_vary: bool
+    ) -> tuple[list[dict[str, str]], tuple[list, list] | None, tuple[str, str]]:
+        """(the prompt stored with the pair, each candidate's own prompt or None, each
+        candidate's variant). Ordinary turns use the default variant for both; on
+        `variant_share` of the others (never a canary pair) the two candidates get two
+        different variants, and the pair stores the conversation as it is."""
+        variants, system = self.variants, self.serve.system_prompt
+        share = self.serve.variant_share
+        if may_vary and share > 0 and len(variants.variants) > 1 and self._rng.random() < share:
+            a, b = variants.pick_pair(self._rng)
+            plain = [{"role": "system", "content": system}] if system else []
+            per_candidate = (a.messages(conversation, system), b.messages(conversation, system))
+            return plain + conversation, per_candidate, (a.name, b.name)
+        default = variants.by_name[variants.default]
+        return default.messages(conversation, system), None, (default.name, default.name)
 
     # --- votes --------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
         ("--max-backlog-share", "serve", "max_backlog_share", "FRACTION"),
         ("--max-message-chars", "serve", "max_message_chars", "CHARS"),
         ("--system-prompt", "serve", "system_prompt", "TEXT"),
+        ("--variant-share", "serve", "variant_share", "FRACTION"),
         ("--retention-days", "serve", "retention_days", "DAYS"),
     ],
     "sampling (the two candidates)": [

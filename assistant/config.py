@@ -130,6 +130,12 @@ class ServeConfig:
         default=0.25,
     )
     system_prompt: str | None = _help("system prompt prepended to every conversation", default=None)
+    variant_share: float = _help(
+        "share of turns whose two replies differ only in their prompt variant (zero-shot, "
+        "few-shot, step by step: assistant/prompt_variants.json), so that the votes rate the "
+        "variants (0: never)",
+        default=0.0,
+    )
     allowed_hosts: list[str] = _help(
         "host names the app answers to, besides loopback names and the bound address (a page "
         "on another site cannot reach the app by pointing its own name at 127.0.0.1); '*' "

@@ -98,9 +98,11 @@ class Engine(Protocol):
         sampling: dict,
         seed: int,
         challenger: Challenger | None = None,
+        per_candidate: tuple[list[dict[str, str]], list[dict[str, str]]] | None = None,
     ) -> AsyncIterator[PairProgress]:
         """Two candidates for the same prompt, seeds `seed` and `seed+1`: both from the serving
-        version, or (a canary pair) one of them from the `challenger`."""
+        version, or (a canary pair) one of them from the `challenger`. `per_candidate` (a
+        prompt-variant pair): each candidate's own messages instead of `messages`."""
         ...
 
     async def load_adapter(self, name: str, path: str) -> None:

@@ -48,6 +48,10 @@ class DemonstrationRequest(Request):
     session_id: str | None = None
 
 
+class DefaultVariantRequest(Request):
+    name: str = Field(description="the prompt variant every ordinary turn uses from now on")
+
+
 class RollbackRequest(Request):
     version: str = Field(description="a version name such as 'v0000'")
 
@@ -84,6 +88,9 @@ class VoteAnswer(Answer):
     continued_with: str | None
     flagged: str | None
     versions: dict[str, str] = Field(description="slot -> the version that wrote that reply")
+    variants: dict[str, str] | None = Field(
+        None, description="slot -> prompt variant, only on pairs whose two variants differed"
+    )
 
 
 class DemonstrationAnswer(VoteAnswer):
@@ -123,6 +130,12 @@ class CanaryAnswer(Answer):
     interval: list[float] | None = None
     decision: str | None = None
     reason: str | None = None
+
+
+class VariantsAnswer(Answer):
+    default: str
+    share: float
+    variants: list[dict[str, Any]]
 
 
 class DeletedAnswer(Answer):

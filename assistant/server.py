@@ -198,6 +198,7 @@ def build_app(config: AppConfig):
     from assistant.openai_api import build_openai_router
     from assistant.page_auth import PageAuth
     from assistant.sessions import SESSION_COOKIE, SessionKeys
+    from assistant.variant_service import VariantService
     from ui.page import CSS, build_page
 
     constitution = active_constitution(config)  # before the engine: a bad file fails fast
@@ -211,6 +212,7 @@ def build_app(config: AppConfig):
     canary = CanaryService(runtime.store, runtime.engine, config.canary, runtime.loop.lock)
     runtime.loop.canary = service.canary = canary
     canary.after_promotion = runtime.loop.prune_after_deploy
+    variants = VariantService(runtime.store, service)
     version = runtime.store.latest_constitution()
     if version is None or version["body"] != constitution.as_json():
         runtime.store.save_constitution(constitution.name, constitution.as_json())
@@ -229,6 +231,7 @@ def build_app(config: AppConfig):
     @asynccontextmanager
     async def lifespan(_app):
         await canary.resume()  # a canary the last run left going goes on, or is closed
+        await variants.load()  # the prompt variants an admin saved, if any
         tasks = [asyncio.create_task(scheduler.run_forever())]
         if runtime.embedded is not None:
             watch = EngineWatch(
@@ -283,14 +286,14 @@ def build_app(config: AppConfig):
         return response
 
     install_error_handler(app)
-    app.include_router(build_api_router(service, sessions, runtime.loop, cai, canary))
+    app.include_router(build_api_router(service, sessions, runtime.loop, cai, canary, variants))
     app.include_router(build_admin_login_router(sessions))
     app.include_router(build_openai_router(service, sessions))
     app.state.service = service
     app.state.runtime = runtime
-    page = build_page(service, PageAuth(sessions), runtime.loop, cai, scheduler, canary).queue(
-        default_concurrency_limit=None
-    )
+    page = build_page(
+        service, PageAuth(sessions), runtime.loop, cai, scheduler, canary, variants
+    ).queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(
         app, page, path="/", css=CSS, footer_links=["api"], run_history=False, max_file_size="1kb"
     )

@@ -105,6 +105,7 @@ class VLLMServerEngine:
         sampling: dict,
         seed: int,
         challenger: Challenger | None = None,
+        per_candidate: tuple[list[dict[str, str]], list[dict[str, str]]] | None = None,
     ) -> AsyncIterator[PairProgress]:
         async with self._gate.request():
             # read inside the gate: no swap can start or finish while this pair generates
@@ -119,7 +120,12 @@ class VLLMServerEngine:
                 CandidateDraft(0, seed, model_version=version),
                 CandidateDraft(1, seed + 1, model_version=version),
             )
-            if challenger is None:  # one request, n=2: the engine batches the two samples
+            if per_candidate is not None:  # a prompt-variant pair: one request per prompt
+                requests = [
+                    (self._body(per_candidate[d.index], sampling, d.seed, self.model_name, 1), (d,))
+                    for d in drafts
+                ]
+            elif challenger is None:  # one request, n=2: the engine batches the two samples
                 requests = [(self._body(messages, sampling, seed, self.model_name, 2), drafts)]
             else:  # a canary pair: one request per version, concurrently
                 drafts[challenger.slot].model_version = challenger.version

@@ -188,4 +188,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        9,
+        "prompt variants: every version of the file an admin saved (the newest is in force)",
+        """
+        CREATE TABLE prompt_variant_sets (
+            version     INTEGER PRIMARY KEY,
+            body        JSON NOT NULL,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 ]

@@ -65,11 +65,13 @@ class RecordedVote:
     flagged: str | None  # why the vote is kept out of training, if it is
     versions: dict[str, str]  # slot -> the version that wrote that reply
     demonstration_id: str | None = None  # the user's own reply, when they wrote one
+    variants: dict[str, str] | None = None  # slot -> prompt variant, when the two differed
 
     def as_dict(self) -> dict[str, Any]:
         answer = asdict(self)
-        if self.demonstration_id is None:
-            del answer["demonstration_id"]  # a plain vote's answer is as it always was
+        for key in ("demonstration_id", "variants"):
+            if answer[key] is None:
+                del answer[key]  # a plain vote's answer is as it always was
         return answer
 
 
@@ -273,9 +275,11 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             if voted:
                 raise ConflictError(f"pair {pair_id} already has a vote")
             rows = con.execute(
-                "SELECT slot, text, model_version FROM candidates WHERE pair_id = ?", [pair_id]
+                "SELECT slot, text, model_version, json_extract_string(sampling, '$.variant') "
+                "FROM candidates WHERE pair_id = ?",
+                [pair_id],
             ).fetchall()
-            texts = {slot: text for slot, text, _ in rows}
+            texts = {slot: text for slot, text, _, _ in rows}
             if not admitted:
                 words = sum(len(t.strip().split(" ")) for t in texts.values())
                 admitted.append(admit(float(age), words) if admit is not None else None)
@@ -305,7 +309,10 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
                     "VALUES (?, ?, ?, 'assistant', ?, ?)",
                     [new_id(), conversation_id, position + 1, chosen_text, pair_id],
                 )
-            versions = {slot: version for slot, _, version in rows}
+            versions = {slot: version for slot, _, version, _ in rows}
+            variants = {slot: variant for slot, _, _, variant in rows}
+            if len(set(variants.values())) < 2:
+                variants = None  # the same prompting for both: nothing to reveal
             return RecordedVote(
                 vote_id,
                 pair_id,
@@ -315,6 +322,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
                 flagged,
                 versions,
                 demonstration_id,
+                variants,
             )
 
         try:
@@ -331,6 +339,34 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             "SELECT p.prompt, d.text FROM demonstrations d JOIN pairs p ON p.id = d.pair_id "
             "JOIN votes v ON v.pair_id = p.id AND v.flagged IS NULL ORDER BY d.created_at, d.id"
         )
+
+    def variant_votes(self) -> list[dict[str, Any]]:
+        """Unflagged votes on pairs whose candidates were prompted with different variants:
+        the choice and each slot's variant (named `version_a`/`version_b`, the shape the
+        Bradley-Terry ratings read)."""
+        return self._rows(
+            "SELECT v.choice, json_extract_string(a.sampling, '$.variant') AS version_a, "
+            "json_extract_string(b.sampling, '$.variant') AS version_b "
+            f"FROM votes v JOIN pairs p ON p.id = v.pair_id {BOTH_CANDIDATES} "
+            "WHERE v.flagged IS NULL AND version_a IS NOT NULL AND version_b IS NOT NULL "
+            "AND version_a <> version_b"
+        )
+
+    def save_prompt_variants(self, body: dict) -> int:
+        """Store a prompt-variants file as a new version (history is never overwritten)."""
+        with self._transaction() as con:
+            version = con.execute(
+                "SELECT coalesce(max(version), 0) + 1 FROM prompt_variant_sets"
+            ).fetchone()[0]
+            con.execute(
+                "INSERT INTO prompt_variant_sets (version, body) VALUES (?, ?)",
+                [version, json.dumps(body)],
+            )
+        return version
+
+    def latest_prompt_variants(self) -> dict[str, Any] | None:
+        rows = self._rows("SELECT body FROM prompt_variant_sets ORDER BY version DESC LIMIT 1")
+        return json.loads(rows[0]["body"]) if rows else None
 
     def count(self, table: str) -> int:
         if table not in {"conversations", "messages", "pairs", "candidates", "votes"}:

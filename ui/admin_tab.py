@@ -163,7 +163,65 @@ def _stage_line(status: dict) -> str:
     return f"Cycle running: **{status['stage']}** {detail}"
 
 
-def build_admin_tab(loop, auth: PageAuth, canary=None) -> None:
+VARIANT_COLUMNS = ["variant", "default", "win rate", "95% interval", "votes", "rating", "what"]
+
+
+def _variants_frame(status: dict) -> list[list]:
+    rows = []
+    for v in status["variants"]:
+        r = v.get("results") or {}
+        rating = r.get("rating") or {}
+        rows.append(
+            [
+                v["name"],
+                "yes" if v["name"] == status["default"] else "",
+                f"{r['win_rate']:.2f}" if r else "",
+                format_interval(r.get("interval")) if r else "",
+                r.get("comparisons", 0),
+                f"{rating['score']:.0f}" if rating else "",
+                v.get("description", ""),
+            ]
+        )
+    return rows
+
+
+def build_variants_section(variants, auth: PageAuth) -> None:
+    """Prompt variants as the users' votes rate them, and the admin's choice of default."""
+    gr.Markdown(
+        "**Prompt variants** (the no-training baseline): on `--variant-share` of turns the two "
+        "replies differ only in how the model is prompted; the votes rate each way.",
+        elem_id="variants-intro",
+    )
+    table = gr.Dataframe(
+        headers=VARIANT_COLUMNS, interactive=False, label="Prompt variants", elem_id="variants"
+    )
+    with gr.Row():
+        choice = gr.Dropdown(label="Variant", choices=[], allow_custom_value=True)
+        make_default = gr.Button("Make default", elem_id="make-default-variant")
+    outcome = gr.Markdown("", elem_id="variant-result")
+
+    async def refresh():
+        status = await variants.status()
+        names = [v["name"] for v in status["variants"]]
+        return _variants_frame(status), gr.update(choices=names)
+
+    async def on_make_default(name: str, request: gr.Request):
+        if (problem := auth.admin_problem(request)) is not None:
+            return f"⚠ {problem}"
+        try:
+            status = await variants.make_default(name)
+        except Exception as exc:  # noqa: BLE001 - shown to the admin
+            return f"⚠ {exc}"
+        return f"Every ordinary turn now uses **{status['default']}**."
+
+    make_default.click(on_make_default, choice, outcome, concurrency_limit=None).then(
+        refresh, None, [table, choice]
+    )
+    timer = gr.Timer(5.0)
+    timer.tick(refresh, None, [table, choice], concurrency_limit=None, show_progress="hidden")
+
+
+def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
     gr.HTML(LOGIN_FORM)
     signed_in = gr.Markdown("", elem_id="admin-signed-in")
     stage = gr.Markdown("No cycle running.", elem_id="cycle-stage")
@@ -259,3 +317,5 @@ def build_admin_tab(loop, auth: PageAuth, canary=None) -> None:
     timer = gr.Timer(2.0)
     timer.tick(refresh, None, outputs, concurrency_limit=None, show_progress="hidden")
     timer.tick(who, None, signed_in, concurrency_limit=None, show_progress="hidden")
+    if variants is not None:
+        build_variants_section(variants, auth)

@@ -66,11 +66,16 @@ def _version_line(version: str, note: str | None = None) -> str:
     return f"{line} ⚠ {note}" if note else line
 
 
-def _canary_reveal(versions: dict[str, str]) -> str:
-    """After the vote, and only then: which reply came from which version, on a canary pair."""
-    if versions.get("a") == versions.get("b"):
-        return ""
-    return f" This pair was a trial of a new version: A was {versions['a']}, B was {versions['b']}."
+def _canary_reveal(versions: dict[str, str], variants: dict[str, str] | None = None) -> str:
+    """After the vote, and only then: which reply came from which version (a canary pair) or
+    which way of prompting (a prompt-variant pair)."""
+    said = ""
+    if versions.get("a") != versions.get("b"):
+        a, b = versions["a"], versions["b"]
+        said += f" This pair was a trial of a new version: A was {a}, B was {b}."
+    if variants:
+        said += f" The two replies were prompted differently: A {variants['a']}, B {variants['b']}."
+    return said
 
 
 def build_page(
@@ -80,6 +85,7 @@ def build_page(
     cai=None,
     scheduler=None,
     canary=None,
+    variants=None,
 ) -> gr.Blocks:
     with gr.Blocks(title="Aligned assistant") as page, gr.Tabs():
         with gr.Tab("Chat"):
@@ -201,7 +207,7 @@ def build_page(
                     except AppError as exc:
                         yield view(st, hist, a, b, note=f"⚠ {exc.public()}", votable=True)
                         return
-                    reveal = _canary_reveal(answer.versions)
+                    reveal = _canary_reveal(answer.versions, answer.variants)
                     pending = st["pending_text"]
                     st = {**st, "pair_id": None, "pending_text": None}
                     if choice == "both_bad":
@@ -233,7 +239,7 @@ def build_page(
                     return (*view(st, hist, a, b, note=f"⚠ {exc.public()}", votable=True), text)
                 st = {**st, "pair_id": None, "pending_text": None}
                 note = "Saved: your reply continues the conversation." + _canary_reveal(
-                    answer.versions
+                    answer.versions, answer.variants
                 )
                 hist = [*hist, {"role": "assistant", "content": html.escape(answer.continued_with)}]
                 return (*view(st, hist, note=note), "")
@@ -297,5 +303,5 @@ def build_page(
                 build_constitution_tab(cai, auth)
         if loop is not None:
             with gr.Tab("Admin"):
-                build_admin_tab(loop, auth, canary)
+                build_admin_tab(loop, auth, canary, variants)
     return page
