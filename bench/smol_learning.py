@@ -171,18 +171,28 @@ def calibrate(n_prompts: int, max_tokens: int, dump: Path | None = None) -> dict
     return out
 
 
-def run(family: str, seed: int, votes: int, max_chats: int, config: Path | None, max_tokens: int):
+def run(
+    family: str,
+    seed: int,
+    votes: int,
+    max_chats: int,
+    config: Path | None,
+    max_tokens: int,
+    cai: bool = False,
+):
     likes = FAMILIES[family]
     rng = random.Random(seed)
     vote_items = prompts(TOPICS[:-HELD_OUT_TOPICS], rng)
     test_items = prompts(TOPICS[-HELD_OUT_TOPICS:], random.Random(0))[:32]
-    args = ["--model", str(SMOL), "--max-new-tokens", str(max_tokens), "--no-cai",
+    args = ["--model", str(SMOL), "--max-new-tokens", str(max_tokens),
             "--retrain-every-votes", "0", "--retrain-every-minutes", "0",
             "--reading-words-per-second", "0", "--max-votes-per-minute", "0",
             *MANY_USERS_ON_ONE_ADDRESS, *DEPLOY_AT_THE_GATE]  # fmt: skip
+    if not cai:  # the critique worker off, unless the run measures the cycle beside it
+        args.append("--no-cai")
     if config is not None:
         args += ["--retrain-config", str(config)]
-    row: dict = {"family": family, "seed": seed}
+    row: dict = {"family": family, "seed": seed, "cai": cai}
     with tempfile.TemporaryDirectory() as tmp:
         app = AppProcess(args, Path(tmp), env={"ASSISTANT_ADMIN_TOKEN": TOKEN}).start()
         headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -215,6 +225,9 @@ def run(family: str, seed: int, votes: int, max_chats: int, config: Path | None,
                 "stage_s": cycle.get("seconds"),
                 "ppo_kl": [round(s["kl"], 2) for s in cycle.get("ppo_steps", [])],
                 "ppo_reward": [round(s["reward_mean"], 2) for s in cycle.get("ppo_steps", [])],
+                # where PPO's minutes went: sampling, no-grad passes and scores, updates
+                "ppo_s": {k: round(sum(s.get(f"{k}_s", 0.0) for s in cycle.get("ppo_steps", [])))
+                          for k in ("rollout", "score", "update")},
             }  # fmt: skip
             if cycle["status"] != "deployed":
                 return row
@@ -258,6 +271,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="reply length users see")
     parser.add_argument("--retrain-config", type=Path, default=None)
     parser.add_argument(
+        "--cai", action="store_true", help="keep the critique worker on (it yields to cycles)"
+    )
+    parser.add_argument(
         "--calibrate", type=int, default=0, metavar="N",
         help="only sample v0 on N prompts and report each family's liked and decisive rates",
     )  # fmt: skip
@@ -270,7 +286,7 @@ def main() -> None:
     for seed in args.seed:
         row = run(
             args.family, seed, args.votes, args.max_chats, args.retrain_config,
-            args.max_new_tokens,
+            args.max_new_tokens, args.cai,
         )  # fmt: skip
         print(json.dumps(row, default=str), flush=True)
 
