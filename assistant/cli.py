@@ -356,16 +356,7 @@ def cmd_push(args: argparse.Namespace, config: AppConfig) -> int:
 
     from assistant.hub import HubError, model_card, upload
 
-    if _app_holds_db(config):
-        rows = _call_app(args, "GET", "versions")["versions"]
-    else:
-        from storage import Store
-
-        store = Store(config.database, read_only=True)
-        try:
-            rows = store.model_versions()
-        finally:
-            store.close()
+    rows = _versions(args, config)["versions"]
     version = next((r for r in rows if r["version"] == args.version), None)
     if version is None:
         raise HubError(f"no version {args.version!r}: see `assistant versions`")
@@ -511,21 +502,26 @@ def _bar(label: str, done: int, total: int, note: str = "") -> None:
     )
 
 
+def _versions(args: argparse.Namespace, config: AppConfig) -> dict:
+    """`{"serving", "versions"}`: from the running app when it holds the database (with server
+    paths: the CLI sends the admin token), else from the file."""
+    if _app_holds_db(config):
+        return _call_app(args, "GET", "versions")
+    from storage import Store
+
+    store = Store(config.database, read_only=True)
+    try:
+        rows = store.model_versions()
+    finally:
+        store.close()
+    serving = next((r["version"] for r in rows if r["status"] == "serving"), None)
+    return {"serving": serving, "versions": rows}
+
+
 def cmd_versions(args: argparse.Namespace, config: AppConfig) -> int:
     from alignment.stats import format_interval
 
-    if _app_holds_db(config):
-        data = _call_app(args, "GET", "versions")
-    else:
-        from storage import Store
-
-        store = Store(config.database, read_only=True)
-        try:
-            rows = store.model_versions()
-        finally:
-            store.close()
-        serving = next((r["version"] for r in rows if r["status"] == "serving"), None)
-        data = {"serving": serving, "versions": rows}
+    data = _versions(args, config)
     print(f"{'version':8s} {'status':9s} {'parent':8s} {'created':20s} metrics")
     for v in data["versions"]:
         m = v.get("manifest") or {}

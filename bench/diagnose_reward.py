@@ -30,6 +30,24 @@ def auc(positive: list[float], negative: list[float]) -> float:
     return sum(pairs) / max(len(pairs), 1)
 
 
+def decisive_pairs(rows: list, likes) -> list[dict]:
+    """The simulated user's decisive votes on dumped (prompt, topic, (reply a, reply b)) rows,
+    as preference records."""
+    decisive = []
+    for prompt, topic, (a, b) in rows:
+        la, lb = likes(a, topic), likes(b, topic)
+        if la != lb:
+            chosen, rejected = (a, b) if la else (b, a)
+            decisive.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+    return decisive
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", type=Path, required=True)
@@ -44,18 +62,7 @@ def main() -> None:
     for (question, topic), (dumped_topic, texts) in zip(items, dumped, strict=True):
         assert topic == dumped_topic
         rows.append(([{"role": "user", "content": question}], topic, texts))
-    decisive = []
-    for prompt, topic, (a, b) in rows:
-        la, lb = likes(a, topic), likes(b, topic)
-        if la != lb:
-            chosen, rejected = (a, b) if la else (b, a)
-            decisive.append(
-                {
-                    "prompt": prompt,
-                    "chosen": [{"role": "assistant", "content": chosen}],
-                    "rejected": [{"role": "assistant", "content": rejected}],
-                }
-            )
+    decisive = decisive_pairs(rows, likes)
     random.Random(1).shuffle(decisive)
     train = decisive[: args.train]
     seen = {json.dumps(r["prompt"]) for r in train}

@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.diagnose_reward import auc
+from bench.diagnose_reward import auc, decisive_pairs
 from bench.smol_learning import FAMILIES, SMOL, TOPICS, prompts
 
 METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
@@ -52,18 +52,7 @@ def one(method: str, stage: str, dump: Path, family: str, n_train: int) -> dict:
     rng = random.Random(1)
     started = time.perf_counter()
     if stage == "reward":
-        decisive = []
-        for prompt, topic, (a, b) in rows:
-            la, lb = likes(a, topic), likes(b, topic)
-            if la != lb:
-                chosen, rejected = (a, b) if la else (b, a)
-                decisive.append(
-                    {
-                        "prompt": prompt,
-                        "chosen": [{"role": "assistant", "content": chosen}],
-                        "rejected": [{"role": "assistant", "content": rejected}],
-                    }
-                )
+        decisive = decisive_pairs(rows, likes)
         rng.shuffle(decisive)
         train = decisive[:n_train]
         seen = {json.dumps(r["prompt"]) for r in train}

@@ -11,19 +11,12 @@ from storage.rules import AWAITING_CRITIQUE, BOTH_CANDIDATES, new_id
 
 
 class CAIRecords:
-    """Requires `_transaction()`, `_rows()` and `_prompt_rows()` (see `Store`)."""
+    """Requires `_transaction()`, `_rows()`, `_prompt_rows()` and `_append_version()` (see
+    `storage.database.Database`)."""
 
     def save_constitution(self, name: str, body: dict) -> int:
         """Store a constitution as a new version (history is never overwritten)."""
-        with self._transaction() as con:
-            version = con.execute(
-                "SELECT coalesce(max(version), 0) + 1 FROM constitutions"
-            ).fetchone()[0]
-            con.execute(
-                "INSERT INTO constitutions (version, name, body) VALUES (?, ?, ?)",
-                [version, name, json.dumps(body)],
-            )
-        return version
+        return self._append_version("constitutions", {"name": name, "body": json.dumps(body)})
 
     def latest_constitution(self) -> dict[str, Any] | None:
         rows = self._rows(

@@ -134,6 +134,20 @@ class Database:
                 time.sleep(0.002 * 2**attempt)
         raise AssertionError("unreachable")
 
+    def _append_version(self, table: str, values: dict[str, Any]) -> int:
+        """Insert `values` as the next numbered version of a history table (constitutions,
+        prompt variants: edits never overwrite); returns the number."""
+        columns = ", ".join(["version", *values])
+        marks = ", ".join("?" * (len(values) + 1))
+        with self._transaction() as con:
+            version = con.execute(f"SELECT coalesce(max(version), 0) + 1 FROM {table}").fetchone()[
+                0
+            ]
+            con.execute(
+                f"INSERT INTO {table} ({columns}) VALUES ({marks})", [version, *values.values()]
+            )
+        return version
+
     def _rows(self, sql: str, params: list | tuple = ()) -> list[dict[str, Any]]:
         cur = self._cursor().execute(sql, params)
         names = [d[0] for d in cur.description]

@@ -354,15 +354,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
 
     def save_prompt_variants(self, body: dict) -> int:
         """Store a prompt-variants file as a new version (history is never overwritten)."""
-        with self._transaction() as con:
-            version = con.execute(
-                "SELECT coalesce(max(version), 0) + 1 FROM prompt_variant_sets"
-            ).fetchone()[0]
-            con.execute(
-                "INSERT INTO prompt_variant_sets (version, body) VALUES (?, ?)",
-                [version, json.dumps(body)],
-            )
-        return version
+        return self._append_version("prompt_variant_sets", {"body": json.dumps(body)})
 
     def latest_prompt_variants(self) -> dict[str, Any] | None:
         rows = self._rows("SELECT body FROM prompt_variant_sets ORDER BY version DESC LIMIT 1")
