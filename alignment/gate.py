@@ -199,15 +199,16 @@ def sample_policy(
 def reply_kl(policy, pairs, pad_id: int, batch: int = 8) -> list[float]:
     """sum_t log pi_new - log pi_ref over each reply's tokens (the k1 estimate on its own
     samples)."""
-    from alignment.ppo import pack_rollouts, token_logprobs
+    from alignment.ppo import logits_window, pack_rollouts, token_logprobs
 
     device = next(policy.parameters()).device
     kls: list[float] = []
     for i in range(0, len(pairs), batch):
         ids, attn, resp = (t.to(device) for t in pack_rollouts(pairs[i : i + batch], pad_id))
-        logits, _ = policy(ids, attn)
+        keep = logits_window(resp)
+        logits, _ = policy(ids, attn, keep)
         lp = token_logprobs(logits, ids)
-        ref = token_logprobs(policy.reference_logits(ids, attn), ids)
+        ref = token_logprobs(policy.reference_logits(ids, attn, keep), ids)
         kls.extend(((lp - ref) * resp).sum(dim=1).tolist())
     return kls
 

@@ -107,22 +107,29 @@ class PolicyWithValueHead(nn.Module):
     def autocast(self):
         return autocast(self.precision, str(next(self.parameters()).device))
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0):
+        """(logits of the last `logits_to_keep` positions, or all for 0; values at every
+        position). `logits_window` says how many the replies need: the prompt's positions
+        would be vocabulary-sized rows computed only to be thrown away."""
         with self.autocast():
             out = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 output_hidden_states=True,
                 use_cache=False,
+                logits_to_keep=logits_to_keep,
             )
         values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)  # (B, L)
-        return out.logits.float(), values  # (B, L, V), (B, L)
+        return out.logits.float(), values  # (B, K, V), (B, L)
 
     @torch.no_grad()
-    def reference_logits(self, input_ids, attention_mask):
+    def reference_logits(self, input_ids, attention_mask, logits_to_keep: int = 0):
         with self.lm.disable_adapter(), self.autocast():
             return self.lm(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
             ).logits.float()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -154,14 +161,28 @@ def pack_rollouts(
     return ids, attn, resp
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) aligned to position t (position 0 gets 0). (B, L)
+def logits_window(response_mask: torch.Tensor) -> int:
+    """How many final positions need logits for every reply token's log-prob: from the
+    position before the earliest reply token of the batch to the end (transformers'
+    `logits_to_keep`). On SmolLM2 rollouts about half the positions are prompt."""
+    length = response_mask.shape[1]
+    columns = response_mask.any(dim=0).nonzero()
+    if len(columns) == 0:
+        return 0  # no reply tokens: keep everything (0 means all)
+    return length - (int(columns[0]) - 1)
 
-    Computed as the picked logit minus logsumexp, so no second (B, L, V) tensor of log-softmax
-    is held next to the logits (V is 49152 on SmolLM2)."""
-    logits = logits[:, :-1].float()  # (B, L-1, V) predicts tokens 1..L-1
-    picked = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, L-1)
-    return torch.nn.functional.pad(picked - torch.logsumexp(logits, dim=-1), (1, 0))
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) aligned to position t. (B, L)
+
+    `logits` are those of the last K positions (K = L: all); positions they do not predict
+    get 0. Computed as the picked logit minus logsumexp, so no second (B, K, V) tensor of
+    log-softmax is held next to the logits (V is 49152 on SmolLM2)."""
+    length, kept = input_ids.shape[1], logits.shape[1]
+    first = length - kept + 1  # the first token the kept logits predict
+    logits = logits[:, :-1].float()  # (B, K-1, V) predicts tokens first..L-1
+    picked = logits.gather(-1, input_ids[:, first:].unsqueeze(-1)).squeeze(-1)  # (B, K-1)
+    return torch.nn.functional.pad(picked - torch.logsumexp(logits, dim=-1), (first, 0))
 
 
 class PPOTrainer:
@@ -214,15 +235,13 @@ class PPOTrainer:
         # Token t's log-prob sits at position t; the value of the state *before* token t is
         # the value head's output at position t-1, so shift values right by one.
         mask = ro.response_mask  # (B, L)
+        keep = logits_window(mask)  # logits only where replies are: half the vocabulary work
         with torch.no_grad():
-            logits, values = self.policy(ro.input_ids, ro.attention_mask)
+            logits, values = self.policy(ro.input_ids, ro.attention_mask, keep)
             old_logprobs = token_logprobs(logits, ro.input_ids) * mask  # (B, L) log pi_old
-            ref_logprobs = (
-                token_logprobs(
-                    self.policy.reference_logits(ro.input_ids, ro.attention_mask), ro.input_ids
-                )
-                * mask
-            )  # (B, L) log pi_ref
+            ref_logits = self.policy.reference_logits(ro.input_ids, ro.attention_mask, keep)
+            ref_logprobs = token_logprobs(ref_logits, ro.input_ids) * mask  # (B, L) log pi_ref
+            del logits, ref_logits
             old_values = torch.nn.functional.pad(values[:, :-1], (1, 0)) * mask  # (B, L)
             scores = self.score(
                 [
@@ -251,7 +270,7 @@ class PPOTrainer:
             for start in range(0, batch, c.minibatch_size):
                 idx = torch.tensor(order[start : start + c.minibatch_size], device=self.device)
                 m = mask[idx]
-                logits, values = self.policy(ro.input_ids[idx], ro.attention_mask[idx])
+                logits, values = self.policy(ro.input_ids[idx], ro.attention_mask[idx], keep)
                 logprobs = token_logprobs(logits, ro.input_ids[idx]) * m
                 step_kl = approx_kl(logprobs.detach(), old_logprobs[idx], m)
                 if c.max_step_kl > 0 and step_kl > c.max_step_kl and stats["pl"]:
@@ -273,7 +292,7 @@ class PPOTrainer:
                 torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 # logits at t-1 predict token t: shift the mask to score the right positions
-                ent_mask = torch.nn.functional.pad(m[:, 1:], (0, 1))
+                ent_mask = torch.nn.functional.pad(m[:, 1:], (0, 1))[:, -logits.shape[1] :]
                 stats["pl"].append(pl.item())
                 stats["vl"].append(vl.item())
                 stats["cf"].append(cf.item())

@@ -173,3 +173,38 @@ def test_bf16_base_weights_train_fp32_adapters(tiny_model_dir):
         n for n, p in policy.lm.named_parameters() if n in adapters and not p.equal(adapters[n])
     ]
     assert moved, "no LoRA matrix moved"
+
+
+def test_logits_only_where_replies_are_give_the_same_logprobs(tiny_model_dir):
+    """The PPO passes compute vocabulary-sized logits only from the position before the
+    earliest reply token: every reply token's log-prob (policy and reference) and the entropy
+    are what the full logits give."""
+    from alignment.ppo import logits_window, pack_rollouts
+    from alignment.ppo_math import entropy_from_logits
+
+    policy = PolicyWithValueHead.from_base(str(tiny_model_dir), PPOConfig(precision="fp32"))
+    torch.manual_seed(0)
+    for p in policy.lm.parameters():  # a moved adapter, so policy and reference differ
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    pairs = [
+        ([5, 6, 7, 8, 9, 10], [11, 12, 13]),
+        ([5, 6, 7], [20, 21, 22, 23, 24]),
+        ([5] * 9, [30]),
+    ]
+    ids, attn, mask = pack_rollouts(pairs, 0)
+    keep = logits_window(mask)
+    assert keep == ids.shape[1] - 2  # from the position before the earliest reply token (3)
+    with torch.no_grad():
+        full, values_full = policy(ids, attn)
+        window, values = policy(ids, attn, keep)
+        ref_full = token_logprobs(policy.reference_logits(ids, attn), ids) * mask
+        ref = token_logprobs(policy.reference_logits(ids, attn, keep), ids) * mask
+    assert window.shape[1] == keep < full.shape[1]
+    torch.testing.assert_close(token_logprobs(window, ids) * mask, token_logprobs(full, ids) * mask)
+    torch.testing.assert_close(ref, ref_full)
+    torch.testing.assert_close(values, values_full)
+    ent_mask = torch.nn.functional.pad(mask[:, 1:], (0, 1))
+    torch.testing.assert_close(
+        entropy_from_logits(window, ent_mask[:, -keep:]), entropy_from_logits(full, ent_mask)
+    )
