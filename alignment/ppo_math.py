@@ -101,9 +101,14 @@ def clipped_value_loss(
 
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean per-token entropy (nats) of the policy's distribution over real tokens."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+    """Mean per-token entropy (nats) of the policy's distribution over real tokens (a 0/1
+    `mask`). Only the masked rows are softmaxed: a statistic should not cost two more
+    vocabulary-sized tensors over padding."""
+    rows = logits[mask.bool()]  # (N, V)
+    if rows.shape[0] == 0:
+        return torch.zeros((), device=logits.device)
+    logp = torch.log_softmax(rows.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
 
 
 def leave_one_out_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
