@@ -219,6 +219,7 @@ def run(
                 "cycle_min": (time.perf_counter() - t0) / 60,
                 "rm_heldout": (cycle.get("reward") or {}).get("heldout_accuracy"),
                 "rm_members": (cycle.get("reward") or {}).get("member_heldout_accuracy"),
+                "rm_n_heldout": (cycle.get("reward") or {}).get("n_heldout"),
                 "gate": {k: (cycle.get("gate") or {}).get(k)
                          for k in ("win_rate", "interval", "comparisons", "kl", "kl_per_token",
                                    "reason")},
