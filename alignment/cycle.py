@@ -100,8 +100,8 @@ def _run_stages(
             "revisions": sum(r.get("source") != "human" for r in revisions),
         }
         say("sft", {"examples": len(revisions), **sources})
-        records = sft_records(revisions, config.sft.demonstration_weight)
-        sft = train_sft(serving_model, records, work / "sft", config.sft) | sources
+        examples = sft_records(revisions, config.sft.demonstration_weight)
+        sft = train_sft(serving_model, examples, work / "sft", config.sft) | sources
         seconds["sft"] = time.perf_counter() - t
         say("sft", sft)
         serving_model = sft["path"]  # the SFT model is the base and KL reference from here on

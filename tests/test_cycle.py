@@ -196,5 +196,6 @@ def test_cycle_with_sft_stage_uses_the_sft_model_as_base(tiny_model_dir, tiny_en
         revisions=revisions,
     )
     assert result.sft is not None and result.sft["loss_after"] < result.sft["loss_before"]
+    assert (result.sft["revisions"], result.sft["demonstrations"]) == (16, 0)
     manifest = json.loads((tmp_path / "versions" / "v0003" / "manifest.json").read_text())
     assert manifest["sft"]["examples"] == 16 and "sft" in result.seconds
