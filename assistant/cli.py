@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups["Constitutional AI"].add_argument(
         "--sft",
         action="store_true",
-        help="add an SFT stage on constitutional revisions to retrain cycles",
+        help="add an SFT stage to retrain cycles: on the replies users wrote (demonstrations) "
+        "and the constitutional revisions",
     )
     groups["Constitutional AI"].add_argument(
         "--no-cai",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -141,6 +142,12 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--engine-nice", type=int, default=0, help="the engine's niceness")
+    parser.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="the simulated users' niceness once the app is up (real users are on other machines)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -165,6 +172,8 @@ def main() -> None:
                 work / "app",
             ).start(timeout=120)  # fmt: skip
             try:
+                if args.client_nice:
+                    os.nice(args.client_nice)  # this process only: the app and engine keep theirs
                 result = run_load(app.url, args.users, args.seconds, turns=10_000)
             finally:
                 app.stop()
@@ -179,6 +188,7 @@ def main() -> None:
             "users": args.users,
             "seconds": args.seconds,
             "engine_nice": args.engine_nice,
+            "client_nice": args.client_nice,
             "acknowledged_votes_missing_from_db": len(set(result.acknowledged) - stored),
         }
         | isolated_write_latency()
