@@ -379,15 +379,18 @@ class ChatService:
                 )
             return None
 
-        recorded = await asyncio.to_thread(
-            self.store.record_vote,
-            pair_id,
-            choice,
-            voter=voter,
-            session_id=session_id,
-            client=client,
-            admit=admit,
-            demonstration=demonstration,
+        # Awaited on the store's writer thread (group commit), not through the thread pool the
+        # turns share: under load a vote queued there behind them (bench/RESULTS.md).
+        recorded = await asyncio.wrap_future(
+            self.store.submit_vote(
+                pair_id,
+                choice,
+                voter=voter,
+                session_id=session_id,
+                client=client,
+                admit=admit,
+                demonstration=demonstration,
+            )
         )
         if self.canary is not None and recorded.flagged is None:
             await self.canary.vote_cast(recorded.versions)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -228,7 +229,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
                     ],
                 )
 
-        self._write(body)
+        self._write_grouped(body).result()
         return StoredPair(pair_id, candidate_ids)
 
     def record_vote(
@@ -242,8 +243,32 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         admit: Callable[[float, int], str | None] | None = None,
         demonstration: str | None = None,
     ) -> RecordedVote:
+        """`submit_vote`, waited for."""
+        return self.submit_vote(
+            pair_id,
+            choice,
+            voter=voter,
+            session_id=session_id,
+            client=client,
+            admit=admit,
+            demonstration=demonstration,
+        ).result()
+
+    def submit_vote(
+        self,
+        pair_id: str,
+        choice: str,
+        *,
+        voter: str | None = None,
+        session_id: str | None = None,
+        client: str | None = None,
+        admit: Callable[[float, int], str | None] | None = None,
+        demonstration: str | None = None,
+    ) -> Future[RecordedVote]:
         """Store a vote and continue the conversation with the chosen reply: one call, one
-        transaction (under load every extra call queues behind the others; bench/RESULTS.md).
+        transaction (under load every extra call queues behind the others; bench/RESULTS.md),
+        group-committed with the writes queued beside it. The future resolves to the vote once
+        it is durable; an async caller awaits it without holding a thread.
 
         `admit(age_s, words)` runs inside the transaction once the pair is known to exist, to
         belong to the session and to have no vote yet: it may raise to refuse the vote (nothing
@@ -325,12 +350,15 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
                 variants,
             )
 
-        try:
-            return self._write(body)
-        except duckdb.ConstraintException as exc:  # the same pair voted on at the same moment
-            if "duplicate key" not in str(exc).lower():
-                raise
-            raise ConflictError(f"pair {pair_id} already has a vote") from exc
+        def guarded(con: duckdb.DuckDBPyConnection) -> RecordedVote:
+            try:
+                return body(con)
+            except duckdb.ConstraintException as exc:  # the pair voted on at the same moment
+                if "duplicate key" not in str(exc).lower():
+                    raise
+                raise ConflictError(f"pair {pair_id} already has a vote") from exc
+
+        return self._write_grouped(guarded)
 
     def demonstrations(self) -> list[dict[str, Any]]:
         """(prompt, the reply the user wrote) per demonstration whose vote is not flagged,

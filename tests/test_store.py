@@ -319,3 +319,71 @@ def test_threads_write_side_by_side_and_a_pair_takes_one_vote(store):
             store._rows("SELECT count(*) AS n FROM votes WHERE pair_id = ?", [pair.pair_id])[0]["n"]
             == 1
         )
+
+
+def _hold_the_writer(store: Store):
+    """Occupy the store's writer thread until the returned event is set, so that the writes
+    submitted meanwhile queue up and are committed as one batch."""
+    import threading
+
+    release, started = threading.Event(), threading.Event()
+
+    def body(con):
+        started.set()
+        release.wait(10)
+
+    held = store._write_grouped(body)
+    assert started.wait(10)
+    return release, held
+
+
+def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store, monkeypatch):
+    """Group commit: votes queued while the writer is busy are committed in one transaction;
+    when one of the batch is refused (unknown pair, a second vote on a pair), the batch reruns
+    one by one: the refused ones get their own error, the others are stored."""
+    pairs = [_turn(store, store.create_conversation(), f"q{i}").pair_id for i in range(4)]
+    transactions = []
+    original = store._write
+    monkeypatch.setattr(store, "_write", lambda body: transactions.append(1) or original(body))
+
+    release, held = _hold_the_writer(store)
+    together = [store.submit_vote(p, "a") for p in pairs[:3]]
+    release.set()
+    assert [f.result(10).pair_id for f in together] == pairs[:3]
+    held.result(10)
+    assert len(transactions) == 2  # the one that held the writer, then all three at once
+
+    transactions.clear()
+    release, held = _hold_the_writer(store)
+    mixed = [
+        store.submit_vote(pairs[3], "b"),
+        store.submit_vote("no-such-pair", "a"),
+        store.submit_vote(pairs[0], "b"),  # already voted above
+        store.submit_vote(pairs[3], "a"),  # the first in this batch took it
+    ]
+    release.set()
+    assert mixed[0].result(10).continued_with == "reply B"
+    with pytest.raises(NotFoundError):
+        mixed[1].result(10)
+    for second in (mixed[2], mixed[3]):
+        with pytest.raises(ConflictError):
+            second.result(10)
+    assert len(transactions) == 1 + 1 + 4  # held, the failed batch, then each alone
+    assert store.count("votes") == 4
+    assert {r["pair_id"]: r["choice"] for r in store.voted_pairs()}[pairs[3]] == "b"
+
+
+def test_closing_the_store_commits_what_is_queued(tmp_path):
+    path = tmp_path / "q.duckdb"
+    store = Store(path)
+    pairs = [_turn(store, store.create_conversation(), f"q{i}").pair_id for i in range(3)]
+    release, _ = _hold_the_writer(store)
+    queued = [store.submit_vote(p, "a") for p in pairs]
+    release.set()
+    store.close()
+    assert all(f.done() for f in queued)
+    with pytest.raises(StoreError):
+        store.submit_vote(pairs[0], "b")
+    reopened = Store(path)
+    assert reopened.count("votes") == 3
+    reopened.close()
