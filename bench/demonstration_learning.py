@@ -44,9 +44,11 @@ from bench.smol_learning import (
     SMOL,
     TOKEN,
     TOPICS,
+    cast_vote,
     chat_many,
     degeneration,
     prompts,
+    v0_and_deployed,
     words,
 )
 from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
@@ -120,13 +122,7 @@ def run(seed: int, chats_wanted: int, ppo_steps: int, sft_lr: float | None) -> d
                             json={"pair_id": turn["pair_id"], "text": edit},
                         ).raise_for_status()
                         continue
-                    choice = (
-                        "a" if a and not b else "b" if b and not a else "tie" if a else "both_bad"
-                    )
-                    votes += choice in ("a", "b")
-                    httpx.post(
-                        app.url + "/api/vote", json={"pair_id": turn["pair_id"], "choice": choice}
-                    ).raise_for_status()
+                    votes += cast_vote(app, turn["pair_id"], a, b) in ("a", "b")
             row |= {
                 "chats": chats,
                 "votes": votes,
@@ -148,11 +144,7 @@ def run(seed: int, chats_wanted: int, ppo_steps: int, sft_lr: float | None) -> d
             }  # fmt: skip
             if cycle["status"] != "deployed":
                 return row
-            after = asyncio.run(chat_many(app, test_items))
-            httpx.post(
-                app.url + "/api/rollback", json={"version": "v0000"}, headers=headers, timeout=600
-            ).raise_for_status()
-            before = asyncio.run(chat_many(app, test_items))
+            before, after = v0_and_deployed(app, test_items, headers)
         finally:
             app.stop()
     row |= {

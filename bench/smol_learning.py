@@ -127,6 +127,25 @@ async def chat_many(app: AppProcess, items: list[tuple[str, str]], width: int = 
         return await asyncio.gather(*(one(i) for i in items))
 
 
+def cast_vote(app: AppProcess, pair_id: str, a: bool, b: bool) -> str:
+    """The simulated user's vote through `POST /api/vote`, from whether it likes A and B."""
+    choice = "a" if a and not b else "b" if b and not a else "tie" if a else "both_bad"
+    httpx.post(
+        app.url + "/api/vote", json={"pair_id": pair_id, "choice": choice}
+    ).raise_for_status()
+    return choice
+
+
+def v0_and_deployed(app: AppProcess, items: list[tuple[str, str]], headers: dict) -> tuple:
+    """v0's and the deployed version's turns on the same prompts with the same seeds: the
+    deployed version answers first, then v0 after `POST /api/rollback`."""
+    after = asyncio.run(chat_many(app, items))
+    httpx.post(
+        app.url + "/api/rollback", json={"version": "v0000"}, headers=headers, timeout=600
+    ).raise_for_status()
+    return asyncio.run(chat_many(app, items)), after
+
+
 def degeneration(replies: list[tuple[str, str]]) -> dict:
     """replies: (text, topic). On-topic share, very short share, distinct-2, mean words."""
     bigrams, total = set(), 0
@@ -204,13 +223,7 @@ def run(
                 chats += len(batch)
                 for (_, topic), turn in asyncio.run(chat_many(app, batch)):
                     a, b = (likes(c["text"], topic) for c in turn["candidates"])
-                    choice = (
-                        "a" if a and not b else "b" if b and not a else "tie" if a else "both_bad"
-                    )
-                    decisive += choice in ("a", "b")
-                    httpx.post(
-                        app.url + "/api/vote", json={"pair_id": turn["pair_id"], "choice": choice}
-                    ).raise_for_status()
+                    decisive += cast_vote(app, turn["pair_id"], a, b) in ("a", "b")
             row |= {"chats": chats, "votes": decisive, "chat_min": (time.perf_counter() - t0) / 60}
             t0 = time.perf_counter()
             cycle = httpx.post(app.url + "/api/retrain", headers=headers, timeout=3600).json()
@@ -232,11 +245,7 @@ def run(
             }  # fmt: skip
             if cycle["status"] != "deployed":
                 return row
-            after = asyncio.run(chat_many(app, test_items))
-            httpx.post(
-                app.url + "/api/rollback", json={"version": "v0000"}, headers=headers, timeout=600
-            ).raise_for_status()
-            before = asyncio.run(chat_many(app, test_items))
+            before, after = v0_and_deployed(app, test_items, headers)
         finally:
             app.stop()
     wins = losses = 0

@@ -232,27 +232,9 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         self._write_grouped(body).result()
         return StoredPair(pair_id, candidate_ids)
 
-    def record_vote(
-        self,
-        pair_id: str,
-        choice: str,
-        *,
-        voter: str | None = None,
-        session_id: str | None = None,
-        client: str | None = None,
-        admit: Callable[[float, int], str | None] | None = None,
-        demonstration: str | None = None,
-    ) -> RecordedVote:
-        """`submit_vote`, waited for."""
-        return self.submit_vote(
-            pair_id,
-            choice,
-            voter=voter,
-            session_id=session_id,
-            client=client,
-            admit=admit,
-            demonstration=demonstration,
-        ).result()
+    def record_vote(self, pair_id: str, choice: str, **options: Any) -> RecordedVote:
+        """`submit_vote` (same arguments), waited for: for callers that have a thread to block."""
+        return self.submit_vote(pair_id, choice, **options).result()
 
     def submit_vote(
         self,
