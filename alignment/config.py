@@ -49,6 +49,11 @@ class RewardConfig:
         "reward models trained, each on a bootstrap resample of the votes (1: a single model)",
         default=3,
     )
+    bootstrap: bool = _help(
+        "each member trains on a bootstrap resample of the votes; false: on all of them, the "
+        "members differing only by seed (with ~100 votes a resample drops a third of them)",
+        default=True,
+    )
     ensemble_penalty: float = _help(
         "PPO optimises mean - penalty * std of the members' scores (Coste et al. 2023)",
         default=1.0,

@@ -7,10 +7,11 @@ saves it with the adapter). Only decisive votes are used: ties and both-bad carr
 pair lands on the same side in every cycle, and the held-out accuracy is reported.
 
 Ensemble: `RewardConfig.ensemble` members, each trained on its own bootstrap resample of the
-training pairs (Coste et al. 2023). They agree where the votes say something and disagree where the
-votes are silent, which is exactly where PPO finds replies that fool one model. PPO optimises the
-conservative score mean - penalty * std, and the gate counts a comparison only when every member
-agrees. Members share one base model in memory (one LoRA adapter and score head each).
+training pairs (Coste et al. 2023), or with `bootstrap` off on all of them with its own seed.
+They agree where the votes say something and disagree where the votes are silent, which is
+exactly where PPO finds replies that fool one model. PPO optimises the conservative score
+mean - penalty * std, and the gate counts a comparison only when every member agrees. Members
+share one base model in memory (one LoRA adapter and score head each).
 
 Input is TRL's conversational preference format; scoring uses the same chat template as training.
 """
@@ -88,7 +89,8 @@ def train_reward_model(
     train, heldout = split_heldout(records, config.heldout_fraction)
     members, losses, steps, trainable = [], [], 0, None
     for i in range(config.ensemble):
-        data = train if config.ensemble == 1 else bootstrap(train, config.seed * 1000 + i)
+        resample = config.bootstrap and config.ensemble > 1
+        data = bootstrap(train, config.seed * 1000 + i) if resample else train
 
         def relay(log: dict, i: int = i) -> None:
             if on_log:

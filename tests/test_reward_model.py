@@ -110,3 +110,35 @@ def test_gradient_checkpointing_changes_the_speed_not_the_result(tiny_model_dir,
         losses[on] = [entry["loss"] for entry in logs if "loss" in entry]
     assert len(losses[True]) >= 4
     assert losses[False] == pytest.approx(losses[True], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("resample", [True, False])
+def test_members_train_on_a_resample_or_on_every_vote(resample, monkeypatch, tmp_path):
+    """`reward.bootstrap`: each member's own resample (some votes twice, about a third left out)
+    or every training vote, the members differing by seed only."""
+    import alignment.reward_model as rm
+
+    class Seen(Exception):
+        pass
+
+    seen: list[tuple[list, int]] = []
+
+    def fake_member(base, data, out, config, seed, relay):
+        seen.append((data, seed))
+        if len(seen) == config.ensemble:
+            raise Seen
+        return 0.0, 1, 1
+
+    monkeypatch.setattr(rm, "_train_member", fake_member)
+    records = synthetic_preferences(60)
+    for i, r in enumerate(records):
+        r["rejected"] = [{"role": "assistant", "content": f"long answer {i}"}]  # distinct pairs
+    train, _ = split_heldout(records, 0.2)
+    with pytest.raises(Seen):
+        train_reward_model("unused", records, tmp_path, RewardConfig(bootstrap=resample))
+    assert [seed for _, seed in seen] == [0, 1, 2]
+    keys = [{str(r["rejected"]) for r in data} for data, _ in seen]
+    if resample:
+        assert all(len(k) < len(train) for k in keys) and len({frozenset(k) for k in keys}) == 3
+    else:
+        assert all(data == train for data, _ in seen)
