@@ -15,8 +15,10 @@ The writes of the request path (a turn's pair, a vote) go through one writer thr
 what has queued up together (`_write_grouped`, a group commit): under load every commit's WAL
 sync and DuckDB's commit lock were where a vote waited (a commit's p99 was 110-170 ms with 32
 users on 2 cores against 1 ms alone; bench/RESULTS.md), and a thread pool shared with the turns
-queued the votes behind them. A batch commits only when every write in it succeeded; otherwise
-each runs again in a transaction of its own, so one refused vote never takes another with it.
+queued the votes behind them. Those writes also run a batch of their kind in a few statements
+(`storage.request_writes`); a refused vote answers for itself and writes nothing, and a batch
+that fails as a whole (a database error) reruns each write in a transaction of its own, so one
+write never takes another with it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import duckdb
 
@@ -146,10 +148,11 @@ class Database:
                 time.sleep(0.002 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _write_grouped(self, body: Callable[[duckdb.DuckDBPyConnection], T]) -> Future[T]:
+    def _write_grouped(self, body: Callable[[duckdb.DuckDBPyConnection], T] | Any) -> Future:
         """`_write(body)` on the writer thread, committed together with the writes queued beside
         it; the future resolves once it is durable (or with its error). Same contract for
-        `body` as `_write`: it may run more than once, so it must be safe to repeat."""
+        `body` as `_write`: it may run more than once, so it must be safe to repeat. `body` may
+        also be a `BatchedWrite`, which runs with the others of its class."""
         return self._group.submit(body)
 
     def _append_version(self, table: str, values: dict[str, Any]) -> int:
@@ -248,21 +251,57 @@ class _GroupCommit:
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[Callable, Future]]) -> None:
+    def _commit(self, batch: list[tuple[Any, Future]]) -> None:
+        """All of the batch in one transaction. A write of the request path (`BatchedWrite`)
+        runs with the others of its kind and answers for itself (a refused vote gets its error,
+        the rest are stored); a plain body that raises, or any database error, sends every write
+        of the batch to a transaction of its own."""
         if len(batch) > 1:
             try:
-                results = self._db._write(lambda con: [body(con) for body, _ in batch])
+                outcomes = self._db._write(lambda con: _run_together(con, [w for w, _ in batch]))
             except BaseException:  # noqa: BLE001 - each write runs alone below and gets its own
                 pass
             else:
-                for (_, future), result in zip(batch, results, strict=True):
-                    future.set_result(result)
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    _settle(future, outcome)
                 return
-        for body, future in batch:
+        for write, future in batch:
             try:
-                future.set_result(self._db._write(body))
+                _settle(future, self._db._write(lambda con, w=write: _run_together(con, [w])[0]))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller waiting on it
                 future.set_exception(exc)
+
+
+class BatchedWrite(Protocol):
+    """A write that runs together with the others of its class in a batch, in a few statements
+    for all of them; `run_batch` gives each its result or its own exception (which must then
+    have written nothing)."""
+
+    @classmethod
+    def run_batch(cls, con: duckdb.DuckDBPyConnection, writes: list) -> list: ...
+
+
+def _run_together(con: duckdb.DuckDBPyConnection, writes: list) -> list:
+    """The outcome of each write, in order: plain bodies one by one, batched writes by class."""
+    outcomes: list = [None] * len(writes)
+    kinds: dict[type, list[int]] = {}
+    for i, write in enumerate(writes):
+        if hasattr(write, "run_batch"):
+            kinds.setdefault(type(write), []).append(i)
+        else:
+            outcomes[i] = write(con)
+    for kind, positions in kinds.items():
+        results = kind.run_batch(con, [writes[i] for i in positions])
+        for i, result in zip(positions, results, strict=True):
+            outcomes[i] = result
+    return outcomes
+
+
+def _settle(future: Future, outcome: Any) -> None:
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _translated(exc: duckdb.Error, path: Path) -> StoreError | None:

@@ -10,43 +10,27 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
-
-import duckdb
 
 from storage.cai_records import CAIRecords
 from storage.canaries import CanaryRecords
 from storage.database import Database
-from storage.errors import (
-    ConflictError,
-    ForbiddenError,
-    NotFoundError,
+from storage.errors import NotFoundError
+from storage.request_writes import (
+    CandidateRecord,
+    PairWrite,
+    RecordedVote,
+    StoredPair,
+    VoteWrite,
+    check_session,
 )
 from storage.rules import (
     BOTH_CANDIDATES,
     VOTE_CHOICES,
-    continued_slot,
     new_id,
 )
 from storage.version_records import VersionRecords
-
-
-def _check_session(owner: str | None, session_id: str | None) -> None:
-    if owner is not None and owner != session_id:
-        raise ForbiddenError("this conversation belongs to another session")
-
-
-@dataclass(frozen=True)
-class CandidateRecord:
-    slot: str  # 'a' or 'b'
-    text: str
-    model_version: str
-    sampling: dict
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    finish_reason: str | None
-    latency_ms: float | None
 
 
 @dataclass(frozen=True)
@@ -54,32 +38,6 @@ class OpenedTurn:
     conversation_id: str
     pending_pair: str | None  # a pair of this conversation still waiting for its vote
     history: list[dict[str, str]]  # the transcript the model sees next
-
-
-@dataclass(frozen=True)
-class RecordedVote:
-    vote_id: str
-    pair_id: str
-    choice: str
-    conversation_id: str
-    continued_with: str | None  # the reply that continues the conversation (None: both bad)
-    flagged: str | None  # why the vote is kept out of training, if it is
-    versions: dict[str, str]  # slot -> the version that wrote that reply
-    demonstration_id: str | None = None  # the user's own reply, when they wrote one
-    variants: dict[str, str] | None = None  # slot -> prompt variant, when the two differed
-
-    def as_dict(self) -> dict[str, Any]:
-        answer = asdict(self)
-        for key in ("demonstration_id", "variants"):
-            if answer[key] is None:
-                del answer[key]  # a plain vote's answer is as it always was
-        return answer
-
-
-@dataclass(frozen=True)
-class StoredPair:
-    pair_id: str
-    candidate_ids: tuple[str, str]  # (a, b)
 
 
 class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
@@ -100,7 +58,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         rows = self._rows("SELECT session_id FROM conversations WHERE id = ?", [conversation_id])
         if not rows:
             raise NotFoundError(f"unknown conversation_id {conversation_id!r}")
-        _check_session(rows[0]["session_id"], session_id)
+        check_session(rows[0]["session_id"], session_id)
 
     def open_turn(self, conversation_id: str | None, session_id: str | None) -> OpenedTurn:
         """Everything a new user turn needs before generation, in one call: the conversation
@@ -191,46 +149,10 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         seed: int,
         candidates: tuple[CandidateRecord, CandidateRecord],
     ) -> StoredPair:
-        """Store a user turn with its two candidates atomically: all of it or nothing."""
-        pair_id = new_id()
-        candidate_ids = (new_id(), new_id())
-
-        def body(con: duckdb.DuckDBPyConnection) -> None:
-            position = con.execute(
-                "SELECT coalesce(max(position), -1) + 1 FROM messages WHERE conversation_id = ?",
-                [conversation_id],
-            ).fetchone()[0]
-            con.execute(
-                "INSERT INTO messages (id, conversation_id, position, role, content, pair_id) "
-                "VALUES (?, ?, ?, 'user', ?, ?)",
-                [new_id(), conversation_id, position, user_message, pair_id],
-            )
-            con.execute(
-                "INSERT INTO pairs (id, conversation_id, position, prompt, model_version, seed) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [pair_id, conversation_id, position, json.dumps(prompt), model_version, seed],
-            )
-            for cid, c in zip(candidate_ids, candidates, strict=True):
-                con.execute(
-                    "INSERT INTO candidates (id, pair_id, slot, text, model_version, sampling, "
-                    "prompt_tokens, completion_tokens, finish_reason, latency_ms) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        cid,
-                        pair_id,
-                        c.slot,
-                        c.text,
-                        c.model_version,
-                        json.dumps(c.sampling),
-                        c.prompt_tokens,
-                        c.completion_tokens,
-                        c.finish_reason,
-                        c.latency_ms,
-                    ],
-                )
-
-        self._write_grouped(body).result()
-        return StoredPair(pair_id, candidate_ids)
+        """Store a user turn with its two candidates atomically: all of it or nothing (batched
+        with the other request writes queued beside it, `storage.request_writes`)."""
+        write = PairWrite(conversation_id, user_message, prompt, model_version, seed, candidates)
+        return self._write_grouped(write).result()
 
     def record_vote(self, pair_id: str, choice: str, **options: Any) -> RecordedVote:
         """`submit_vote` (same arguments), waited for: for callers that have a thread to block."""
@@ -247,100 +169,17 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         admit: Callable[[float, int], str | None] | None = None,
         demonstration: str | None = None,
     ) -> Future[RecordedVote]:
-        """Store a vote and continue the conversation with the chosen reply: one call, one
-        transaction (under load every extra call queues behind the others; bench/RESULTS.md),
-        group-committed with the writes queued beside it. The future resolves to the vote once
-        it is durable; an async caller awaits it without holding a thread.
-
-        `admit(age_s, words)` runs inside the transaction once the pair is known to exist, to
-        belong to the session and to have no vote yet: it may raise to refuse the vote (nothing
-        is stored), and returns the reason to flag it (kept, left out of training) or None.
-        `age_s` is the time since both replies were complete and `words` their length.
-
-        a/b: that reply continues; tie: A continues; both_bad: no reply continues and the user
-        turn is marked superseded, so the user asks again; both_bad with a `demonstration` (the
-        reply the user wrote instead): it is stored, linked to the pair, and continues.
-        """
+        """Store a vote and continue the conversation with the chosen reply (the rules and
+        `admit` are `storage.request_writes.VoteWrite`'s), in one transaction with the writes
+        queued beside it. The future resolves to the vote once it is durable, or to its error;
+        an async caller awaits it without holding a thread."""
         if demonstration is not None and choice != "both_bad":
             raise ValueError("a demonstration goes with the choice 'both_bad'")
         if choice not in VOTE_CHOICES:
             raise ValueError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got {choice!r}")
-        vote_id = new_id()
-        admitted: list[str | None] = []  # admit's answer: asked once, however often this reruns
-
-        def body(con: duckdb.DuckDBPyConnection) -> RecordedVote:
-            pair = con.execute(
-                "SELECT p.conversation_id, p.position, c.session_id, "
-                "epoch(now() - p.created_at), EXISTS (SELECT 1 FROM votes WHERE pair_id = p.id) "
-                "FROM pairs p JOIN conversations c ON c.id = p.conversation_id WHERE p.id = ?",
-                [pair_id],
-            ).fetchone()
-            if pair is None:
-                raise NotFoundError(f"unknown pair_id {pair_id!r}")
-            conversation_id, position, owner, age, voted = pair
-            _check_session(owner, session_id)
-            if voted:
-                raise ConflictError(f"pair {pair_id} already has a vote")
-            rows = con.execute(
-                "SELECT slot, text, model_version, json_extract_string(sampling, '$.variant') "
-                "FROM candidates WHERE pair_id = ?",
-                [pair_id],
-            ).fetchall()
-            texts = {slot: text for slot, text, _, _ in rows}
-            if not admitted:
-                words = sum(len(t.strip().split(" ")) for t in texts.values())
-                admitted.append(admit(float(age), words) if admit is not None else None)
-            flagged = admitted[0]
-            con.execute(
-                "INSERT INTO votes (id, pair_id, choice, voter, session_id, client, flagged) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [vote_id, pair_id, choice, voter, session_id, client, flagged],
-            )
-            slot = continued_slot(choice)
-            chosen_text = demonstration if slot is None else texts[slot]
-            demonstration_id = None
-            if demonstration is not None:
-                demonstration_id = new_id()
-                con.execute(
-                    "INSERT INTO demonstrations (id, pair_id, text) VALUES (?, ?, ?)",
-                    [demonstration_id, pair_id, demonstration],
-                )
-            if chosen_text is None:
-                con.execute(
-                    "UPDATE messages SET superseded = true WHERE pair_id = ? AND role = 'user'",
-                    [pair_id],
-                )
-            else:
-                con.execute(
-                    "INSERT INTO messages (id, conversation_id, position, role, content, pair_id) "
-                    "VALUES (?, ?, ?, 'assistant', ?, ?)",
-                    [new_id(), conversation_id, position + 1, chosen_text, pair_id],
-                )
-            versions = {slot: version for slot, _, version, _ in rows}
-            variants = {slot: variant for slot, _, _, variant in rows}
-            if len(set(variants.values())) < 2:
-                variants = None  # the same prompting for both: nothing to reveal
-            return RecordedVote(
-                vote_id,
-                pair_id,
-                choice,
-                conversation_id,
-                chosen_text,
-                flagged,
-                versions,
-                demonstration_id,
-                variants,
-            )
-
-        def guarded(con: duckdb.DuckDBPyConnection) -> RecordedVote:
-            try:
-                return body(con)
-            except duckdb.ConstraintException as exc:  # the pair voted on at the same moment
-                if "duplicate key" not in str(exc).lower():
-                    raise
-                raise ConflictError(f"pair {pair_id} already has a vote") from exc
-
-        return self._write_grouped(guarded)
+        return self._write_grouped(
+            VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)
+        )
 
     def demonstrations(self) -> list[dict[str, Any]]:
         """(prompt, the reply the user wrote) per demonstration whose vote is not flagged,

@@ -338,10 +338,11 @@ def _hold_the_writer(store: Store):
 
 
 def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store, monkeypatch):
-    """Group commit: votes queued while the writer is busy are committed in one transaction;
-    when one of the batch is refused (unknown pair, a second vote on a pair), the batch reruns
-    one by one: the refused ones get their own error, the others are stored."""
-    pairs = [_turn(store, store.create_conversation(), f"q{i}").pair_id for i in range(4)]
+    """Group commit: votes queued while the writer is busy are committed in one transaction; a
+    refused one (unknown pair, a second vote on a pair, even within the batch) gets its own
+    error and writes nothing, the others are stored. When the batch itself fails (a database
+    error), every write runs again alone and still gets its own answer."""
+    pairs = [_turn(store, store.create_conversation(), f"q{i}").pair_id for i in range(6)]
     transactions = []
     original = store._write
     monkeypatch.setattr(store, "_write", lambda body: transactions.append(1) or original(body))
@@ -360,6 +361,7 @@ def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store
         store.submit_vote("no-such-pair", "a"),
         store.submit_vote(pairs[0], "b"),  # already voted above
         store.submit_vote(pairs[3], "a"),  # the first in this batch took it
+        store.submit_vote(pairs[4], "both_bad", demonstration="my own reply"),
     ]
     release.set()
     assert mixed[0].result(10).continued_with == "reply B"
@@ -368,9 +370,25 @@ def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store
     for second in (mixed[2], mixed[3]):
         with pytest.raises(ConflictError):
             second.result(10)
-    assert len(transactions) == 1 + 1 + 4  # held, the failed batch, then each alone
-    assert store.count("votes") == 4
+    assert mixed[4].result(10).continued_with == "my own reply"
+    assert len(transactions) == 2  # held, then the whole batch
+    assert store.count("votes") == 5
     assert {r["pair_id"]: r["choice"] for r in store.voted_pairs()}[pairs[3]] == "b"
+
+    transactions.clear()
+    release, held = _hold_the_writer(store)
+
+    def broken(con):
+        con.execute("INSERT INTO no_such_table VALUES (1)")
+
+    failing = store._write_grouped(broken)
+    last = store.submit_vote(pairs[5], "a")
+    release.set()
+    assert last.result(10).continued_with == "reply A"
+    with pytest.raises(Exception, match="no_such_table"):
+        failing.result(10)
+    assert len(transactions) == 1 + 1 + 2  # held, the failed batch, then each alone
+    assert store.count("votes") == 6
 
 
 def test_closing_the_store_commits_what_is_queued(tmp_path):
@@ -387,3 +405,26 @@ def test_closing_the_store_commits_what_is_queued(tmp_path):
     reopened = Store(path)
     assert reopened.count("votes") == 3
     reopened.close()
+
+
+def test_turns_queued_together_keep_their_order_in_a_conversation(store):
+    """Two turns of one conversation in one batch take consecutive positions, as they would
+    one after the other; a turn of another conversation starts at 0."""
+    conv, other = store.create_conversation(), store.create_conversation()
+    release, _ = _hold_the_writer(store)
+    first = store._write_grouped(_pair_write(conv, "one"))
+    second = store._write_grouped(_pair_write(conv, "two"))
+    elsewhere = store._write_grouped(_pair_write(other, "three"))
+    release.set()
+    ids = [f.result(10).pair_id for f in (first, second, elsewhere)]
+    positions = {r["id"]: r["position"] for r in store._rows("SELECT id, position FROM pairs", [])}
+    assert [positions[i] for i in ids] == [0, 1, 0]
+    assert [m["content"] for m in store.transcript(conv)] == ["one", "two"]
+    assert len(store_reads.pair(store, ids[1])["candidates"]) == 2
+
+
+def _pair_write(conversation_id: str, message: str):
+    from storage.request_writes import PairWrite
+
+    prompt = [{"role": "user", "content": message}]
+    return PairWrite(conversation_id, message, prompt, "v0000", 7, _candidates())

@@ -1,0 +1,240 @@
+"""The two writes of the request path, a turn's pair and a vote, as batches.
+
+The store's writer thread commits whatever has queued up together (`storage.database`); these
+writes go one step further and run a whole batch of their kind in a few statements: one read for
+all the batch's pairs, one multi-row insert per table. Under load the time of a write was in its
+hand-offs between Python and DuckDB (about ten a vote, each waiting for a core while the engine
+keeps both busy; bench/RESULTS.md), not in DuckDB's work, so a batch costs about what one write
+did.
+
+A vote that is refused (unknown pair, another session's, already voted, over its limit) gets its
+error and writes nothing; the others in the batch are stored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from storage.errors import ConflictError, ForbiddenError, NotFoundError
+from storage.rules import continued_slot, new_id
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    slot: str  # 'a' or 'b'
+    text: str
+    model_version: str
+    sampling: dict
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    latency_ms: float | None
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    pair_id: str
+    candidate_ids: tuple[str, str]  # (a, b)
+
+
+@dataclass(frozen=True)
+class RecordedVote:
+    vote_id: str
+    pair_id: str
+    choice: str
+    conversation_id: str
+    continued_with: str | None  # the reply that continues the conversation (None: both bad)
+    flagged: str | None  # why the vote is kept out of training, if it is
+    versions: dict[str, str]  # slot -> the version that wrote that reply
+    demonstration_id: str | None = None  # the user's own reply, when they wrote one
+    variants: dict[str, str] | None = None  # slot -> prompt variant, when the two differed
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        answer = asdict(self)
+        for key in ("demonstration_id", "variants"):
+            if answer[key] is None:
+                del answer[key]  # a plain vote's answer is as it always was
+        return answer
+
+
+def check_session(owner: str | None, session_id: str | None) -> None:
+    if owner is not None and owner != session_id:
+        raise ForbiddenError("this conversation belongs to another session")
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: str, rows: list[list]) -> None:
+    """One multi-row INSERT (nothing when there are no rows)."""
+    if not rows:
+        return
+    marks = "(" + ", ".join("?" * len(rows[0])) + ")"
+    con.execute(
+        f"INSERT INTO {table} ({columns}) VALUES {', '.join([marks] * len(rows))}",
+        [value for row in rows for value in row],
+    )
+
+
+@dataclass
+class PairWrite:
+    """A user turn with its two candidates: all of it or nothing."""
+
+    conversation_id: str
+    user_message: str
+    prompt: list[dict[str, str]]
+    model_version: str
+    seed: int
+    candidates: tuple[CandidateRecord, CandidateRecord]
+    pair_id: str = field(default_factory=new_id)
+    candidate_ids: tuple[str, str] = field(default_factory=lambda: (new_id(), new_id()))
+    message_id: str = field(default_factory=new_id)
+
+    @classmethod
+    def run_batch(cls, con: duckdb.DuckDBPyConnection, writes: Sequence[PairWrite]) -> list:
+        conversations = sorted({w.conversation_id for w in writes})
+        next_position = dict(
+            con.execute(
+                "SELECT conversation_id, max(position) + 1 FROM messages "
+                "WHERE conversation_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY conversation_id",
+                [conversations],
+            ).fetchall()
+        )
+        messages, pairs, candidates = [], [], []
+        for w in writes:
+            position = next_position.get(w.conversation_id, 0)
+            next_position[w.conversation_id] = position + 1
+            messages.append(
+                [w.message_id, w.conversation_id, position, "user", w.user_message, w.pair_id]
+            )
+            pairs.append(
+                [w.pair_id, w.conversation_id, position, json.dumps(w.prompt), w.model_version,
+                 w.seed]
+            )  # fmt: skip
+            for cid, c in zip(w.candidate_ids, w.candidates, strict=True):
+                candidates.append(
+                    [cid, w.pair_id, c.slot, c.text, c.model_version, json.dumps(c.sampling),
+                     c.prompt_tokens, c.completion_tokens, c.finish_reason, c.latency_ms]
+                )  # fmt: skip
+        _insert(con, "messages", "id, conversation_id, position, role, content, pair_id", messages)
+        _insert(con, "pairs", "id, conversation_id, position, prompt, model_version, seed", pairs)
+        _insert(
+            con,
+            "candidates",
+            "id, pair_id, slot, text, model_version, sampling, prompt_tokens, "
+            "completion_tokens, finish_reason, latency_ms",
+            candidates,
+        )
+        return [StoredPair(w.pair_id, w.candidate_ids) for w in writes]
+
+
+@dataclass
+class VoteWrite:
+    """A vote and what it continues the conversation with.
+
+    a/b: that reply continues; tie: A continues; both_bad: no reply continues and the user turn
+    is marked superseded, so the user asks again; both_bad with a `demonstration` (the reply the
+    user wrote instead): it is stored, linked to the pair, and continues.
+
+    `admit(age_s, words)` runs once the pair is known to exist, to belong to the session and to
+    have no vote yet: it may raise to refuse the vote (nothing is stored), and returns the
+    reason to flag it (kept, left out of training) or None. It is asked once, however often the
+    batch runs.
+    """
+
+    pair_id: str
+    choice: str
+    voter: str | None = None
+    session_id: str | None = None
+    client: str | None = None
+    admit: Callable[[float, int], str | None] | None = None
+    demonstration: str | None = None
+    vote_id: str = field(default_factory=new_id)
+    _admitted: list[str | None] = field(default_factory=list)
+
+    def _flag(self, age: float, words: int) -> str | None:
+        if not self._admitted:
+            self._admitted.append(self.admit(age, words) if self.admit is not None else None)
+        return self._admitted[0]
+
+    @classmethod
+    def run_batch(cls, con: duckdb.DuckDBPyConnection, writes: Sequence[VoteWrite]) -> list:
+        found: dict[str, dict] = {}
+        for pair_id, conv, position, owner, age, voted, slot, text, version, variant in con.execute(
+            "SELECT p.id, p.conversation_id, p.position, c.session_id, "
+            "epoch(now() - p.created_at), EXISTS (SELECT 1 FROM votes v WHERE v.pair_id = p.id), "
+            "k.slot, k.text, k.model_version, json_extract_string(k.sampling, '$.variant') "
+            "FROM pairs p JOIN conversations c ON c.id = p.conversation_id "
+            "JOIN candidates k ON k.pair_id = p.id WHERE p.id IN (SELECT unnest(?::VARCHAR[]))",
+            [sorted({w.pair_id for w in writes})],
+        ).fetchall():
+            pair = found.setdefault(
+                pair_id,
+                {"conversation": conv, "position": position, "owner": owner, "age": age,
+                 "voted": voted, "texts": {}, "versions": {}, "variants": {}},
+            )  # fmt: skip
+            pair["texts"][slot] = text
+            pair["versions"][slot] = version
+            pair["variants"][slot] = variant
+        outcomes: list = []
+        votes, demonstrations, replies, superseded = [], [], [], []
+        for w in writes:
+            try:
+                outcomes.append(w._vote(found.get(w.pair_id)))
+            except Exception as exc:  # noqa: BLE001 - this vote's own answer; the others go on
+                outcomes.append(exc)
+                continue
+            recorded = outcomes[-1]
+            pair = found[w.pair_id]
+            pair["voted"] = True  # a second vote on it in this batch is refused
+            votes.append(
+                [w.vote_id, w.pair_id, w.choice, w.voter, w.session_id, w.client, recorded.flagged]
+            )
+            if recorded.demonstration_id is not None:
+                demonstrations.append([recorded.demonstration_id, w.pair_id, w.demonstration])
+            if recorded.continued_with is None:
+                superseded.append(w.pair_id)
+            else:
+                replies.append(
+                    [new_id(), pair["conversation"], pair["position"] + 1, "assistant",
+                     recorded.continued_with, w.pair_id]
+                )  # fmt: skip
+        _insert(con, "votes", "id, pair_id, choice, voter, session_id, client, flagged", votes)
+        _insert(con, "demonstrations", "id, pair_id, text", demonstrations)
+        _insert(con, "messages", "id, conversation_id, position, role, content, pair_id", replies)
+        if superseded:
+            con.execute(
+                "UPDATE messages SET superseded = true WHERE role = 'user' "
+                "AND pair_id IN (SELECT unnest(?::VARCHAR[]))",
+                [superseded],
+            )
+        return outcomes
+
+    def _vote(self, pair: dict | None) -> RecordedVote:
+        """This vote's checks and answer, before anything of it is written."""
+        if pair is None:
+            raise NotFoundError(f"unknown pair_id {self.pair_id!r}")
+        check_session(pair["owner"], self.session_id)
+        if pair["voted"]:
+            raise ConflictError(f"pair {self.pair_id} already has a vote")
+        texts = pair["texts"]
+        words = sum(len(t.strip().split(" ")) for t in texts.values())
+        flagged = self._flag(float(pair["age"]), words)
+        slot = continued_slot(self.choice)
+        variants = pair["variants"]
+        return RecordedVote(
+            self.vote_id,
+            self.pair_id,
+            self.choice,
+            pair["conversation"],
+            self.demonstration if slot is None else texts[slot],
+            flagged,
+            dict(pair["versions"]),
+            new_id() if self.demonstration is not None else None,
+            # the same prompting for both: nothing to reveal
+            dict(variants) if len(set(variants.values())) >= 2 else None,
+        )
