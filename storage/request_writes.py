@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import duckdb
@@ -55,8 +55,6 @@ class RecordedVote:
     variants: dict[str, str] | None = None  # slot -> prompt variant, when the two differed
 
     def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         answer = asdict(self)
         for key in ("demonstration_id", "variants"):
             if answer[key] is None:
