@@ -48,6 +48,7 @@ from bench.smol_learning import (
     chat_many,
     degeneration,
     prompts,
+    retrain,
     v0_and_deployed,
     words,
 )
@@ -130,18 +131,8 @@ def run(seed: int, chats_wanted: int, ppo_steps: int, sft_lr: float | None) -> d
                 "demo_words": sum(demo_words) / max(1, len(demo_words)),
                 "chat_min": (time.perf_counter() - t0) / 60,
             }
-            t0 = time.perf_counter()
-            cycle = httpx.post(app.url + "/api/retrain", headers=headers, timeout=3600).json()
-            row |= {
-                "status": cycle["status"],
-                "cycle_min": (time.perf_counter() - t0) / 60,
-                "sft": cycle.get("sft"),
-                "rm_heldout": (cycle.get("reward") or {}).get("heldout_accuracy"),
-                "gate": {k: (cycle.get("gate") or {}).get(k)
-                         for k in ("win_rate", "interval", "comparisons", "kl_per_token",
-                                   "reason")},
-                "stage_s": cycle.get("seconds"),
-            }  # fmt: skip
+            cycle, summary = retrain(app, headers)
+            row |= summary | {"sft": cycle.get("sft")}
             if cycle["status"] != "deployed":
                 return row
             before, after = v0_and_deployed(app, test_items, headers)

@@ -136,6 +136,23 @@ def cast_vote(app: AppProcess, pair_id: str, a: bool, b: bool) -> str:
     return choice
 
 
+def retrain(app: AppProcess, headers: dict) -> tuple[dict, dict]:
+    """One cycle through `POST /api/retrain`: its answer, and what every bench reports of it."""
+    t0 = time.perf_counter()
+    cycle = httpx.post(app.url + "/api/retrain", headers=headers, timeout=3600).json()
+    reward, gate = cycle.get("reward") or {}, cycle.get("gate") or {}
+    return cycle, {
+        "status": cycle["status"],
+        "cycle_min": (time.perf_counter() - t0) / 60,
+        "rm_heldout": reward.get("heldout_accuracy"),
+        "rm_members": reward.get("member_heldout_accuracy"),
+        "rm_n_heldout": reward.get("n_heldout"),
+        "gate": {k: gate.get(k) for k in ("win_rate", "interval", "comparisons", "kl",
+                                          "kl_per_token", "reason")},
+        "stage_s": cycle.get("seconds"),
+    }  # fmt: skip
+
+
 def v0_and_deployed(app: AppProcess, items: list[tuple[str, str]], headers: dict) -> tuple:
     """v0's and the deployed version's turns on the same prompts with the same seeds: the
     deployed version answers first, then v0 after `POST /api/rollback`."""
@@ -225,18 +242,8 @@ def run(
                     a, b = (likes(c["text"], topic) for c in turn["candidates"])
                     decisive += cast_vote(app, turn["pair_id"], a, b) in ("a", "b")
             row |= {"chats": chats, "votes": decisive, "chat_min": (time.perf_counter() - t0) / 60}
-            t0 = time.perf_counter()
-            cycle = httpx.post(app.url + "/api/retrain", headers=headers, timeout=3600).json()
-            row |= {
-                "status": cycle["status"],
-                "cycle_min": (time.perf_counter() - t0) / 60,
-                "rm_heldout": (cycle.get("reward") or {}).get("heldout_accuracy"),
-                "rm_members": (cycle.get("reward") or {}).get("member_heldout_accuracy"),
-                "rm_n_heldout": (cycle.get("reward") or {}).get("n_heldout"),
-                "gate": {k: (cycle.get("gate") or {}).get(k)
-                         for k in ("win_rate", "interval", "comparisons", "kl", "kl_per_token",
-                                   "reason")},
-                "stage_s": cycle.get("seconds"),
+            cycle, summary = retrain(app, headers)
+            row |= summary | {
                 "ppo_kl": [round(s["kl"], 2) for s in cycle.get("ppo_steps", [])],
                 "ppo_reward": [round(s["reward_mean"], 2) for s in cycle.get("ppo_steps", [])],
                 # where PPO's minutes went: sampling, no-grad passes and scores, updates
