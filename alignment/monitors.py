@@ -91,7 +91,11 @@ def annotate(
         by_version.setdefault(r["model_version"], []).append(r)
     verdicts = {}
     for c in canaries:
-        votes = count_canary_votes(cross_votes, c["challenger"], c["serving"])
+        # a decided canary's verdict stands on the votes cast until its decision, as the canary
+        # itself counts them: votes on its leftover pairs do not turn the users' verdict around
+        decided = c.get("decided_at")
+        counted = [v for v in cross_votes if decided is None or v["voted_at"] <= decided]
+        votes = count_canary_votes(counted, c["challenger"], c["serving"])
         if votes.comparisons:
             verdicts[c["challenger"]] = votes
     for v in versions:

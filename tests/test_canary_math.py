@@ -124,3 +124,27 @@ def test_annotate_rates_versions_from_canary_votes():
     assert out["v0001"]["monitors"]["human_comparisons"] == 8
     assert out["v0000"]["monitors"]["human_win_rate"] is None
     assert out["v0001"]["rating"]["score"] > out["v0000"]["rating"]["score"] == 1000.0
+
+
+def test_a_decided_canarys_verdict_counts_the_votes_until_its_decision():
+    """Votes on a retired challenger's leftover pairs, cast after the users' decision, do not
+    turn the monitors' verdict (and the "users said worse" warning) around."""
+    from datetime import datetime, timedelta, timezone
+
+    decided = datetime(2026, 11, 27, 12, tzinfo=timezone.utc)
+    versions = [
+        {"version": "v0000", "parent": None, "manifest": {}},
+        {"version": "v0001", "parent": "v0000", "manifest": {"gate": {"deploy": True}}},
+    ]
+    before = [{"choice": "b", "version_a": "v0001", "version_b": "v0000",
+               "voted_at": decided - timedelta(seconds=10)}] * 4  # fmt: skip
+    after = [{"choice": "a", "version_a": "v0001", "version_b": "v0000",
+              "voted_at": decided + timedelta(seconds=1)}] * 4  # fmt: skip
+    canaries = [{"challenger": "v0001", "serving": "v0000", "decided_at": decided}]
+    out = {v["version"]: v for v in annotate(versions, before + after, [], canaries)}
+    monitors = out["v0001"]["monitors"]
+    assert monitors["human_win_rate"] == 0 and monitors["human_comparisons"] == 4
+    assert any("users said worse" in w for w in out["v0001"]["warnings"])
+    running = [{"challenger": "v0001", "serving": "v0000", "decided_at": None}]
+    out = {v["version"]: v for v in annotate(versions, before + after, [], running)}
+    assert out["v0001"]["monitors"]["human_comparisons"] == 8
