@@ -1,9 +1,10 @@
 """Does one cycle make SmolLM2 better for a user who votes consistently? Through the product.
 
 `assistant run` on the embedded SmolLM2 (its own vLLM engine), a simulated user chats through
-`POST /api/chat` and votes through `POST /api/vote` until it has cast `--votes` decisive votes (or
-`--max-chats` chats), then `POST /api/retrain` runs one cycle. If a version is deployed, it and v0
-(after `POST /api/rollback`) answer the same unseen prompts, two replies each, and the user judges
+`POST /api/chat` and votes through `POST /api/vote` until it has cast `--votes` decisive votes (at
+most that many: the issue's budget is "after <= 100 decisive votes"; or `--max-chats` chats), then
+`POST /api/retrain` runs one cycle. If a version is deployed, it and v0 (after `POST
+/api/rollback`) answer the same unseen prompts, two replies each, and the user judges
 every (new, old) reply pair to the same prompt.
 
 Preference families (`FAMILIES`), each a small function of the reply text that also insists on an
@@ -239,6 +240,8 @@ def run(
                 batch = [vote_items[(chats + i) % len(vote_items)] for i in range(16)]
                 chats += len(batch)
                 for (_, topic), turn in asyncio.run(chat_many(app, batch)):
+                    if decisive == votes:  # the rest of the batch goes unvoted: at most `votes`
+                        break
                     a, b = (likes(c["text"], topic) for c in turn["candidates"])
                     decisive += cast_vote(app, turn["pair_id"], a, b) in ("a", "b")
             row |= {"chats": chats, "votes": decisive, "chat_min": (time.perf_counter() - t0) / 60}
