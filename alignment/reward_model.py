@@ -6,10 +6,8 @@ saves it with the adapter). Only decisive votes are used: ties and both-bad carr
 (see `storage.export`). Part of the pairs is held out, split by a hash of their content so the same
 pair lands on the same side in every cycle, and the held-out accuracy is reported.
 
-Ensemble: `RewardConfig.ensemble` members trained on all the training pairs, each with its own
-seed (head initialisation, data order), as Coste et al. 2023 build theirs; `bootstrap` trains each
-on its own resample instead, which with ~100 votes drops a third of them from every member and
-left one family's members near chance (bench/RESULTS.md).
+Ensemble: `RewardConfig.ensemble` members, each trained on its own bootstrap resample of the
+training pairs (Coste et al. 2023), or with `bootstrap` off on all of them with its own seed.
 They agree where the votes say something and disagree where the votes are silent, which is
 exactly where PPO finds replies that fool one model. PPO optimises the conservative score
 mean - penalty * std, and the gate counts a comparison only when every member agrees. Members

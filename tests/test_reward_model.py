@@ -57,8 +57,8 @@ def test_reward_model_learns_preference_lora_moves_base_frozen(tiny_model_dir, t
     assert result.heldout_loss < 0.69  # better than chance (ln 2)
     assert result.members == 2 and result.member_heldout_accuracy == [1.0, 1.0]
 
-    # Each member's adapter holds LoRA matrices and its trained score head; the members start
-    # from their own seeds, so they differ; the base is untouched.
+    # Each member's adapter holds LoRA matrices and its trained score head; the members saw
+    # different bootstrap resamples, so they differ; the base is untouched.
     adapters = [
         load_file(str(tmp_path / "rm" / f"member-{i}" / "adapter_model.safetensors"))
         for i in range(2)
