@@ -51,7 +51,7 @@ class RewardConfig:
     )
     bootstrap: bool = _help(
         "each member trains on a bootstrap resample of the votes; false: on all of them, the "
-        "members differing only by seed (measured on SmolLM2: neither won; bench/RESULTS.md)",
+        "members differing only by seed (bench/RESULTS.md compares the two on SmolLM2)",
         default=True,
     )
     ensemble_penalty: float = _help(
