@@ -68,6 +68,11 @@ class RewardConfig:
         "'fp32'; adapters and optimiser state stay fp32",
         default="auto",
     )
+    attention: str = _help(
+        "attention kernel: 'auto' (eager on the CPU, whose fused kernel's backward pass is slow; "
+        "sdpa on a GPU), 'eager' or 'sdpa'",
+        default="auto",
+    )
 
 
 @dataclass
@@ -128,6 +133,11 @@ class PPOConfig:
     base_weights: str = _help(
         "dtype of the frozen base weights: 'auto' (bf16 on a GPU, fp32 on the CPU), 'bf16' or "
         "'fp32'; adapters and optimiser state stay fp32",
+        default="auto",
+    )
+    attention: str = _help(
+        "attention kernel: 'auto' (eager on the CPU, whose fused kernel's backward pass is slow; "
+        "sdpa on a GPU), 'eager' or 'sdpa'",
         default="auto",
     )
 
@@ -230,6 +240,11 @@ class SFTConfig:
         "dtype of the frozen base weights: 'auto' (bf16 on a GPU, fp32 on the CPU)",
         default="auto",
     )
+    attention: str = _help(
+        "attention kernel: 'auto' (eager on the CPU, whose fused kernel's backward pass is slow; "
+        "sdpa on a GPU), 'eager' or 'sdpa'",
+        default="auto",
+    )
 
 
 @dataclass
@@ -247,6 +262,7 @@ class CycleConfig:
 
 PRESETS = ("default", "fast")
 PRECISIONS = ("auto", "bf16", "fp32")
+ATTENTIONS = ("auto", "eager", "sdpa")
 ADVANTAGES = ("rloo", "gae")
 
 
@@ -265,6 +281,13 @@ def check(config: CycleConfig) -> CycleConfig:
         (
             config.reward.base_weights in PRECISIONS,
             f"reward.base_weights must be one of {PRECISIONS}",
+        ),
+        *(
+            (
+                getattr(config, stage).attention in ATTENTIONS,
+                f"{stage}.attention must be one of {ATTENTIONS}",
+            )
+            for stage in ("reward", "ppo", "sft")
         ),
         (config.reward.ensemble >= 1, "reward.ensemble must be at least 1"),
         (config.gate.samples_per_prompt >= 1, "gate.samples_per_prompt must be at least 1"),

@@ -136,6 +136,7 @@ def _run_stages(
         config.reward.ensemble_penalty,
         config.reward.precision,
         config.reward.base_weights,
+        config.reward.attention,
     )
     tokenizer = AutoTokenizer.from_pretrained(serving_model)
     policy = PolicyWithValueHead.from_base(serving_model, config.ppo)

@@ -42,7 +42,7 @@ from alignment.ppo_math import (
     leave_one_out_advantages,
     whiten,
 )
-from alignment.precision import autocast, base_dtype, train_device
+from alignment.precision import attention_implementation, autocast, base_dtype, train_device
 from alignment.rollouts import GenerateFn, Rollouts, as_rollouts
 
 # conversations (prompt + assistant reply) -> scores (B,)
@@ -91,7 +91,9 @@ class PolicyWithValueHead(nn.Module):
 
         device = train_device()
         base = AutoModelForCausalLM.from_pretrained(
-            base_model, dtype=base_dtype(config.base_weights, device)
+            base_model,
+            dtype=base_dtype(config.base_weights, device),
+            attn_implementation=attention_implementation(config.attention, device),
         )
         lora = LoraConfig(
             r=config.lora_rank,

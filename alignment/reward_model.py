@@ -30,7 +30,7 @@ import torch
 from alignment import adapters
 from alignment.config import RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
-from alignment.precision import autocast, base_dtype, use_bf16
+from alignment.precision import attention_implementation, autocast, base_dtype, use_bf16
 
 
 @dataclass
@@ -107,7 +107,11 @@ def train_reward_model(
     # about the replies and not about units. Without it mean - std penalised every confident
     # score, and PPO on the conservative score stalled (bench/RESULTS.md).
     scorer = RewardScorer.load(
-        base_model, str(out_dir), precision=config.precision, base_weights=config.base_weights
+        base_model,
+        str(out_dir),
+        precision=config.precision,
+        base_weights=config.base_weights,
+        attention=config.attention,
     )
     replies = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
     raw = scorer.member_scores(replies)  # (K, 2N)
@@ -178,7 +182,10 @@ def _train_member(
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)  # the score head's initialisation differs per member
     model = AutoModelForSequenceClassification.from_pretrained(
-        base_model, num_labels=1, dtype=base_dtype(config.base_weights, _device())
+        base_model,
+        num_labels=1,
+        dtype=base_dtype(config.base_weights, _device()),
+        attn_implementation=attention_implementation(config.attention, _device()),
     )
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -262,6 +269,7 @@ class RewardScorer:
         penalty: float = 1.0,
         precision: str = "auto",
         base_weights: str = "auto",
+        attention: str = "auto",
     ) -> RewardScorer:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -271,7 +279,10 @@ class RewardScorer:
         members = ensemble["members"]
         tokenizer = AutoTokenizer.from_pretrained(root / members[0])
         base = AutoModelForSequenceClassification.from_pretrained(
-            base_model, num_labels=1, dtype=base_dtype(base_weights, _device())
+            base_model,
+            num_labels=1,
+            dtype=base_dtype(base_weights, _device()),
+            attn_implementation=attention_implementation(attention, _device()),
         )
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, str(root / members[0]), adapter_name=members[0])

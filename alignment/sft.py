@@ -14,7 +14,7 @@ import torch
 
 from alignment.adapters import peft_config
 from alignment.config import SFTConfig
-from alignment.precision import base_dtype, train_device
+from alignment.precision import attention_implementation, base_dtype, train_device
 
 
 def sft_records(examples: list[dict], demonstration_weight: int = 1) -> list[dict]:
@@ -67,7 +67,9 @@ def train_sft(base_model: str, records: list[dict], out_dir: Path, config: SFTCo
         raise ValueError("no revisions to fine-tune on")
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(
-        base_model, dtype=base_dtype(config.base_weights, train_device())
+        base_model,
+        dtype=base_dtype(config.base_weights, train_device()),
+        attn_implementation=attention_implementation(config.attention, train_device()),
     )
     before = completion_loss(model, tokenizer, records)
     args = TRLSFTConfig(

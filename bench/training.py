@@ -10,8 +10,9 @@
 `--random-init` builds SmolLM2-135M's architecture with random weights (timing depends on shapes,
 not values): this is how it runs on a lent GPU machine, where the checkpoint cannot be carried.
 
-Run: `.venv/bin/python -m bench.training [--random-init]`; `... --memory` (a fresh process) for
-the PPO stage's peak memory against the model's size and against a separate reference copy.
+Run: `.venv/bin/python -m bench.training [--random-init] [--compare precision|attention]`;
+`... --memory` (a fresh process) for the PPO stage's peak memory against the model's size and
+against a separate reference copy.
 """
 
 from __future__ import annotations
@@ -56,13 +57,18 @@ def random_smollm2(out: Path) -> Path:
 
 
 def time_reward_steps(
-    model_dir: str, device: str, seq: int, repeats: int, precision: str = "fp32"
+    model_dir: str,
+    device: str,
+    seq: int,
+    repeats: int,
+    precision: str = "fp32",
+    attention: str = "sdpa",
 ) -> list[float]:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=1, dtype=torch.float32
+        model_dir, num_labels=1, dtype=torch.float32, attn_implementation=attention
     )
     model.config.pad_token_id = 2
     model = get_peft_model(
@@ -87,14 +93,20 @@ def time_reward_steps(
 
 
 def time_ppo_steps(
-    model_dir: str, device: str, prompt: int, response: int, repeats: int, precision: str = "fp32"
+    model_dir: str,
+    device: str,
+    prompt: int,
+    response: int,
+    repeats: int,
+    precision: str = "fp32",
+    attention: str = "sdpa",
 ) -> list[float]:
     from transformers import AutoTokenizer
 
     # 8 rollouts (4 prompts x 2 replies), every update taken (no trust-region stop): fixed work
     config = PPOConfig(
         prompts_per_step=4, samples_per_prompt=2, max_new_tokens=response, minibatch_size=4,
-        ppo_epochs=2, max_step_kl=0.0, precision=precision,
+        ppo_epochs=2, max_step_kl=0.0, precision=precision, attention=attention,
     )  # fmt: skip
     policy = PolicyWithValueHead.from_base(model_dir, config).to(device)
     tokenizer = AutoTokenizer.from_pretrained(SMOL) if SMOL.exists() else None
@@ -183,6 +195,13 @@ def main() -> None:
     parser.add_argument(
         "--memory", action="store_true", help="only the PPO memory profile (fresh process)"
     )
+    parser.add_argument(
+        "--compare",
+        choices=("precision", "attention"),
+        default="precision",
+        help="what the same steps are timed under, in one run: fp32 vs 'auto' precision (bf16 "
+        "autocast where native), or, under 'auto' precision, sdpa vs eager attention",
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.memory:
@@ -195,29 +214,35 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         rows = {}
-        for precision in ("fp32", "auto"):  # the same steps, in one run: compare as a ratio
-            rm = time_reward_steps(model_dir, device, args.seq, args.repeats, precision)
+        settings = (
+            [("fp32", "sdpa"), ("auto", "sdpa")]
+            if args.compare == "precision"
+            else [("auto", "sdpa"), ("auto", "eager")]
+        )
+        for precision, attention in settings:  # the same steps, in one run: compare as a ratio
+            rm = time_reward_steps(model_dir, device, args.seq, args.repeats, precision, attention)
             ppo = time_ppo_steps(
-                model_dir, device, args.prompt, args.response, args.repeats, precision
+                model_dir, device, args.prompt, args.response, args.repeats, precision, attention
             )
-            rows[precision] = (rm, ppo)
+            rows[f"{precision}, {attention}"] = (rm, ppo)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{torch.get_num_threads()}"
     auto = "bf16 autocast" if use_bf16("auto", device) else "fp32 (no native bf16 here)"
     print(f"device: {name}; 'auto' precision = {auto}")
-    print("| step | shape | precision | median s | min s |\n|---|---|---|---|---|")
-    for precision, (rm, ppo) in rows.items():
+    print("| step | shape | precision, attention | median s | min s |\n|---|---|---|---|---|")
+    for setting, (rm, ppo) in rows.items():
         print(
-            f"| reward model (LoRA, BT) | 8 pairs x {args.seq} tok | {precision} | "
+            f"| reward model (LoRA, BT) | 8 pairs x {args.seq} tok | {setting} | "
             f"{statistics.median(rm):.3f} | {min(rm):.3f} |"
         )
         print(
             f"| PPO (LoRA + ref, RLOO) | 8 x ({args.prompt}+{args.response}) tok, "
-            f"2 epochs x 2 minibatches | {precision} | {statistics.median(ppo):.3f} | "
+            f"2 epochs x 2 minibatches | {setting} | {statistics.median(ppo):.3f} | "
             f"{min(ppo):.3f} |"
         )
+    (before, first), (after, second) = rows.items()
     for i, stage in enumerate(("reward model", "PPO")):
-        fp32, auto_s = statistics.median(rows["fp32"][i]), statistics.median(rows["auto"][i])
-        print(f"{stage}: auto is {fp32 / auto_s:.2f}x the speed of fp32")
+        ratio = statistics.median(first[i]) / statistics.median(second[i])
+        print(f"{stage}: {after} is {ratio:.2f}x the speed of {before}")
     if device == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

@@ -156,3 +156,13 @@ def test_precision_setting_is_checked_and_fp32_means_no_autocast():
     with autocast("bf16", "cpu"):
         y = torch.nn.Linear(4, 4)(torch.ones(2, 4))
     assert y.dtype == torch.bfloat16  # matmuls ran in bf16; the weights stay fp32
+
+
+def test_attention_setting_is_checked_and_auto_picks_the_kernel_by_device():
+    from alignment.precision import attention_implementation
+
+    assert attention_implementation("auto", "cpu") == "eager"
+    assert attention_implementation("auto", "cuda") == "sdpa"
+    assert attention_implementation("sdpa", "cpu") == "sdpa"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        attention_implementation("flash", "cpu")

@@ -162,6 +162,7 @@ def test_cai_flags_map_onto_config(tmp_path):
         ('{"ppo": {"advantage": "vtrace"}}', "ppo.advantage must be one of"),
         ('{"ppo": {"samples_per_prompt": 1}}', "needs ppo.samples_per_prompt >= 2"),
         ('{"reward": {"precision": "half"}}', "reward.precision must be one of"),
+        ('{"ppo": {"attention": "flash"}}', "ppo.attention must be one of"),
         ('{"reward": {"ensemble": 0}}', "reward.ensemble must be at least 1"),
         ('{"reward": {"adapter": "adalora"}}', "reward.adapter must be one of lora, ia3"),
         ('{"sft": {"adapter": "prompt_tuning"}}', "cannot be merged into the weights vLLM serves"),

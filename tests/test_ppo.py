@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.config import PPOConfig
 from alignment.ppo import PolicyWithValueHead, PPOTrainer, token_logprobs
+from alignment.precision import attention_implementation
 from alignment.rollouts import vllm_generate
 
 PROMPTS = [
@@ -61,7 +62,11 @@ def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine
     assert any("value_head" in n for n in trainable) == (advantage == "gae")
 
     # The adapter-disabled model is exactly the original checkpoint: the free reference.
-    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir,
+        dtype=torch.float32,
+        attn_implementation=attention_implementation(config.attention, "cpu"),
+    )
     ids = tokenizer("Plants convert sunlight", return_tensors="pt")
     with torch.no_grad():
         with policy.autocast():  # same precision as the policy (bf16 matmuls where native)
