@@ -98,16 +98,19 @@ def _greedy(url: str, model: str) -> str:
 
 
 def test_engine_applies_adapters_and_leaves_the_base_weights_alone(
-    tiny_engine_url, tiny_model_dir, tmp_path
+    tiny_engine_url, tiny_model_dir, tmp_path, tmp_path_factory
 ):
-    """In the real engine (the plugin is loaded into its processes): an adapter with a large
-    change changes the greedy reply; with two adapters in the slots, and after unloading them,
-    the base weights answer exactly as before."""
+    """In the real engine, whose processes loaded the plugin (their log says so): an adapter
+    with a large change changes the greedy reply; with two adapters in the slots, and after
+    unloading them, the base weights answer exactly as before."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from alignment.engine_http import client
 
+    # conftest's engine log (pytest also links each numbered folder as "...current")
+    (log,) = {p.resolve() for p in tmp_path_factory.getbasetemp().glob("logs*/tiny-engine.log")}
+    assert "CPU LoRA ops from assistant.vllm_cpu_lora" in log.read_text(errors="replace")
     base_before = _greedy(tiny_engine_url, "policy")
     names = []
     for seed in (1, 2):
