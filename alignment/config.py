@@ -14,6 +14,15 @@ def _help(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
 
 
+def _attention():
+    """The same `attention` setting in every training stage."""
+    return _help(
+        "attention kernel: 'auto' (eager on the CPU, whose fused kernel's backward pass is slow; "
+        "sdpa on a GPU), 'eager' or 'sdpa'",
+        default="auto",
+    )
+
+
 @dataclass
 class RewardConfig:
     """Bradley-Terry reward model: an adapter (LoRA by default) and a sequence-classification
@@ -68,11 +77,7 @@ class RewardConfig:
         "'fp32'; adapters and optimiser state stay fp32",
         default="auto",
     )
-    attention: str = _help(
-        "attention kernel: 'auto' (eager on the CPU, whose fused kernel's backward pass is slow; "
-        "sdpa on a GPU), 'eager' or 'sdpa'",
-        default="auto",
-    )
+    attention: str = _attention()
 
 
 @dataclass
@@ -135,11 +140,7 @@ class PPOConfig:
         "'fp32'; adapters and optimiser state stay fp32",
         default="auto",
     )
-    attention: str = _help(
-        "attention kernel: 'auto' (eager on the CPU, whose fused kernel's backward pass is slow; "
-        "sdpa on a GPU), 'eager' or 'sdpa'",
-        default="auto",
-    )
+    attention: str = _attention()
 
 
 @dataclass
@@ -240,11 +241,7 @@ class SFTConfig:
         "dtype of the frozen base weights: 'auto' (bf16 on a GPU, fp32 on the CPU)",
         default="auto",
     )
-    attention: str = _help(
-        "attention kernel: 'auto' (eager on the CPU, whose fused kernel's backward pass is slow; "
-        "sdpa on a GPU), 'eager' or 'sdpa'",
-        default="auto",
-    )
+    attention: str = _attention()
 
 
 @dataclass
