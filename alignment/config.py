@@ -309,7 +309,7 @@ def check(config: CycleConfig) -> CycleConfig:
 
 
 def preset(name: str) -> CycleConfig:
-    """Named starting points: `default` fits the embedded default on a 2-core CPU (10-12
+    """Named starting points: `default` fits the embedded default on a 2-core CPU (11-13
     minutes for 100 votes on SmolLM2: 12 rounds of 8 prompts x 4 replies of 64 tokens; see
     bench/RESULTS.md); `fast` finishes in seconds on the tiny test model."""
     if name == "fast":
