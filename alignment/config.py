@@ -159,9 +159,9 @@ class GateConfig:
         default=0.5,
     )
     eval_prompts: int = _help(
-        "held-out prompts compared, each with samples_per_prompt replies per version (32 x 2: "
-        "when the reward models agree on under half the comparisons, 32 left too few to tell "
-        "a 0.7 win rate from chance)",
+        "held-out prompts compared, samples_per_prompt replies each; the reward models may "
+        "agree on under half of the comparisons, and a 0.7 win rate on fewer than about 25 "
+        "agreed ones cannot be told from chance",
         default=32,
     )
     samples_per_prompt: int = _help("replies per held-out prompt from each version", default=2)
