@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,15 @@ def isolated_write_latency(n: int = 200) -> dict:
     }
 
 
+def server_error_traces(log: str, limit: int = 3) -> str:
+    """The first `limit` tracebacks in the app's log: a 5xx's body says only "Internal Server
+    Error", the log says why."""
+    traces = [
+        "Traceback" + chunk.split("\nINFO")[0] for chunk in log.split("Traceback")[1 : limit + 1]
+    ]
+    return "\n".join(traces) or "(no traceback in the app's log)"
+
+
 def main() -> None:
     import duckdb
 
@@ -177,6 +187,8 @@ def main() -> None:
                 result = run_load(app.url, args.users, args.seconds, turns=10_000)
             finally:
                 app.stop()
+            if result.server_errors:  # the app's own account of its 5xx, before tmp goes
+                print(server_error_traces(app.log.read_text(errors="replace")), file=sys.stderr)
             con = duckdb.connect(str(app.db), read_only=True)
             stored = {r[0] for r in con.execute("SELECT pair_id FROM votes").fetchall()}
             con.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 
 from alignment.config import GateConfig, PPOConfig, RewardConfig
@@ -110,6 +111,18 @@ def test_full_cycle_merges_version_and_hot_swaps_without_failures(
     assert manifest["parent"] == "v0000" and manifest["version"] == "v0001"
     assert manifest["gate"]["deploy"] is True
 
+    async def next_token_logprobs(client: httpx.AsyncClient) -> list[float]:
+        """The served weights' log-probabilities of the top next tokens of a fixed prompt: any
+        change of the weights changes them (a sampled reply may not change: a tiny model's
+        near-uniform distribution keeps the same seeded draw after a small update)."""
+        r = await client.post(
+            tiny_engine_url + "/v1/completions",
+            json={"model": "policy", "prompt": "Why do things fall?", "max_tokens": 1,
+                  "temperature": 0.0, "logprobs": 5},
+        )  # fmt: skip
+        r.raise_for_status()
+        return sorted(r.json()["choices"][0]["logprobs"]["top_logprobs"][0].values())
+
     async def swap_under_load():
         engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
         sampling = {"temperature": 1.0, "max_tokens": 12}
@@ -123,20 +136,22 @@ def test_full_cycle_merges_version_and_hot_swaps_without_failures(
             ][-1]
 
         try:
-            before = await finals(7)
-            chats = [asyncio.create_task(finals(100 + i)) for i in range(6)]
-            await asyncio.sleep(0.05)
-            await engine.reload_weights(result.path, "v0001")
-            in_flight = await asyncio.gather(*chats)
-            after = await finals(7)
+            async with httpx.AsyncClient(timeout=60) as client:
+                before = await next_token_logprobs(client)
+                chats = [asyncio.create_task(finals(100 + i)) for i in range(6)]
+                await asyncio.sleep(0.05)
+                await engine.reload_weights(result.path, "v0001")
+                in_flight = await asyncio.gather(*chats)
+                after = await finals(7)
+                served = await next_token_logprobs(client)
         finally:
             await engine.aclose()
-        return before, in_flight, after
+        return before, in_flight, after, served
 
-    before, in_flight, after = asyncio.run(swap_under_load())
+    before, in_flight, after, served = asyncio.run(swap_under_load())
     assert all(f.final and all(c.done for c in f.candidates) for f in in_flight)
     assert after.model_version == "v0001"
-    assert [c.text for c in after.candidates] != [c.text for c in before.candidates]
+    assert served != pytest.approx(before, abs=1e-4), "the engine still serves the old weights"
 
 
 def test_gate_rejects_policy_pushed_past_kl_limit(tiny_model_dir, tiny_engine_url, tmp_path):

@@ -68,7 +68,9 @@ def test_browser_chat_stream_and_vote(smol_app, tmp_path):
         box.fill("<b>Name</b> three colors.")
         box.press("Enter")
         # The user's HTML is shown as text, never rendered as a <b> element.
-        expect(page.locator("#history")).to_contain_text("<b>Name</b> three colors.")
+        # Shown as soon as it is sent, not with the first tokens (seconds away on a slow CPU).
+        history = page.locator("#history")
+        expect(history).to_contain_text("<b>Name</b> three colors.", timeout=15_000)
         assert page.locator("#history b", has_text="Name").count() == 0
 
         expect(vote_a).to_be_enabled(timeout=240_000)  # enabled once both replies are complete
@@ -78,7 +80,7 @@ def test_browser_chat_stream_and_vote(smol_app, tmp_path):
         page.screenshot(path=str(tmp_path / "before-vote.png"), full_page=True)
         page.wait_for_timeout(7000)  # read both replies, as a person would (48 tokens each)
         vote_a.click()
-        expect(page.locator("#status")).to_contain_text("Vote saved: A is better")
+        expect(page.locator("#status")).to_contain_text("Vote saved: A is better", timeout=30_000)
         expect(vote_a).to_be_disabled()
         # The chosen reply continues the conversation in the history.
         expect(page.locator("#history")).to_contain_text(reply_a.split("\n")[0][:40])

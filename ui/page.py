@@ -165,6 +165,8 @@ def build_page(
                     )
                     return
                 hist = [*hist, {"role": "user", "content": html.escape(text or "")}]
+                # The message shows at once: on a busy CPU the first tokens take seconds.
+                yield view(st, hist, note="Generating two replies...")
                 try:
                     async for update in service.stream_turn(
                         st["conversation_id"], text, **auth.visitor(request)
