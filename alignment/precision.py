@@ -10,20 +10,11 @@ measures the whole steps).
 from __future__ import annotations
 
 import contextlib
-from functools import cache
 
 import torch
 
 from alignment.config import ATTENTIONS, PRECISIONS
-
-
-@cache
-def cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()  # noqa: SIM115 - read once, cached
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+from alignment.hardware import cpu_has_bf16
 
 
 def use_bf16(precision: str, device: str) -> bool:

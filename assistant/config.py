@@ -44,7 +44,12 @@ class EngineConfig:
     )
     served_model_name: str = _help("model name the engine serves under", default="policy")
     max_model_len: int = _help("context window in tokens (prompt + reply)", default=2048)
-    dtype: str = _help("weight dtype for the embedded engine", default="bfloat16")
+    dtype: str = _help(
+        "weight dtype for the embedded engine: auto (bfloat16 on a GPU or a CPU with "
+        "AVX-512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and 3-4x slower), "
+        "or any vLLM --dtype",
+        default="auto",
+    )
     max_num_seqs: int = _help(
         "sequences the engine batches at once (each turn is 2 sequences)", default=32
     )

@@ -22,6 +22,7 @@ import httpx
 
 from alignment.engine_http import client as engine_client
 from alignment.engine_http import socket_url
+from alignment.hardware import cpu_has_bf16
 from alignment.lifetime import die_with_parent
 from assistant.config import EngineConfig
 from assistant.engine import EngineError
@@ -40,6 +41,13 @@ def _on_cpu() -> bool:
         return not torch.cuda.is_available()
     except ImportError:
         return True
+
+
+def engine_dtype(setting: str, cpu: bool) -> str:
+    """`auto`: bf16 where the hardware computes it, float32 on a CPU that would emulate it."""
+    if setting != "auto":
+        return setting
+    return "float32" if cpu and not cpu_has_bf16() else "bfloat16"
 
 
 def _child_setup(nice: int) -> None:
@@ -119,7 +127,7 @@ class EmbeddedVLLMServer:
             "--max-num-seqs",
             str(c.max_num_seqs),
             "--dtype",
-            c.dtype,
+            engine_dtype(c.dtype, cpu),
             "--gpu-memory-utilization",
             str(c.gpu_memory_utilization),
             "--disable-uvicorn-access-log",

@@ -6,7 +6,8 @@ acknowledged votes against what the database holds afterwards, and any 5xx.
 
 `run_load` is shared with tests/test_load.py, which asserts on the same figures.
 Also the same writes with nothing else running, for comparison.
-Run: `.venv/bin/python -m bench.load` (tiny model on its own vLLM engine, 32 users, 60 s).
+Run: `.venv/bin/python -m bench.load` (tiny model on its own vLLM engine, 32 users, 60 s);
+`--write-scaling`: only the writes alone, on databases already holding many voted turns.
 """
 
 from __future__ import annotations
@@ -98,13 +99,53 @@ def run_load(url: str, users: int = 32, seconds: float = 30, turns: int = 20) ->
     return result
 
 
-def isolated_write_latency(n: int = 200) -> dict:
-    """The same writes with nothing else running: a turn (`record_pair`) and its vote, on a fresh
-    DuckDB file. What the store costs by itself, to compare with the figures under load."""
+def fill_voted_pairs(db_path: Path, n: int) -> None:
+    """`n` voted turns (five to a conversation) written in bulk, as a long-lived app's
+    database holds them: random-looking ids as the store makes, so no scan is pruned by luck."""
+    import duckdb
+
+    def key(prefix: str, expr: str) -> str:
+        return f"md5('{prefix}' || ({expr})::VARCHAR)"
+
+    con = duckdb.connect(str(db_path))
+    rows = f"FROM range({n}) t(i)"
+    con.execute(
+        f"INSERT INTO conversations (id) SELECT {key('c', 'i // 5')} {rows} WHERE i % 5 = 0"
+    )
+    con.execute(
+        "INSERT INTO pairs (id, conversation_id, position, prompt, model_version, seed) "
+        f"SELECT {key('p', 'i')}, {key('c', 'i // 5')}, 2 * (i % 5), '[]', 'v0000', i {rows}"
+    )
+    con.execute(
+        "INSERT INTO candidates (id, pair_id, slot, text, model_version, sampling) "
+        f"SELECT {key('k', 'i')} || s, {key('p', 'i')}, s, 'a reply', 'v0000', '{{}}' {rows}, "
+        "(VALUES ('a'), ('b')) u(s)"
+    )
+    for role, offset in (("user", 0), ("assistant", 1)):
+        con.execute(
+            "INSERT INTO messages (id, conversation_id, position, role, content, pair_id) "
+            f"SELECT {key('m' + role, 'i')}, {key('c', 'i // 5')}, 2 * (i % 5) + {offset}, "
+            f"'{role}', 'text', {key('p', 'i')} {rows}"
+        )
+    con.execute(
+        "INSERT INTO votes (id, pair_id, choice) "
+        f"SELECT {key('v', 'i')}, {key('p', 'i')}, 'a' {rows}"
+    )
+    con.execute("CHECKPOINT")
+    con.close()
+
+
+def isolated_write_latency(n: int = 200, stored: int = 0) -> dict:
+    """The same writes with nothing else running: a turn (`record_pair`) and its vote, on a
+    DuckDB file holding `stored` voted turns already. What the store costs by itself, to
+    compare with the figures under load, and how that grows with the database."""
     from storage import Store
     from storage.store import CandidateRecord
 
     with tempfile.TemporaryDirectory() as tmp:
+        if stored:
+            Store(Path(tmp) / "bench.duckdb").close()  # the schema
+            fill_voted_pairs(Path(tmp) / "bench.duckdb", stored)
         store = Store(Path(tmp) / "bench.duckdb")
         pair_ms, vote_ms = [], []
         for i in range(n):
@@ -129,6 +170,12 @@ def isolated_write_latency(n: int = 200) -> dict:
         "isolated_vote_write_p50_ms": percentile(vote_ms, 50),
         "isolated_vote_write_p99_ms": percentile(vote_ms, 99),
     }
+
+
+def write_scaling(sizes: tuple[int, ...] = (0, 10_000, 50_000)) -> dict:
+    """Isolated writes against databases of growing size: a write that scans a table gets
+    slower every day the app runs; one that looks its rows up by key does not."""
+    return {f"stored_{size}": isolated_write_latency(stored=size) for size in sizes}
 
 
 def server_error_traces(log: str, limit: int = 3) -> str:
@@ -158,7 +205,15 @@ def main() -> None:
         default=0,
         help="the simulated users' niceness once the app is up (real users are on other machines)",
     )
+    parser.add_argument(
+        "--write-scaling",
+        action="store_true",
+        help="only the writes alone, on databases holding 0, 10,000 and 50,000 voted turns",
+    )
     args = parser.parse_args()
+    if args.write_scaling:
+        print(json.dumps(write_scaling(), indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_tiny_checkpoint(work / "tiny")

@@ -297,3 +297,26 @@ def test_one_yaml_file_holds_every_setting_and_flags_override_it(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=message):
             config_from_args(build_parser().parse_args(["run", "--config", str(bad)]))
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpu", "native_bf16", "expected"),
+    [
+        ("auto", True, True, "bfloat16"),  # AVX-512-BF16 / AMX
+        ("auto", True, False, "float32"),  # AVX2: bf16 emulated, 3-4x slower in vLLM
+        ("auto", False, False, "bfloat16"),  # a GPU
+        ("float16", True, True, "float16"),  # an explicit choice is passed on as it is
+    ],
+)
+def test_the_engines_dtype_follows_what_the_hardware_computes(
+    monkeypatch, tmp_path, setting, cpu, native_bf16, expected
+):
+    from assistant import vllm_server
+    from assistant.config import EngineConfig
+
+    monkeypatch.setattr(vllm_server, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr(vllm_server, "_on_cpu", lambda: cpu)
+    command = vllm_server.EmbeddedVLLMServer(
+        "model", EngineConfig(dtype=setting), tmp_path / "log"
+    ).command()
+    assert command[command.index("--dtype") + 1] == expected
