@@ -2,7 +2,7 @@
 
 bf16 pays only where the CPU has bf16 instructions (AVX-512-BF16 or AMX): elsewhere (AVX2) both
 PyTorch and vLLM emulate it, slower than fp32. On a 2-core AMD EPYC with AVX2 only, vLLM served
-SmolLM2 at 16 tokens/s in bf16 and 59 in fp32 (8 prompts x 2 replies; bench/RESULTS.md).
+SmolLM2 at 16-17 tokens/s in bf16 and 47-59 in fp32 (8 prompts x 2 replies; bench.engine_dtype).
 """
 
 from __future__ import annotations

@@ -46,8 +46,8 @@ class EngineConfig:
     max_model_len: int = _help("context window in tokens (prompt + reply)", default=2048)
     dtype: str = _help(
         "weight dtype for the embedded engine: auto (bfloat16 on a GPU or a CPU with "
-        "AVX-512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and 3-4x slower), "
-        "or any vLLM --dtype",
+        "AVX-512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and about 3x "
+        "slower batched), or any vLLM --dtype",
         default="auto",
     )
     max_num_seqs: int = _help(

@@ -6,6 +6,7 @@ import sys
 
 BENCHMARKS = [
     ["bench.generation"],
+    ["bench.engine_dtype"],
     ["bench.training"],
     ["bench.training", "--memory"],
     ["bench.load"],

@@ -205,7 +205,7 @@ class VoteWrite:
 
     @staticmethod
     def _pairs(con: duckdb.DuckDBPyConnection, pair_ids: list[str]) -> dict[str, dict]:
-        """What the votes need of their pairs, in two statements of index lookups: the pair,
+        """What the votes need of their pairs, in two statements filtered by key: the pair,
         whether it has a vote and its two candidates (rows tagged with the table they come
         from), then the owners of their conversations."""
         ids = _marks(pair_ids)
