@@ -67,6 +67,18 @@ class RewardConfig:
         "PPO optimises mean - penalty * std of the members' scores (Coste et al. 2023)",
         default=1.0,
     )
+    support_quantile: float = _help(
+        "replies shorter than support_fraction of this quantile of the voted replies' lengths "
+        "lie outside what the reward models learned: PPO is penalised for them and the gate "
+        "does not trust them (alignment/support.py); 0 disables",
+        default=0.05,
+    )
+    support_fraction: float = _help(
+        "how far under the voted replies' short quantile a reply may go and still be judged: "
+        "SmolLM2 learned the `complete` taste at about 0.75 of v0's length and collapsed "
+        "under 0.4 of it",
+        default=0.5,
+    )
     seed: int = _help("seed of the head initialisation and data order", default=0)
     precision: str = _help(
         "'auto' (bf16 autocast where the CPU or GPU computes bf16 natively), 'bf16' or 'fp32'",
@@ -127,6 +139,11 @@ class PPOConfig:
         "policy learns to finish its replies (Huang et al. 2024); 0 disables",
         default=1.0,
     )
+    short_reply_penalty: float = _help(
+        "subtracted from the (scaled) score of a rollout shorter than the voted replies "
+        "(reward.support_quantile), where the reward models' scores mean nothing; 0 disables",
+        default=1.0,
+    )
     normalize_scores: bool = _help(
         "put reward-model scores on the unit scale of the first rollout batch", default=True
     )
@@ -166,6 +183,11 @@ class GateConfig:
     )
     samples_per_prompt: int = _help("replies per held-out prompt from each version", default=2)
     max_new_tokens: int = _help("reply length in the comparison", default=64)
+    max_short_share: float = _help(
+        "refuse a version when the share of its replies shorter than the voted ones "
+        "(reward.support_quantile) exceeds the serving version's share by more than this",
+        default=0.15,
+    )
     min_rm_accuracy: float = _help(
         "refuse the cycle when the reward models agree with fewer of the held-out human votes "
         "than this (near chance: they learned nothing to optimise)",

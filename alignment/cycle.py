@@ -20,6 +20,7 @@ from alignment.merge import merge_to_checkpoint
 from alignment.ppo import PolicyWithValueHead, PPOTrainer
 from alignment.reward_model import RewardScorer, split_heldout, train_reward_model
 from alignment.rollouts import as_rollouts
+from alignment.support import reply_support, token_counter
 from alignment.tracking import Tracker
 
 Progress = Callable[[str, dict], None]
@@ -139,8 +140,15 @@ def _run_stages(
         config.reward.attention,
     )
     tokenizer = AutoTokenizer.from_pretrained(serving_model)
+    # the replies the reward models learned from bound what their scores mean (PPO and gate)
+    support = reply_support(
+        records,
+        token_counter(tokenizer),
+        config.reward.support_quantile,
+        config.reward.support_fraction,
+    )
     policy = PolicyWithValueHead.from_base(serving_model, config.ppo)
-    trainer = PPOTrainer(policy, tokenizer, serving_generate, scorer.score, config.ppo)
+    trainer = PPOTrainer(policy, tokenizer, serving_generate, scorer.score, config.ppo, support)
     t = time.perf_counter()
     steps = trainer.train(train_prompts, on_step=lambda s: say("ppo", s.as_dict()))
     seconds["ppo"] = time.perf_counter() - t
@@ -150,15 +158,22 @@ def _run_stages(
     t = time.perf_counter()
     say("gate", {})
     gate: GateResult = evaluate(
-        policy, tokenizer, scorer.member_scores, serving_generate, heldout_prompts, config.gate
+        policy,
+        tokenizer,
+        scorer.member_scores,
+        serving_generate,
+        heldout_prompts,
+        config.gate,
+        support=support,
     )
     seconds["gate"] = time.perf_counter() - t
     say("gate", gate.as_dict())
 
+    reward_summary = reward.as_dict()
     if scorer.disagreement:  # how much the members disagreed on PPO's rollouts, per round
-        reward_summary = reward.as_dict() | {"ppo_disagreement": scorer.disagreement}
-    else:
-        reward_summary = reward.as_dict()
+        reward_summary["ppo_disagreement"] = scorer.disagreement
+    if support is not None:
+        reward_summary["support"] = support.as_dict()
     path = adapter = None
     if gate.deploy:
         t = time.perf_counter()

@@ -9,6 +9,10 @@ so it says nothing either way). The win rate is wins / (wins + losses) with a Wi
 Deploy only when the interval's lower bound reaches the floor (a regression, or a change the
 reward models cannot vouch for, cannot pass by luck on a few prompts) and the mean KL(new || ref)
 per reply, measured on the new policy's own samples, is under the ceiling.
+
+The reward models vouch only for replies like the ones people voted on (`alignment.support`): a
+comparison whose new reply is shorter than those is not counted, and a version that writes many
+more such replies than the serving one is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from alignment.config import GateConfig
 from alignment.stats import wilson_interval
+from alignment.support import ReplySupport, reply_length
 
 
 @dataclass
@@ -27,6 +32,7 @@ class Comparisons:
     losses: int = 0
     undecided: int = 0  # the reward models disagree about which reply is better
     ties: int = 0  # identical scores (usually identical replies)
+    unsupported: int = 0  # the new reply is shorter than the voted ones: not counted
 
     @property
     def decisive(self) -> int:
@@ -35,6 +41,19 @@ class Comparisons:
     @property
     def win_rate(self) -> float | None:
         return self.wins / self.decisive if self.decisive else None
+
+
+@dataclass(frozen=True)
+class ShortReplies:
+    """How many replies of each version fall under the voted replies' lengths."""
+
+    new: int
+    serving: int
+    replies: int  # per version
+    shortest: int  # tokens: the bound
+
+    def excess(self) -> float:
+        return (self.new - self.serving) / max(1, self.replies)
 
 
 @dataclass
@@ -49,24 +68,37 @@ class GateResult:
     undecided: int = 0
     ties: int = 0
     samples: int = 0  # replies compared in all
+    unsupported: int = 0  # comparisons not counted: the new reply is shorter than the voted ones
+    short_replies: int | None = None  # new replies shorter than the voted ones (None: no bound)
+    serving_short_replies: int | None = None  # the serving version's, on the same prompts
+    support_tokens: int | None = None  # the bound: the voted replies' short quantile, in tokens
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def count_comparisons(new_scores: torch.Tensor, old_scores: torch.Tensor) -> Comparisons:
-    """new_scores, old_scores: (K, N), K reward-model members scoring N paired replies."""
+def count_comparisons(
+    new_scores: torch.Tensor, old_scores: torch.Tensor, supported: torch.Tensor | None = None
+) -> Comparisons:
+    """new_scores, old_scores: (K, N), K reward-model members scoring N paired replies;
+    supported: (N,) False where the new reply lies outside what the models learned."""
     diff = new_scores - old_scores  # (K, N)
+    ok = torch.ones(diff.shape[1], dtype=torch.bool) if supported is None else supported.bool()
     out = Comparisons()
-    out.wins = int((diff > 0).all(0).sum())
-    out.losses = int((diff < 0).all(0).sum())
-    out.ties = int((diff == 0).all(0).sum())
-    out.undecided = diff.shape[1] - out.wins - out.losses - out.ties
+    out.wins = int(((diff > 0).all(0) & ok).sum())
+    out.losses = int(((diff < 0).all(0) & ok).sum())
+    out.ties = int(((diff == 0).all(0) & ok).sum())
+    out.unsupported = int((~ok).sum())
+    out.undecided = diff.shape[1] - out.wins - out.losses - out.ties - out.unsupported
     return out
 
 
 def gate_decision(
-    counts: Comparisons, kl: float, config: GateConfig, kl_per_token: float = 0.0
+    counts: Comparisons,
+    kl: float,
+    config: GateConfig,
+    kl_per_token: float = 0.0,
+    short: ShortReplies | None = None,
 ) -> tuple[bool, str, tuple[float, float]]:
     """(deploy, reason in words a user reads, interval).
 
@@ -95,11 +127,20 @@ def gate_decision(
             "words look like this)",
             (lo, hi),
         )
+    if short is not None and short.excess() > config.max_short_share:
+        return (
+            False,
+            f"its replies got shorter than the ones you voted on: {short.new} of {short.replies} "
+            f"are under {short.shortest} tokens, against {short.serving} from the serving "
+            "version; the reward models never learned to judge replies like these",
+            (lo, hi),
+        )
     if lo < config.min_win_rate:
         return (
             False,
             f"the new version did not clearly beat the serving one: win rate {shown}"
-            f" ({counts.undecided} undecided); its lower bound must reach {config.min_win_rate}",
+            f" ({counts.undecided} undecided{_unsupported(counts)}); its lower bound must reach "
+            f"{config.min_win_rate}",
             (lo, hi),
         )
     return (
@@ -107,6 +148,10 @@ def gate_decision(
         f"the new version beat the serving one: win rate {shown}; KL {kl:.2f} <= {config.max_kl}",
         (lo, hi),
     )
+
+
+def _unsupported(counts: Comparisons) -> str:
+    return f", {counts.unsupported} too short to judge" if counts.unsupported else ""
 
 
 def reward_refusal(reward, config: GateConfig) -> GateResult | None:
@@ -126,10 +171,18 @@ def reward_refusal(reward, config: GateConfig) -> GateResult | None:
 
 @torch.no_grad()
 def evaluate(
-    policy, tokenizer, member_scores, serving_generate, prompts, config: GateConfig, seed=1234
+    policy,
+    tokenizer,
+    member_scores,
+    serving_generate,
+    prompts,
+    config: GateConfig,
+    seed=1234,
+    support: ReplySupport | None = None,
 ) -> GateResult:
     """Sample the new policy (transformers) and the serving one (vLLM) on the same prompts;
-    `member_scores(conversations) -> (K, B)` is the reward-model ensemble."""
+    `member_scores(conversations) -> (K, B)` is the reward-model ensemble; `support` bounds the
+    replies it can judge (None: no bound)."""
     torch.manual_seed(seed)
     k = max(1, config.samples_per_prompt)
     prompts = [p for p in prompts[: config.eval_prompts] for _ in range(k)]
@@ -137,13 +190,23 @@ def evaluate(
     new = sample_policy(policy, tokenizer, prompts, config.max_new_tokens)
     kls = reply_kl(policy, new, _pad_id(tokenizer))
     decode = lambda pairs: [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]  # noqa: E731
+    new_texts, old_texts = decode(new), decode(old)
+    short, supported = None, None
+    if support is not None:
+        eos, limit = tokenizer.eos_token_id, config.max_new_tokens
+        new_short = support.outside([reply_length(r, eos) for _, r in new], limit)
+        old_short = support.outside([reply_length(r, eos) for _, r in old], limit)
+        bound = min(support.shortest, limit)
+        short = ShortReplies(sum(new_short), sum(old_short), len(prompts), bound)
+        supported = ~torch.tensor(new_short, dtype=torch.bool)
     counts = count_comparisons(
-        member_scores(_conversations(prompts, decode(new))).cpu(),
-        member_scores(_conversations(prompts, decode(old))).cpu(),
+        member_scores(_conversations(prompts, new_texts)).cpu(),
+        member_scores(_conversations(prompts, old_texts)).cpu(),
+        supported,
     )
     kl = sum(kls) / len(kls)
     kl_per_token = sum(kls) / max(1, sum(len(r) for _, r in new))
-    deploy, reason, (lo, hi) = gate_decision(counts, kl, config, kl_per_token)
+    deploy, reason, (lo, hi) = gate_decision(counts, kl, config, kl_per_token, short)
     return GateResult(
         counts.win_rate,
         kl,
@@ -155,6 +218,10 @@ def evaluate(
         counts.undecided,
         counts.ties,
         len(prompts),
+        counts.unsupported,
+        short.new if short else None,
+        short.serving if short else None,
+        short.shortest if short else None,
     )
 
 

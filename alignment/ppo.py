@@ -44,6 +44,7 @@ from alignment.ppo_math import (
 )
 from alignment.precision import attention_implementation, autocast, base_dtype, train_device
 from alignment.rollouts import GenerateFn, Rollouts, as_rollouts
+from alignment.support import ReplySupport, reply_length
 
 # conversations (prompt + assistant reply) -> scores (B,)
 ScoreFn = Callable[[list[list[dict[str, str]]]], torch.Tensor]
@@ -62,6 +63,7 @@ class StepStats:
     step_kl: float = 0.0  # mean per-token KL(pi_old || pi) after the round's updates
     updates: int = 0  # gradient steps taken before the trust region stopped the round
     cut_off: float = 0.0  # share of the round's replies that hit max_new_tokens
+    short: float = 0.0  # share shorter than the voted replies (alignment.support)
     # where the round's time went: sampling (vLLM), the no-grad passes and the reward models'
     # scores, the gradient steps
     rollout_s: float = 0.0
@@ -146,6 +148,7 @@ class Rollout:
     prompts: list[list[dict[str, str]]]
     responses: list[str]
     cut_off: torch.Tensor  # (B,) 1.0 where the reply used every token it was allowed
+    short: torch.Tensor  # (B,) 1.0 where the reply is shorter than the voted ones
 
 
 def pack_rollouts(
@@ -195,8 +198,10 @@ class PPOTrainer:
         generate: Rollouts | GenerateFn,
         score: ScoreFn,
         config: PPOConfig,
+        support: ReplySupport | None = None,
     ) -> None:
         self.policy = policy
+        self.support = support  # None: no bound on how short a rollout may be
         self.tokenizer = tokenizer
         self.generate = as_rollouts(generate)
         self.score = score
@@ -224,8 +229,15 @@ class PPOTrainer:
         ids, attn, resp = pack_rollouts(pairs, pad if pad is not None else 0)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
         cut = torch.tensor([float(len(r) >= c.max_new_tokens) for _, r in pairs])
+        short = torch.zeros(len(pairs))
+        if self.support is not None:
+            eos = self.tokenizer.eos_token_id
+            lengths = [reply_length(r, eos) for _, r in pairs]
+            short = torch.tensor(self.support.outside(lengths, c.max_new_tokens))
         d = self.device
-        return Rollout(ids.to(d), attn.to(d), resp.to(d), prompts, texts, cut.to(d))
+        return Rollout(
+            ids.to(d), attn.to(d), resp.to(d), prompts, texts, cut.to(d), short.float().to(d)
+        )
 
     def step(self, prompts: list[list[dict[str, str]]], step: int) -> StepStats:
         """One round: `samples_per_prompt` replies to each prompt (consecutive), then updates."""
@@ -252,7 +264,11 @@ class PPOTrainer:
                 ]
             ).to(self.device)
             beta = self.kl_ctl.value
-            shaped = self._normalised(scores) - c.missing_eos_penalty * ro.cut_off
+            shaped = (
+                self._normalised(scores)
+                - c.missing_eos_penalty * ro.cut_off
+                - c.short_reply_penalty * ro.short
+            )
             rewards, kl = kl_penalised_rewards(shaped, old_logprobs, ref_logprobs, mask, beta)
             if c.advantage == "rloo":
                 # (B,) the whole reply's return, against the other replies to its prompt
@@ -316,6 +332,7 @@ class PPOTrainer:
             step_kl=step_kl,
             updates=len(stats["pl"]),
             cut_off=ro.cut_off.mean().item(),
+            short=ro.short.mean().item(),
             rollout_s=rolled - started,
             score_s=scored - rolled,
             update_s=time.perf_counter() - scored,

@@ -149,7 +149,9 @@ def retrain(app: AppProcess, headers: dict) -> tuple[dict, dict]:
         "rm_members": reward.get("member_heldout_accuracy"),
         "rm_n_heldout": reward.get("n_heldout"),
         "gate": {k: gate.get(k) for k in ("win_rate", "interval", "comparisons", "kl",
-                                          "kl_per_token", "reason")},
+                                          "kl_per_token", "unsupported", "short_replies",
+                                          "serving_short_replies", "support_tokens", "reason")},
+        "ppo_short": [s.get("short") for s in cycle.get("ppo_steps") or []],
         "stage_s": cycle.get("seconds"),
     }  # fmt: skip
 

@@ -72,6 +72,46 @@ def test_gate_refuses_a_collapse_into_short_replies_by_its_kl_per_token():
     assert deploy
 
 
+def test_the_voted_replies_bound_the_replies_the_gate_trusts():
+    """opening 2 on SmolLM2: the reward models liked a version whose replies had shrunk below
+    anything voted on, and the user did not. Such comparisons are not counted, and a version
+    writing many more such replies than the serving one is refused whatever its win rate."""
+    import torch
+
+    from alignment.gate import ShortReplies
+    from alignment.support import reply_support
+
+    def record(chosen: str, rejected: str) -> dict:
+        return {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+
+    words = lambda text: len(text.split())  # noqa: E731
+    records = [record("w " * (10 + i), "w " * (30 + i)) for i in range(20)]
+    support = reply_support(records, words, quantile=0.05)
+    assert support is not None and support.replies == 40 and support.shortest == 11
+    assert support.outside([3, 11, 40], limit=64) == [True, False, False]
+    assert support.outside([8, 9], limit=9) == [True, False]  # 9: all a sampler allows
+    assert reply_support(records, words, quantile=0.05, fraction=0.5).shortest == 5
+    assert reply_support(records, words, quantile=0.0) is None  # disabled
+    assert reply_support(records[:5], words, quantile=0.05) is None  # too few to place it
+
+    new = torch.tensor([[2.0, 2.0, 0.0, 2.0]])  # (K=1, N=4): the new reply wins 0, 1, 3
+    old = torch.ones(1, 4)
+    counts = count_comparisons(new, old, supported=torch.tensor([True, False, True, False]))
+    assert (counts.wins, counts.losses, counts.unsupported, counts.undecided) == (1, 1, 2, 0)
+
+    config = GateConfig(min_win_rate=0.5, max_kl=10.0, max_short_share=0.15)
+    won = Comparisons(wins=40)
+    deploy, reason, _ = gate_decision(won, 3.0, config, 0.1, ShortReplies(18, 3, 64, 21))
+    assert not deploy
+    assert "18 of 64 are under 21 tokens, against 3 from the serving version" in reason
+    deploy, _, _ = gate_decision(won, 3.0, config, 0.1, ShortReplies(10, 3, 64, 21))
+    assert deploy  # 7 of 64 more (0.11) is within the margin
+
+
 def test_a_reward_model_near_chance_on_held_out_votes_refuses_the_cycle():
     from alignment.reward_model import RewardResult
 

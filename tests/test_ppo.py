@@ -148,6 +148,46 @@ def test_replies_cut_off_at_the_token_limit_are_penalised(tiny_model_dir):
     assert first_token_logodds() > before + 0.1  # the finishing reply's first token gained
 
 
+def test_replies_shorter_than_the_voted_ones_are_penalised(tiny_model_dir):
+    """With equal scores, a reply shorter than any voted one loses to one as long as they are:
+    the reward models' score means nothing there, so PPO must not drift into it."""
+    from alignment.support import ReplySupport
+
+    config = PPOConfig(
+        steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, minibatch_size=4,
+        ppo_epochs=4, learning_rate=5e-2, init_kl_coef=0.0, adaptive_kl=False,
+        normalize_scores=False, missing_eos_penalty=0.0, short_reply_penalty=1.0,
+        max_step_kl=0.0, precision="fp32",
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer.apply_chat_template(
+        PROMPTS[0], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    eos = tokenizer.eos_token_id
+    long, short = [40, 42, 40, 42, 40, eos], [41, eos]  # 5 tokens and 1, the end not counted
+    support = ReplySupport(shortest=4, quantile=0.05, replies=40)
+
+    def generate(prompts, max_new_tokens, temperature, seed):
+        return [(prompt, long if i % 2 == 0 else short) for i in range(len(prompts))]
+
+    def score(conversations):
+        return torch.zeros(len(conversations))
+
+    policy = PolicyWithValueHead.from_base(str(tiny_model_dir), config)
+
+    def reply_logprob(reply: list[int]) -> float:
+        ids = torch.tensor([prompt + reply])
+        with torch.no_grad():
+            logits, _ = policy(ids, torch.ones_like(ids))
+        return token_logprobs(logits, ids)[0, len(prompt) :].sum().item()
+
+    before = reply_logprob(long) - reply_logprob(short)
+    trainer = PPOTrainer(policy, tokenizer, generate, score, config, support)
+    (stats,) = trainer.train(PROMPTS[:1])
+    assert stats.short == 0.5
+    assert reply_logprob(long) - reply_logprob(short) > before + 0.5  # the long reply gained
+
+
 def test_bf16_base_weights_train_fp32_adapters(tiny_model_dir):
     """The GPU recipe's memory budget: frozen base weights in bf16 (half of fp32), LoRA and
     its optimiser state in fp32, and a PPO round still moves the adapter. Run here on the CPU
