@@ -71,7 +71,7 @@ class GateResult:
     unsupported: int = 0  # comparisons not counted: the new reply is shorter than the voted ones
     short_replies: int | None = None  # new replies shorter than the voted ones (None: no bound)
     serving_short_replies: int | None = None  # the serving version's, on the same prompts
-    support_tokens: int | None = None  # the bound: the voted replies' short quantile, in tokens
+    support_tokens: int | None = None  # the bound, in tokens (alignment.support)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -196,8 +196,7 @@ def evaluate(
         eos, limit = tokenizer.eos_token_id, config.max_new_tokens
         new_short = support.outside([reply_length(r, eos) for _, r in new], limit)
         old_short = support.outside([reply_length(r, eos) for _, r in old], limit)
-        bound = min(support.shortest, limit)
-        short = ShortReplies(sum(new_short), sum(old_short), len(prompts), bound)
+        short = ShortReplies(sum(new_short), sum(old_short), len(prompts), support.bound(limit))
         supported = ~torch.tensor(new_short, dtype=torch.bool)
     counts = count_comparisons(
         member_scores(_conversations(prompts, new_texts)).cpu(),

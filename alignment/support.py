@@ -30,11 +30,14 @@ class ReplySupport:
     quantile: float  # of the voted replies' lengths that `shortest` is a fraction of
     replies: int  # voted replies it was measured on
 
+    def bound(self, limit: int) -> int:
+        """The bound for a sampler allowed `limit` new tokens: votes on longer replies (a chat
+        allowing more tokens than PPO) do not make a reply that used all of them "short"."""
+        return min(self.shortest, limit)
+
     def outside(self, lengths: Sequence[int], limit: int) -> list[bool]:
-        """Which of these reply lengths (tokens) are too short. `limit` is the sampler's
-        max_new_tokens: votes on longer replies (a chat allowing more tokens than PPO) do not
-        make a reply that used every token it was allowed "short"."""
-        bound = min(self.shortest, limit)
+        """Which of these reply lengths (tokens) are too short for a sampler of `limit`."""
+        bound = self.bound(limit)
         return [n < bound for n in lengths]
 
     def as_dict(self) -> dict:
