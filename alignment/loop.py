@@ -293,14 +293,10 @@ class AlignmentLoop:
         if self.lock.locked():
             raise ConflictError("a retrain cycle is running; roll back after it ends")
         async with self.lock:
-            row = await asyncio.to_thread(self.store.model_version, version)
-            if row["status"] == "rejected" or not row["path"]:
-                raise ConflictError(
-                    f"version {version} has no weights to serve (rejected by the gate, or pruned)"
-                )
+            path = await asyncio.to_thread(self.store.servable_path, version)
             if self.canary is not None and self.canary.running:
                 await self.canary.finish("retired", f"an admin rolled back to {version}")
-            swap = await self.engine.reload_weights(row["path"], version)
+            swap = await self.engine.reload_weights(path, version)
             await asyncio.to_thread(self.store.set_serving, version, swap)
             return {"status": "serving", "version": version, "swap_seconds": swap}
 

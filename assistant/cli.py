@@ -554,9 +554,7 @@ def cmd_rollback(args: argparse.Namespace, config: AppConfig) -> int:
 
     store = Store(config.database)
     try:
-        row = store.model_version(args.version)
-        if row["status"] == "rejected":
-            raise ConfigError(f"version {args.version} was rejected and has no weights")
+        store.servable_path(args.version)  # refuses a rejected or pruned version
         store.set_serving(args.version, 0.0)
     finally:
         store.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from storage.errors import NotFoundError
+from storage.errors import ConflictError, NotFoundError
 from storage.rules import new_id, version_name
 
 
@@ -48,6 +48,17 @@ class VersionRecords:
         if not rows:
             raise NotFoundError(f"unknown version {version!r}")
         return rows[0]
+
+    def servable_path(self, version: str) -> str:
+        """The weights a version would serve from. One rule for the app's rollback and the
+        CLI's offline one: a version the gate rejected, or whose weights were pruned, has
+        nothing to serve (serving it would point the engine at an empty path)."""
+        row = self.model_version(version)
+        if row["status"] == "rejected" or not row["path"]:
+            raise ConflictError(
+                f"version {version} has no weights to serve (rejected by the gate, or pruned)"
+            )
+        return row["path"]
 
     def next_version(self) -> str:
         """The next version name, never one a recorded version or any cycle (failed or

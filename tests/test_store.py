@@ -215,6 +215,13 @@ def test_pruning_keeps_serving_previous_and_newest_and_never_the_base(store, tmp
     row = store.model_version("v0004")
     assert row["path"] == "" and row["status"] == "candidate"
     assert prune(store, versions, keep=1).pruned == []  # nothing left to prune
+    # a pruned version can no longer be rolled back to (the app's and the CLI's rule)
+    with pytest.raises(ConflictError, match="no weights to serve"):
+        store.servable_path("v0004")
+    assert store.servable_path("v0005") == str(versions / "v0005")
+    store.record_model_version("v0006", None, str(versions / "v0006"), "rejected", {})
+    with pytest.raises(ConflictError, match="no weights to serve"):
+        store.servable_path("v0006")
 
 
 def test_keep_versions_prunes_after_a_deployment_and_keeps_a_challenger(store, tmp_path):
