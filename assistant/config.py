@@ -68,11 +68,6 @@ class EngineConfig:
         "(on-policy rollouts) while users keep the serving weights",
         default=True,
     )
-    max_lora_rank: int = _help(
-        "largest LoRA rank the embedded engine accepts; derived at start from the retrain "
-        "config's ppo.lora_rank (vLLM's allowed sizes, at least 16)",
-        default=16,
-    )
     engine_port: int = _help("port of the embedded engine (0: pick a free one)", default=0)
     startup_timeout_s: float = _help("how long to wait for the engine to come up", default=600.0)
     nice: int = _help(

@@ -134,7 +134,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
     from storage import Store
 
     config.validate()
-    config.engine.max_lora_rank = engine_lora_rank(config)
+    lora_rank = engine_lora_rank(config)  # raises before anything starts
     store = Store(config.database)  # fails fast on an unwritable path
     for run in store.fail_interrupted_runs():
         if run.get("job"):
@@ -159,6 +159,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
             config.engine,
             config.data_dir / "logs" / "engine.log",
             private_socket=True,
+            max_lora_rank=lora_rank,
         )
         embedded.start()
         try:

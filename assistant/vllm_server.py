@@ -73,9 +73,13 @@ class EmbeddedVLLMServer:
         config: EngineConfig,
         log_path: Path,
         private_socket: bool = False,
+        max_lora_rank: int = 16,
     ) -> None:
+        """`max_lora_rank` is derived from the PPO adapter's rank (`server.engine_lora_rank`),
+        not a setting: a smaller one would silently push PPO to off-policy rollouts."""
         self.model_path = model_path
         self.config = config
+        self.max_lora_rank = max_lora_rank
         self.log_path = log_path
         self.socket: Path | None = None
         self.port: int | None = None
@@ -134,7 +138,7 @@ class EmbeddedVLLMServer:
             *(["--enforce-eager"] if eager else []),
             *no_chunking,
             *(
-                ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank), "--max-loras", "2"]
+                ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "2"]
                 if c.lora_rollouts
                 else []
             ),

@@ -252,9 +252,10 @@ def test_the_engines_lora_rank_follows_the_ppo_adapters(tmp_path):
     retrain = tmp_path / "retrain.json"
     retrain.write_text('{"ppo": {"lora_rank": 48}}')
     config.retrain_config = retrain
-    config.engine.max_lora_rank = engine_lora_rank(config)
-    assert config.engine.max_lora_rank == 64
-    command = EmbeddedVLLMServer("model", config.engine, tmp_path / "log").command()
+    assert engine_lora_rank(config) == 64
+    command = EmbeddedVLLMServer(
+        "model", config.engine, tmp_path / "log", max_lora_rank=engine_lora_rank(config)
+    ).command()
     assert command[command.index("--max-lora-rank") + 1] == "64"
     retrain.write_text('{"ppo": {"lora_rank": 1024}}')
     with pytest.raises(ConfigError, match="over vLLM's largest LoRA rank"):
@@ -289,6 +290,8 @@ def test_one_yaml_file_holds_every_setting_and_flags_override_it(tmp_path):
         ("serve: {prot: 9000}\n", "unknown setting serve.prot"),
         ("serve: {port: nine}\n", "serve.port must be int"),
         ("colour: blue\n", "unknown setting 'colour'"),
+        # derived from the retrain config's ppo.lora_rank, so not a setting that could be ignored
+        ("engine: {max_lora_rank: 64}\n", "unknown setting engine.max_lora_rank"),
         ("retrain: {ppo: {stpes: 3}}\n", "unknown field ppo.stpes"),
         ("serve: [1, 2]\n", "'serve' must be a mapping"),
         ("serve: {port: 1\n", "not valid YAML"),
