@@ -35,7 +35,6 @@ class AlignmentLoop:
         on_progress: Callable[[dict], None] | None = None,
         *,
         keep_versions: int = 5,
-        sft: bool = False,
         ai_label_weight: float = 0.5,
         overrides: dict | None = None,
     ) -> None:
@@ -44,9 +43,8 @@ class AlignmentLoop:
         self.canary = None
         self.overrides = overrides or {}
         self.keep_versions = keep_versions
-        # one switch, two spellings: --sft, or "sft": {"enabled": true} in the retrain config
-        # (the worker used to overwrite the latter with the former)
-        self.sft = sft or bool((self.overrides.get("sft") or {}).get("enabled"))
+        # one setting: the retrain config's sft.enabled (`--sft` sets it)
+        self.sft = bool((self.overrides.get("sft") or {}).get("enabled"))
         self.ai_label_weight = ai_label_weight
         self.store = store
         self.engine = engine

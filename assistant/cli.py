@@ -302,8 +302,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
             setattr(getattr(config, section), name, value)
     if getattr(args, "constitution", None) is not None:
         config.cai.constitution = args.constitution
-    if getattr(args, "sft", False):
-        config.cai.sft = True
+    if getattr(args, "sft", False):  # one setting: the retrain config's sft.enabled
+        config.retrain_flags.setdefault("sft", {})["enabled"] = True
     if getattr(args, "no_cai", False):
         config.cai.enabled = False
     if getattr(args, "retrain_preset", None):

@@ -170,9 +170,6 @@ class CAIConfig:
     )
     rounds: int = _help("critique-revision rounds per chosen reply", default=1)
     max_new_tokens: int = _help("longest critique or revision in tokens", default=128)
-    sft: bool = _help(
-        "add an SFT stage on (prompt, final revision) to retrain cycles", default=False
-    )
     ai_label_weight: float = _help(
         "weight of AI-judge labels in reward-model training (0: human votes only)", default=0.5
     )
@@ -195,6 +192,10 @@ class AppConfig:
     )
     retrain_settings: dict = _help(
         "the retrain sections of a --config file; --retrain-config overrides them field by field",
+        default_factory=dict,
+    )
+    retrain_flags: dict = _help(
+        "retrain fields set by command-line flags (--sft is sft.enabled): they win over both files",
         default_factory=dict,
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -239,6 +240,8 @@ class AppConfig:
                         overrides[section] |= values
                     else:
                         overrides[section] = values
+            for section, values in self.retrain_flags.items():
+                overrides[section] = {**(overrides.get(section) or {}), **values}
             cycle_config(self.retrain_preset, overrides)
         except OSError as exc:
             raise ConfigError(f"cannot read {source}: {exc}") from exc

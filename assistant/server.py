@@ -176,7 +176,6 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
         config.retrain_preset,
         on_progress,
         keep_versions=config.loop.keep_versions,
-        sft=config.cai.sft,
         ai_label_weight=config.cai.ai_label_weight,
         overrides=config.retrain_overrides(),
     )

@@ -145,8 +145,14 @@ def test_cai_flags_map_onto_config(tmp_path):
         ]
     )
     config = config_from_args(args).validate()
-    assert config.cai.sft and not config.cai.enabled and config.cai.rounds == 2
+    assert not config.cai.enabled and config.cai.rounds == 2
+    assert config.retrain_overrides()["sft"] == {"enabled": True}  # --sft is sft.enabled
     assert config.cai.constitution == tmp_path / "c" and config.loop.every_votes == 7
+    # the flag wins over a retrain file's field; the file's other fields stay
+    retrain = tmp_path / "retrain.json"
+    retrain.write_text('{"sft": {"enabled": false, "epochs": 2}}')
+    args = build_parser().parse_args(["run", "--sft", "--retrain-config", str(retrain)])
+    assert config_from_args(args).retrain_overrides()["sft"] == {"enabled": True, "epochs": 2}
 
 
 @pytest.mark.parametrize(

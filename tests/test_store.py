@@ -279,10 +279,9 @@ def test_canary_rows_and_the_votes_that_straddle_two_versions(store):
     assert len(store.cross_version_votes(("v0001", "v0000"), decided["decided_at"])) == 1
 
 
-def test_sft_is_on_with_either_spelling(tmp_path):
+def test_sft_is_one_setting(tmp_path):
     from alignment.loop import AlignmentLoop
 
-    assert AlignmentLoop(None, None, tmp_path, sft=True).sft
     assert AlignmentLoop(None, None, tmp_path, overrides={"sft": {"enabled": True}}).sft
     assert not AlignmentLoop(None, None, tmp_path, overrides={"sft": {"epochs": 2}}).sft
 
