@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.errors import InvalidInputError
+
 
 @dataclass
 class PruneResult:
@@ -40,7 +42,7 @@ def to_prune(versions: list[dict], keep: int) -> tuple[list[str], list[str]]:
 def prune(store, versions_dir: Path, keep: int) -> PruneResult:
     """Delete the weights of versions the rule does not keep; mark them pruned in the store."""
     if keep < 0:
-        raise ValueError(f"--keep must be >= 0, got {keep}")
+        raise InvalidInputError(f"--keep must be >= 0, got {keep}", 422)
     rows = store.model_versions()
     kept, names = to_prune(rows, keep)
     root = versions_dir.resolve()

@@ -30,7 +30,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from assistant.admin import admin_error
-from assistant.chat_service import ChatService, InvalidInputError
+from assistant.chat_service import ChatService
 from assistant.protocol import (
     ERRORS,
     CanaryAnswer,
@@ -54,7 +54,7 @@ from assistant.protocol import (
     parse,
 )
 from assistant.sessions import SESSION_COOKIE, SESSION_HEADER, SessionKeys
-from storage import AppError
+from storage import AppError, InvalidInputError
 from storage.export import FORMATS
 
 MAX_BODY_BYTES = 256 * 1024

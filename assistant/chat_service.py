@@ -26,19 +26,11 @@ from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import Challenger, Engine, PairProgress
 from assistant.limits import VoteLimits
 from assistant.prompt_variants import PromptVariants, shipped_variants
-from storage import AppError, ConflictError, Store
+from storage import AppError, ConflictError, InvalidInputError, Store
 from storage.export import demonstration_records, preference_records
-from storage.store import VOTE_CHOICES, CandidateRecord, RecordedVote
+from storage.store import CandidateRecord, RecordedVote
 
 SLOTS = ("a", "b")
-
-
-class InvalidInputError(AppError, ValueError):
-    """The request is malformed; the message says what is wrong (HTTP 400/413/422)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class RateLimitError(AppError):
@@ -124,15 +116,6 @@ def validate_message(message: object, max_chars: int, name: str = "message") -> 
         codes = ", ".join(f"U+{ord(c):04X}" for c in sorted(bad))
         raise InvalidInputError(f"'{name}' contains control characters ({codes})")
     return message
-
-
-def validate_choice(choice: object) -> str:
-    if choice not in VOTE_CHOICES:
-        raise InvalidInputError(
-            f"'choice' must be one of {', '.join(repr(c) for c in VOTE_CHOICES)}, got {choice!r}",
-            422,
-        )
-    return choice  # type: ignore[return-value]
 
 
 class Canary(Protocol):
@@ -366,7 +349,6 @@ class ChatService:
         is known to exist and to be this session's to vote on (a refused vote costs nothing)."""
         if not isinstance(pair_id, str) or not pair_id:
             raise InvalidInputError("'pair_id' must be a non-empty string", 422)
-        choice = validate_choice(choice)
 
         def admit(age: float, words: int) -> str | None:
             if (refusal := self.vote_limits.charge(session_id, client)) is not None:

@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_rollback(args, config)
         elif args.command == "push":
             return cmd_push(args, config)
-    except (AppError, ValueError) as exc:  # ValueError: a bad argument value (--keep -1)
+    except AppError as exc:  # every error a user may be told about (storage.errors)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from assistant.chat_service import InvalidInputError
+from storage.errors import InvalidInputError
 from storage.rules import VOTE_CHOICES
 
 

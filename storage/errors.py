@@ -24,6 +24,16 @@ class AppError(Exception):
         return self.public_message or str(self)
 
 
+class InvalidInputError(AppError, ValueError):
+    """The request is malformed; the message says what is wrong (HTTP 400/413/422). Here, in
+    the bottom package, so storage's own checks (a vote's choice, an export's format) and the
+    services' raise the same error."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class StoreError(AppError):
     """The database could not be opened or written; the message says why and what to do."""
 

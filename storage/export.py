@@ -18,6 +18,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from storage.errors import InvalidInputError
+
 FORMATS = ("trl", "hh", "sft")
 PREFERENCE_FORMATS = ("trl", "hh")
 
@@ -68,7 +70,9 @@ def demonstration_records(rows: Iterable[dict]) -> list[dict]:
 
 def preference_records(rows: Iterable[dict], fmt: str) -> list[dict]:
     if fmt not in PREFERENCE_FORMATS:
-        raise ValueError(f"format must be one of {', '.join(PREFERENCE_FORMATS)}, got {fmt!r}")
+        raise InvalidInputError(
+            f"format must be one of {', '.join(PREFERENCE_FORMATS)}, got {fmt!r}"
+        )
     convert = to_trl if fmt == "trl" else to_hh
     return [r for r in map(convert, rows) if r is not None]
 
@@ -86,4 +90,4 @@ def write_records(records: list[dict], path: Path) -> None:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     else:
-        raise ValueError(f"output must end in .jsonl or .parquet, got {path.name!r}")
+        raise InvalidInputError(f"output must end in .jsonl or .parquet, got {path.name!r}")

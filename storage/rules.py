@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+from storage.errors import InvalidInputError
+
 
 def new_id() -> str:
     return uuid.uuid4().hex
@@ -15,6 +17,17 @@ def version_name(number: int) -> str:
 
 
 VOTE_CHOICES = ("a", "b", "tie", "both_bad")
+
+
+def validate_choice(choice: object) -> str:
+    """The one check of a vote's choice, where the vote is written (the API's schema lists
+    the same choices for clients)."""
+    if choice not in VOTE_CHOICES:
+        raise InvalidInputError(
+            f"'choice' must be one of {', '.join(repr(c) for c in VOTE_CHOICES)}, got {choice!r}",
+            422,
+        )
+    return choice  # type: ignore[return-value]
 
 
 def continued_slot(choice: str) -> str | None:

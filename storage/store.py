@@ -27,8 +27,8 @@ from storage.request_writes import (
 )
 from storage.rules import (
     BOTH_CANDIDATES,
-    VOTE_CHOICES,
     new_id,
+    validate_choice,
 )
 from storage.version_records import VersionRecords
 
@@ -175,8 +175,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         an async caller awaits it without holding a thread."""
         if demonstration is not None and choice != "both_bad":
             raise ValueError("a demonstration goes with the choice 'both_bad'")
-        if choice not in VOTE_CHOICES:
-            raise ValueError(f"choice must be one of {', '.join(VOTE_CHOICES)}, got {choice!r}")
+        validate_choice(choice)
         return self._write_grouped(
             VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)
         )

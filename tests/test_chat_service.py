@@ -9,10 +9,10 @@ import asyncio
 
 import pytest
 
-from assistant.chat_service import BusyError, ChatService, InvalidInputError, RateLimitError
+from assistant.chat_service import BusyError, ChatService, RateLimitError
 from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import CandidateDraft, PairProgress
-from storage import ConflictError, NotFoundError, Store
+from storage import ConflictError, InvalidInputError, NotFoundError, Store
 from tests import store_reads
 
 

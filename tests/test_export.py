@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from storage import InvalidInputError
 from storage.export import preference_records, write_records
 
 ROWS = [
@@ -46,7 +47,7 @@ def test_hh_format_is_human_assistant_text_without_system():
 
 
 def test_unknown_format_refused():
-    with pytest.raises(ValueError, match="trl, hh"):
+    with pytest.raises(InvalidInputError, match="trl, hh"):
         preference_records(ROWS, "csv")
 
 
@@ -59,5 +60,5 @@ def test_jsonl_and_parquet_round_trip(tmp_path):
     assert [json.loads(line) for line in lines] == records
     write_records(records, tmp_path / "p.parquet")
     assert pq.read_table(tmp_path / "p.parquet").to_pylist() == records
-    with pytest.raises(ValueError, match=".jsonl or .parquet"):
+    with pytest.raises(InvalidInputError, match=".jsonl or .parquet"):
         write_records(records, tmp_path / "p.csv")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage import ConflictError, NotFoundError, Store, StoreError
+from storage import ConflictError, InvalidInputError, NotFoundError, Store, StoreError
 from storage.migrations import MIGRATIONS
 from storage.store import CandidateRecord
 from tests import store_reads
@@ -84,7 +84,7 @@ def test_second_vote_unknown_pair_and_bad_choice_change_nothing(store):
         store.record_vote(pair.pair_id, "b")
     with pytest.raises(NotFoundError):
         store.record_vote("nope", "a")
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInputError, match="must be one of"):
         store.record_vote(pair.pair_id, "c")
     assert store.count("votes") == 1
     assert store.count("messages") == 2  # the failed votes added no assistant message

@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from alignment.stats import format_interval
+from storage.errors import AppError
 from ui.ports import PageAuth
 
 LOGIN_FORM = """
@@ -210,8 +211,8 @@ def build_variants_section(variants, auth: PageAuth) -> None:
             return f"⚠ {problem}"
         try:
             status = await variants.make_default(name)
-        except Exception as exc:  # noqa: BLE001 - shown to the admin
-            return f"⚠ {exc}"
+        except AppError as exc:  # anything else is a bug: Gradio reports it
+            return f"⚠ {exc.public()}"
         return f"Every ordinary turn now uses **{status['default']}**."
 
     make_default.click(on_make_default, choice, outcome, concurrency_limit=None).then(
@@ -274,8 +275,8 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
             return f"⚠ {problem}"
         try:
             summary = await loop.retrain()
-        except Exception as exc:  # noqa: BLE001 - shown to the admin
-            return f"⚠ {exc}"
+        except AppError as exc:  # anything else is a bug: Gradio reports it
+            return f"⚠ {exc.public()}"
         extra = summary.get("reason") or summary.get("error") or ""
         return f"Cycle {summary['status']}: {summary['version']} {extra}"
 
@@ -286,8 +287,8 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
             return "⚠ choose a version first"
         try:
             done = await loop.rollback(name)
-        except Exception as exc:  # noqa: BLE001 - shown to the admin
-            return f"⚠ {exc}"
+        except AppError as exc:  # anything else is a bug: Gradio reports it
+            return f"⚠ {exc.public()}"
         return f"Serving {done['version']} (swap {done['swap_seconds']:.2f} s)"
 
     def canary_action(name: str):
@@ -298,8 +299,8 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
                 return "⚠ this app runs no canary"
             try:
                 status = await getattr(canary, name)()
-            except Exception as exc:  # noqa: BLE001 - shown to the admin
-                return f"⚠ {exc}"
+            except AppError as exc:  # anything else is a bug: Gradio reports it
+                return f"⚠ {exc.public()}"
             return f"{status['challenger']} {status['decision']}: {status['reason']}"
 
         return act
