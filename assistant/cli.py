@@ -320,11 +320,14 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
 
 
 def cmd_export(args: argparse.Namespace, config: AppConfig) -> int:
+    import json
+
     from storage import Store
     from storage.export import demonstration_records, preference_records, write_records
 
     if _app_holds_db(config):
-        records = _export_via_app(args.url, args.format, args.token or _admin_token(args))
+        lines = _ask_app(args, "GET", "export", params={"format": args.format}).text.splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
     else:
         store = Store(config.database, read_only=True)
         try:
@@ -393,26 +396,45 @@ def _admin_token(args: argparse.Namespace) -> str:
     return environment.admin_token() or stored_admin_token(data_dir) or ""
 
 
-def _call_app(args: argparse.Namespace, method: str, route: str, body: dict | None = None):
-
+def _ask_app(
+    args: argparse.Namespace,
+    method: str,
+    route: str,
+    body: dict | None = None,
+    params: dict | None = None,
+):
+    """The one way the CLI asks the running app (which holds the database): the admin token,
+    the URL, and the app's refusals as errors the CLI prints."""
     import httpx
 
     token = args.token or _admin_token(args)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    print(f"the app is running; asking it at {args.url}", file=sys.stderr)
+    print(f"the database is in use by the running app; asking it at {args.url}", file=sys.stderr)
     try:
         resp = httpx.request(
-            method, f"{args.url.rstrip('/')}/api/{route}", json=body, headers=headers, timeout=None
+            method,
+            f"{args.url.rstrip('/')}/api/{route}",
+            json=body,
+            params=params,
+            headers=headers,
+            timeout=None,
         )
     except httpx.HTTPError as exc:
         raise ConfigError(
             f"the database is locked by another process and the app at "
             f"{args.url} did not answer ({exc}); pass --url"
         ) from exc
-    data = resp.json()
     if resp.status_code >= 400:
-        raise ConfigError(f"the app refused ({resp.status_code}): {data.get('error', data)}")
-    return data
+        try:
+            error = resp.json().get("error", resp.text)
+        except ValueError:  # not JSON: a proxy's page, say
+            error = resp.text[:200]
+        raise ConfigError(f"the app refused ({resp.status_code}): {error}")
+    return resp
+
+
+def _call_app(args: argparse.Namespace, method: str, route: str, body: dict | None = None):
+    return _ask_app(args, method, route, body).json()
 
 
 def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
@@ -579,31 +601,6 @@ def cmd_prune(args: argparse.Namespace, config: AppConfig) -> int:
         f"(freed {result['freed_mb']} MB); kept {', '.join(result['kept'])}"
     )
     return 0
-
-
-def _export_via_app(url: str, fmt: str, token: str | None) -> list[dict]:
-    import json
-
-    import httpx
-
-    print(f"the database is in use by the running app; asking it at {url}", file=sys.stderr)
-    from assistant import environment
-
-    token = token or environment.admin_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        resp = httpx.get(
-            f"{url.rstrip('/')}/api/export", params={"format": fmt}, headers=headers, timeout=120
-        )
-        if resp.status_code in (401, 403):
-            raise ConfigError(f"the app refused the export: {resp.json().get('error')}")
-        resp.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise ConfigError(
-            f"the database is locked by another process and the app at {url} "
-            f"did not answer ({exc}); pass --url of the running app"
-        ) from exc
-    return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
