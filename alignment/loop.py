@@ -19,6 +19,7 @@ from pathlib import Path
 from alignment.job import Job, JobResult
 from alignment.labels import agreement_rate, weighted_ai_rows
 from alignment.lifetime import die_with_parent
+from alignment.serving import serve_version
 from storage import AppError, ConflictError, Store
 from storage.export import preference_records
 
@@ -223,8 +224,7 @@ class AlignmentLoop:
             "candidate",
             metrics,
         )
-        swap = await self.engine.reload_weights(result.path, version)
-        await asyncio.to_thread(self.store.set_serving, version, swap)
+        swap = await serve_version(self.store, self.engine, version)
         metrics["swap_seconds"] = swap
         await self.prune_after_deploy()
         await asyncio.to_thread(self.store.finish_run, run_id, "deployed", metrics)
@@ -291,11 +291,10 @@ class AlignmentLoop:
         if self.lock.locked():
             raise ConflictError("a retrain cycle is running; roll back after it ends")
         async with self.lock:
-            path = await asyncio.to_thread(self.store.servable_path, version)
+            await asyncio.to_thread(self.store.servable_path, version)  # refuse before retiring
             if self.canary is not None and self.canary.running:
                 await self.canary.finish("retired", f"an admin rolled back to {version}")
-            swap = await self.engine.reload_weights(path, version)
-            await asyncio.to_thread(self.store.set_serving, version, swap)
+            swap = await serve_version(self.store, self.engine, version)
             return {"status": "serving", "version": version, "swap_seconds": swap}
 
 

@@ -2,8 +2,9 @@
 
 The app writes `JOB_DIR/job.json` (an `alignment.job.Job`: model paths, versions, engine URL,
 preset and `--retrain-config` overrides) and the data snapshot
-(`preferences.jsonl`, `prompts.jsonl`); the worker appends progress to `progress.jsonl` and writes
-`result.json` at the end. Training in a separate process keeps chat responsive, and a crash or kill
+(`preferences.jsonl`, `prompts.jsonl`, and `revisions.jsonl` for the SFT stage); the worker appends
+progress to `progress.jsonl` and writes `result.json` at the end (`error.txt` with the traceback if
+the cycle failed). Training in a separate process keeps chat responsive, and a crash or kill
 here cannot touch serving: the app only swaps weights after reading a complete result.
 """
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from alignment.canary import CanaryDecision, CanaryVotes, count_canary_votes, decide
 from alignment.config import CanaryConfig
+from alignment.serving import serve_version
 from assistant.engine import Challenger, EngineError
 from storage import ConflictError
 
@@ -141,9 +142,7 @@ class CanaryService:
             return
         decided_at = decided_at or datetime.now(timezone.utc)
         if decision == "promoted":
-            row = await asyncio.to_thread(self.store.model_version, c["challenger"])
-            swap = await self.engine.reload_weights(row["path"], c["challenger"])
-            await asyncio.to_thread(self.store.set_serving, c["challenger"], swap)
+            await serve_version(self.store, self.engine, c["challenger"])
             if self.after_promotion is not None:
                 await self.after_promotion()
         self.current = None  # no new canary pairs from here

@@ -10,6 +10,7 @@ answers at once.
   assistant versions   list versions with their gate figures
   assistant rollback   serve an earlier version
   assistant prune      delete old checkpoints (serving, previous and the newest N stay)
+  assistant push       push a version (model) or the votes (dataset) to the Hugging Face Hub
 """
 
 from __future__ import annotations

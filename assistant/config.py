@@ -7,7 +7,7 @@ help string that the CLI shows. `AppConfig.validate()` is called once at start-u
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.config import CanaryConfig, LoopConfig
@@ -320,14 +320,6 @@ class AppConfig:
 # `vllm serve` options that would move the embedded engine off loopback (or off the port the app
 # talks to); its development endpoints would then be open beyond this machine's users.
 REBINDING_VLLM_ARGS = ("--host", "--port", "--uds")
-
-
-def help_of(cls: type, name: str) -> str:
-    """The help text of a config field, for the CLI."""
-    for f in fields(cls):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    raise KeyError(name)
 
 
 # The sections of AppConfig that hold plain settings, by name: what `run`'s flags and a --config
