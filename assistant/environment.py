@@ -4,6 +4,10 @@
 ASSISTANT_ADMIN_TOKEN     the admin token; unset: generated and stored; set empty: admin off
 ASSISTANT_OPENAI_API_KEY  the key of the OpenAI-compatible route; unset: the route is off
 ASSISTANT_DATA_DIR        the default --data-dir (data/)
+
+and what it sets: GRADIO_ANALYTICS_ENABLED (off unless chosen), and for the embedded engine's
+process VLLM_SERVER_DEV_MODE and VLLM_ALLOW_RUNTIME_LORA_UPDATING (the hot swap and on-policy
+rollouts need them) and VLLM_CPU_KVCACHE_SPACE (from --kv-cache-gib), each unless already set.
 """
 
 from __future__ import annotations
@@ -37,3 +41,21 @@ def openai_api_key() -> str:
 
 def data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR, "data")).expanduser()
+
+
+def turn_off_gradio_analytics() -> None:
+    """The page phones home by default; an operator who wants it sets the variable."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def engine_environment(kv_cache_gib: int | None) -> dict[str, str]:
+    """The environment of the embedded vLLM process: this one's, plus what the app needs of
+    vLLM (an operator's own setting of any of them wins). `kv_cache_gib`: on a CPU only."""
+    env = dict(os.environ)
+    # Weight hot-swap needs the dev endpoints (/collective_rpc, /reset_prefix_cache), which
+    # listen on a private socket; on-policy rollouts load the PPO adapter at runtime.
+    env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+    env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+    if kv_cache_gib is not None:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    return env

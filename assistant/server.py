@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -351,7 +350,7 @@ def serve(config: AppConfig) -> None:
 
     from assistant.admin import ensure_admin_token
 
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    environment.turn_off_gradio_analytics()
     app = build_app(config)
     try:
         generated = ensure_admin_token(config.data_dir)

@@ -24,6 +24,7 @@ from alignment.engine_http import client as engine_client
 from alignment.engine_http import socket_url
 from alignment.hardware import cpu_has_bf16
 from alignment.lifetime import die_with_parent
+from assistant import environment
 from assistant.config import EngineConfig
 from assistant.engine import EngineError
 
@@ -146,13 +147,7 @@ class EmbeddedVLLMServer:
         ]
 
     def start(self) -> None:
-        env = dict(os.environ)
-        # Weight hot-swap needs the dev endpoints (/collective_rpc, /reset_prefix_cache);
-        # they listen on loopback only.
-        env.setdefault("VLLM_SERVER_DEV_MODE", "1")
-        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
-        if _on_cpu():
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
+        env = environment.engine_environment(self.config.kv_cache_gib if _on_cpu() else None)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.socket is not None:
             self.socket.parent.mkdir(mode=0o700, exist_ok=True)

@@ -138,16 +138,18 @@ def test_worker_yields_to_user_traffic_and_works_once_it_ends(tiny_engine_url, t
             idle_poll_s=0.1,
         )
         task = asyncio.create_task(worker.run_forever())
-        await asyncio.sleep(1.5)
-        during = store.critique_chain(candidate_id)
-        service.generating = 0  # the user's turn is done: the worker may use the engine
-        deadline = asyncio.get_running_loop().time() + 60
-        while not store.critique_chain(candidate_id):
-            assert asyncio.get_running_loop().time() < deadline, "the worker never worked"
-            await asyncio.sleep(0.2)
-        task.cancel()
-        await engine.aclose()
-        return during
+        try:
+            await asyncio.sleep(1.5)
+            during = store.critique_chain(candidate_id)
+            service.generating = 0  # the user's turn is done: the worker may use the engine
+            deadline = asyncio.get_running_loop().time() + 60
+            while not store.critique_chain(candidate_id):
+                assert asyncio.get_running_loop().time() < deadline, "the worker never worked"
+                await asyncio.sleep(0.2)
+            return during
+        finally:
+            task.cancel()
+            await engine.aclose()
 
     assert asyncio.run(run()) == []  # nothing while a user turn was generating
     assert store.critique_chain(candidate_id)  # then it critiqued the reply
