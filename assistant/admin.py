@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from assistant import environment
+from storage import AppError
 
 DISABLED = (
     "admin actions are disabled: start the app with ASSISTANT_ADMIN_TOKEN set "
@@ -51,13 +52,21 @@ def ensure_admin_token(data_dir: Path) -> Path | None:
     return path
 
 
-def admin_error(given: str | None) -> tuple[int, str] | None:
-    """None when `given` is the admin token; else (HTTP status, message)."""
+class AdminError(AppError):
+    """An admin action without the admin token (401), or with admin actions off (403)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def admin_error(given: str | None) -> AdminError | None:
+    """None when `given` is the admin token; else the error to raise or show."""
     token = environment.admin_token()
     if not token:
-        return 403, DISABLED
+        return AdminError(DISABLED, 403)
     if not hmac.compare_digest((given or "").encode(), token.encode()):
-        return 401, WRONG
+        return AdminError(WRONG, 401)
     return None
 
 

@@ -31,11 +31,10 @@ def build_admin_login_router(sessions: SessionKeys) -> APIRouter:
                 return HTMLResponse("<p>form too large</p>", status_code=413)
         given = (parse_qs(body.decode(errors="replace")).get("token") or [""])[0]
         if (problem := admin_error(given)) is not None:
-            status, message = problem
             return HTMLResponse(
-                f"<p id='admin-login-error'>{html.escape(message)}</p>"
+                f"<p id='admin-login-error'>{html.escape(problem.public())}</p>"
                 "<p><a href='../'>Back to the page</a></p>",
-                status_code=status,
+                status_code=problem.status,
             )
         answer = RedirectResponse("../", status_code=303)
         answer.set_cookie(

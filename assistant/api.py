@@ -65,14 +65,19 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def error_response(exc: AppError) -> JSONResponse:
+def error_parts(exc: AppError) -> tuple[int, str, dict | None]:
     """The one place where the layers' errors become HTTP answers: the status and public
     message each error carries, Retry-After when a retry can work. Detail that names server
-    things (paths, the engine's URL) goes to the log only."""
+    things (paths, the engine's URL) goes to the log only. (The OpenAI-compatible route wraps
+    the same parts in OpenAI's error shape.)"""
     if exc.log_detail:
         log.warning("%s: %s", type(exc).__name__, exc)
     headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
-    return error(exc.status, exc.public(), headers)
+    return exc.status, exc.public(), headers
+
+
+def error_response(exc: AppError) -> JSONResponse:
+    return error(*error_parts(exc))
 
 
 def install_error_handler(app) -> None:
@@ -107,15 +112,20 @@ async def read_json(request: Request) -> dict:
     return data
 
 
-def admin_refusal(request: Request) -> JSONResponse | None:
-    """None when the request carries the admin token; else the 401/403 to send."""
+def _admin_problem(request: Request):
     header = request.headers.get("authorization", "")
-    problem = admin_error(header[len("Bearer ") :] if header.startswith("Bearer ") else None)
-    return None if problem is None else error(*problem)
+    return admin_error(header[len("Bearer ") :] if header.startswith("Bearer ") else None)
+
+
+def require_admin(request: Request) -> None:
+    """Raises the 401/403 (an AppError: the one handler answers) unless the request carries
+    the admin token."""
+    if (problem := _admin_problem(request)) is not None:
+        raise problem
 
 
 def is_admin(request: Request) -> bool:
-    return admin_refusal(request) is None
+    return _admin_problem(request) is None
 
 
 def build_api_router(
@@ -229,8 +239,7 @@ def build_api_router(
         responses=ERRORS,
     )
     async def retrain(request: Request):
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         return await loop.retrain()
 
     @router.post(
@@ -241,8 +250,7 @@ def build_api_router(
         openapi_extra=body_schema(RollbackRequest),
     )
     async def rollback(request: Request):
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         data = parse(RollbackRequest, await read_json(request))
         return await loop.rollback(data.version)
 
@@ -257,8 +265,7 @@ def build_api_router(
         responses=ERRORS,
     )
     async def canary_promote(request: Request):
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         return await canary.promote()
 
     @router.post(
@@ -268,8 +275,7 @@ def build_api_router(
         responses=ERRORS,
     )
     async def canary_retire(request: Request):
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         return await canary.retire()
 
     @router.get(
@@ -285,8 +291,7 @@ def build_api_router(
         responses=ERRORS,
     )
     async def replace_prompt_variants(request: Request):
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         return await variants.replace(await read_json(request))
 
     @router.post(
@@ -297,15 +302,13 @@ def build_api_router(
         openapi_extra=body_schema(DefaultVariantRequest),
     )
     async def default_prompt_variant(request: Request):
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         data = parse(DefaultVariantRequest, await read_json(request))
         return await variants.make_default(data.name)
 
     @router.post("/prune", responses=ERRORS, openapi_extra=body_schema(PruneRequest))
     async def prune(request: Request):
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         data = parse(PruneRequest, await read_json(request))
         return await loop.prune(data.keep)
 
@@ -319,23 +322,20 @@ def build_api_router(
 
     @router.put("/constitution")
     async def edit_constitution(request: Request):
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         version = await cai.replace_constitution(await read_json(request))
         return {"version": version, "constitution": cai.constitution.as_json()}
 
     @router.get("/critiques/{candidate_id}")
     async def critiques(candidate_id: str, request: Request):
         # a critique quotes someone's question and reply: the operator's to read, not everyone's
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         return {"candidate_id": candidate_id, "rounds": await cai.chain(candidate_id)}
 
     @router.get("/export")
     async def export(request: Request, format: str = "trl"):  # noqa: A002 - public name
         # every decisive vote's whole transcript: bulk reads of users' chats need the token
-        if (refusal := admin_refusal(request)) is not None:
-            return refusal
+        require_admin(request)
         if format not in FORMATS:
             return error(422, f"format must be one of {', '.join(FORMATS)}")
 

@@ -8,7 +8,6 @@ chat turn, and answers errors in OpenAI's shape `{"error": {"message", "type", "
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -16,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from assistant.admin import openai_key_error
-from assistant.api import error_response, read_json
+from assistant.api import error_parts, read_json
 from assistant.chat_service import ChatService
 from assistant.sessions import SessionKeys
 from storage import AppError
@@ -69,14 +68,7 @@ def build_openai_router(service: ChatService, sessions: SessionKeys) -> APIRoute
             # refusals all happen before it
             first = await anext(chunks, b"")
         except AppError as exc:
-            mapped = error_response(exc)
-            message = json.loads(mapped.body)["error"]
-            retry = (
-                {"Retry-After": mapped.headers["retry-after"]}
-                if "retry-after" in (mapped.headers)
-                else None
-            )
-            return openai_error(mapped.status_code, message, retry)
+            return openai_error(*error_parts(exc))
 
         async def rest() -> AsyncIterator[bytes]:
             try:
