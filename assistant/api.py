@@ -36,11 +36,15 @@ from assistant.protocol import (
     CanaryAnswer,
     ChatAnswer,
     ChatRequest,
+    ConstitutionAnswer,
+    ConstitutionEditedAnswer,
+    CritiquesAnswer,
     DefaultVariantRequest,
     DeletedAnswer,
     DemonstrationAnswer,
     DemonstrationRequest,
     HealthAnswer,
+    PruneAnswer,
     PruneRequest,
     RetrainAnswer,
     RollbackAnswer,
@@ -306,13 +310,18 @@ def build_api_router(
         data = parse(DefaultVariantRequest, await read_json(request))
         return await variants.make_default(data.name)
 
-    @router.post("/prune", responses=ERRORS, openapi_extra=body_schema(PruneRequest))
+    @router.post(
+        "/prune",
+        response_model=PruneAnswer,
+        responses=ERRORS,
+        openapi_extra=body_schema(PruneRequest),
+    )
     async def prune(request: Request):
         require_admin(request)
         data = parse(PruneRequest, await read_json(request))
         return await loop.prune(data.keep)
 
-    @router.get("/constitution")
+    @router.get("/constitution", response_model=ConstitutionAnswer)
     async def constitution():
         return {
             "constitution": cai.constitution.as_json(),
@@ -320,13 +329,13 @@ def build_api_router(
             **await cai.agreement(),
         }
 
-    @router.put("/constitution")
+    @router.put("/constitution", response_model=ConstitutionEditedAnswer, responses=ERRORS)
     async def edit_constitution(request: Request):
         require_admin(request)
         version = await cai.replace_constitution(await read_json(request))
         return {"version": version, "constitution": cai.constitution.as_json()}
 
-    @router.get("/critiques/{candidate_id}")
+    @router.get("/critiques/{candidate_id}", response_model=CritiquesAnswer, responses=ERRORS)
     async def critiques(candidate_id: str, request: Request):
         # a critique quotes someone's question and reply: the operator's to read, not everyone's
         require_admin(request)

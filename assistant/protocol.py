@@ -143,6 +143,29 @@ class DeletedAnswer(Answer):
     removed: dict[str, int]
 
 
+class PruneAnswer(Answer):
+    kept: list[str]
+    pruned: list[str]
+    freed_mb: float
+
+
+class ConstitutionAnswer(Answer):
+    constitution: dict[str, Any]
+    backlog: dict[str, Any]
+    agreement_rate: float | None
+    pairs_compared: int
+
+
+class ConstitutionEditedAnswer(Answer):
+    version: int
+    constitution: dict[str, Any]
+
+
+class CritiquesAnswer(Answer):
+    candidate_id: str
+    rounds: list[dict[str, Any]]
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorAnswer} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
