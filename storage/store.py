@@ -208,11 +208,6 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         rows = self._rows("SELECT body FROM prompt_variant_sets ORDER BY version DESC LIMIT 1")
         return json.loads(rows[0]["body"]) if rows else None
 
-    def count(self, table: str) -> int:
-        if table not in {"conversations", "messages", "pairs", "candidates", "votes"}:
-            raise ValueError(f"unknown table {table!r}")
-        return self._rows(f"SELECT count(*) AS n FROM {table}")[0]["n"]
-
     def voted_pairs(
         self, after: tuple[Any, str] | None = None, limit: int | None = None
     ) -> list[dict[str, Any]]:

@@ -13,6 +13,12 @@ def schema_version(store: Store) -> int:
     return store._rows("SELECT max(version) AS v FROM schema_migrations")[0]["v"] or 0
 
 
+def count(store: Store, table: str) -> int:
+    if table not in {"conversations", "messages", "pairs", "candidates", "votes"}:
+        raise ValueError(f"unknown table {table!r}")
+    return store._rows(f"SELECT count(*) AS n FROM {table}")[0]["n"]
+
+
 def conversation_exists(store: Store, conversation_id: str) -> bool:
     return bool(store._rows("SELECT 1 FROM conversations WHERE id = ?", [conversation_id]))
 

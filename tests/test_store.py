@@ -40,7 +40,7 @@ def test_migrations_apply_once_and_reopen_keeps_data(tmp_path):
     s = Store(path)  # re-running migrations must be a no-op, not an error
     assert store_reads.schema_version(s) == MIGRATIONS[-1][0]
     assert store_reads.conversation_exists(s, conv)
-    assert s.count("conversations") == 1
+    assert store_reads.count(s, "conversations") == 1
     s.close()
 
 
@@ -72,8 +72,8 @@ def test_tie_continues_with_a_and_both_bad_drops_the_turn(store):
         {"role": "assistant", "content": "A1"},
     ]
     # The superseded user message is kept for the record, not in the transcript.
-    assert store.count("messages") == 3
-    assert store.count("votes") == 2
+    assert store_reads.count(store, "messages") == 3
+    assert store_reads.count(store, "votes") == 2
 
 
 def test_second_vote_unknown_pair_and_bad_choice_change_nothing(store):
@@ -86,8 +86,8 @@ def test_second_vote_unknown_pair_and_bad_choice_change_nothing(store):
         store.record_vote("nope", "a")
     with pytest.raises(InvalidInputError, match="must be one of"):
         store.record_vote(pair.pair_id, "c")
-    assert store.count("votes") == 1
-    assert store.count("messages") == 2  # the failed votes added no assistant message
+    assert store_reads.count(store, "votes") == 1
+    assert store_reads.count(store, "messages") == 2  # the failed votes added no assistant message
     assert store_reads.pair(store, pair.pair_id)["vote"]["choice"] == "a"
 
 
@@ -301,7 +301,7 @@ def test_threads_write_side_by_side_and_a_pair_takes_one_vote(store):
 
     with ThreadPoolExecutor(8) as pool:
         voted = list(pool.map(chat_and_vote, range(64)))
-    assert store.count("votes") == 64 and store.count("pairs") == 64
+    assert store_reads.count(store, "votes") == 64 and store_reads.count(store, "pairs") == 64
     assert {r["pair_id"] for r in store.voted_pairs()} == set(voted)
 
     for _ in range(5):  # a race, tried a few times
@@ -380,7 +380,7 @@ def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store
             second.result(10)
     assert mixed[4].result(10).continued_with == "my own reply"
     assert len(transactions) == 2  # held, then the whole batch
-    assert store.count("votes") == 5
+    assert store_reads.count(store, "votes") == 5
     assert {r["pair_id"]: r["choice"] for r in store.voted_pairs()}[pairs[3]] == "b"
 
     transactions.clear()
@@ -396,7 +396,7 @@ def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store
     with pytest.raises(Exception, match="no_such_table"):
         failing.result(10)
     assert len(transactions) == 1 + 1 + 2  # held, the failed batch, then each alone
-    assert store.count("votes") == 6
+    assert store_reads.count(store, "votes") == 6
 
 
 def test_closing_the_store_commits_what_is_queued(tmp_path):
@@ -411,7 +411,7 @@ def test_closing_the_store_commits_what_is_queued(tmp_path):
     with pytest.raises(StoreError):
         store.submit_vote(pairs[0], "b")
     reopened = Store(path)
-    assert reopened.count("votes") == 3
+    assert store_reads.count(reopened, "votes") == 3
     reopened.close()
 
 
