@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import httpx
 import pytest
 
-from alignment.config import GateConfig, PPOConfig, RewardConfig
+from alignment.config import GateConfig, RewardConfig, preset
 from alignment.cycle import CycleConfig, run_cycle
 from alignment.gate import Comparisons, count_comparisons, gate_decision, reward_refusal
 from alignment.rollouts import vllm_generate
@@ -18,16 +19,13 @@ from tests.test_reward_model import synthetic_preferences
 
 
 def fast_config(**gate) -> CycleConfig:
-    return CycleConfig(
-        reward=RewardConfig(learning_rate=5e-3, epochs=2, batch_size=8, max_length=256),
-        ppo=PPOConfig(
-            steps=2,
-            prompts_per_step=4,
-            max_new_tokens=8,
-            minibatch_size=2,
-            ppo_epochs=1,
-            learning_rate=1e-2,
-        ),
+    """The `fast` preset (what `--retrain-preset fast` runs), with a second epoch and PPO round
+    so the adapter moves measurably, the default ensemble, and a gate each test sets."""
+    fast = preset("fast")
+    return replace(
+        fast,
+        reward=replace(fast.reward, epochs=2, ensemble=RewardConfig().ensemble),
+        ppo=replace(fast.ppo, steps=2, learning_rate=1e-2),
         gate=GateConfig(
             eval_prompts=4, max_new_tokens=8, **{"max_kl_per_token": gate.get("max_kl", 0.5)} | gate
         ),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignment.config import PPOConfig
+from alignment.config import PPOConfig, preset
 from alignment.ppo import PolicyWithValueHead, PPOTrainer, token_logprobs
 from alignment.precision import attention_implementation
 from alignment.rollouts import vllm_generate
@@ -19,13 +21,10 @@ PROMPTS = [
 
 @pytest.mark.parametrize("advantage", ["rloo", "gae"])
 def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine_url, advantage):
-    config = PPOConfig(
+    config = replace(  # the `fast` preset's PPO, two rounds, a livelier adaptive KL
+        preset("fast").ppo,
         advantage=advantage,
         steps=2,
-        prompts_per_step=4,
-        max_new_tokens=8,
-        minibatch_size=2,
-        ppo_epochs=1,
         learning_rate=1e-2,
         init_kl_coef=0.2,
         target_kl=1.0,
