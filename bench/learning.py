@@ -32,6 +32,7 @@ from alignment.config import CycleConfig, GateConfig, PPOConfig, RewardConfig, c
 from alignment.cycle import run_cycle
 from alignment.rollouts import vllm_generate
 from assistant.vllm_client import VLLMServerEngine
+from storage.export import to_trl
 
 REPO = Path(__file__).resolve().parents[1]
 VOTE_BUDGETS = (2, 4, 6, 8, 16, 32, 64)  # chats voted on (about half are decisive at v0)
@@ -58,18 +59,13 @@ async def sample_pairs(url, version, prompts, seed0, max_tokens):
 
 
 def preference_records(pairs, likes: Callable[[str], bool]) -> list[dict]:
-    records = []
-    for p, (a, b) in pairs:
-        if likes(a) != likes(b):
-            win, lose = (a, b) if likes(a) else (b, a)
-            records.append(
-                {
-                    "prompt": p,
-                    "chosen": [{"role": "assistant", "content": win}],
-                    "rejected": [{"role": "assistant", "content": lose}],
-                }
-            )
-    return records
+    """The simulated user's decisive votes, in the export's TRL shape (`storage.export`)."""
+    rows = (
+        {"prompt": p, "text_a": a, "text_b": b, "choice": "a" if likes(a) else "b"}
+        for p, (a, b) in pairs
+        if likes(a) != likes(b)
+    )
+    return [to_trl(row) for row in rows]
 
 
 def compare(before, after, likes) -> dict:
