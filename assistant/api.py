@@ -346,7 +346,7 @@ def build_api_router(
         # every decisive vote's whole transcript: bulk reads of users' chats need the token
         require_admin(request)
         if format not in FORMATS:
-            return error(422, f"format must be one of {', '.join(FORMATS)}")
+            raise InvalidInputError(f"format must be one of {', '.join(FORMATS)}", 422)
 
         async def lines():
             async for record in service.preference_data(format):
