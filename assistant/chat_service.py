@@ -361,19 +361,18 @@ class ChatService:
                 )
             return None
 
-        # Awaited on the store's writer thread (group commit), not through the thread pool the
-        # turns share: under load a vote queued there behind them (bench/RESULTS.md).
-        recorded = await asyncio.wrap_future(
-            self.store.submit_vote(
-                pair_id,
-                choice,
-                voter=voter,
-                session_id=session_id,
-                client=client,
-                admit=admit,
-                demonstration=demonstration,
+        options = {
+            "voter": voter, "session_id": session_id, "client": client, "admit": admit,
+            "demonstration": demonstration,
+        }  # fmt: skip
+        # On this thread, durable on the store's journal: under load every hand-off to another
+        # thread waited for a core (bench/RESULTS.md). A pair the store no longer keeps in
+        # memory: awaited on its writer thread (group commit), not through the turns' pool.
+        recorded = self.store.acknowledge_vote(pair_id, choice, **options)
+        if recorded is None:
+            recorded = await asyncio.wrap_future(
+                self.store.submit_vote(pair_id, choice, **options)
             )
-        )
         if self.canary is not None and recorded.flagged is None:
             await self.canary.vote_cast(recorded.versions)
         return recorded

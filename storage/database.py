@@ -105,7 +105,10 @@ class Database:
         self._con.close()
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
-        """This thread's cursor (DuckDB connections are not to be shared between threads)."""
+        """This thread's cursor (DuckDB connections are not to be shared between threads).
+        Outside the writer thread, once the writes acknowledged before it are stored."""
+        if not getattr(self._local, "writes_may_lag", False):
+            self._await_acknowledged_writes()
         cursor = getattr(self._local, "cursor", None)
         if cursor is None:
             with self._cursors_lock:
@@ -113,6 +116,19 @@ class Database:
                 self._cursors.append(cursor)
             self._local.cursor = cursor
         return cursor
+
+    def _await_acknowledged_writes(self) -> None:
+        """Writes acknowledged before they were stored (the store's journaled votes) must be
+        in DuckDB before a read: nothing to wait for here."""
+
+    @contextmanager
+    def _reads_may_lag(self) -> Iterator[None]:
+        """Reads on this thread that account themselves for acknowledged, unstored writes."""
+        self._local.writes_may_lag = True
+        try:
+            yield
+        finally:
+            self._local.writes_may_lag = False
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -223,6 +239,10 @@ class _GroupCommit:
             self._queue.put((body, future))
         return future
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -232,6 +252,7 @@ class _GroupCommit:
             thread.join()
 
     def _run(self) -> None:
+        self._db._local.writes_may_lag = True  # the writer is what stores them
         while True:
             item = self._queue.get()
             if item is None:
@@ -290,7 +311,10 @@ def _run_together(con: duckdb.DuckDBPyConnection, writes: list) -> list:
             kinds.setdefault(type(write), []).append(i)
         else:
             outcomes[i] = write(con)
-    for kind, positions in kinds.items():
+    # A kind that `runs_first` (acknowledged votes) goes before the rest: what was queued after
+    # it may build on it (a turn's position follows the reply its vote continued with).
+    ordered = sorted(kinds.items(), key=lambda item: not getattr(item[0], "runs_first", False))
+    for kind, positions in ordered:
         results = kind.run_batch(con, [writes[i] for i in positions])
         for i, result in zip(positions, results, strict=True):
             outcomes[i] = result

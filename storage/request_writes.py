@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 import duckdb
 
 from storage.errors import ConflictError, ForbiddenError, NotFoundError
 from storage.rules import continued_slot, new_id
+from storage.vote_journal import JournaledVote
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class CandidateRecord:
 class StoredPair:
     pair_id: str
     candidate_ids: tuple[str, str]  # (a, b)
+    owner: str | None = None  # the session its conversation belongs to (None: open to all)
 
 
 @dataclass(frozen=True)
@@ -102,13 +105,15 @@ class PairWrite:
     @classmethod
     def run_batch(cls, con: duckdb.DuckDBPyConnection, writes: Sequence[PairWrite]) -> list:
         conversations = sorted({w.conversation_id for w in writes})
-        next_position = dict(
-            con.execute(
-                "SELECT conversation_id, max(position) + 1 FROM messages "
-                f"WHERE conversation_id IN {_marks(conversations)} GROUP BY conversation_id",
-                conversations,
-            ).fetchall()
-        )
+        ids = _marks(conversations)
+        rows = con.execute(  # where each turn goes, and who may vote on it (one statement)
+            "SELECT 'next', conversation_id, (max(position) + 1)::VARCHAR FROM messages "
+            f"WHERE conversation_id IN {ids} GROUP BY conversation_id "
+            f"UNION ALL SELECT 'owner', id, session_id FROM conversations WHERE id IN {ids}",
+            conversations * 2,
+        ).fetchall()
+        next_position = {cid: int(value) for kind, cid, value in rows if kind == "next"}
+        owners = {cid: value for kind, cid, value in rows if kind == "owner"}
         messages, pairs, candidates = [], [], []
         for w in writes:
             position = next_position.get(w.conversation_id, 0)
@@ -134,7 +139,9 @@ class PairWrite:
             "completion_tokens, finish_reason, latency_ms",
             candidates,
         )
-        return [StoredPair(w.pair_id, w.candidate_ids) for w in writes]
+        return [
+            StoredPair(w.pair_id, w.candidate_ids, owners.get(w.conversation_id)) for w in writes
+        ]
 
 
 @dataclass
@@ -170,37 +177,22 @@ class VoteWrite:
     def run_batch(cls, con: duckdb.DuckDBPyConnection, writes: Sequence[VoteWrite]) -> list:
         found = cls._pairs(con, sorted({w.pair_id for w in writes}))
         outcomes: list = []
-        votes, demonstrations, replies, superseded = [], [], [], []
+        rows: list[_VoteRow] = []
+        now = datetime.now(UTC)
         for w in writes:
             try:
-                outcomes.append(w._vote(found.get(w.pair_id)))
+                recorded = w._vote(found.get(w.pair_id))
             except Exception as exc:  # noqa: BLE001 - this vote's own answer; the others go on
                 outcomes.append(exc)
                 continue
-            recorded = outcomes[-1]
+            outcomes.append(recorded)
             pair = found[w.pair_id]
             pair["voted"] = True  # a second vote on it in this batch is refused
-            votes.append(
-                [w.vote_id, w.pair_id, w.choice, w.voter, w.session_id, w.client, recorded.flagged]
-            )
-            if recorded.demonstration_id is not None:
-                demonstrations.append([recorded.demonstration_id, w.pair_id, w.demonstration])
-            if recorded.continued_with is None:
-                superseded.append(w.pair_id)
-            else:
-                replies.append(
-                    [new_id(), pair["conversation"], pair["position"] + 1, "assistant",
-                     recorded.continued_with, w.pair_id]
-                )  # fmt: skip
-        _insert(con, "votes", "id, pair_id, choice, voter, session_id, client, flagged", votes)
-        _insert(con, "demonstrations", "id, pair_id, text", demonstrations)
-        _insert(con, "messages", "id, conversation_id, position, role, content, pair_id", replies)
-        if superseded:
-            con.execute(
-                "UPDATE messages SET superseded = true WHERE role = 'user' "
-                f"AND pair_id IN {_marks(superseded)}",
-                superseded,
-            )
+            rows.append(
+                _VoteRow(recorded, w.voter, w.session_id, w.client, w.demonstration,
+                         pair["position"], now)
+            )  # fmt: skip
+        _store_votes(con, rows)
         return outcomes
 
     @staticmethod
@@ -254,20 +246,117 @@ class VoteWrite:
         check_session(pair["owner"], self.session_id)
         if pair["voted"]:
             raise ConflictError(f"pair {self.pair_id} already has a vote")
-        texts = pair["texts"]
-        words = sum(len(t.strip().split(" ")) for t in texts.values())
+        words = sum(len(t.strip().split(" ")) for t in pair["texts"].values())
         flagged = self._flag(float(pair["age"]), words)
-        slot = continued_slot(self.choice)
-        variants = pair["variants"]
-        return RecordedVote(
-            self.vote_id,
-            self.pair_id,
-            self.choice,
-            pair["conversation"],
-            self.demonstration if slot is None else texts[slot],
-            flagged,
-            dict(pair["versions"]),
-            new_id() if self.demonstration is not None else None,
-            # the same prompting for both: nothing to reveal
-            dict(variants) if len(set(variants.values())) >= 2 else None,
+        demonstration_id = new_id() if self.demonstration is not None else None
+        return answer(
+            self.vote_id, self.pair_id, self.choice, pair, flagged, self.demonstration,
+            demonstration_id,
+        )  # fmt: skip
+
+
+def answer(
+    vote_id: str,
+    pair_id: str,
+    choice: str,
+    pair: dict,
+    flagged: str | None,
+    demonstration: str | None,
+    demonstration_id: str | None,
+) -> RecordedVote:
+    """A vote's answer from its pair's facts (`VoteWrite._pairs`' shape): the reply that
+    continues the conversation, each slot's version, and the variants when the two differed."""
+    slot = continued_slot(choice)
+    variants = pair["variants"]
+    return RecordedVote(
+        vote_id,
+        pair_id,
+        choice,
+        pair["conversation"],
+        demonstration if slot is None else pair["texts"][slot],
+        flagged,
+        dict(pair["versions"]),
+        demonstration_id,
+        # the same prompting for both: nothing to reveal
+        dict(variants) if len(set(variants.values())) >= 2 else None,
+    )
+
+
+@dataclass(frozen=True)
+class _VoteRow:
+    """An accepted vote with what its rows need besides its answer."""
+
+    recorded: RecordedVote
+    voter: str | None
+    session_id: str | None
+    client: str | None
+    demonstration: str | None
+    position: int  # the pair's, in its conversation
+    voted_at: datetime
+
+
+def _store_votes(con: duckdb.DuckDBPyConnection, rows: Sequence[_VoteRow]) -> None:
+    """The votes' rows: the vote, the demonstration if any, and the reply that continues the
+    conversation (or, for both bad, the user turn marked superseded)."""
+    votes, demonstrations, replies, superseded = [], [], [], []
+    for row in rows:
+        v = row.recorded
+        votes.append(
+            [v.vote_id, v.pair_id, v.choice, row.voter, row.session_id, row.client, v.flagged,
+             row.voted_at]
+        )  # fmt: skip
+        if v.demonstration_id is not None:
+            demonstrations.append([v.demonstration_id, v.pair_id, row.demonstration])
+        if v.continued_with is None:
+            superseded.append(v.pair_id)
+        else:
+            replies.append(
+                [new_id(), v.conversation_id, row.position + 1, "assistant", v.continued_with,
+                 v.pair_id]
+            )  # fmt: skip
+    _insert(
+        con, "votes", "id, pair_id, choice, voter, session_id, client, flagged, created_at", votes
+    )
+    _insert(con, "demonstrations", "id, pair_id, text", demonstrations)
+    _insert(con, "messages", "id, conversation_id, position, role, content, pair_id", replies)
+    if superseded:
+        con.execute(
+            "UPDATE messages SET superseded = true WHERE role = 'user' "
+            f"AND pair_id IN {_marks(superseded)}",
+            superseded,
         )
+
+
+@dataclass
+class StoreAcknowledgedVote:
+    """A vote already acknowledged from its journal line (`storage.vote_journal`): stored as it
+    was answered, with no check left that could refuse it. Skipped when its pair is gone (the
+    conversation was deleted) or already has it (a replay of a line stored before a crash).
+    Runs before the other writes of its batch: a turn queued after it continues from its reply."""
+
+    vote: JournaledVote
+    runs_first: ClassVar[bool] = True
+
+    @classmethod
+    def run_batch(
+        cls, con: duckdb.DuckDBPyConnection, writes: Sequence[StoreAcknowledgedVote]
+    ) -> list[bool]:
+        found = VoteWrite._pairs(con, sorted({w.vote.pair_id for w in writes}))
+        outcomes, rows = [], []
+        for w in writes:
+            v, pair = w.vote, found.get(w.vote.pair_id)
+            if pair is None or pair["voted"]:
+                outcomes.append(False)
+                continue
+            pair["voted"] = True
+            recorded = answer(
+                v.vote_id, v.pair_id, v.choice, pair, v.flagged, v.demonstration,
+                v.demonstration_id,
+            )  # fmt: skip
+            rows.append(
+                _VoteRow(recorded, v.voter, v.session_id, v.client, v.demonstration,
+                         pair["position"], datetime.fromtimestamp(v.voted_at, UTC))
+            )  # fmt: skip
+            outcomes.append(True)
+        _store_votes(con, rows)
+        return outcomes

@@ -7,20 +7,27 @@ The store speaks in plain dicts and dataclasses; it knows nothing of models, eng
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from storage.acknowledged_votes import AcknowledgedVotes, PairFacts
 from storage.cai_records import CAIRecords
 from storage.canaries import CanaryRecords
 from storage.database import Database
-from storage.errors import NotFoundError
+from storage.errors import NotFoundError, StorageWriteError, StoreError
 from storage.request_writes import (
     CandidateRecord,
     PairWrite,
     RecordedVote,
+    StoreAcknowledgedVote,
     StoredPair,
     VoteWrite,
     check_session,
@@ -31,6 +38,11 @@ from storage.rules import (
     validate_choice,
 )
 from storage.version_records import VersionRecords
+from storage.vote_journal import JournaledVote, VoteJournal, journal_path
+
+log = logging.getLogger(__name__)
+
+RETRY_PAUSE_S = 0.5  # before an acknowledged vote whose write failed is tried again
 
 
 @dataclass(frozen=True)
@@ -41,11 +53,54 @@ class OpenedTurn:
 
 
 class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
-    """The app's records in one DuckDB file, safe to call from any thread."""
+    """The app's records in one DuckDB file, safe to call from any thread.
+
+    Votes on recent pairs are acknowledged from a journal line (`acknowledge_vote`,
+    `storage.vote_journal`) and stored by the writer thread right after; votes a crash left in
+    the journal are stored when the file is next opened."""
+
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+        path = Path(path)
+        journal = journal_path(path)
+        if read_only and journal.exists() and journal.stat().st_size > 0:
+            Store(path).close()  # a crash left acknowledged votes there: store them first
+        self._acknowledged = AcknowledgedVotes()  # before any read (the migrations') waits on it
+        super().__init__(path, read_only=read_only)
+        self._journal: VoteJournal | None = None
+        self._vote_lock = threading.Lock()  # a vote's check and its journal line, as one
+        self._closing = False
+        if not read_only:
+            self._journal = VoteJournal(journal)
+            self._store_journaled_votes()
+
+    def close(self) -> None:
+        with self._vote_lock:  # no vote is journaled from now on
+            self._closing = True
+        super().close()  # the writer stores what it holds first
+        if self._journal is not None:
+            self._journal.applied_through(self._acknowledged.journal_stored_through(), force=True)
+            self._journal.close()
+
+    def _store_journaled_votes(self) -> None:
+        votes = self._journal.read()
+        if votes:
+            stored = self._write(
+                lambda con: StoreAcknowledgedVote.run_batch(
+                    con, [StoreAcknowledgedVote(v) for v in votes]
+                )
+            )
+            log.info(
+                "stored %d acknowledged votes from %s (%d were already stored or their "
+                "conversation deleted)", sum(stored), self._journal.path, len(votes) - sum(stored)
+            )  # fmt: skip
+        self._journal.empty()
+
+    def _await_acknowledged_writes(self) -> None:
+        self._acknowledged.wait_stored()
 
     def create_conversation(self, session_id: str | None = None) -> str:
         conversation_id = new_id()
-        with self._transaction() as con:
+        with self._reads_may_lag(), self._transaction() as con:  # it reads nothing
             con.execute(
                 "INSERT INTO conversations (id, session_id) VALUES (?, ?)",
                 [conversation_id, session_id],
@@ -63,16 +118,26 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
     def open_turn(self, conversation_id: str | None, session_id: str | None) -> OpenedTurn:
         """Everything a new user turn needs before generation, in one call: the conversation
         (created when None, else checked to belong to the session), the pair still waiting for
-        a vote if any, and the transcript the model sees next."""
+        a vote if any, and the transcript the model sees next.
+
+        It does not wait for the writer to store the vote the user just cast: the votes of
+        this conversation that DuckDB may not have yet are taken first, and one that the read
+        shows still pending is applied to what was read, as storing it will."""
         if conversation_id is None:
             return OpenedTurn(self.create_conversation(session_id), None, [])
-        with self._transaction():  # one snapshot: the three reads agree with each other
+        unstored = self._acknowledged.unstored_in(conversation_id)  # before the read
+        with self._reads_may_lag(), self._transaction():  # one snapshot of the three reads
             self.check_owner(conversation_id, session_id)
-            return OpenedTurn(
-                conversation_id,
-                self.pending_pair(conversation_id),
-                self.transcript(conversation_id),
-            )
+            pending = self.pending_pair(conversation_id)
+            history = self.transcript(conversation_id)
+        vote = unstored.get(pending) if pending is not None else None
+        if vote is not None:  # pending in DuckDB, voted on the journal
+            pending = None
+            if vote.continued_with is None:  # both bad: the user turn is asked again
+                history = history[:-1]
+            else:
+                history = [*history, {"role": "assistant", "content": vote.continued_with}]
+        return OpenedTurn(conversation_id, pending, history)
 
     # Rows that hang off a conversation, leaves first. DuckDB checks a foreign key against the
     # committed state, so a parent cannot be deleted in the transaction that deletes its
@@ -102,7 +167,12 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
 
     def delete_conversation(self, conversation_id: str) -> dict[str, int]:
         """Delete a conversation and everything recorded from it (messages, pairs, candidates,
-        votes, AI labels, critiques). Returns the rows removed per table."""
+        votes, AI labels, critiques, the journal's lines). Returns the rows removed per table."""
+        with self._vote_lock:  # a vote on it now takes the writer's path (checked in DuckDB)
+            self._acknowledged.forget_conversation(conversation_id)
+        self._acknowledged.wait_stored()  # the ones acknowledged already are stored, to delete
+        if self._journal is not None:
+            self._journal.applied_through(self._acknowledged.journal_stored_through(), force=True)
         removed: dict[str, int] = {}
         for level in self._DELETION_LEVELS:
             with self._transaction() as con:
@@ -151,8 +221,23 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
     ) -> StoredPair:
         """Store a user turn with its two candidates atomically: all of it or nothing (batched
         with the other request writes queued beside it, `storage.request_writes`)."""
+        if self._acknowledged.retrying_in(conversation_id):
+            raise StorageWriteError(
+                self.path, "the last vote in this conversation is not stored yet: no space left"
+            )  # its reply's place comes first
         write = PairWrite(conversation_id, user_message, prompt, model_version, seed, candidates)
-        return self._write_grouped(write).result()
+        stored = self._write_grouped(write).result()
+        self._acknowledged.remember(
+            stored.pair_id,
+            PairFacts(
+                conversation_id,
+                stored.owner,
+                {c.slot: c.text for c in candidates},
+                {c.slot: c.model_version for c in candidates},
+                {c.slot: c.sampling.get("variant") for c in candidates},
+            ),
+        )
+        return stored
 
     def record_vote(self, pair_id: str, choice: str, **options: Any) -> RecordedVote:
         """`submit_vote` (same arguments), waited for: for callers that have a thread to block."""
@@ -176,9 +261,71 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         if demonstration is not None and choice != "both_bad":
             raise ValueError("a demonstration goes with the choice 'both_bad'")
         validate_choice(choice)
+        self._acknowledged.forget_pair(pair_id)  # later votes on it are checked against this one
         return self._write_grouped(
             VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)
         )
+
+    def acknowledge_vote(
+        self,
+        pair_id: str,
+        choice: str,
+        *,
+        voter: str | None = None,
+        session_id: str | None = None,
+        client: str | None = None,
+        admit: Callable[[float, int], str | None] | None = None,
+        demonstration: str | None = None,
+    ) -> RecordedVote | None:
+        """`submit_vote` without waiting for the writer, for a pair written since the app
+        started (the last few thousand): decided on the same rules from the facts kept when
+        the pair was written, answered once its journal line is `fsync`ed, stored by the writer
+        thread right after. None: the pair is not among them; `submit_vote` decides it.
+
+        Run on the thread the request arrived on: under load each hand-off to another thread
+        waits for a core (bench/RESULTS.md, "Votes acknowledged from a journal")."""
+        if demonstration is not None and choice != "both_bad":
+            raise ValueError("a demonstration goes with the choice 'both_bad'")
+        validate_choice(choice)
+        write = VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)
+        with self._vote_lock:  # the check that the pair has no vote, and the vote, as one
+            facts = self._acknowledged.facts(pair_id)
+            if self._journal is None or self._journal.broken or self._closing or facts is None:
+                return None  # (closing: `submit_vote` says so, before anything is journaled)
+            recorded = write._vote(facts.as_found())
+            journaled = JournaledVote(
+                recorded.vote_id, pair_id, choice, voter, session_id, client, recorded.flagged,
+                recorded.demonstration_id, demonstration, time.time(),
+            )  # fmt: skip
+
+            def queue(line: int) -> None:
+                self._acknowledged.acknowledged(line, recorded)
+                self._store_acknowledged(line, journaled)
+
+            try:
+                self._journal.append(journaled, then=queue)
+            except OSError as exc:
+                raise StorageWriteError(self._journal.path, str(exc)) from exc
+        return recorded
+
+    def _store_acknowledged(self, line: int, vote: JournaledVote) -> None:
+        stored = self._write_grouped(StoreAcknowledgedVote(vote))
+        stored.add_done_callback(lambda f: self._acknowledged_vote_done(line, vote, f))
+
+    def _acknowledged_vote_done(self, line: int, vote: JournaledVote, stored: Future) -> None:
+        """On the writer thread. A vote it could not store (the disk is full) is tried again
+        after a pause, behind what queued meanwhile; it stays in the journal until it is stored
+        (on the next open, if the app stops first)."""
+        error = stored.exception() if not stored.cancelled() else RuntimeError("cancelled")
+        self._acknowledged.stored(line, vote.pair_id, ok=error is None)
+        if error is None:
+            self._journal.applied_through(self._acknowledged.journal_stored_through())
+            return
+        log.error("an acknowledged vote is not stored yet (kept in %s, tried again): %s",
+                  self._journal.path, error)  # fmt: skip
+        time.sleep(RETRY_PAUSE_S)  # the writer's writes fail alike until the cause is fixed
+        with contextlib.suppress(StoreError):  # closing: the next open stores it
+            self._store_acknowledged(line, vote)
 
     def demonstrations(self) -> list[dict[str, Any]]:
         """(prompt, the reply the user wrote) per demonstration whose vote is not flagged,

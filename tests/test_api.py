@@ -219,6 +219,7 @@ def test_acknowledged_vote_survives_kill_9(tiny_app_factory):
         if vote(app, turn["pair_id"], "a").status_code == 200:
             acknowledged.append(turn["pair_id"])
     app.stop(signal.SIGKILL)
+    Store(app.db).close()  # the next start stores what only the vote journal had
     con = duckdb.connect(str(app.db), read_only=True)
     stored = {r[0] for r in con.execute("SELECT pair_id FROM votes").fetchall()}
     con.close()

@@ -27,10 +27,13 @@ import psutil
 
 from tests.app_process import REPO, free_port
 
-# After the app exits (still inside the namespace, where the tmpfs lives), read the database
-# back with a fresh DuckDB connection and print what is in it.
+# After the app exits (still inside the namespace, where the tmpfs lives), open the database as
+# the next start would (which stores the votes acknowledged from the journal that DuckDB could
+# not take while the disk was full), then read it back with a fresh DuckDB connection.
 REOPEN = """
 import json, sys, duckdb
+from storage import Store
+Store(sys.argv[1]).close()
 con = duckdb.connect(sys.argv[1])
 votes = [r[0] for r in con.execute("SELECT pair_id FROM votes").fetchall()]
 pairs = [r[0] for r in con.execute("SELECT id FROM pairs").fetchall()]

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
-from storage import ConflictError, InvalidInputError, NotFoundError, Store, StoreError
+from storage import (
+    ConflictError,
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+    Store,
+    StoreError,
+)
 from storage.migrations import MIGRATIONS
 from storage.store import CandidateRecord
 from tests import store_reads
@@ -436,3 +446,131 @@ def _pair_write(conversation_id: str, message: str):
 
     prompt = [{"role": "user", "content": message}]
     return PairWrite(conversation_id, message, prompt, "v0000", 7, _candidates())
+
+
+# --- votes acknowledged from the journal ---------------------------------------------------
+
+
+def test_a_vote_on_a_recent_pair_is_answered_from_its_journal_line_and_stored_after(store):
+    """The writer is held, so the vote cannot be in DuckDB when it is answered: the answer
+    comes from the journal. A turn's opening read already sees it; every other read waits
+    until the writer has stored it."""
+    import threading
+
+    conv = store.create_conversation("s1")
+    pair = _turn(store, conv, "hello", text_a="first", text_b="second")
+    other = _turn(store, store.create_conversation("s1"), "q").pair_id
+    release, held = _hold_the_writer(store)
+    try:
+        recorded = store.acknowledge_vote(pair.pair_id, "b", session_id="s1")
+        assert recorded is not None and recorded.continued_with == "second"
+        assert recorded.versions == {"a": "v0000", "b": "v0000"}
+        with pytest.raises(ConflictError):  # the same rules as the writer's path
+            store.acknowledge_vote(pair.pair_id, "a", session_id="s1")
+        with pytest.raises(ForbiddenError):
+            store.acknowledge_vote(other, "a", session_id="someone else")
+        assert store.acknowledge_vote("not-a-recent-pair", "a") is None  # the writer's path
+        assert store._journal.path.stat().st_size > 0
+
+        opened = store.open_turn(conv, "s1")
+        assert not held.done()  # it did not wait for the writer
+        assert opened.pending_pair is None
+        assert opened.history == [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "second"},
+        ]
+        seen: list[str | None] = []
+        reader = threading.Thread(target=lambda: seen.append(store.pending_pair(conv)))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and not seen  # waiting for the writer, not reading stale rows
+    finally:
+        release.set()
+    held.result(10)
+    reader.join(10)
+    assert seen == [None]
+    assert store_reads.pair(store, pair.pair_id)["vote"]["choice"] == "b"
+    assert store.transcript(conv)[-1] == {"role": "assistant", "content": "second"}
+    # the next turn goes after the reply, which was stored first
+    assert store_reads.pair(store, _turn(store, conv, "more").pair_id)["position"] == 2
+
+
+def test_acknowledged_votes_left_in_the_journal_are_stored_on_the_next_open(tmp_path):
+    """What a crash between the journal line and DuckDB's commit leaves: the line. The next
+    open stores it once (a line already stored, or cut off mid-write, changes nothing)."""
+    from storage.vote_journal import JournaledVote, journal_path
+
+    path = tmp_path / "crash.duckdb"
+    store = Store(path)
+    conv = store.create_conversation("s")
+    pending = _turn(store, conv, "q1", text_a="kept")
+    done = _turn(store, store.create_conversation("s"), "q2")
+    store.record_vote(done.pair_id, "a", session_id="s")
+    voted_id = store_reads.pair(store, done.pair_id)["vote"]["id"]
+    store.close()
+
+    def line(vote_id, pair_id, choice):
+        vote = JournaledVote(vote_id, pair_id, choice, None, "s", None, None, None, None, 1.7e9)
+        return json.dumps(dataclasses.asdict(vote)).encode() + b"\n"
+
+    journal_path(path).write_bytes(
+        line("v-1", pending.pair_id, "a") + line(voted_id, done.pair_id, "a") + b'{"vote_id": "v-'
+    )
+    reopened = Store(path, read_only=True)  # an offline reader stores them first, too
+    try:
+        assert store_reads.pair(reopened, pending.pair_id)["vote"]["id"] == "v-1"
+        assert store_reads.count(reopened, "votes") == 2
+        assert reopened.transcript(conv)[-1] == {"role": "assistant", "content": "kept"}
+    finally:
+        reopened.close()
+    assert journal_path(path).stat().st_size == 0
+
+
+def test_deleting_a_conversation_leaves_nothing_of_it_in_the_journal(store):
+    conv = store.create_conversation("s")
+    pair = _turn(store, conv, "q")
+    store.acknowledge_vote(pair.pair_id, "both_bad", session_id="s", demonstration="my secret")
+    store.delete_conversation(conv)
+    assert b"my secret" not in store._journal.path.read_bytes()
+    assert store.acknowledge_vote(pair.pair_id, "a", session_id="s") is None  # forgotten
+    with pytest.raises(NotFoundError):
+        store.record_vote(pair.pair_id, "a", session_id="s")
+
+
+def test_an_acknowledged_vote_whose_write_fails_is_tried_again_before_its_next_turn(
+    store, monkeypatch
+):
+    """The disk is full when the writer stores a vote that was already answered: the vote is
+    kept and tried again; its conversation takes no new turn until then (the turn would take
+    the place of the vote's reply), and nothing is lost."""
+    import threading
+
+    from storage import StorageWriteError, request_writes
+    from storage import store as store_module
+
+    monkeypatch.setattr(store_module, "RETRY_PAUSE_S", 0.05)
+    original = request_writes.StoreAcknowledgedVote.run_batch.__func__
+    disk_full = threading.Event()
+    disk_full.set()
+
+    def failing(cls, con, writes):
+        if disk_full.is_set():
+            raise StorageWriteError(store.path, "No space left on device")
+        return original(cls, con, writes)
+
+    monkeypatch.setattr(request_writes.StoreAcknowledgedVote, "run_batch", classmethod(failing))
+    conv = store.create_conversation("s")
+    pair = _turn(store, conv, "q", text_a="kept")
+    assert store.acknowledge_vote(pair.pair_id, "a", session_id="s") is not None
+    store.pending_pair(conv)  # the writer has had it (and failed)
+    assert store.open_turn(conv, "s").history[-1] == {"role": "assistant", "content": "kept"}
+    with pytest.raises(StorageWriteError):
+        _turn(store, conv, "next")
+    assert store._journal.read()  # still there for the next open
+    disk_full.clear()
+    for _ in range(100):
+        if store_reads.pair(store, pair.pair_id)["vote"] is not None:
+            break
+        threading.Event().wait(0.05)
+    assert store_reads.pair(store, pair.pair_id)["vote"]["choice"] == "a"
+    assert store_reads.pair(store, _turn(store, conv, "next").pair_id)["position"] == 2
