@@ -88,7 +88,7 @@ class VoteJournal:
             end = os.lseek(fd, 0, os.SEEK_END)
             try:
                 if os.write(fd, line) != len(line):
-                    raise OSError(errno.ENOSPC, "the vote journal's line was cut short")
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a short write: full
                 os.fdatasync(fd)
             except OSError:
                 try:
