@@ -258,13 +258,9 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         `admit` are `storage.request_writes.VoteWrite`'s), in one transaction with the writes
         queued beside it. The future resolves to the vote once it is durable, or to its error;
         an async caller awaits it without holding a thread."""
-        if demonstration is not None and choice != "both_bad":
-            raise ValueError("a demonstration goes with the choice 'both_bad'")
-        validate_choice(choice)
+        write = _vote_write(pair_id, choice, voter, session_id, client, admit, demonstration)
         self._acknowledged.forget_pair(pair_id)  # later votes on it are checked against this one
-        return self._write_grouped(
-            VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)
-        )
+        return self._write_grouped(write)
 
     def acknowledge_vote(
         self,
@@ -284,10 +280,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
 
         Run on the thread the request arrived on: under load each hand-off to another thread
         waits for a core (bench/RESULTS.md, "Votes acknowledged from a journal")."""
-        if demonstration is not None and choice != "both_bad":
-            raise ValueError("a demonstration goes with the choice 'both_bad'")
-        validate_choice(choice)
-        write = VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)
+        write = _vote_write(pair_id, choice, voter, session_id, client, admit, demonstration)
         with self._vote_lock:  # the check that the pair has no vote, and the vote, as one
             facts = self._acknowledged.facts(pair_id)
             if self._journal is None or self._journal.broken or self._closing or facts is None:
@@ -373,3 +366,19 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             + (f" LIMIT {int(limit)}" if limit is not None else ""),
             params,
         )
+
+
+def _vote_write(
+    pair_id: str,
+    choice: str,
+    voter: str | None,
+    session_id: str | None,
+    client: str | None,
+    admit: Callable[[float, int], str | None] | None,
+    demonstration: str | None,
+) -> VoteWrite:
+    """A vote's checks before either path (journal or writer) takes it."""
+    if demonstration is not None and choice != "both_bad":
+        raise ValueError("a demonstration goes with the choice 'both_bad'")
+    validate_choice(choice)
+    return VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)
