@@ -370,9 +370,7 @@ class ChatService:
         # memory: awaited on its writer thread (group commit), not through the turns' pool.
         recorded = self.store.acknowledge_vote(pair_id, choice, **options)
         if recorded is None:
-            recorded = await asyncio.wrap_future(
-                self.store.submit_vote(pair_id, choice, **options)
-            )
+            recorded = await asyncio.wrap_future(self.store.submit_vote(pair_id, choice, **options))
         if self.canary is not None and recorded.flagged is None:
             await self.canary.vote_cast(recorded.versions)
         return recorded

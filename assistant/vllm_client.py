@@ -178,7 +178,7 @@ class VLLMServerEngine:
                         prompt_tokens.append(len(chunk["prompt_token_ids"]))
                     changed = False
                     for choice in chunk.get("choices") or []:
-                        draft = targets[choice["index"]]
+                        draft = _draft_for(choice, targets)
                         delta = choice.get("delta") or {}
                         if delta.get("content"):
                             draft.text += delta["content"]
@@ -228,7 +228,14 @@ class VLLMServerEngine:
                     payload = line[len("data: ") :]
                     if payload == "[DONE]":
                         return
-                    chunk = json.loads(payload)
+                    try:
+                        chunk = json.loads(payload)
+                    except ValueError as exc:
+                        raise EngineError(
+                            f"the engine sent an unreadable reply chunk: {payload[:200]!r}"
+                        ) from exc
+                    if not isinstance(chunk, dict):
+                        raise EngineError(f"the engine sent an unexpected chunk: {payload[:200]!r}")
                     if "error" in chunk:
                         error = chunk["error"]
                         text = error.get("message", "") if isinstance(error, dict) else str(error)
@@ -342,6 +349,15 @@ class VLLMServerEngine:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _draft_for(choice: dict, targets: tuple[CandidateDraft, ...]) -> CandidateDraft:
+    """The draft a streamed choice fills; a choice that names none of them is the engine's
+    fault, so it surfaces as an `EngineError` (a 502 for the user), not a server error."""
+    index = choice.get("index") if isinstance(choice, dict) else None
+    if not isinstance(index, int) or not 0 <= index < len(targets):
+        raise EngineError(f"the engine streamed a choice this request did not ask for: {index!r}")
+    return targets[index]
 
 
 def _error_from(resp: httpx.Response) -> EngineError:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
-from assistant.engine import PromptTooLongError
+from assistant.engine import EngineError, PromptTooLongError
 from assistant.vllm_client import VLLMServerEngine
 from tests.tiny_model import build_tiny_checkpoint
 
@@ -173,3 +174,44 @@ def test_burst_of_seeded_long_prompts_does_not_kill_the_engine(tiny_engine_url):
 
     assert asyncio.run(burst()) == [200] * 64
     assert httpx.get(tiny_engine_url + "/health").status_code == 200
+
+
+def _engine_streaming(events: list[str]) -> VLLMServerEngine:
+    """An engine whose server answers every chat request with these server-sent events."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = "".join(f"data: {event}\n\n" for event in events)
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    engine = VLLMServerEngine("http://engine.invalid", "policy", "v0000")
+    engine._http = httpx.AsyncClient(
+        base_url="http://engine.invalid", transport=httpx.MockTransport(answer)
+    )
+    return engine
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        ['{"choices": [{"index": 0, "delta": {"content": "Hi"}}]}', '{"choices": [{"inde'],
+        ['{"choices": [{"index": 5, "delta": {"content": "Hi"}}]}'],
+        ['{"choices": [{"delta": {"content": "Hi"}}]}'],
+        ["[1, 2]"],
+    ],
+    ids=["cut-json", "unknown-index", "no-index", "not-an-object"],
+)
+def test_a_malformed_reply_stream_is_an_engine_error_not_a_crash(events):
+    """A chunk the client cannot read is the engine's fault: the user gets the engine's 502 and
+    its message, not a 500 from a KeyError or a JSON error deep in the stream."""
+
+    async def run():
+        engine = _engine_streaming(events)
+        try:
+            return await complete(engine)
+        finally:
+            await engine.aclose()
+
+    with pytest.raises(EngineError) as raised:
+        asyncio.run(run())
+    assert type(raised.value) is EngineError
+    assert raised.value.status == 502
