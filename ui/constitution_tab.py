@@ -8,7 +8,7 @@ import json
 
 import gradio as gr
 
-from alignment.constitution import ConstitutionError
+from storage.errors import AppError
 from ui.ports import PageAuth
 
 
@@ -89,8 +89,8 @@ def build_constitution_tab(cai, auth: PageAuth) -> None:
             version = await cai.replace_constitution(json.loads(body))
         except json.JSONDecodeError as exc:
             return f"⚠ not valid JSON: {exc}", gr.skip()
-        except ConstitutionError as exc:
-            return f"⚠ {exc}", gr.skip()
+        except AppError as exc:  # a malformed constitution: the message names the entry
+            return f"⚠ {exc.public()}", gr.skip()
         return (
             f"Saved as constitution version {version}.",
             json.dumps(cai.constitution.as_json(), indent=2),
