@@ -222,7 +222,7 @@ class VLLMServerEngine:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise _error_from(resp)
-                async for line in resp.aiter_lines():
+                async for line in _event_stream_lines(resp):
                     if not line.startswith("data: "):
                         continue
                     payload = line[len("data: ") :]
@@ -349,6 +349,23 @@ class VLLMServerEngine:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+async def _event_stream_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream, which end only at "\n" (or "\r\n").
+
+    Not httpx's `aiter_lines`: it splits at every line boundary `str.splitlines` knows, U+2028,
+    U+0085 and others included, and vLLM writes the reply's text into its JSON unescaped, so a
+    reply holding one of those characters arrived as a cut chunk: a failed turn in 3 of 12
+    `bench.load` runs on the tiny random model (bench/RESULTS.md)."""
+    pending = ""
+    async for text in resp.aiter_text():
+        lines = (pending + text).split("\n")
+        pending = lines.pop()
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")
 
 
 def _draft_for(choice: dict, targets: tuple[CandidateDraft, ...]) -> CandidateDraft:

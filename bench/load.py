@@ -187,11 +187,13 @@ def write_scaling(sizes: tuple[int, ...] = (0, 10_000, 50_000)) -> dict:
 
 
 def server_error_traces(log: str, limit: int = 3) -> str:
-    """The first `limit` requests' tracebacks in the app's log, whole: a 5xx's body says only
-    "Internal Server Error", the log says why (a failed background cycle is not a request's)."""
+    """The first `limit` requests' tracebacks in the app's log, whole, and the engine's errors:
+    a 5xx's body says only "Internal Server Error" or the engine's public message, the log says
+    why (a failed background cycle is not a request's)."""
     marker = "Exception in ASGI application"
     traces = [marker + chunk.split("\nINFO")[0] for chunk in log.split(marker)[1 : limit + 1]]
-    return "\n".join(traces) or "(no request's traceback in the app's log)"
+    engine = [line for line in log.splitlines() if "EngineError: " in line][:limit]
+    return "\n".join(traces + engine) or "(no request's traceback or engine error in the app's log)"
 
 
 def main() -> None:

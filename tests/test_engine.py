@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -215,3 +216,36 @@ def test_a_malformed_reply_stream_is_an_engine_error_not_a_crash(events):
         asyncio.run(run())
     assert type(raised.value) is EngineError
     assert raised.value.status == 502
+
+
+def test_reply_text_with_unicode_line_separators_streams_whole():
+    """vLLM writes reply text into its JSON unescaped; U+2028, U+0085 and U+2029 are line breaks
+    to `str.splitlines` (and to httpx's `aiter_lines`) but not to an event stream. The replies
+    arrive whole, also when the bytes come in pieces that cut those characters."""
+    texts = ("one\u2028two", "three\x85four\u2029five")
+    chunk = {
+        "choices": [
+            {"index": i, "delta": {"content": text}, "finish_reason": "stop"}
+            for i, text in enumerate(texts)
+        ]
+    }
+    body = f"data: {json.dumps(chunk, ensure_ascii=False)}\r\n\r\ndata: [DONE]\n\n".encode()
+
+    async def pieces():
+        for start in range(0, len(body), 7):
+            yield body[start : start + 7]
+
+    async def run():
+        engine = VLLMServerEngine("http://engine.invalid", "policy", "v0000")
+        engine._http = httpx.AsyncClient(
+            base_url="http://engine.invalid",
+            transport=httpx.MockTransport(lambda request: httpx.Response(200, content=pieces())),
+        )
+        try:
+            return await complete(engine)
+        finally:
+            await engine.aclose()
+
+    final = asyncio.run(run())[-1]
+    assert final.final
+    assert tuple(c.text for c in final.candidates) == texts
