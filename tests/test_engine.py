@@ -177,18 +177,23 @@ def test_burst_of_seeded_long_prompts_does_not_kill_the_engine(tiny_engine_url):
     assert httpx.get(tiny_engine_url + "/health").status_code == 200
 
 
-def _engine_streaming(events: list[str]) -> VLLMServerEngine:
-    """An engine whose server answers every chat request with these server-sent events."""
+def _engine_answering(content) -> VLLMServerEngine:
+    """An engine whose server answers every chat request with `content` (bytes, or a function
+    making a fresh async iterator of them)."""
 
     def answer(request: httpx.Request) -> httpx.Response:
-        body = "".join(f"data: {event}\n\n" for event in events)
-        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, content=content() if callable(content) else content)
 
     engine = VLLMServerEngine("http://engine.invalid", "policy", "v0000")
     engine._http = httpx.AsyncClient(
         base_url="http://engine.invalid", transport=httpx.MockTransport(answer)
     )
     return engine
+
+
+def _engine_streaming(events: list[str]) -> VLLMServerEngine:
+    """An engine whose server answers every chat request with these server-sent events."""
+    return _engine_answering("".join(f"data: {event}\n\n" for event in events).encode())
 
 
 @pytest.mark.parametrize(
@@ -236,11 +241,7 @@ def test_reply_text_with_unicode_line_separators_streams_whole():
             yield body[start : start + 7]
 
     async def run():
-        engine = VLLMServerEngine("http://engine.invalid", "policy", "v0000")
-        engine._http = httpx.AsyncClient(
-            base_url="http://engine.invalid",
-            transport=httpx.MockTransport(lambda request: httpx.Response(200, content=pieces())),
-        )
+        engine = _engine_answering(pieces)
         try:
             return await complete(engine)
         finally:
