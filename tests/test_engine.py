@@ -191,6 +191,18 @@ def _engine_answering(content) -> VLLMServerEngine:
     return engine
 
 
+def _one_pair(engine: VLLMServerEngine) -> list:
+    """The updates of one seeded pair from `engine`, which is closed after."""
+
+    async def run():
+        try:
+            return await complete(engine)
+        finally:
+            await engine.aclose()
+
+    return asyncio.run(run())
+
+
 def _engine_streaming(events: list[str]) -> VLLMServerEngine:
     """An engine whose server answers every chat request with these server-sent events."""
     return _engine_answering("".join(f"data: {event}\n\n" for event in events).encode())
@@ -210,15 +222,8 @@ def test_a_malformed_reply_stream_is_an_engine_error_not_a_crash(events):
     """A chunk the client cannot read is the engine's fault: the user gets the engine's 502 and
     its message, not a 500 from a KeyError or a JSON error deep in the stream."""
 
-    async def run():
-        engine = _engine_streaming(events)
-        try:
-            return await complete(engine)
-        finally:
-            await engine.aclose()
-
     with pytest.raises(EngineError) as raised:
-        asyncio.run(run())
+        _one_pair(_engine_streaming(events))
     assert type(raised.value) is EngineError
     assert raised.value.status == 502
 
@@ -240,13 +245,6 @@ def test_reply_text_with_unicode_line_separators_streams_whole():
         for start in range(0, len(body), 7):
             yield body[start : start + 7]
 
-    async def run():
-        engine = _engine_answering(pieces)
-        try:
-            return await complete(engine)
-        finally:
-            await engine.aclose()
-
-    final = asyncio.run(run())[-1]
+    final = _one_pair(_engine_answering(pieces))[-1]
     assert final.final
     assert tuple(c.text for c in final.candidates) == texts
