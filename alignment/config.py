@@ -79,6 +79,14 @@ class RewardConfig:
         "under 0.4 of it",
         default=0.5,
     )
+    pooling: str = _help(
+        "what the score head reads: 'last' (the last token's state, the usual sequence-"
+        "classification head), 'mean' (its per-token scores averaged over the conversation) or "
+        "'last+mean' (both added). A preference spread over the whole reply, like a count of "
+        "long words, reaches the last token only through the model's state; 'mean' alone loses "
+        "a cue at the end (a reply cut off): bench/RESULTS.md",
+        default="last+mean",
+    )
     seed: int = _help("seed of the head initialisation and data order", default=0)
     precision: str = _help(
         "'auto' (bf16 autocast where the CPU or GPU computes bf16 natively), 'bf16' or 'fp32'",

@@ -63,6 +63,38 @@ def split_heldout(records: list[dict], fraction: float) -> tuple[list[dict], lis
     return train, heldout
 
 
+POOLINGS = ("last", "mean", "last+mean")
+
+
+def score_head(model) -> torch.nn.Module:
+    """The sequence-classification head (`score`), outermost wrapper first: with peft it is the
+    ModulesToSaveWrapper that routes to the trained copy."""
+    heads = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "score"]
+    if not heads:
+        raise ValueError("the reward model has no `score` head to pool")
+    return min(heads, key=lambda nm: nm[0].count("."))[1]
+
+
+def pool_scores(model, pooling: str) -> None:
+    """Make the head's score at each position the mean of its per-token scores up to there
+    (`mean`), or that plus the position's own score (`last+mean`). Transformers reads the score
+    at the last non-pad token, and inputs are right-padded (TRL's collator, the scorer's
+    tokenizer), so it then reads the mean over the whole conversation. The head is linear, so
+    this is the head over the mean hidden state: a property spread over the reply (how many
+    long words) is summed rather than left to what the last token's state remembers."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"reward.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if pooling == "last":
+        return
+
+    def pooled(module, args, scores: torch.Tensor) -> torch.Tensor:  # (b, T, 1)
+        positions = torch.arange(1, scores.shape[1] + 1, device=scores.device, dtype=scores.dtype)
+        running_mean = scores.cumsum(1) / positions[None, :, None]
+        return running_mean if pooling == "mean" else scores + running_mean
+
+    score_head(model).register_forward_hook(pooled)
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,6 +118,10 @@ def train_reward_model(
         raise ValueError("no decisive votes (A or B) to train a reward model on")
     if config.ensemble < 1:
         raise ValueError(f"reward.ensemble must be at least 1, got {config.ensemble}")
+    if config.pooling not in POOLINGS:
+        raise ValueError(
+            f"reward.pooling must be one of {', '.join(POOLINGS)}, got {config.pooling!r}"
+        )
     train, heldout = split_heldout(records, config.heldout_fraction)
     members, losses, steps, trainable = [], [], 0, None
     for i in range(config.ensemble):
@@ -101,7 +137,8 @@ def train_reward_model(
         )
         members.append(f"member-{i}")
         losses.append(loss)
-    (out_dir / "ensemble.json").write_text(json.dumps({"members": members}))  # unscaled
+    ensemble = {"members": members, "pooling": config.pooling}
+    (out_dir / "ensemble.json").write_text(json.dumps(ensemble))  # unscaled
     # Members come out on different scales (each head starts from its own random init); put
     # each on mean 0 / std 1 over the voted replies, so that their spread measures disagreement
     # about the replies and not about units. Without it mean - std penalised every confident
@@ -116,7 +153,7 @@ def train_reward_model(
     replies = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
     raw = scorer.member_scores(replies)  # (K, 2N)
     scale = [[m.mean().item(), max(m.std().item(), 1e-3)] for m in raw] if len(replies) > 1 else []
-    (out_dir / "ensemble.json").write_text(json.dumps({"members": members, "scale": scale}))
+    (out_dir / "ensemble.json").write_text(json.dumps({**ensemble, "scale": scale}))
     scorer.scale = scale
 
     result = RewardResult(
@@ -228,6 +265,7 @@ def _train_member(
         peft_config=peft_config,
         callbacks=[Relay()],
     )
+    pool_scores(trainer.model, config.pooling)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     output = trainer.train()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -278,6 +316,7 @@ class RewardScorer:
         ensemble = json.loads((root / "ensemble.json").read_text())
         members = ensemble["members"]
         tokenizer = AutoTokenizer.from_pretrained(root / members[0])
+        tokenizer.padding_side = "right"  # pooling reads the score at the last non-pad token
         base = AutoModelForSequenceClassification.from_pretrained(
             base_model,
             num_labels=1,
@@ -288,6 +327,7 @@ class RewardScorer:
         model = PeftModel.from_pretrained(base, str(root / members[0]), adapter_name=members[0])
         for name in members[1:]:
             model.load_adapter(str(root / name), adapter_name=name)
+        pool_scores(model, ensemble.get("pooling", "last"))
         scale = ensemble.get("scale")
         return cls(model.to(_device()), tokenizer, members, penalty, scale, precision)
 

@@ -6,8 +6,14 @@ simulated user's decisive pairs become preference records; a single reward model
 separates replies the user likes from replies it does not, over the replies it never trained on
 (pointwise: many more than the held-out pairs a cycle has).
 
-Run: `.venv/bin/python -m bench.diagnose_reward --dump FILE --family opening
-      --override '{}' '{"learning_rate": 1e-3}' '{"epochs": 6}'`
+Online, each run draws its own ~100 votes, so one offline draw says little about how often a
+setting fails: `--draws N` repeats every setting on N draws of training pairs (and head seeds),
+and several `--dump` files (the same prompts sampled again) give the draws different votes.
+Besides the AUC it reports the accuracy on the unseen decisive pairs, what a cycle's held-out
+check measures.
+
+Run: `.venv/bin/python -m bench.diagnose_reward --dump FILE [FILE...] --family opening
+      --draws 3 --override '{}' '{"learning_rate": 1e-3}' '{"pooling": "last+mean"}'`
 """
 
 from __future__ import annotations
@@ -50,51 +56,66 @@ def decisive_pairs(rows: list, likes) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dump", type=Path, required=True)
+    parser.add_argument("--dump", type=Path, nargs="+", required=True)
     parser.add_argument("--family", choices=sorted(FAMILIES), required=True)
     parser.add_argument("--train", type=int, default=80, help="decisive pairs to train on")
+    parser.add_argument("--draws", type=int, default=1, help="draws of training pairs")
     parser.add_argument("--override", nargs="+", default=["{}"], help="RewardConfig fields")
     args = parser.parse_args()
     likes = FAMILIES[args.family]
-    dumped = json.loads(args.dump.read_text())
-    items = prompts(TOPICS, random.Random(0))[: len(dumped)]
     rows = []
-    for (question, topic), (dumped_topic, texts) in zip(items, dumped, strict=True):
-        assert topic == dumped_topic
-        rows.append(([{"role": "user", "content": question}], topic, texts))
+    for dump in args.dump:
+        dumped = json.loads(dump.read_text())
+        items = prompts(TOPICS, random.Random(0))[: len(dumped)]
+        for (question, topic), (dumped_topic, texts) in zip(items, dumped, strict=True):
+            assert topic == dumped_topic
+            rows.append(([{"role": "user", "content": question}], topic, texts))
     decisive = decisive_pairs(rows, likes)
-    random.Random(1).shuffle(decisive)
-    train = decisive[: args.train]
-    seen = {json.dumps(r["prompt"]) for r in train}
-    unseen = [(p, t, x) for p, t, texts in rows if json.dumps(p) not in seen for x in texts]
-    print(f"{len(decisive)} decisive pairs; train on {len(train)}; score {len(unseen)} replies")
-    for override in args.override:
-        config = replace(RewardConfig(ensemble=1, heldout_fraction=0.0), **json.loads(override))
-        with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
-            result = train_reward_model(str(SMOL), train, Path(tmp), config)
-            train_s = time.perf_counter() - started
-            scorer = RewardScorer.load(str(SMOL), tmp)
-            scores = scorer.member_scores(
-                [p + [{"role": "assistant", "content": x}] for p, _, x in unseen]
-            )[0].tolist()
-        liked = [s for s, (_, t, x) in zip(scores, unseen, strict=True) if likes(x, t)]
-        other = [s for s, (_, t, x) in zip(scores, unseen, strict=True) if not likes(x, t)]
+    for draw in range(args.draws):
+        random.Random(1 + draw).shuffle(decisive)
+        train = decisive[: args.train]
+        seen = {json.dumps(r["prompt"]) for r in train}
+        unseen = [(p, t, x) for p, t, texts in rows if json.dumps(p) not in seen for x in texts]
+        unseen_pairs = [r for r in decisive if json.dumps(r["prompt"]) not in seen]
         print(
-            json.dumps(
-                {
-                    "family": args.family,
-                    "override": json.loads(override),
-                    "steps": result.steps,
-                    "train_loss": round(result.train_loss, 3),
-                    "train_s": round(train_s, 1),
-                    "auc_unseen": round(auc(liked, other), 3),
-                    "liked": len(liked),
-                    "other": len(other),
-                }
-            ),
+            f"draw {draw}: {len(decisive)} decisive pairs; train on {len(train)}; "
+            f"score {len(unseen)} replies, {len(unseen_pairs)} decisive pairs",
             flush=True,
         )
+        for override in args.override:
+            row = measure(args.family, likes, train, unseen, unseen_pairs, override, draw)
+            print(json.dumps({"draw": draw, **row}), flush=True)
+
+
+def measure(family, likes, train, unseen, unseen_pairs, override: str, seed: int) -> dict:
+    """One reward model on `train`: AUC over the unseen replies, accuracy on unseen pairs."""
+    config = replace(
+        RewardConfig(ensemble=1, heldout_fraction=0.0, seed=seed), **json.loads(override)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = train_reward_model(str(SMOL), train, Path(tmp), config)
+        train_s = time.perf_counter() - started
+        scorer = RewardScorer.load(str(SMOL), tmp)
+        scores = scorer.member_scores(
+            [p + [{"role": "assistant", "content": x}] for p, _, x in unseen]
+        )[0].tolist()
+        chosen = scorer.member_scores([r["prompt"] + r["chosen"] for r in unseen_pairs])[0]
+        rejected = scorer.member_scores([r["prompt"] + r["rejected"] for r in unseen_pairs])[0]
+    liked = [s for s, (_, t, x) in zip(scores, unseen, strict=True) if likes(x, t)]
+    other = [s for s, (_, t, x) in zip(scores, unseen, strict=True) if not likes(x, t)]
+    return {
+        "family": family,
+        "override": json.loads(override),
+        "steps": result.steps,
+        "train_loss": round(result.train_loss, 3),
+        "train_s": round(train_s, 1),
+        "auc_unseen": round(auc(liked, other), 3),
+        "pair_accuracy_unseen": round((chosen > rejected).float().mean().item(), 3),
+        "pairs": len(unseen_pairs),
+        "liked": len(liked),
+        "other": len(other),
+    }
 
 
 if __name__ == "__main__":

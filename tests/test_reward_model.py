@@ -165,3 +165,43 @@ def test_members_train_on_a_resample_or_on_every_vote(resample, monkeypatch, tmp
         assert all(len(k) < len(train) for k in keys) and len({frozenset(k) for k in keys}) == 3
     else:
         assert all(data == train for data, _ in seen)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last+mean"])
+def test_pooled_head_reads_the_whole_conversation(pooling, tiny_model_dir, tmp_path):
+    """`reward.pooling`: the saved ensemble remembers it, and the reloaded scorer's score is the
+    head's per-token scores averaged over the conversation (plus the last token's own score for
+    `last+mean`), whatever the padding of the batch; it still learns the preference."""
+    config = RewardConfig(
+        learning_rate=5e-3, epochs=3, batch_size=8, max_length=256, ensemble=1, pooling=pooling,
+        heldout_fraction=0.25,
+    )  # fmt: skip
+    result = train_reward_model(
+        str(tiny_model_dir), synthetic_preferences(40), tmp_path / "rm", config
+    )
+    assert result.heldout_accuracy == pytest.approx(1.0)
+    scorer = RewardScorer.load(str(tiny_model_dir), str(tmp_path / "rm"))
+    scorer.scale = None  # raw head scores, to compare with the ones computed by hand
+    fresh = synthetic_preferences(2, seed=7)
+    conversations = [
+        fresh[0]["prompt"] + fresh[0]["chosen"],
+        fresh[1]["prompt"] + fresh[1]["rejected"],
+    ]
+    batched = scorer.member_scores(conversations)[0]  # one batch: the shorter one is padded
+    model = scorer.model.base_model.model
+    for conversation, score in zip(conversations, batched, strict=True):
+        text = scorer.tokenizer.apply_chat_template(conversation, tokenize=False)
+        ids = scorer.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            hidden = model.model(input_ids=ids).last_hidden_state  # (1, T, H)
+            per_token = model.score.modules_to_save[scorer.adapters[0]](hidden)[0, :, 0].float()
+        expected = per_token.mean() + (per_token[-1] if pooling == "last+mean" else 0.0)
+        torch.testing.assert_close(score, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_unknown_pooling_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="reward.pooling"):
+        train_reward_model(
+            str(tiny_model_dir), synthetic_preferences(8), tmp_path / "rm",
+            RewardConfig(pooling="max"),
+        )  # fmt: skip
