@@ -75,6 +75,11 @@ def score_head(model) -> torch.nn.Module:
     return min(heads, key=lambda nm: nm[0].count("."))[1]
 
 
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"reward.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
 def pool_scores(model, pooling: str) -> None:
     """Make the head's score at each position the mean of its per-token scores up to there
     (`mean`), or that plus the position's own score (`last+mean`). Transformers reads the score
@@ -82,8 +87,7 @@ def pool_scores(model, pooling: str) -> None:
     tokenizer), so it then reads the mean over the whole conversation. The head is linear, so
     this is the head over the mean hidden state: a property spread over the reply (how many
     long words) is summed rather than left to what the last token's state remembers."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"reward.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    check_pooling(pooling)
     if pooling == "last":
         return
 
@@ -118,10 +122,7 @@ def train_reward_model(
         raise ValueError("no decisive votes (A or B) to train a reward model on")
     if config.ensemble < 1:
         raise ValueError(f"reward.ensemble must be at least 1, got {config.ensemble}")
-    if config.pooling not in POOLINGS:
-        raise ValueError(
-            f"reward.pooling must be one of {', '.join(POOLINGS)}, got {config.pooling!r}"
-        )
+    check_pooling(config.pooling)  # before minutes of training, not after
     train, heldout = split_heldout(records, config.heldout_fraction)
     members, losses, steps, trainable = [], [], 0, None
     for i in range(config.ensemble):
