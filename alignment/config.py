@@ -288,6 +288,12 @@ class CycleConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     heldout_prompt_fraction: float = 0.25
+    budget_minutes: float = _help(
+        "wall-clock budget of a cycle: the reward models and PPO take the steps and rounds "
+        "that fit, timed on this machine (alignment/budget.py); 0: all the preset asks, "
+        "however long it takes",
+        default=15.0,
+    )
     # trackers that also receive every stage's metrics ("tensorboard"): alignment/tracking.py
     report_to: list[str] = field(default_factory=list)
 

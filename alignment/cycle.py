@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from alignment.budget import CycleBudget
 from alignment.config import CycleConfig
 from alignment.gate import GateResult, evaluate, reward_refusal
 from alignment.job import JobResult
@@ -43,6 +44,7 @@ def run_cycle(
     revisions: list[dict] | None = None,
 ) -> CycleResult:
     seconds: dict[str, float] = {}
+    budget = CycleBudget(config.budget_minutes)  # the clock starts now
     work = out_root / "runs" / new_version
     tracker = Tracker(config.report_to, work / "tensorboard")
     try:
@@ -59,6 +61,7 @@ def run_cycle(
             revisions,
             seconds,
             work,
+            budget,
         )
     finally:
         tracker.close()
@@ -88,6 +91,7 @@ def _run_stages(
     revisions: list[dict] | None,
     seconds: dict[str, float],
     work: Path,
+    budget: CycleBudget,
 ) -> CycleResult:
     from transformers import AutoTokenizer
 
@@ -118,7 +122,9 @@ def _run_stages(
         work / "reward_model",
         config.reward,
         on_log=lambda log: say("reward_model", log),
+        deadline=budget.reward_deadline(),
     )
+    budget.reward_steps, budget.reward_planned_steps = reward.steps, reward.planned_steps
     seconds["reward_model"] = time.perf_counter() - t
     say("reward_model", {"done": True, **reward.as_dict()})
 
@@ -126,7 +132,15 @@ def _run_stages(
     if refusal is not None:  # nothing worth optimising: stop before PPO spends its minutes
         say("gate", refusal.as_dict())
         return CycleResult(
-            new_version, parent_version, None, reward.as_dict(), [], refusal.as_dict(), seconds, sft
+            new_version,
+            parent_version,
+            None,
+            reward.as_dict(),
+            [],
+            refusal.as_dict(),
+            seconds,
+            sft,
+            budget=budget.as_dict(),
         )
 
     train_prompts, heldout_prompts = split_heldout(prompts, config.heldout_prompt_fraction)
@@ -150,8 +164,13 @@ def _run_stages(
     policy = PolicyWithValueHead.from_base(serving_model, config.ppo)
     trainer = PPOTrainer(policy, tokenizer, serving_generate, scorer.score, config.ppo, support)
     t = time.perf_counter()
-    steps = trainer.train(train_prompts, on_step=lambda s: say("ppo", s.as_dict()))
+    steps = trainer.train(
+        train_prompts,
+        on_step=lambda s: say("ppo", s.as_dict()),
+        should_stop=budget.ppo_stopper(config.ppo.steps),
+    )
     seconds["ppo"] = time.perf_counter() - t
+    budget.ppo_rounds = len(steps)
 
     serving_generate.reset()  # the gate compares against the serving weights, not PPO's adapter
     say("ppo_rollouts", {"on_policy": serving_generate.on_policy})
@@ -203,4 +222,5 @@ def _run_stages(
         seconds,
         sft,
         adapter,
+        budget=budget.as_dict(),
     )

@@ -49,6 +49,7 @@ class JobResult:
     # on the SFT model then, which the engine does not serve)
     adapter: str | None = None
     peak_rss_mb: float | None = None
+    budget: dict | None = None  # alignment.budget.CycleBudget.as_dict: what was cut to fit
 
     def as_dict(self) -> dict:
         return asdict(self)

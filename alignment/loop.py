@@ -177,6 +177,7 @@ class AlignmentLoop:
             "seconds": result.seconds,
             "cycle_seconds": time.perf_counter() - started,
             "peak_rss_mb": result.peak_rss_mb,
+            "budget": result.budget,
         }
         if result.path is None:
             await asyncio.to_thread(

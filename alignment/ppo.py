@@ -356,11 +356,17 @@ class PPOTrainer:
         self,
         prompts: list[list[dict[str, str]]],
         on_step: Callable[[StepStats], None] | None = None,
+        should_stop: Callable[[list[float]], bool] | None = None,
     ) -> list[StepStats]:
+        """Up to `config.steps` rounds; `should_stop(seconds of each round so far)` is asked
+        before each one (a cycle's time budget, `alignment.budget`)."""
         if not prompts:
             raise ValueError("no prompts to roll out: chat with the assistant first")
-        history = []
+        history: list[StepStats] = []
         for step in range(self.config.steps):
+            took = [s.rollout_s + s.score_s + s.update_s for s in history]
+            if should_stop is not None and should_stop(took):
+                break
             batch = [self.rng.choice(prompts) for _ in range(self.config.prompts_per_step)]
             stats = self.step(batch, step)
             history.append(stats)

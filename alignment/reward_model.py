@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from alignment import adapters
+from alignment.budget import MIN_REWARD_STEPS, SCORE_PER_STEP, steps_that_fit
 from alignment.config import RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
 from alignment.precision import attention_implementation, autocast, base_dtype, use_bf16
@@ -47,6 +50,7 @@ class RewardResult:
     heldout_disagreement: float | None = None  # mean std of member scores on held-out replies
     adapter: str = "lora"
     trainable_parameters: int | None = None  # per member: adapter and score head
+    planned_steps: int | None = None  # per member, before a cycle budget cut them (`steps`)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,16 +119,20 @@ def train_reward_model(
     out_dir: Path,
     config: RewardConfig,
     on_log: Callable[[dict], None] | None = None,
+    deadline: float | None = None,
 ) -> RewardResult:
     """Train the reward-model ensemble on preference records; save it to `out_dir` and measure
-    it on the held-out votes (per member and as an ensemble)."""
+    it on the held-out votes (per member and as an ensemble). With a `deadline` (monotonic
+    seconds) each member trains for the steps that fit (`alignment.budget`)."""
     if not records:
         raise ValueError("no decisive votes (A or B) to train a reward model on")
     if config.ensemble < 1:
         raise ValueError(f"reward.ensemble must be at least 1, got {config.ensemble}")
     check_pooling(config.pooling)  # before minutes of training, not after
     train, heldout = split_heldout(records, config.heldout_fraction)
-    members, losses, steps, trainable = [], [], 0, None
+    members, losses, steps, trainable, planned = [], [], 0, None, None
+    step_seconds: float | None = None  # timed once, by the first member, under a deadline
+    scored_after = 2 * len(records) * config.ensemble  # replies x members scored after training
     for i in range(config.ensemble):
         resample = config.bootstrap and config.ensemble > 1
         data = bootstrap(train, config.seed * 1000 + i) if resample else train
@@ -133,8 +141,20 @@ def train_reward_model(
             if on_log:
                 on_log({"member": i, **log})
 
-        loss, steps, trainable = _train_member(
-            base_model, data, out_dir / f"member-{i}", config, config.seed + i, relay
+        def seconds_for(step_s: float, left: int = config.ensemble - i) -> float:
+            """This member's share of the time left, after the scoring that follows."""
+            scoring = SCORE_PER_STEP * step_s * scored_after
+            return (deadline - time.monotonic() - scoring) / left
+
+        loss, steps, trainable, planned, step_seconds = _train_member(
+            base_model,
+            data,
+            out_dir / f"member-{i}",
+            config,
+            config.seed + i,
+            relay,
+            seconds_for if deadline is not None else None,
+            step_seconds,
         )
         members.append(f"member-{i}")
         losses.append(loss)
@@ -156,6 +176,9 @@ def train_reward_model(
     scale = [[m.mean().item(), max(m.std().item(), 1e-3)] for m in raw] if len(replies) > 1 else []
     (out_dir / "ensemble.json").write_text(json.dumps({**ensemble, "scale": scale}))
     scorer.scale = scale
+    if scale:
+        mean, std = torch.tensor(scale).T  # (K,), (K,)
+        raw = (raw - mean[:, None]) / std[:, None]  # what `member_scores` now returns
 
     result = RewardResult(
         str(out_dir),
@@ -168,10 +191,12 @@ def train_reward_model(
         members=len(members),
         adapter=config.adapter,
         trainable_parameters=trainable,
+        planned_steps=planned,
     )
-    if heldout:
-        r_w = scorer.member_scores([r["prompt"] + r["chosen"] for r in heldout])  # (K, N)
-        r_l = scorer.member_scores([r["prompt"] + r["rejected"] for r in heldout])
+    if heldout:  # the held-out votes were scored with the rest: reuse, do not score twice
+        row = {id(r): j for j, r in enumerate(records)}
+        rows = torch.tensor([row[id(r)] for r in heldout])
+        r_w, r_l = raw[:, 2 * rows], raw[:, 2 * rows + 1]  # (K, N) chosen, rejected
         result.heldout_loss = bradley_terry_loss(r_w.mean(0), r_l.mean(0)).item()
         result.heldout_accuracy = preference_accuracy(r_w.mean(0), r_l.mean(0))
         result.member_heldout_accuracy = [
@@ -206,9 +231,12 @@ def _train_member(
     config: RewardConfig,
     seed: int,
     on_log: Callable[[dict], None],
-) -> tuple[float, int, int]:
-    """One reward model with TRL's RewardTrainer. Returns (training loss, steps, trainable
-    parameters)."""
+    seconds_for: Callable[[float], float] | None = None,
+    step_seconds: float | None = None,
+) -> tuple[float, int, int, int, float | None]:
+    """One reward model with TRL's RewardTrainer. `seconds_for(step seconds)` is the time this
+    member may train (None: no budget); `step_seconds` a step time already measured. Returns
+    (training loss, steps, trainable parameters, planned steps, step seconds)."""
     from datasets import Dataset
     from peft import LoraConfig, TaskType
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -268,11 +296,42 @@ def _train_member(
     )
     pool_scores(trainer.model, config.pooling)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    planned = math.ceil(config.epochs * math.ceil(len(trainer.train_dataset) / config.batch_size))
+    if seconds_for is not None:
+        step_seconds = step_seconds or _time_a_step(trainer, config)
+        trainer.args.max_steps = steps_that_fit(
+            seconds_for(step_seconds), step_seconds, planned, MIN_REWARD_STEPS
+        )
     output = trainer.train()
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return output.training_loss, output.global_step, trainable
+    return output.training_loss, output.global_step, trainable, planned, step_seconds
+
+
+def _time_a_step(trainer, config: RewardConfig) -> float:
+    """Seconds of one training step (forward and backward of a batch of real pairs), timed
+    before training, so that a budget can size the steps. The second of two is kept (the
+    first pays one-time costs); the gradients are dropped and no optimiser runs, so the model
+    trains exactly as it would have."""
+    model = trainer.model
+    pairs = trainer.train_dataset
+    batch = trainer.data_collator([pairs[j] for j in range(min(config.batch_size, len(pairs)))])
+    device = next(model.parameters()).device
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        with autocast(config.precision, str(device)):
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            ).logits.squeeze(-1)
+        chosen, rejected = torch.chunk(logits.float(), 2)
+        bradley_terry_loss(chosen, rejected).backward()
+        times.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    return times[-1]
 
 
 class RewardScorer:

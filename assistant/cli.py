@@ -490,6 +490,8 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
             print(f"{key}: {summary[key]}")
     if "reward" in summary:
         print(f"reward models: {_reward_line(summary['reward'])}")
+    if (summary.get("budget") or {}).get("note"):
+        print(f"budget: {summary['budget']['note']}")
     if "gate" in summary:
         print(f"gate: {summary['gate']['reason']}")
     if summary["status"] == "challenger":

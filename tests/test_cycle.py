@@ -10,6 +10,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
+from alignment.budget import MIN_PPO_ROUNDS
 from alignment.config import GateConfig, RewardConfig, preset
 from alignment.cycle import CycleConfig, run_cycle
 from alignment.gate import Comparisons, count_comparisons, gate_decision, reward_refusal
@@ -110,6 +111,64 @@ def test_the_voted_replies_bound_the_replies_the_gate_trusts():
     assert deploy  # 7 of 64 more (0.11) is within the margin
 
 
+@pytest.mark.parametrize("engine_loads_adapters", [True, False])
+def test_the_gate_samples_the_new_policy_where_the_engine_can(
+    engine_loads_adapters, tiny_model_dir
+):
+    """With LoRA at the engine the new policy's replies come from the engine with the adapter
+    loaded (same prompts, same seeds as the serving replies), and the engine is back on the
+    serving weights afterwards; without, transformers samples it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from alignment.config import PPOConfig
+    from alignment.gate import evaluate
+    from alignment.ppo import PolicyWithValueHead
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = PolicyWithValueHead.from_base(str(tiny_model_dir), PPOConfig(precision="fp32"))
+
+    class Engine:
+        on_policy = False
+
+        def __init__(self) -> None:
+            self.adapter, self.calls = None, []
+
+        def __call__(self, prompts, max_new_tokens, temperature, seed):
+            self.calls.append((self.adapter, seed))
+            reply = [41, 42] if self.adapter else [40, 40]
+            return [([1, 2, 3], reply) for _ in prompts]
+
+        def publish(self, peft_model) -> bool:
+            self.adapter = "policy adapter" if engine_loads_adapters else None
+            return engine_loads_adapters
+
+        def reset(self) -> None:
+            self.adapter = None
+
+        def stay_off_policy(self) -> None:
+            pass
+
+    engine = Engine()
+    scored: list[list] = []
+
+    def member_scores(conversations):
+        scored.append([c[-1]["content"] for c in conversations])
+        return torch.zeros(2, len(conversations))
+
+    config = GateConfig(eval_prompts=3, samples_per_prompt=1, max_new_tokens=4)
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    evaluate(policy, tokenizer, member_scores, engine, prompts, config, seed=7)
+    new_replies, old_replies = scored
+    assert old_replies == [tokenizer.decode([40, 40], skip_special_tokens=True)] * 3
+    if engine_loads_adapters:
+        assert engine.calls == [(None, 7), ("policy adapter", 7)]
+        assert new_replies == [tokenizer.decode([41, 42], skip_special_tokens=True)] * 3
+    else:
+        assert engine.calls == [(None, 7)]  # the new replies were sampled by transformers
+    assert engine.adapter is None  # users' turns are served by the serving weights again
+
+
 def test_a_reward_model_near_chance_on_held_out_votes_refuses_the_cycle():
     from alignment.reward_model import RewardResult
 
@@ -197,6 +256,7 @@ def test_gate_rejects_policy_pushed_past_kl_limit(tiny_model_dir, tiny_engine_ur
     config = fast_config(min_win_rate=0.0, max_kl=1e-6)
     config.ppo.learning_rate = 5e-2  # push the policy away from the reference
     config.report_to = ["tensorboard"]
+    config.ppo.steps, config.budget_minutes = 3, 1e-6  # a budget spent before PPO starts
     result = run_cycle(
         str(tiny_model_dir),
         "v0000",
@@ -210,6 +270,9 @@ def test_gate_rejects_policy_pushed_past_kl_limit(tiny_model_dir, tiny_engine_ur
     assert not result.gate["deploy"] and "KL" in result.gate["reason"]
     assert result.path is None and not (tmp_path / "versions" / "v0002").exists()
     assert result.gate["kl"] > 1e-6
+    # out of time, PPO ran its least rounds, and the result says what was cut
+    assert len(result.ppo_steps) == MIN_PPO_ROUNDS < 3
+    assert f"{MIN_PPO_ROUNDS} of 3 PPO rounds" in result.budget["note"]
     # every stage's metrics also went to TensorBoard, under the cycle's folder
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

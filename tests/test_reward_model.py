@@ -146,11 +146,11 @@ def test_members_train_on_a_resample_or_on_every_vote(resample, monkeypatch, tmp
 
     seen: list[tuple[list, int]] = []
 
-    def fake_member(base, data, out, config, seed, relay):
+    def fake_member(base, data, out, config, seed, relay, *budget):
         seen.append((data, seed))
         if len(seen) == config.ensemble:
             raise Seen
-        return 0.0, 1, 1
+        return 0.0, 1, 1, 1, None
 
     monkeypatch.setattr(rm, "_train_member", fake_member)
     records = synthetic_preferences(60)
