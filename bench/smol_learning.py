@@ -153,6 +153,7 @@ def retrain(app: AppProcess, headers: dict) -> tuple[dict, dict]:
                                           "serving_short_replies", "support_tokens", "reason")},
         "ppo_short": [s.get("short") for s in cycle.get("ppo_steps") or []],
         "stage_s": cycle.get("seconds"),
+        "budget": cycle.get("budget"),
     }  # fmt: skip
 
 
