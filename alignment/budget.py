@@ -5,9 +5,10 @@ depends on the machine (on 2-core CPUs a SmolLM2 cycle took 20 minutes with AVX-
 48-50 minutes on AVX2 only: bench/RESULTS.md). With a budget the stages measure their own step
 times and take what fits, in this order:
 
-- the reward models get `reward_share` of the budget: the first member times two training steps
-  on real pairs before it starts (nothing is updated), and every member then trains for the
-  steps that fit the time left, after reserving the scoring passes that follow training;
+- the reward models get `reward_share` of the budget: the first member times three training
+  steps on real pairs before it starts (nothing is updated; the next ones use the steps as they
+  ran), and every member trains for the steps that fit the time left, after reserving the
+  scoring passes that follow training;
 - PPO runs rounds until one more round plus the gate (about `GATE_ROUNDS` rounds' worth of
   sampling and scoring) would end past the budget; it always runs `MIN_PPO_ROUNDS`.
 
@@ -24,8 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # The gate samples 64 replies from each version and scores both sets with every member: about
-# 2.3 PPO rounds' time on SmolLM2 (115 s against rounds of 50 s on the 2-core VM, RESULTS).
-GATE_ROUNDS = 2.5
+# 1.7 PPO rounds' time on SmolLM2 (93 s against rounds of 55 s on the 2-core VM, RESULTS).
+GATE_ROUNDS = 2.0
 MIN_PPO_ROUNDS = 2
 MIN_REWARD_STEPS = 4
 # A forward pass scoring one conversation costs about this share of a training step of 8 pairs

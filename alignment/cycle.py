@@ -208,6 +208,7 @@ def _run_stages(
             "reward": reward_summary,
             "gate": gate.as_dict(),
             "ppo_final": steps[-1].as_dict() if steps else None,
+            "budget": budget.as_dict(),
         }
         path = str(merge_to_checkpoint(policy, tokenizer, out_root / new_version, manifest))
         seconds["merge"] = time.perf_counter() - t

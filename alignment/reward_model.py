@@ -303,6 +303,9 @@ def _train_member(
             seconds_for(step_seconds), step_seconds, planned, MIN_REWARD_STEPS
         )
     output = trainer.train()
+    if seconds_for is not None and output.global_step:
+        # the steps as they ran size the next member: a probe can be caught by a busy moment
+        step_seconds = output.metrics["train_runtime"] / output.global_step
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -311,15 +314,16 @@ def _train_member(
 
 def _time_a_step(trainer, config: RewardConfig) -> float:
     """Seconds of one training step (forward and backward of a batch of real pairs), timed
-    before training, so that a budget can size the steps. The second of two is kept (the
-    first pays one-time costs); the gradients are dropped and no optimiser runs, so the model
-    trains exactly as it would have."""
+    before training, so that a budget can size the steps: the faster of the second and third
+    of three (the first pays one-time costs; in the app one probe step once took twice the
+    steps' time, caught by something else running). The gradients are dropped and no
+    optimiser runs, so the model trains exactly as it would have."""
     model = trainer.model
     pairs = trainer.train_dataset
     batch = trainer.data_collator([pairs[j] for j in range(min(config.batch_size, len(pairs)))])
     device = next(model.parameters()).device
     times = []
-    for _ in range(2):
+    for _ in range(3):
         started = time.perf_counter()
         with autocast(config.precision, str(device)):
             logits = model(
@@ -331,7 +335,7 @@ def _time_a_step(trainer, config: RewardConfig) -> float:
         bradley_terry_loss(chosen, rejected).backward()
         times.append(time.perf_counter() - started)
     model.zero_grad(set_to_none=True)
-    return times[-1]
+    return min(times[1:])
 
 
 class RewardScorer:

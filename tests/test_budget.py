@@ -29,9 +29,9 @@ def test_steps_that_fit_the_time_never_more_than_planned_nor_fewer_than_the_leas
 def test_ppo_stops_when_a_round_and_the_gate_would_overrun():
     budget = CycleBudget(minutes=1.0, started=time.monotonic() - 40)  # 20 s left
     assert not budget.ppo_should_stop([9.0] * (MIN_PPO_ROUNDS - 1))  # always the minimum
-    assert 5.0 * (1 + GATE_ROUNDS) < 20 < 6.0 * (1 + GATE_ROUNDS)
-    assert not budget.ppo_should_stop([5.0, 5.0])  # a round and the gate fit the 20 s left
-    assert budget.ppo_should_stop([6.0, 6.0])  # they would not
+    fits, overruns = 18 / (1 + GATE_ROUNDS), 22 / (1 + GATE_ROUNDS)  # seconds a round
+    assert not budget.ppo_should_stop([fits, fits])  # a round and the gate fit the 20 s left
+    assert budget.ppo_should_stop([overruns, overruns])  # they would not
     assert not CycleBudget(minutes=0).ppo_should_stop([1e9] * 5)  # no budget
 
 

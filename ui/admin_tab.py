@@ -278,6 +278,8 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
         except AppError as exc:  # anything else is a bug: Gradio reports it
             return f"⚠ {exc.public()}"
         extra = summary.get("reason") or summary.get("error") or ""
+        if cut := (summary.get("budget") or {}).get("note"):
+            extra += f" ({cut})"
         return f"Cycle {summary['status']}: {summary['version']} {extra}"
 
     async def on_rollback(name: str, request: gr.Request):
