@@ -127,7 +127,9 @@ class PPOConfig:
         default=0.02,
     )
     minibatch_size: int = _help("rollouts per gradient step", default=8)
-    learning_rate: float = _help("AdamW learning rate of LoRA and value head", default=2e-4)
+    # 4e-4: within the 15-minute budget a cycle has 8 rounds on a 2-core CPU, not 12; at 2e-4
+    # they left `plain` 2 at KL 1.5 and refused, at 4e-4 it reached 3.9 and won 0.79 (RESULTS)
+    learning_rate: float = _help("AdamW learning rate of LoRA and value head", default=4e-4)
     lora_rank: int = _help("LoRA rank of the policy adapter", default=8)
     lora_alpha: int = _help("LoRA alpha", default=16)
     init_kl_coef: float = _help("initial beta of the KL penalty", default=0.2)
