@@ -37,8 +37,9 @@ class RewardConfig:
     lora_rank: int = _help("LoRA rank of the reward model adapter", default=8)
     lora_alpha: int = _help("LoRA alpha (scale = alpha / rank)", default=16)
     lora_layers: int = _help(
-        "LoRA on the top N transformer layers only (0: every layer); the backward pass stops at "
-        "the lowest adapted layer, so fewer layers train faster",
+        "LoRA on the top N transformer layers only (0: every layer); the frozen layers below run "
+        "once per conversation for every member, epoch and scoring pass "
+        "(alignment/trunk_cache.py) and the backward pass stops at the lowest adapted layer",
         default=0,
     )
     gradient_checkpointing: bool = _help(

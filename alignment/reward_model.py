@@ -34,6 +34,7 @@ from alignment.budget import MIN_REWARD_STEPS, SCORE_PER_STEP, steps_that_fit
 from alignment.config import RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
 from alignment.precision import attention_implementation, autocast, base_dtype, use_bf16
+from alignment.trunk_cache import TrunkCache
 
 
 @dataclass
@@ -130,6 +131,7 @@ def train_reward_model(
         raise ValueError(f"reward.ensemble must be at least 1, got {config.ensemble}")
     check_pooling(config.pooling)  # before minutes of training, not after
     train, heldout = split_heldout(records, config.heldout_fraction)
+    trunk = frozen_trunk(base_model, config)  # shared by the members and the scoring after
     members, losses, steps, trainable, planned = [], [], 0, None, None
     step_seconds: float | None = None  # timed once, by the first member, under a deadline
     scored_after = 2 * len(records) * config.ensemble  # replies x members scored after training
@@ -155,10 +157,15 @@ def train_reward_model(
             relay,
             seconds_for if deadline is not None else None,
             step_seconds,
+            trunk,
         )
         members.append(f"member-{i}")
         losses.append(loss)
-    ensemble = {"members": members, "pooling": config.pooling}
+    ensemble = {
+        "members": members,
+        "pooling": config.pooling,
+        "frozen_bottom": trunk.bottom if trunk else 0,
+    }
     (out_dir / "ensemble.json").write_text(json.dumps(ensemble))  # unscaled
     # Members come out on different scales (each head starts from its own random init); put
     # each on mean 0 / std 1 over the voted replies, so that their spread measures disagreement
@@ -170,6 +177,7 @@ def train_reward_model(
         precision=config.precision,
         base_weights=config.base_weights,
         attention=config.attention,
+        trunk=trunk,
     )
     replies = [r["prompt"] + r[side] for r in records for side in ("chosen", "rejected")]
     raw = scorer.member_scores(replies)  # (K, 2N)
@@ -207,6 +215,17 @@ def train_reward_model(
     return result
 
 
+def frozen_trunk(base_model: str, config: RewardConfig) -> TrunkCache | None:
+    """A cache of the blocks under the adapted ones (`reward.lora_layers`), shared by every
+    member: None when every block is adapted (or the adapter is not LoRA)."""
+    if config.adapter != "lora" or config.lora_layers <= 0:
+        return None
+    from transformers import AutoConfig
+
+    total = AutoConfig.from_pretrained(base_model).num_hidden_layers
+    return TrunkCache(total - config.lora_layers) if config.lora_layers < total else None
+
+
 def lora_targets(model, top: int) -> dict:
     """LoraConfig arguments: every linear layer of the transformer, or only those of its top
     `top` blocks. Adapting only the top lets autograd stop there: the frozen bottom runs
@@ -233,6 +252,7 @@ def _train_member(
     on_log: Callable[[dict], None],
     seconds_for: Callable[[float], float] | None = None,
     step_seconds: float | None = None,
+    trunk: TrunkCache | None = None,
 ) -> tuple[float, int, int, int, float | None]:
     """One reward model with TRL's RewardTrainer. `seconds_for(step seconds)` is the time this
     member may train (None: no budget); `step_seconds` a step time already measured. Returns
@@ -295,6 +315,8 @@ def _train_member(
         callbacks=[Relay()],
     )
     pool_scores(trainer.model, config.pooling)
+    if trunk is not None:
+        trunk.install(trainer.model)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     planned = math.ceil(config.epochs * math.ceil(len(trainer.train_dataset) / config.batch_size))
     if seconds_for is not None:
@@ -352,6 +374,8 @@ class RewardScorer:
         precision: str = "auto",
         max_length: int = 1024,
         batch_size: int = 8,
+        trunk: TrunkCache | None = None,
+        keep_trunk: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -362,6 +386,8 @@ class RewardScorer:
         self.max_length = max_length
         self.batch_size = batch_size
         self.disagreement: list[float] = []  # mean member std of each `score` call
+        self.trunk = trunk  # the members' shared frozen bottom: run once per batch
+        self.keep_trunk = keep_trunk  # False: forget each batch's states once scored
 
     @classmethod
     def load(
@@ -372,7 +398,10 @@ class RewardScorer:
         precision: str = "auto",
         base_weights: str = "auto",
         attention: str = "auto",
+        trunk: TrunkCache | None = None,
     ) -> RewardScorer:
+        """`trunk`: a cache that already holds bottom states of these conversations (the
+        one training filled); without it one is made when the members share a frozen bottom."""
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -392,8 +421,15 @@ class RewardScorer:
         for name in members[1:]:
             model.load_adapter(str(root / name), adapter_name=name)
         pool_scores(model, ensemble.get("pooling", "last"))
+        bottom, keep = ensemble.get("frozen_bottom", 0), trunk is not None
+        if bottom:
+            trunk = trunk or TrunkCache(bottom)
+            trunk.install(model)
         scale = ensemble.get("scale")
-        return cls(model.to(_device()), tokenizer, members, penalty, scale, precision)
+        model = model.to(_device())
+        return cls(
+            model, tokenizer, members, penalty, scale, precision, trunk=trunk, keep_trunk=keep
+        )
 
     @torch.no_grad()
     def member_scores(self, conversations: list[list[dict[str, str]]]) -> torch.Tensor:
@@ -419,6 +455,8 @@ class RewardScorer:
                 with autocast(self.precision, str(device)):
                     logits = self.model(**batch).logits  # (b, 1)
                 per_member[k].append(logits.squeeze(-1).float().cpu())
+            if self.trunk is not None and not self.keep_trunk:
+                self.trunk.clear()  # every member has read it: PPO's batches are all new
         if not conversations:
             return torch.empty(len(self.adapters), 0)
         scores = torch.stack([torch.cat(m) for m in per_member])  # (K, B)
