@@ -64,6 +64,12 @@ class RewardConfig:
         "members differing only by seed (bench/RESULTS.md compares the two on SmolLM2)",
         default=True,
     )
+    subsample: float = _help(
+        "each member trains on this share of the votes, drawn without replacement, instead of a "
+        "bootstrap resample (which holds about 63 % of them): more of ~100 votes per member, "
+        "members still different; 0: off",
+        default=0.0,
+    )
     ensemble_penalty: float = _help(
         "PPO optimises mean - penalty * std of the members' scores (Coste et al. 2023)",
         default=1.0,

@@ -114,6 +114,21 @@ def bootstrap(records: list[dict], seed: int) -> list[dict]:
     return [rng.choice(records) for _ in records]
 
 
+def subsample(records: list[dict], share: float, seed: int) -> list[dict]:
+    """`share` of the records, none twice, in their order."""
+    keep = sorted(random.Random(seed).sample(range(len(records)), round(share * len(records))))
+    return [records[j] for j in keep]
+
+
+def member_votes(train: list[dict], config: RewardConfig, seed: int) -> list[dict]:
+    """The votes one ensemble member trains on: a subsample, a bootstrap resample or all."""
+    if config.ensemble < 2:
+        return train
+    if config.subsample:
+        return subsample(train, config.subsample, seed)
+    return bootstrap(train, seed) if config.bootstrap else train
+
+
 def train_reward_model(
     base_model: str,
     records: list[dict],
@@ -129,6 +144,8 @@ def train_reward_model(
         raise ValueError("no decisive votes (A or B) to train a reward model on")
     if config.ensemble < 1:
         raise ValueError(f"reward.ensemble must be at least 1, got {config.ensemble}")
+    if not 0 <= config.subsample <= 1:
+        raise ValueError(f"reward.subsample must be a share from 0 to 1, got {config.subsample}")
     check_pooling(config.pooling)  # before minutes of training, not after
     train, heldout = split_heldout(records, config.heldout_fraction)
     trunk = frozen_trunk(base_model, config)  # shared by the members and the scoring after
@@ -136,8 +153,7 @@ def train_reward_model(
     step_seconds: float | None = None  # timed once, by the first member, under a deadline
     scored_after = 2 * len(records) * config.ensemble  # replies x members scored after training
     for i in range(config.ensemble):
-        resample = config.bootstrap and config.ensemble > 1
-        data = bootstrap(train, config.seed * 1000 + i) if resample else train
+        data = member_votes(train, config, config.seed * 1000 + i)
 
         def relay(log: dict, i: int = i) -> None:
             if on_log:

@@ -13,7 +13,9 @@ Besides the AUC it reports the accuracy on the unseen decisive pairs, what a cyc
 check measures.
 
 Run: `.venv/bin/python -m bench.diagnose_reward --dump FILE [FILE...] --family opening
-      --draws 3 --override '{}' '{"learning_rate": 1e-3}' '{"pooling": "last+mean"}'`
+      --draws 3 --override '{}' '{"learning_rate": 1e-3}' '{"pooling": "last+mean"}'`;
+     `--ensemble 3 --pairs-only` trains each setting as a cycle's ensemble (members on their own
+     resamples) and measures the members' mean score, as the cycle's held-out check does.
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=80, help="decisive pairs to train on")
     parser.add_argument("--draws", type=int, default=1, help="draws of training pairs")
     parser.add_argument("--override", nargs="+", default=["{}"], help="RewardConfig fields")
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        help="members per reward model (each on its own resample, as a cycle trains them): "
+        "the AUC and accuracy are then the members' mean score's, with each member's accuracy",
+    )
+    parser.add_argument(
+        "--pairs-only",
+        action="store_true",
+        help="score only the unseen decisive pairs (no AUC over every unseen reply): a third "
+        "of the scoring",
+    )
     args = parser.parse_args()
     likes = FAMILIES[args.family]
     rows = []
@@ -83,25 +98,36 @@ def main() -> None:
             flush=True,
         )
         for override in args.override:
-            row = measure(args.family, likes, train, unseen, unseen_pairs, override, draw)
+            row = measure(
+                args.family,
+                likes,
+                train,
+                [] if args.pairs_only else unseen,
+                unseen_pairs,
+                override,
+                draw,
+                args.ensemble,
+            )
             print(json.dumps({"draw": draw, **row}), flush=True)
 
 
-def measure(family, likes, train, unseen, unseen_pairs, override: str, seed: int) -> dict:
-    """One reward model on `train`: AUC over the unseen replies, accuracy on unseen pairs."""
+def measure(
+    family, likes, train, unseen, unseen_pairs, override: str, seed: int, ensemble: int = 1
+) -> dict:
+    """One reward model on `train`: AUC over the unseen replies, accuracy on unseen pairs (of
+    the members' mean score, each member on its own scale, as a cycle's held-out check)."""
     config = replace(
-        RewardConfig(ensemble=1, heldout_fraction=0.0, seed=seed), **json.loads(override)
+        RewardConfig(ensemble=ensemble, heldout_fraction=0.0, seed=seed), **json.loads(override)
     )
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = train_reward_model(str(SMOL), train, Path(tmp), config)
         train_s = time.perf_counter() - started
         scorer = RewardScorer.load(str(SMOL), tmp)
-        scores = scorer.member_scores(
-            [p + [{"role": "assistant", "content": x}] for p, _, x in unseen]
-        )[0].tolist()
-        chosen = scorer.member_scores([r["prompt"] + r["chosen"] for r in unseen_pairs])[0]
-        rejected = scorer.member_scores([r["prompt"] + r["rejected"] for r in unseen_pairs])[0]
+        replies = [p + [{"role": "assistant", "content": x}] for p, _, x in unseen]
+        scores = scorer.member_scores(replies).mean(0).tolist() if unseen else []
+        chosen = scorer.member_scores([r["prompt"] + r["chosen"] for r in unseen_pairs])
+        rejected = scorer.member_scores([r["prompt"] + r["rejected"] for r in unseen_pairs])
     liked = [s for s, (_, t, x) in zip(scores, unseen, strict=True) if likes(x, t)]
     other = [s for s, (_, t, x) in zip(scores, unseen, strict=True) if not likes(x, t)]
     return {
@@ -110,8 +136,9 @@ def measure(family, likes, train, unseen, unseen_pairs, override: str, seed: int
         "steps": result.steps,
         "train_loss": round(result.train_loss, 3),
         "train_s": round(train_s, 1),
-        "auc_unseen": round(auc(liked, other), 3),
-        "pair_accuracy_unseen": round((chosen > rejected).float().mean().item(), 3),
+        "auc_unseen": round(auc(liked, other), 3) if unseen else None,
+        "pair_accuracy_unseen": round((chosen.mean(0) > rejected.mean(0)).float().mean().item(), 3),
+        "member_pair_accuracy": [round(a, 3) for a in (chosen > rejected).float().mean(1).tolist()],
         "pairs": len(unseen_pairs),
         "liked": len(liked),
         "other": len(other),

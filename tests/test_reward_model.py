@@ -135,10 +135,11 @@ def test_eager_attention_changes_the_speed_not_the_result(tiny_model_dir, tmp_pa
     assert losses["auto"] == pytest.approx(losses["sdpa"], rel=2e-2)
 
 
-@pytest.mark.parametrize("resample", [True, False])
-def test_members_train_on_a_resample_or_on_every_vote(resample, monkeypatch, tmp_path):
+@pytest.mark.parametrize("resample", ["bootstrap", "all", "subsample"])
+def test_members_train_on_a_resample_a_subsample_or_every_vote(resample, monkeypatch, tmp_path):
     """`reward.bootstrap`: each member's own resample (some votes twice, about a third left out)
-    or every training vote, the members differing by seed only."""
+    or every training vote, the members differing by seed only; `reward.subsample`: each its own
+    share of the votes, none twice."""
     import alignment.reward_model as rm
 
     class Seen(Exception):
@@ -157,14 +158,28 @@ def test_members_train_on_a_resample_or_on_every_vote(resample, monkeypatch, tmp
     for i, r in enumerate(records):
         r["rejected"] = [{"role": "assistant", "content": f"long answer {i}"}]  # distinct pairs
     train, _ = split_heldout(records, 0.2)
+    config = {
+        "bootstrap": RewardConfig(),
+        "all": RewardConfig(bootstrap=False),
+        "subsample": RewardConfig(subsample=0.8),
+    }[resample]
     with pytest.raises(Seen):
-        train_reward_model("unused", records, tmp_path, RewardConfig(bootstrap=resample))
+        train_reward_model("unused", records, tmp_path, config)
     assert [seed for _, seed in seen] == [0, 1, 2]
-    keys = [{str(r["rejected"]) for r in data} for data, _ in seen]
-    if resample:
-        assert all(len(k) < len(train) for k in keys) and len({frozenset(k) for k in keys}) == 3
+    keys = [[str(r["rejected"]) for r in data] for data, _ in seen]
+    if resample == "bootstrap":
+        assert all(len(set(k)) < len(train) for k in keys)
+        assert len({frozenset(k) for k in keys}) == 3
+    elif resample == "subsample":
+        assert all(len(k) == len(set(k)) == round(0.8 * len(train)) for k in keys)
+        assert len({frozenset(k) for k in keys}) == 3
     else:
         assert all(data == train for data, _ in seen)
+
+
+def test_a_subsample_is_a_share(tmp_path):
+    with pytest.raises(ValueError, match="reward.subsample must be a share"):
+        train_reward_model("unused", synthetic_preferences(10), tmp_path, RewardConfig(subsample=2))
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last+mean"])
