@@ -32,12 +32,12 @@ def two_member_scorer(model_dir: str, trunk: TrunkCache | None) -> RewardScorer:
         init_lora_weights=False,
         **reward_model.lora_targets(base, top=1),
     )
-    model = get_peft_model(base, lora, adapter_name="a")
-    model.add_adapter("b", lora)
+    model = get_peft_model(base, lora, adapter_name="m0")
+    model.add_adapter("m1", lora)
     pool_scores(model, "last+mean")
     if trunk is not None:
         trunk.install(model)
-    return RewardScorer(model, tokenizer, ["a", "b"], precision="fp32", trunk=trunk)
+    return RewardScorer(model, tokenizer, ["m0", "m1"], precision="fp32", trunk=trunk)
 
 
 def conversations(n: int) -> list[list[dict[str, str]]]:
@@ -57,7 +57,7 @@ def test_scores_through_the_shared_bottom_are_the_scores_without_it(tiny_model_d
     cached = two_member_scorer(str(tiny_model_dir), trunk)
     cached.keep_trunk = True
     first = cached.member_scores(convs)
-    assert (trunk.computed, trunk.reused) == (10, 10)  # member a ran the bottom, b read it
+    assert (trunk.computed, trunk.reused) == (10, 10)  # member m0 ran the bottom, m1 read it
     again = cached.member_scores(convs)
     assert (trunk.computed, trunk.reused) == (10, 30)  # nothing ran twice
     assert not torch.allclose(plain[0], plain[1])  # the members differ...
