@@ -3,8 +3,8 @@
 With LoRA on the top `reward.lora_layers` blocks only, the blocks below are the base model's,
 the same for every ensemble member, every epoch and every scoring pass. Recomputing them is
 half a step's forward pass with the top half adapted (on SmolLM2, top 15 of 30 blocks, a step
-took 2.1 s with this cache against 3.5 s adapting every block: bench/RESULTS.md). This cache keeps each conversation's
-hidden state after the frozen blocks, keyed by its token ids, so:
+took 2.1 s with this cache against 3.5 s adapting every block: bench/RESULTS.md). This cache
+keeps each conversation's hidden state after the frozen blocks, keyed by its token ids, so:
 
 - training: the first epoch of the first member computes the bottom once per conversation;
   later epochs and the other members (bootstrap resamples of the same votes) only run the top;
