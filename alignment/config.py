@@ -70,6 +70,12 @@ class RewardConfig:
         "members still different; 0: off",
         default=0.0,
     )
+    verdict_pairs: float = _help(
+        "ties and both-bad votes as training pairs across prompts, a reply the user let stand "
+        "over one they refused (alignment/verdicts.py): at most this many per decisive vote; "
+        "0: decisive votes only",
+        default=0.0,
+    )
     ensemble_penalty: float = _help(
         "PPO optimises mean - penalty * std of the members' scores (Coste et al. 2023)",
         default=1.0,

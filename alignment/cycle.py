@@ -42,7 +42,10 @@ def run_cycle(
     config: CycleConfig,
     progress: Progress | None = None,
     revisions: list[dict] | None = None,
+    verdicts: list[dict] | None = None,
 ) -> CycleResult:
+    """`verdicts`: the replies of ties and both-bad votes (`storage.export.verdict_records`),
+    which the reward models train on as `reward.verdict_pairs` says."""
     seconds: dict[str, float] = {}
     budget = CycleBudget(config.budget_minutes)  # the clock starts now
     work = out_root / "runs" / new_version
@@ -62,6 +65,7 @@ def run_cycle(
             seconds,
             work,
             budget,
+            verdicts,
         )
     finally:
         tracker.close()
@@ -92,6 +96,7 @@ def _run_stages(
     seconds: dict[str, float],
     work: Path,
     budget: CycleBudget,
+    verdicts: list[dict] | None = None,
 ) -> CycleResult:
     from transformers import AutoTokenizer
 
@@ -123,6 +128,7 @@ def _run_stages(
         config.reward,
         on_log=lambda log: say("reward_model", log),
         deadline=budget.reward_deadline(),
+        verdicts=verdicts,
     )
     budget.reward_steps, budget.reward_planned_steps = reward.steps, reward.planned_steps
     seconds["reward_model"] = time.perf_counter() - t

@@ -21,7 +21,7 @@ from alignment.labels import agreement_rate, weighted_ai_rows
 from alignment.lifetime import die_with_parent
 from alignment.serving import serve_version
 from storage import AppError, ConflictError, Store
-from storage.export import preference_records
+from storage.export import preference_records, verdict_records
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class AlignmentLoop:
         ).write(job)
         _write_jsonl(job / "preferences.jsonl", records)
         _write_jsonl(job / "prompts.jsonl", prompts)
+        _write_jsonl(job / "verdicts.jsonl", verdict_records(rows))
         _write_jsonl(job / "revisions.jsonl", revisions)
         run_id = await asyncio.to_thread(
             self.store.start_run,
@@ -299,7 +300,7 @@ class AlignmentLoop:
             return {"status": "serving", "version": version, "swap_seconds": swap}
 
 
-USER_DATA_FILES = ("preferences.jsonl", "prompts.jsonl", "revisions.jsonl")
+USER_DATA_FILES = ("preferences.jsonl", "verdicts.jsonl", "prompts.jsonl", "revisions.jsonl")
 
 
 def remove_user_data(job: Path) -> None:

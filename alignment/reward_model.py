@@ -35,6 +35,7 @@ from alignment.config import RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
 from alignment.precision import attention_implementation, autocast, base_dtype, use_bf16
 from alignment.trunk_cache import TrunkCache
+from alignment.verdicts import cross_prompt_pairs, implicit
 
 
 @dataclass
@@ -52,6 +53,7 @@ class RewardResult:
     adapter: str = "lora"
     trainable_parameters: int | None = None  # per member: adapter and score head
     planned_steps: int | None = None  # per member, before a cycle budget cut them (`steps`)
+    verdict_pairs: int = 0  # accepted-over-refused pairs from ties and both-bad votes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,10 +138,13 @@ def train_reward_model(
     config: RewardConfig,
     on_log: Callable[[dict], None] | None = None,
     deadline: float | None = None,
+    verdicts: list[dict] | None = None,
 ) -> RewardResult:
     """Train the reward-model ensemble on preference records; save it to `out_dir` and measure
     it on the held-out votes (per member and as an ensemble). With a `deadline` (monotonic
-    seconds) each member trains for the steps that fit (`alignment.budget`)."""
+    seconds) each member trains for the steps that fit (`alignment.budget`). `verdicts`: the
+    replies of ties and both-bad votes, trained on as accepted-over-refused pairs
+    (`alignment.verdicts`, up to `reward.verdict_pairs` per decisive training vote)."""
     if not records:
         raise ValueError("no decisive votes (A or B) to train a reward model on")
     if config.ensemble < 1:
@@ -148,12 +153,15 @@ def train_reward_model(
         raise ValueError(f"reward.subsample must be a share from 0 to 1, got {config.subsample}")
     check_pooling(config.pooling)  # before minutes of training, not after
     train, heldout = split_heldout(records, config.heldout_fraction)
+    extra = cross_prompt_pairs(
+        train, verdicts or [], config.verdict_pairs, config.seed, [r["prompt"] for r in heldout]
+    )
     trunk = frozen_trunk(base_model, config)  # shared by the members and the scoring after
     members, losses, steps, trainable, planned = [], [], 0, None, None
     step_seconds: float | None = None  # timed once, by the first member, under a deadline
     scored_after = 2 * len(records) * config.ensemble  # replies x members scored after training
     for i in range(config.ensemble):
-        data = member_votes(train, config, config.seed * 1000 + i)
+        data = member_votes(train + extra, config, config.seed * 1000 + i)
 
         def relay(log: dict, i: int = i) -> None:
             if on_log:
@@ -216,6 +224,7 @@ def train_reward_model(
         adapter=config.adapter,
         trainable_parameters=trainable,
         planned_steps=planned,
+        verdict_pairs=len(extra),
     )
     if heldout:  # the held-out votes were scored with the rest: reuse, do not score twice
         row = {id(r): j for j, r in enumerate(records)}
@@ -325,7 +334,7 @@ def _train_member(
     trainer = RewardTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train),
+        train_dataset=Dataset.from_list([implicit(r) for r in train]),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[Relay()],

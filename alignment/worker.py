@@ -2,7 +2,8 @@
 
 The app writes `JOB_DIR/job.json` (an `alignment.job.Job`: model paths, versions, engine URL,
 preset and `--retrain-config` overrides) and the data snapshot
-(`preferences.jsonl`, `prompts.jsonl`, and `revisions.jsonl` for the SFT stage); the worker appends
+(`preferences.jsonl`, `verdicts.jsonl` from ties and both-bad votes, `prompts.jsonl`, and
+`revisions.jsonl` for the SFT stage); the worker appends
 progress to `progress.jsonl` and writes `result.json` at the end (`error.txt` with the traceback if
 the cycle failed). Training in a separate process keeps chat responsive, and a crash or kill
 here cannot touch serving: the app only swaps weights after reading a complete result.
@@ -43,6 +44,7 @@ def main(job_dir: str) -> int:
         )
 
     revisions_file = job_path / "revisions.jsonl"
+    verdicts_file = job_path / "verdicts.jsonl"  # absent in jobs written before it existed
     try:
         config = cycle_config(job.preset, job.overrides)
         config.sft.enabled = job.sft
@@ -57,6 +59,7 @@ def main(job_dir: str) -> int:
             config,
             progress=say,
             revisions=_read_jsonl(revisions_file) if revisions_file.exists() else None,
+            verdicts=_read_jsonl(verdicts_file) if verdicts_file.exists() else None,
         )
         result.peak_rss_mb = _peak_rss_mb()
         result.write(job_path)

@@ -507,6 +507,8 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
 def _reward_line(r: dict) -> str:
     """The ensemble's check on the votes it never trained on, in one line."""
     line = f"{r.get('members', 1)} trained on {r['n_train']} votes"
+    if r.get("verdict_pairs"):
+        line += f" (and {r['verdict_pairs']} pairs from ties and both-bad votes)"
     if r.get("heldout_accuracy") is None:
         return line + f", {r['n_heldout']} held out (too few to check)"
     members = ", ".join(f"{a:.2f}" for a in r.get("member_heldout_accuracy") or [])

@@ -15,7 +15,10 @@ check measures.
 Run: `.venv/bin/python -m bench.diagnose_reward --dump FILE [FILE...] --family opening
       --draws 3 --override '{}' '{"learning_rate": 1e-3}' '{"pooling": "last+mean"}'`;
      `--ensemble 3 --pairs-only` trains each setting as a cycle's ensemble (members on their own
-     resamples) and measures the members' mean score, as the cycle's held-out check does.
+     resamples) and measures the members' mean score, as the cycle's held-out check does;
+     `--verdicts` draws training prompts rather than pairs and passes their ties and both-bad
+     votes too (used as `reward.verdict_pairs` says), `--steps N` trains every setting N steps
+     however many pairs it has (the budget's cut, not epochs, decides a cycle's steps).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from alignment.config import RewardConfig
 from alignment.reward_model import RewardScorer, train_reward_model
+from alignment.verdicts import cross_prompt_pairs
 from bench.smol_learning import FAMILIES, SMOL, TOPICS, prompts
 
 
@@ -56,6 +60,30 @@ def decisive_pairs(rows: list, likes) -> list[dict]:
     return decisive
 
 
+def verdict_rows(rows: list, likes) -> list[dict]:
+    """The simulated user's ties (both liked) and both-bad votes (neither) as verdicts."""
+    out = []
+    for prompt, topic, (a, b) in rows:
+        la, lb = likes(a, topic), likes(b, topic)
+        if la == lb:
+            out += [{"prompt": prompt, "reply": x, "accepted": la} for x in (a, b)]
+    return out
+
+
+def by_prompt(rows: list, likes, want: int, draw: int) -> tuple[list, list[dict], list[dict]]:
+    """Training prompts drawn until their decisive votes number `want`: (their rows, their
+    decisive records, their verdicts). All of a prompt's votes land on one side."""
+    keys = sorted({json.dumps(p) for p, _, _ in rows})
+    random.Random(1 + draw).shuffle(keys)
+    chosen: set[str] = set()
+    for key in keys:
+        if len(decisive_pairs([r for r in rows if json.dumps(r[0]) in chosen], likes)) >= want:
+            break
+        chosen.add(key)
+    mine = [r for r in rows if json.dumps(r[0]) in chosen]
+    return mine, decisive_pairs(mine, likes), verdict_rows(mine, likes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", type=Path, nargs="+", required=True)
@@ -70,6 +98,12 @@ def main() -> None:
         help="members per reward model (each on its own resample, as a cycle trains them): "
         "the AUC and accuracy are then the members' mean score's, with each member's accuracy",
     )
+    parser.add_argument(
+        "--verdicts",
+        action="store_true",
+        help="draw training prompts and pass their ties and both-bad votes as verdicts",
+    )
+    parser.add_argument("--steps", type=int, default=0, help="train every setting N steps")
     parser.add_argument(
         "--pairs-only",
         action="store_true",
@@ -88,12 +122,15 @@ def main() -> None:
     decisive = decisive_pairs(rows, likes)
     for draw in range(args.draws):
         random.Random(1 + draw).shuffle(decisive)
-        train = decisive[: args.train]
-        seen = {json.dumps(r["prompt"]) for r in train}
+        train, verdicts = decisive[: args.train], []
+        if args.verdicts:
+            _, train, verdicts = by_prompt(rows, likes, args.train, draw)
+        seen = {json.dumps(r["prompt"]) for r in train + verdicts}
         unseen = [(p, t, x) for p, t, texts in rows if json.dumps(p) not in seen for x in texts]
         unseen_pairs = [r for r in decisive if json.dumps(r["prompt"]) not in seen]
         print(
-            f"draw {draw}: {len(decisive)} decisive pairs; train on {len(train)}; "
+            f"draw {draw}: {len(decisive)} decisive pairs; train on {len(train)} "
+            f"(and {len(verdicts)} verdicts); "
             f"score {len(unseen)} replies, {len(unseen_pairs)} decisive pairs",
             flush=True,
         )
@@ -107,21 +144,35 @@ def main() -> None:
                 override,
                 draw,
                 args.ensemble,
+                verdicts,
+                args.steps,
             )
             print(json.dumps({"draw": draw, **row}), flush=True)
 
 
 def measure(
-    family, likes, train, unseen, unseen_pairs, override: str, seed: int, ensemble: int = 1
+    family,
+    likes,
+    train,
+    unseen,
+    unseen_pairs,
+    override: str,
+    seed: int,
+    ensemble: int = 1,
+    verdicts: list[dict] = (),
+    steps: int = 0,
 ) -> dict:
     """One reward model on `train`: AUC over the unseen replies, accuracy on unseen pairs (of
     the members' mean score, each member on its own scale, as a cycle's held-out check)."""
     config = replace(
         RewardConfig(ensemble=ensemble, heldout_fraction=0.0, seed=seed), **json.loads(override)
     )
+    if steps:
+        extra = cross_prompt_pairs(train, list(verdicts), config.verdict_pairs, config.seed)
+        config = replace(config, epochs=steps / -(-(len(train) + len(extra)) // config.batch_size))
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        result = train_reward_model(str(SMOL), train, Path(tmp), config)
+        result = train_reward_model(str(SMOL), train, Path(tmp), config, verdicts=list(verdicts))
         train_s = time.perf_counter() - started
         scorer = RewardScorer.load(str(SMOL), tmp)
         replies = [p + [{"role": "assistant", "content": x}] for p, _, x in unseen]
@@ -134,6 +185,7 @@ def measure(
         "family": family,
         "override": json.loads(override),
         "steps": result.steps,
+        "verdict_pairs": result.verdict_pairs,
         "train_loss": round(result.train_loss, 3),
         "train_s": round(train_s, 1),
         "auc_unseen": round(auc(liked, other), 3) if unseen else None,

@@ -9,7 +9,10 @@
   format: `{"messages": [...the prompt..., {"role": "assistant", "content": <their reply>}]}`.
 
 Only decisive votes (a or b) become pairs: a tie says neither is preferred and both_bad gives no
-winner, so both are left out of preference data (they stay in the database).
+winner, so both are left out of preference data (they stay in the database). What they say of
+each reply on its own (a tie's replies were let stand, a both-bad's refused) comes out as
+verdicts (`verdict_records`), which the reward models may pair across prompts
+(`alignment.verdicts`).
 """
 
 from __future__ import annotations
@@ -75,6 +78,17 @@ def preference_records(rows: Iterable[dict], fmt: str) -> list[dict]:
         )
     convert = to_trl if fmt == "trl" else to_hh
     return [r for r in map(convert, rows) if r is not None]
+
+
+def verdict_records(rows: Iterable[dict]) -> list[dict]:
+    """`{"prompt", "reply", "accepted"}` for both replies of every tie (accepted: the
+    conversation went on) and every both-bad vote (refused: the user asks again)."""
+    return [
+        {"prompt": r["prompt"], "reply": text, "accepted": r["choice"] == "tie"}
+        for r in rows
+        if r["choice"] in ("tie", "both_bad")
+        for text in (r["text_a"], r["text_b"])
+    ]
 
 
 def write_records(records: list[dict], path: Path) -> None:

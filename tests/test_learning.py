@@ -51,7 +51,7 @@ def test_deployed_version_satisfies_the_users_preference_more_than_v0(
     ).start(timeout=300)  # fmt: skip
     try:
         # The simulated user: votes for the reply it likes when exactly one has the property,
-        # and says "tie" otherwise (ties are stored but not trained on).
+        # and says "tie" otherwise (a tie refuses no reply: no verdict pairs either).
         voting = [f"Tell me about {t} ({i})." for i in range(4) for t in TOPICS]
         decisive = 0
         for turn in asyncio.run(chat_turns(app, voting)):

@@ -104,15 +104,15 @@ def test_job_folders_are_private_and_lose_the_chats_once_the_cycle_ends(
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", ADMIN_TOKEN)
     app = tiny_app_factory("--model", str(tiny_model_dir), "--retrain-preset", "fast")
     carol = app.new_session()
-    for i in range(6):
+    for i, choice in enumerate(["a", "b", "tie", "a", "both_bad", "b", "a", "b"]):
         turn = _turn(app, f"job question {i}?", carol)
-        _vote(app, turn["pair_id"], "ab"[i % 2], carol)
+        _vote(app, turn["pair_id"], choice, carol)  # ties and both-bad go to verdicts.jsonl
     cycle = httpx.post(app.url + "/api/retrain", headers=app.admin_headers(), timeout=600)
     assert cycle.status_code == 200, cycle.text
     (job,) = (app.data_dir / "jobs").iterdir()
     assert stat.S_IMODE(job.stat().st_mode) == 0o700
     left = {p.name for p in job.iterdir()}
-    assert not left & {"preferences.jsonl", "prompts.jsonl", "revisions.jsonl"}, left
+    assert not left & {"preferences.jsonl", "verdicts.jsonl", "prompts.jsonl", "revisions.jsonl"}
     assert {"job.json", "progress.jsonl", "result.json"} <= left  # the metrics stay
     assert not any("job question" in p.read_text(errors="ignore") for p in job.iterdir())
     # pruning old checkpoints is the operator's: the serving and previous versions stay
