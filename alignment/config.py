@@ -70,6 +70,12 @@ class RewardConfig:
         "members still different; 0: off",
         default=0.0,
     )
+    warm_start: float = _help(
+        "share of the reward models' training spent on one model on every vote, which each "
+        "member then goes on training on its own resample (the rest of the time); 0: every "
+        "member from scratch. Members come out stronger for the same steps, and closer",
+        default=0.0,
+    )
     verdict_pairs: float = _help(
         "ties and both-bad votes as training pairs across prompts, a reply the user let stand "
         "over one they refused (alignment/verdicts.py): at most this many per decisive vote; "
@@ -163,8 +169,9 @@ class PPOConfig:
         default=1.0,
     )
     short_reply_penalty: float = _help(
-        "subtracted from the (scaled) score of a rollout shorter than the voted replies "
-        "(reward.support_quantile), where the reward models' scores mean nothing; 0 disables",
+        "a rollout shorter than the voted replies (reward.support_quantile), where the reward "
+        "models' scores mean nothing, scores this much under the lowest judged rollout of its "
+        "round, whatever the reward models say of it; 0 disables",
         default=1.0,
     )
     normalize_scores: bool = _help(

@@ -190,6 +190,19 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.pad(picked - torch.logsumexp(logits, dim=-1), (first, 0))
 
 
+def unjudged_last(shaped: torch.Tensor, outside: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Rollouts outside what the reward models learned (shorter than the voted replies) get no
+    credit from their scores: each is put `penalty` under the lowest judged rollout of the
+    batch. A fixed penalty subtracted from their score was not enough: on SmolLM2 the reward
+    models rated such replies so high that PPO drifted into them anyway (`plain` 3, `complete` 2
+    refused at the gate, bench/RESULTS.md). 0 disables."""
+    if penalty <= 0 or not outside.any():
+        return shaped
+    judged = shaped[outside == 0]
+    floor = (judged if len(judged) else shaped).min()
+    return torch.where(outside.bool(), floor - penalty, shaped)
+
+
 class PPOTrainer:
     def __init__(
         self,
@@ -264,10 +277,10 @@ class PPOTrainer:
                 ]
             ).to(self.device)
             beta = self.kl_ctl.value
-            shaped = (
-                self._normalised(scores)
-                - c.missing_eos_penalty * ro.cut_off
-                - c.short_reply_penalty * ro.short
+            shaped = unjudged_last(
+                self._normalised(scores) - c.missing_eos_penalty * ro.cut_off,
+                ro.short,
+                c.short_reply_penalty,
             )
             rewards, kl = kl_penalised_rewards(shaped, old_logprobs, ref_logprobs, mask, beta)
             if c.advantage == "rloo":

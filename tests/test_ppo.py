@@ -147,9 +147,10 @@ def test_replies_cut_off_at_the_token_limit_are_penalised(tiny_model_dir):
     assert first_token_logodds() > before + 0.1  # the finishing reply's first token gained
 
 
-def test_replies_shorter_than_the_voted_ones_are_penalised(tiny_model_dir):
-    """With equal scores, a reply shorter than any voted one loses to one as long as they are:
-    the reward models' score means nothing there, so PPO must not drift into it."""
+def test_replies_shorter_than_the_voted_ones_get_no_credit(tiny_model_dir):
+    """A reply shorter than any voted one loses to one as long as they are, however much the
+    reward models like it: their score means nothing there, so PPO must not drift into it (a
+    fixed penalty under a score 5 higher, as here, let it)."""
     from alignment.support import ReplySupport
 
     config = PPOConfig(
@@ -169,8 +170,10 @@ def test_replies_shorter_than_the_voted_ones_are_penalised(tiny_model_dir):
     def generate(prompts, max_new_tokens, temperature, seed):
         return [(prompt, long if i % 2 == 0 else short) for i in range(len(prompts))]
 
-    def score(conversations):
-        return torch.zeros(len(conversations))
+    short_text = tokenizer.decode(short, skip_special_tokens=True)
+
+    def score(conversations):  # the reward models love the short reply
+        return torch.tensor([5.0 * (c[-1]["content"] == short_text) for c in conversations])
 
     policy = PolicyWithValueHead.from_base(str(tiny_model_dir), config)
 
@@ -252,3 +255,14 @@ def test_logits_only_where_replies_are_give_the_same_logprobs(tiny_model_dir):
     torch.testing.assert_close(
         entropy_from_logits(window, ent_mask[:, -keep:]), entropy_from_logits(full, ent_mask)
     )
+
+
+def test_an_unjudged_rollout_scores_under_every_judged_one():
+    from alignment.ppo import unjudged_last
+
+    shaped = torch.tensor([0.5, 9.0, -2.0, 1.0])
+    outside = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    assert unjudged_last(shaped, outside, 1.0).tolist() == [0.5, -3.0, -2.0, 1.0]
+    assert unjudged_last(shaped, outside, 0.0).tolist() == shaped.tolist()  # disabled
+    assert unjudged_last(shaped, torch.zeros(4), 1.0).tolist() == shaped.tolist()
+    assert unjudged_last(shaped, torch.ones(4), 1.0).tolist() == [-3.0] * 4  # none judged
