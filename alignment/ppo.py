@@ -195,7 +195,7 @@ def unjudged_last(shaped: torch.Tensor, outside: torch.Tensor, penalty: float) -
     credit from their scores: each is put `penalty` under the lowest judged rollout of the
     batch. A fixed penalty subtracted from their score was not enough: on SmolLM2 the reward
     models rated such replies so high that PPO drifted into them anyway (`plain` 3, `complete` 2
-    refused at the gate, bench/RESULTS.md). 0 disables."""
+    and 3 refused at the gate, bench/RESULTS.md). 0 disables."""
     if penalty <= 0 or not outside.any():
         return shaped
     judged = shaped[outside == 0]

@@ -5,7 +5,7 @@ A decisive vote (A or B) says which of two replies to one prompt is the better; 
 pairs. They do say something about each reply on its own: after a tie the conversation goes on
 (both replies were acceptable), after "both bad" it does not (both were refused and the user asks
 again). A user who votes consistently casts more of them than decisive votes: SmolLM2's
-simulated users of `bench/smol_learning.py` cast 140-220 alongside their 100 decisive ones.
+simulated users of `bench/smol_learning.py` cast 124-245 alongside their 75-100 decisive ones.
 
 Paired across prompts, an accepted reply over a refused one, they enter the reward models'
 Bradley-Terry loss unchanged (TRL's implicit-prompt format: each side is a whole

@@ -70,9 +70,9 @@ def verdict_rows(rows: list, likes) -> list[dict]:
     return out
 
 
-def by_prompt(rows: list, likes, want: int, draw: int) -> tuple[list, list[dict], list[dict]]:
-    """Training prompts drawn until their decisive votes number `want`: (their rows, their
-    decisive records, their verdicts). All of a prompt's votes land on one side."""
+def by_prompt(rows: list, likes, want: int, draw: int) -> tuple[list[dict], list[dict]]:
+    """Training prompts drawn until their decisive votes number `want`: (their decisive
+    records, their verdicts). All of a prompt's votes land on one side."""
     keys = sorted({json.dumps(p) for p, _, _ in rows})
     random.Random(1 + draw).shuffle(keys)
     chosen: set[str] = set()
@@ -81,7 +81,7 @@ def by_prompt(rows: list, likes, want: int, draw: int) -> tuple[list, list[dict]
             break
         chosen.add(key)
     mine = [r for r in rows if json.dumps(r[0]) in chosen]
-    return mine, decisive_pairs(mine, likes), verdict_rows(mine, likes)
+    return decisive_pairs(mine, likes), verdict_rows(mine, likes)
 
 
 def main() -> None:
@@ -124,7 +124,7 @@ def main() -> None:
         random.Random(1 + draw).shuffle(decisive)
         train, verdicts = decisive[: args.train], []
         if args.verdicts:
-            _, train, verdicts = by_prompt(rows, likes, args.train, draw)
+            train, verdicts = by_prompt(rows, likes, args.train, draw)
         seen = {json.dumps(r["prompt"]) for r in train + verdicts}
         unseen = [(p, t, x) for p, t, texts in rows if json.dumps(p) not in seen for x in texts]
         unseen_pairs = [r for r in decisive if json.dumps(r["prompt"]) not in seen]
