@@ -17,6 +17,7 @@ which costs PPO nothing (RLOO's baseline is the other replies to the same prompt
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 
 def conversation(prompt: list[dict[str, str]], reply: str) -> list[dict[str, str]]:
@@ -39,7 +40,7 @@ def cross_prompt_pairs(
     verdicts: list[dict],
     per_decisive: float,
     seed: int,
-    exclude_prompts: list[list[dict[str, str]]] = (),
+    exclude_prompts: Sequence[list[dict[str, str]]] = (),
 ) -> list[dict]:
     """Accepted-over-refused pairs, at most `per_decisive` per decisive record.
 
