@@ -34,7 +34,13 @@ from alignment import adapters
 from alignment.budget import MIN_REWARD_STEPS, SCORE_PER_STEP, steps_that_fit
 from alignment.config import RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
-from alignment.precision import attention_implementation, autocast, base_dtype, use_bf16
+from alignment.precision import (
+    attention_implementation,
+    autocast,
+    base_dtype,
+    train_device,
+    use_bf16,
+)
 from alignment.trunk_cache import TrunkCache
 from alignment.verdicts import cross_prompt_pairs, implicit
 
@@ -105,10 +111,6 @@ def pool_scores(model, pooling: str) -> None:
         return running_mean if pooling == "mean" else scores + running_mean
 
     score_head(model).register_forward_hook(pooled)
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def bootstrap(records: list[dict], seed: int) -> list[dict]:
@@ -296,8 +298,8 @@ def _train_member(
     model = AutoModelForSequenceClassification.from_pretrained(
         base_model,
         num_labels=1,
-        dtype=base_dtype(config.base_weights, _device()),
-        attn_implementation=attention_implementation(config.attention, _device()),
+        dtype=base_dtype(config.base_weights, train_device()),
+        attn_implementation=attention_implementation(config.attention, train_device()),
     )
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -316,8 +318,8 @@ def _train_member(
         save_strategy="no",
         report_to=[],
         gradient_checkpointing=config.gradient_checkpointing,
-        use_cpu=_device() == "cpu",
-        bf16=use_bf16(config.precision, _device()),
+        use_cpu=train_device() == "cpu",
+        bf16=use_bf16(config.precision, train_device()),
         seed=seed,
         disable_tqdm=True,
     )
@@ -439,8 +441,8 @@ class RewardScorer:
         base = AutoModelForSequenceClassification.from_pretrained(
             base_model,
             num_labels=1,
-            dtype=base_dtype(base_weights, _device()),
-            attn_implementation=attention_implementation(attention, _device()),
+            dtype=base_dtype(base_weights, train_device()),
+            attn_implementation=attention_implementation(attention, train_device()),
         )
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, str(root / members[0]), adapter_name=members[0])
@@ -452,7 +454,7 @@ class RewardScorer:
             trunk = trunk or TrunkCache(bottom)
             trunk.install(model)
         scale = ensemble.get("scale")
-        model = model.to(_device())
+        model = model.to(train_device())
         return cls(
             model, tokenizer, members, penalty, scale, precision, trunk=trunk, keep_trunk=keep
         )

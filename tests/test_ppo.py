@@ -134,7 +134,7 @@ def test_replies_cut_off_at_the_token_limit_are_penalised(tiny_model_dir):
         return torch.zeros(len(conversations))
 
     policy = PolicyWithValueHead.from_base(str(tiny_model_dir), config)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=policy.value_head.weight.device)
 
     def first_token_logodds() -> float:
         with torch.no_grad():
@@ -178,7 +178,7 @@ def test_replies_shorter_than_the_voted_ones_get_no_credit(tiny_model_dir):
     policy = PolicyWithValueHead.from_base(str(tiny_model_dir), config)
 
     def reply_logprob(reply: list[int]) -> float:
-        ids = torch.tensor([prompt + reply])
+        ids = torch.tensor([prompt + reply], device=policy.value_head.weight.device)
         with torch.no_grad():
             logits, _ = policy(ids, torch.ones_like(ids))
         return token_logprobs(logits, ids)[0, len(prompt) :].sum().item()
@@ -239,7 +239,8 @@ def test_logits_only_where_replies_are_give_the_same_logprobs(tiny_model_dir):
         ([5, 6, 7], [20, 21, 22, 23, 24]),
         ([5] * 9, [30]),
     ]
-    ids, attn, mask = pack_rollouts(pairs, 0)
+    device = policy.value_head.weight.device
+    ids, attn, mask = (t.to(device) for t in pack_rollouts(pairs, 0))
     keep = logits_window(mask)
     assert keep == ids.shape[1] - 2  # from the position before the earliest reply token (3)
     with torch.no_grad():
