@@ -70,6 +70,13 @@ class RewardConfig:
         "members still different; 0: off",
         default=0.0,
     )
+    warm_start: float = _help(
+        "share of the reward models' training spent on one model on every vote, which each "
+        "member then goes on training on its own resample (the rest of the time); 0: every "
+        "member from scratch. Members come out stronger for the same steps, and closer "
+        "(`opening`, offline: ensemble 0.80 -> 0.91 and 0.78 -> 0.94 on unseen pairs)",
+        default=0.5,
+    )
     verdict_pairs: float = _help(
         "ties and both-bad votes as training pairs across prompts, a reply the user let stand "
         "over one they refused (alignment/verdicts.py): at most this many per decisive vote; "

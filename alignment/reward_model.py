@@ -23,9 +23,10 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +62,7 @@ class RewardResult:
     trainable_parameters: int | None = None  # per member: adapter and score head
     planned_steps: int | None = None  # per member, before a cycle budget cut them (`steps`)
     verdict_pairs: int = 0  # accepted-over-refused pairs from ties and both-bad votes
+    shared_steps: int | None = None  # of the model every member started from (`warm_start`)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -161,8 +163,31 @@ def train_reward_model(
     )
     trunk = frozen_trunk(base_model, config)  # shared by the members and the scoring after
     members, losses, steps, trainable, planned = [], [], 0, None, None
-    step_seconds: float | None = None  # timed once, by the first member, under a deadline
+    step_seconds: float | None = None  # timed once, by the first model, under a deadline
     scored_after = 2 * len(records) * config.ensemble  # replies x members scored after training
+
+    def scoring(step_s: float) -> float:
+        """Seconds of the scoring that follows training, reserved out of the budget."""
+        return SCORE_PER_STEP * step_s * scored_after
+
+    warm = warm_start_share(config)
+    shared, shared_steps = None, None
+    if warm:  # one model on every vote first, for the share of the time `warm_start` gives it
+        shared = out_dir / "shared"
+        _, shared_steps, _, _, step_seconds = _train_member(
+            base_model,
+            train + extra,
+            shared,
+            replace(config, epochs=warm * config.epochs * config.ensemble),
+            config.seed + 999,
+            lambda log: on_log({"member": "shared", **log}) if on_log else None,
+            (lambda s: warm * (deadline - time.monotonic() - scoring(s)))
+            if deadline is not None
+            else None,
+            None,
+            trunk,
+        )
+    member_config = replace(config, epochs=(1 - warm) * config.epochs) if warm else config
     for i in range(config.ensemble):
         data = member_votes(train + extra, config, config.seed * 1000 + i)
 
@@ -172,22 +197,24 @@ def train_reward_model(
 
         def seconds_for(step_s: float, left: int = config.ensemble - i) -> float:
             """This member's share of the time left, after the scoring that follows."""
-            scoring = SCORE_PER_STEP * step_s * scored_after
-            return (deadline - time.monotonic() - scoring) / left
+            return (deadline - time.monotonic() - scoring(step_s)) / left
 
         loss, steps, trainable, planned, step_seconds = _train_member(
             base_model,
             data,
             out_dir / f"member-{i}",
-            config,
+            member_config,
             config.seed + i,
             relay,
             seconds_for if deadline is not None else None,
             step_seconds,
             trunk,
+            start_from=shared,
         )
         members.append(f"member-{i}")
         losses.append(loss)
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)  # the members carry on from it: spent
     ensemble = {
         "members": members,
         "pooling": config.pooling,
@@ -228,6 +255,7 @@ def train_reward_model(
         trainable_parameters=trainable,
         planned_steps=planned,
         verdict_pairs=len(extra),
+        shared_steps=shared_steps,
     )
     if heldout:  # the held-out votes were scored with the rest: reuse, do not score twice
         row = {id(r): j for j, r in enumerate(records)}
@@ -241,6 +269,18 @@ def train_reward_model(
         if len(members) > 1:
             result.heldout_disagreement = torch.cat([r_w, r_l], dim=1).std(0).mean().item()
     return result
+
+
+def warm_start_share(config: RewardConfig) -> float:
+    """The share of the reward models' training spent on the model every member starts from
+    (0: members from scratch; only for LoRA ensembles)."""
+    if not 0 <= config.warm_start < 1:
+        raise ValueError(
+            f"reward.warm_start must be a share from 0 to under 1, got {config.warm_start}"
+        )
+    if config.ensemble < 2 or config.adapter != "lora":
+        return 0.0
+    return config.warm_start
 
 
 def frozen_trunk(base_model: str, config: RewardConfig) -> TrunkCache | None:
@@ -281,9 +321,11 @@ def _train_member(
     seconds_for: Callable[[float], float] | None = None,
     step_seconds: float | None = None,
     trunk: TrunkCache | None = None,
+    start_from: Path | None = None,
 ) -> tuple[float, int, int, int, float | None]:
     """One reward model with TRL's RewardTrainer. `seconds_for(step seconds)` is the time this
-    member may train (None: no budget); `step_seconds` a step time already measured. Returns
+    member may train (None: no budget); `step_seconds` a step time already measured;
+    `start_from`: a saved adapter and head to go on training (`reward.warm_start`). Returns
     (training loss, steps, trainable parameters, planned steps, step seconds)."""
     from datasets import Dataset
     from peft import LoraConfig, TaskType
@@ -323,7 +365,12 @@ def _train_member(
         seed=seed,
         disable_tqdm=True,
     )
-    if config.adapter == "lora":
+    if start_from is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(start_from), is_trainable=True)
+        peft_config = None
+    elif config.adapter == "lora":
         peft_config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=config.lora_rank,

@@ -509,6 +509,8 @@ def _reward_line(r: dict) -> str:
     line = f"{r.get('members', 1)} trained on {r['n_train']} votes"
     if r.get("verdict_pairs"):
         line += f" (and {r['verdict_pairs']} pairs from ties and both-bad votes)"
+    if r.get("shared_steps"):
+        line += f", each going on from one model trained {r['shared_steps']} steps on all of them"
     if r.get("heldout_accuracy") is None:
         return line + f", {r['n_heldout']} held out (too few to check)"
     members = ", ".join(f"{a:.2f}" for a in r.get("member_heldout_accuracy") or [])

@@ -186,6 +186,7 @@ def measure(
         "override": json.loads(override),
         "steps": result.steps,
         "verdict_pairs": result.verdict_pairs,
+        "shared_steps": result.shared_steps,
         "train_loss": round(result.train_loss, 3),
         "train_s": round(train_s, 1),
         "auc_unseen": round(auc(liked, other), 3) if unseen else None,

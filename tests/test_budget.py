@@ -67,10 +67,12 @@ def test_a_reward_model_timed_for_a_budget_trains_as_without_one(tiny_model_dir,
             str(tiny_model_dir), records, tmp_path / name, config, logs.append, deadline
         )
         losses[name] = [entry["loss"] for entry in logs if "loss" in entry]
-        assert result.steps == result.planned_steps == 15  # 33 pairs: 5 batches x 3 epochs
+        # 33 pairs, 5 batches: `warm_start` 0.5 gives one model on every vote half of the
+        # 2 x 3 epochs (15 steps), then each member 1.5 epochs from it (8)
+        assert result.steps == result.planned_steps == 8 and result.shared_steps == 15
     assert losses["ample"] == pytest.approx(losses["none"], rel=1e-5, abs=1e-6)
 
     late = train_reward_model(
         str(tiny_model_dir), records, tmp_path / "late", config, None, time.monotonic() - 1
     )
-    assert late.steps == MIN_REWARD_STEPS and late.planned_steps == 15
+    assert late.steps == late.shared_steps == MIN_REWARD_STEPS and late.planned_steps == 8

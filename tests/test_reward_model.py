@@ -148,7 +148,11 @@ def test_members_train_on_a_resample_a_subsample_or_every_vote(resample, monkeyp
 
     seen: list[tuple[list, int]] = []
 
-    def fake_member(base, data, out, config, seed, relay, *budget):
+    def fake_member(base, data, out, config, seed, relay, *budget, start_from=None):
+        if out.name == "shared":  # `warm_start`'s model on every vote, before the members
+            assert data == train
+            return 0.0, 1, 1, 1, None
+        assert start_from == tmp_path / "shared"  # each member goes on from it
         seen.append((data, seed))
         if len(seen) == config.ensemble:
             raise Seen
@@ -221,3 +225,28 @@ def test_unknown_pooling_is_a_clear_error(tiny_model_dir, tmp_path):
             str(tiny_model_dir), synthetic_preferences(8), tmp_path / "rm",
             RewardConfig(pooling="max"),
         )  # fmt: skip
+
+
+def test_members_warm_started_from_one_model_on_every_vote(tiny_model_dir, tmp_path):
+    """`reward.warm_start`: one model trains on every vote for its share of the steps, and each
+    member goes on from it (its adapter and head) on its own resample for the rest: each
+    member's first loss is already the shared model's last, not a fresh head's ln 2."""
+    records = synthetic_preferences(40)
+    logs: list[dict] = []
+    config = RewardConfig(
+        learning_rate=5e-3, epochs=2, batch_size=8, heldout_fraction=0.25, max_length=256,
+        ensemble=2, warm_start=0.5,
+    )  # fmt: skip
+    result = train_reward_model(
+        str(tiny_model_dir), records, tmp_path / "rm", config, on_log=logs.append
+    )
+    shared = [e["loss"] for e in logs if "loss" in e and e["member"] == "shared"]
+    first = [next(e["loss"] for e in logs if "loss" in e and e["member"] == m) for m in (0, 1)]
+    # the shared model: 0.5 x 2 epochs x 2 members = 2 epochs of 4 steps; each member 1 epoch
+    assert result.shared_steps == len(shared) == 8 and result.steps == 4
+    assert shared[-1] < 0.5 < shared[0]  # the shared model learned the voter's taste
+    assert all(loss < 0.5 for loss in first)  # members start where it ended
+    assert result.heldout_accuracy == pytest.approx(1.0)
+    assert not (tmp_path / "rm" / "shared").exists()  # spent once the members are trained
+    with pytest.raises(ValueError, match="warm_start"):
+        train_reward_model("unused", records, tmp_path / "x", RewardConfig(warm_start=1.0))

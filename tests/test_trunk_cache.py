@@ -84,8 +84,9 @@ def test_a_left_padded_batch_runs_the_blocks_as_usual(tiny_model_dir):
 def test_members_train_on_one_bottom_pass_and_learn_what_they_learned_without_it(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    """Two members, three epochs each, on the top block: every conversation's bottom runs
-    once (without the cache: six times), and every logged loss is the uncached one."""
+    """Two members on the top block, going on from one model on every vote: every
+    conversation's bottom runs once (without the cache: for each of the three models' epochs),
+    and every logged loss is the uncached one."""
     config = RewardConfig(
         learning_rate=3e-3, epochs=3, batch_size=8, max_length=256, ensemble=2, lora_layers=1
     )  # fmt: skip
@@ -108,7 +109,8 @@ def test_members_train_on_one_bottom_pass_and_learn_what_they_learned_without_it
             str(tiny_model_dir), records, tmp_path / name, config, logs.append
         )
         losses[name] = [entry["loss"] for entry in logs if "loss" in entry]
-        assert result.steps == 15 and result.heldout_accuracy is not None
+        assert result.steps == 8 and result.shared_steps == 15  # `warm_start` 0.5
+        assert result.heldout_accuracy is not None
     assert losses["cached"] == pytest.approx(losses["uncached"], rel=1e-4, abs=1e-5)
     (trunk,) = made
     distinct = 2 * 40  # prompt + chosen and prompt + rejected, every record

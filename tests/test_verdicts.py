@@ -84,7 +84,7 @@ def test_members_train_on_the_verdict_pairs_too(share, monkeypatch, tmp_path):
     class Seen(Exception):
         pass
 
-    def fake_member(base, data, out, config, seed, relay, *budget):
+    def fake_member(base, data, out, config, seed, relay, *budget, start_from=None):
         raise Seen(data)
 
     monkeypatch.setattr(rm, "_train_member", fake_member)
