@@ -456,8 +456,9 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
         def show(event: dict) -> None:
             stage = event.get("stage")
             if stage == "reward_model" and "step" in event:
-                member = f"reward model {event.get('member', 0) + 1}"
-                _bar(member, event["step"], event.get("max_steps") or 1)
+                member = event.get("member", 0)  # or "shared": the one they go on from
+                label = f"reward model {member + 1}" if isinstance(member, int) else "reward models"
+                _bar(label, event["step"], event.get("max_steps") or 1)
             elif stage == "ppo":
                 _bar(
                     "PPO",
