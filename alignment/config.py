@@ -351,6 +351,10 @@ def check(config: CycleConfig) -> CycleConfig:
             for stage in ("reward", "ppo", "sft")
         ),
         (config.reward.ensemble >= 1, "reward.ensemble must be at least 1"),
+        (
+            0 <= config.reward.warm_start < 1,
+            "reward.warm_start must be a share from 0 to under 1",
+        ),
         (config.gate.samples_per_prompt >= 1, "gate.samples_per_prompt must be at least 1"),
     ]
     for ok, message in problems:

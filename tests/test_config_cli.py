@@ -170,6 +170,7 @@ def test_cai_flags_map_onto_config(tmp_path):
         ('{"reward": {"precision": "half"}}', "reward.precision must be one of"),
         ('{"ppo": {"attention": "flash"}}', "ppo.attention must be one of"),
         ('{"reward": {"ensemble": 0}}', "reward.ensemble must be at least 1"),
+        ('{"reward": {"warm_start": 1.0}}', "reward.warm_start must be a share"),
         ('{"reward": {"adapter": "adalora"}}', "reward.adapter must be one of lora, ia3"),
         ('{"sft": {"adapter": "prompt_tuning"}}', "cannot be merged into the weights vLLM serves"),
         ('{"ppo": {"adapter": "ia3"}}', "the policy must be LoRA"),
