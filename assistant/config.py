@@ -104,7 +104,9 @@ class ServeConfig:
     host: str = _help(
         "address to bind; keep 127.0.0.1 unless behind a reverse proxy", default="127.0.0.1"
     )
-    port: int = _help("port of the page and API", default=7860)
+    port: int = _help(
+        "port of the page and API (0: pick a free one; the ready line says which)", default=7860
+    )
     max_backlog: int = _help(
         "turns generating at once before new ones get HTTP 503 'busy, retry'", default=16
     )
@@ -254,7 +256,7 @@ class AppConfig:
         checks = [
             (s.max_backlog >= 1, f"--max-backlog must be at least 1, got {s.max_backlog}"),
             (s.max_message_chars >= 1, "--max-message-chars must be positive"),
-            (0 < s.port < 65536, f"--port must be in 1..65535, got {s.port}"),
+            (0 <= s.port < 65536, f"--port must be in 0..65535, got {s.port}"),
             (p.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
             (
                 p.temperature > 0,

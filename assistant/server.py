@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -345,22 +346,44 @@ def _check_external(url: str) -> None:
         raise EngineError(f"--vllm-url {url}: /health did not answer 200")
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the page's port before anything slow starts: a port in use then fails in a second
+    with a clear reason instead of after the model has loaded, and no process the app starts
+    meanwhile (vLLM opens ports of its own) can take it. Port 0 lets the system pick a free one,
+    the race-free way for scripts and tests to start an app."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"--host {host}: cannot listen there ({exc})") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what uses it or pick "
+            "another --port (0 picks a free one)"
+        ) from exc
+    return sock
+
+
 def serve(config: AppConfig) -> None:
     import uvicorn
 
     from assistant.admin import ensure_admin_token
 
+    listening = listen_socket(config.serve.host, config.serve.port)
+    port = listening.getsockname()[1]
     environment.turn_off_gradio_analytics()
     app = build_app(config)
     try:
         generated = ensure_admin_token(config.data_dir)
     except OSError as exc:
         raise ConfigError(f"cannot store the admin token under {config.data_dir}: {exc}") from exc
-    print(
-        f"[app] ready on http://{config.serve.host}:{config.serve.port}",
-        file=sys.stderr,
-        flush=True,
-    )
+    host = f"[{config.serve.host}]" if ":" in config.serve.host else config.serve.host
+    print(f"[app] ready on http://{host}:{port}", file=sys.stderr, flush=True)
     if generated is not None:
         print(
             "[app] admin token (the Admin tab's sign-in, `Authorization: Bearer ...`): "
@@ -370,10 +393,5 @@ def serve(config: AppConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
-    uvicorn.run(
-        app,
-        host=config.serve.host,
-        port=config.serve.port,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
-    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    server.run(sockets=[listening])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,10 +28,15 @@ MANY_USERS_ON_ONE_ADDRESS = [
 DEPLOY_AT_THE_GATE = ["--canary-share", "0"]
 
 
-def free_port() -> int:
-    from assistant.vllm_server import free_port as _free_port
+READY_LINE = re.compile(rb"\[app\] ready on http://[^\s:]+:(\d+)")
 
-    return _free_port()
+
+def ready_port(log: Path, since: int = 0) -> int | None:
+    """The port an app started with `--port 0` printed on its ready line (at or after byte
+    `since` of its log), once it has: the system picked it when the app bound it, so nothing
+    else can have taken it meanwhile."""
+    found = READY_LINE.findall(log.read_bytes()[since:]) if log.exists() else []
+    return int(found[-1]) if found else None
 
 
 class AppProcess:
@@ -44,7 +50,8 @@ class AppProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.env = env or {}
-        self.port = port or free_port()
+        self.requested_port = port or 0  # 0: the app binds a free one and says which
+        self.port: int | None = port
         self.data_dir = data_dir
         self.db = data_dir / "assistant.duckdb"
         self.log = data_dir / "app.log"
@@ -65,9 +72,10 @@ class AppProcess:
             "--data-dir",
             str(self.data_dir),
             "--port",
-            str(self.port),
+            str(self.requested_port),
             *self.args,
         ]
+        started_at = self.log.stat().st_size if self.log.exists() else 0  # a restart appends
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env}
@@ -77,6 +85,11 @@ class AppProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"app exited {self.proc.returncode}:\n{self.log.read_text()}")
+            if self.requested_port == 0:
+                self.port = ready_port(self.log, since=started_at)
+                if self.port is None:
+                    time.sleep(0.5)
+                    continue
             try:
                 if httpx.get(self.url + "/api/health", timeout=2).status_code == 200:
                     return self

@@ -330,3 +330,23 @@ def test_the_engines_dtype_follows_what_the_hardware_computes(
         "model", EngineConfig(dtype=setting), tmp_path / "log"
     ).command()
     assert command[command.index("--dtype") + 1] == expected
+
+
+def test_a_port_in_use_fails_at_once_with_the_reason_before_the_model_loads(
+    tiny_model_dir, tmp_path
+):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "assistant", "run", "--data-dir", str(tmp_path / "data"),
+             "--port", str(port), "--model", str(tiny_model_dir), "--max-model-len", "512",
+             "--no-cai"],
+            capture_output=True, text=True, timeout=300, cwd=REPO,
+        )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in run.stderr and "--port" in run.stderr
+    assert "[engine] starting" not in run.stderr, run.stderr[-3000:]  # no model was loaded

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.app_process import REPO, free_port
+from tests.app_process import REPO, ready_port
 
 # After the app exits (still inside the namespace, where the tmpfs lives), open the database as
 # the next start would (which stores the votes acknowledged from the journal that DuckDB could
@@ -51,14 +51,17 @@ def _namespaced(script: str, *args: str, log: Path) -> subprocess.Popen:
     )
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def _wait_healthy(proc: subprocess.Popen, log: Path, timeout: float = 120) -> str:
+    """The URL of the app started with `--port 0`, once it answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"app exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        port = ready_port(log)
         try:
-            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                return
+            url = f"http://127.0.0.1:{port}"
+            if port and httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                return url
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -79,8 +82,6 @@ def test_full_disk_mid_run_refuses_clearly_and_loses_nothing(tiny_engine_url, tm
     data = tmp_path / "data"
     data.mkdir()
     log = tmp_path / "app.log"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     script = (
         'mount -t tmpfs -o size=48m tmpfs "$1"\n'
         '"$2" -m assistant run --data-dir "$1" --port "$3" --vllm-url "$4" --no-cai '
@@ -89,10 +90,10 @@ def test_full_disk_mid_run_refuses_clearly_and_loses_nothing(tiny_engine_url, tm
         '"$2" -c "$6" "$1/assistant.duckdb"\n'
     )
     proc = _namespaced(
-        script, str(data), sys.executable, str(port), tiny_engine_url, str(log), REOPEN, log=log
+        script, str(data), sys.executable, "0", tiny_engine_url, str(log), REOPEN, log=log
     )
     try:
-        _wait_healthy(url, proc, log)
+        url = _wait_healthy(proc, log)
         root = Path(f"/proc/{proc.pid}/root") / str(data).lstrip("/")  # the tmpfs, seen from here
 
         def chat(message: str) -> httpx.Response:
@@ -169,9 +170,7 @@ def test_read_only_data_directory_is_refused_at_start(tiny_engine_url, tmp_path)
         'exec "$2" -m assistant run --data-dir "$1" --port "$3" --vllm-url "$4"\n'
     )
     log = tmp_path / "app.log"
-    proc = _namespaced(
-        script, str(data), sys.executable, str(free_port()), tiny_engine_url, log=log
-    )
+    proc = _namespaced(script, str(data), sys.executable, "0", tiny_engine_url, log=log)
     assert proc.wait(timeout=120) == 2
     message = log.read_text()
     assert "cannot open the database" in message and "Read-only file system" in message, message
