@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -155,6 +156,7 @@ class AlignmentLoop:
             )
             code = await self._follow(proc, job / "progress.jsonl")
         remove_user_data(job)
+        shutil.rmtree(job / "adapters", ignore_errors=True)  # PPO's, if the worker died with one
         result_path = job / "result.json"
         if code != 0 or not result_path.exists():
             error = (

@@ -93,7 +93,12 @@ class VLLMRollouts:
     them), on-policy through runtime-loaded LoRA adapters where the engine allows."""
 
     def __init__(
-        self, base_url: str, model_name: str = "policy", timeout_s: float = 600.0, lora: bool = True
+        self,
+        base_url: str,
+        model_name: str = "policy",
+        timeout_s: float = 600.0,
+        lora: bool = True,
+        adapters_dir: Path | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model_name = model_name
@@ -101,7 +106,10 @@ class VLLMRollouts:
         self.lora = lora
         self.current: str | None = None  # loaded adapter name, None = serving weights
         self.on_policy = False
-        self._dir = Path(tempfile.mkdtemp(prefix="ppo-adapters-"))
+        # Where the adapters the engine loads are written: the cycle's job folder, which the
+        # app owns and cleans; else a temporary folder that `close` removes.
+        self._owns_dir = adapters_dir is None
+        self._dir = adapters_dir or Path(tempfile.mkdtemp(prefix="ppo-adapters-"))
 
     def __call__(self, prompts, max_new_tokens, temperature, seed):
         return asyncio.run(self._all(prompts, max_new_tokens, temperature, seed))
@@ -134,6 +142,7 @@ class VLLMRollouts:
             return False
         name = f"ppo-{next(_names)}-{id(self) % 100000}"
         path = self._dir / name
+        self._dir.mkdir(parents=True, exist_ok=True)
         peft_model.save_pretrained(path)
         try:
             with engine_client(self.base_url, timeout=120) as http:
@@ -167,8 +176,18 @@ class VLLMRollouts:
             shutil.rmtree(self._dir / self.current, ignore_errors=True)
             self.current = None
 
+    def close(self) -> None:
+        """Unload the adapter; remove the adapters' folder if this object made it."""
+        self.reset()
+        if self._owns_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
 
 def vllm_generate(
-    base_url: str, model_name: str = "policy", timeout_s: float = 600.0, lora: bool = True
+    base_url: str,
+    model_name: str = "policy",
+    timeout_s: float = 600.0,
+    lora: bool = True,
+    adapters_dir: Path | None = None,
 ) -> VLLMRollouts:
-    return VLLMRollouts(base_url, model_name, timeout_s, lora)
+    return VLLMRollouts(base_url, model_name, timeout_s, lora, adapters_dir)

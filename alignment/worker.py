@@ -54,7 +54,7 @@ def main(job_dir: str) -> int:
             job.version,
             _read_jsonl(job_path / "preferences.jsonl"),
             _read_jsonl(job_path / "prompts.jsonl"),
-            vllm_generate(job.engine_url, job.model_name),
+            vllm_generate(job.engine_url, job.model_name, adapters_dir=job_path / "adapters"),
             Path(job.versions_dir),
             config,
             progress=say,

@@ -82,11 +82,14 @@ class EmbeddedVLLMServer:
         self.config = config
         self.max_lora_rank = max_lora_rank
         self.log_path = log_path
+        # The engine's own directory, removed when it stops: its Unix socket and vLLM's ZMQ IPC
+        # sockets (which vLLM leaves in /tmp, several per start, if not told otherwise). A short
+        # path in /tmp: a socket's path must fit in 107 bytes.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="assistant-engine-"))
         self.socket: Path | None = None
         self.port: int | None = None
         if private_socket and not config.engine_port:
-            # a short path in /tmp: a socket's path must fit in 107 bytes
-            self.socket = Path(tempfile.mkdtemp(prefix="assistant-engine-")) / "engine.sock"
+            self.socket = self.run_dir / "engine.sock"
         else:
             self.port = config.engine_port or free_port()
         self._proc: subprocess.Popen | None = None
@@ -148,9 +151,10 @@ class EmbeddedVLLMServer:
 
     def start(self) -> None:
         env = environment.engine_environment(self.config.kv_cache_gib if _on_cpu() else None)
+        self.run_dir.mkdir(mode=0o700, exist_ok=True)  # again after a stop (a restart)
+        env.setdefault("VLLM_RPC_BASE_PATH", str(self.run_dir))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.socket is not None:
-            self.socket.parent.mkdir(mode=0o700, exist_ok=True)
             self.socket.unlink(missing_ok=True)  # a dead engine's socket (a restart)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         print(
@@ -211,8 +215,7 @@ class EmbeddedVLLMServer:
         try:
             self._stop_process(timeout)
         finally:
-            if self.socket is not None:
-                shutil.rmtree(self.socket.parent, ignore_errors=True)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _stop_process(self, timeout: float) -> None:
         if self._proc is None or self._proc.poll() is not None:

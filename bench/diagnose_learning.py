@@ -89,7 +89,7 @@ def main() -> None:
                 bad = scorer.score([conv(p, b) for p, _, b in canon])
                 # the same on the votes' own texts, truncated at 16 tokens as sampled
                 rm_canon = (good > bad).float().mean().item()
-                gen = vllm_generate(url)
+                gen = vllm_generate(url, adapters_dir=out / "adapters")
                 steps_log = []
 
                 def traced(prompts, n, temp, s, gen=gen, steps_log=steps_log):

@@ -77,7 +77,7 @@ def measure(ops: str, adapters: list[Path], repeats: int) -> dict:
         server.start()
         server.wait_ready()
         before = greedy(server.url, "policy")
-        rollouts = VLLMRollouts(server.url, "policy")
+        rollouts = VLLMRollouts(server.url, "policy", adapters_dir=Path(log).parent / "adapters")
         prompts = [p for p in PROMPTS for _ in range(4)]
         rollouts(prompts, 64, 1.0, 0)  # warm-up
         timings: dict[str, list[float]] = {"base": [], "lora": []}

@@ -43,6 +43,8 @@ def test_app_restarts_a_dead_engine_and_says_so(tiny_model_dir, tmp_path):
         assert "--uds" in cmdline and "--port" not in cmdline
         socket_dir = Path(cmdline[cmdline.index("--uds") + 1]).parent
         assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+        # vLLM's own IPC sockets are in there too, not left in /tmp
+        assert any(p.is_socket() and p.name != "engine.sock" for p in socket_dir.iterdir())
         os.killpg(engines[0].pid, signal.SIGKILL)  # the engine and its core die at once
 
         seen_note, deadline = None, time.monotonic() + 300
@@ -64,6 +66,7 @@ def test_app_restarts_a_dead_engine_and_says_so(tiny_model_dir, tmp_path):
         assert after.status_code == 200 and after.json()["model_version"] == "v0000"
     finally:
         app.stop()
+    assert not socket_dir.exists(), list(socket_dir.iterdir())  # nothing left behind
 
 
 def test_engine_does_not_outlive_a_killed_app(tiny_model_dir, tmp_path):

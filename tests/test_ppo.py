@@ -20,7 +20,9 @@ PROMPTS = [
 
 
 @pytest.mark.parametrize("advantage", ["rloo", "gae"])
-def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine_url, advantage):
+def test_ppo_steps_move_lora_keep_base_and_reference(
+    tiny_model_dir, tiny_engine_url, advantage, tmp_path
+):
     config = replace(  # the `fast` preset's PPO, two rounds, a livelier adaptive KL
         preset("fast").ppo,
         advantage=advantage,
@@ -37,7 +39,9 @@ def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine
     def score(conversations):  # the "voter" likes varied replies: distinct characters
         return torch.tensor([len(set(c[-1]["content"])) / 10 for c in conversations])
 
-    trainer = PPOTrainer(policy, tokenizer, vllm_generate(tiny_engine_url), score, config)
+    trainer = PPOTrainer(
+        policy, tokenizer, vllm_generate(tiny_engine_url, adapters_dir=tmp_path), score, config
+    )
     seen = []
     history = trainer.train(PROMPTS, on_step=seen.append)
     assert seen == history and len(history) == 2
@@ -76,7 +80,9 @@ def test_ppo_steps_move_lora_keep_base_and_reference(tiny_model_dir, tiny_engine
     assert not torch.allclose(current, expected)  # while the policy itself has moved
 
 
-def test_trust_region_stops_a_round_once_the_policy_has_moved(tiny_model_dir, tiny_engine_url):
+def test_trust_region_stops_a_round_once_the_policy_has_moved(
+    tiny_model_dir, tiny_engine_url, tmp_path
+):
     """With a (tiny) trust region every round stops after its first update: the next minibatch
     already sees a policy further than max_step_kl from the one that sampled it."""
     config = PPOConfig(
@@ -89,9 +95,9 @@ def test_trust_region_stops_a_round_once_the_policy_has_moved(tiny_model_dir, ti
     def score(conversations):
         return torch.tensor([float(len(c[-1]["content"])) for c in conversations])
 
-    history = PPOTrainer(policy, tokenizer, vllm_generate(tiny_engine_url), score, config).train(
-        PROMPTS
-    )
+    history = PPOTrainer(
+        policy, tokenizer, vllm_generate(tiny_engine_url, adapters_dir=tmp_path), score, config
+    ).train(PROMPTS)
     assert [s.updates for s in history] == [1, 1]  # of 8 possible per round
     assert all(s.step_kl > 1e-9 for s in history)
 
