@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -86,6 +87,9 @@ class EmbeddedVLLMServer:
         # sockets (which vLLM leaves in /tmp, several per start, if not told otherwise). A short
         # path in /tmp: a socket's path must fit in 107 bytes.
         self.run_dir = Path(tempfile.mkdtemp(prefix="assistant-engine-"))
+        # also when `stop` is never called (an engine never started, a failed start-up): at
+        # garbage collection or interpreter exit; only a killed process leaves it behind
+        weakref.finalize(self, shutil.rmtree, self.run_dir, True)
         self.socket: Path | None = None
         self.port: int | None = None
         if private_socket and not config.engine_port:

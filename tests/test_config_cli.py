@@ -260,10 +260,13 @@ def test_the_engines_lora_rank_follows_the_ppo_adapters(tmp_path):
     retrain.write_text('{"ppo": {"lora_rank": 48}}')
     config.retrain_config = retrain
     assert engine_lora_rank(config) == 64
-    command = EmbeddedVLLMServer(
+    engine = EmbeddedVLLMServer(
         "model", config.engine, tmp_path / "log", max_lora_rank=engine_lora_rank(config)
-    ).command()
+    )
+    command, run_dir = engine.command(), engine.run_dir
     assert command[command.index("--max-lora-rank") + 1] == "64"
+    del engine  # never started: its folder in /tmp goes with it all the same
+    assert not run_dir.exists()
     retrain.write_text('{"ppo": {"lora_rank": 1024}}')
     with pytest.raises(ConfigError, match="over vLLM's largest LoRA rank"):
         engine_lora_rank(config)
