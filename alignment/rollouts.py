@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +97,8 @@ class VLLMRollouts:
         model_name: str = "policy",
         timeout_s: float = 600.0,
         lora: bool = True,
-        adapters_dir: Path | None = None,
+        *,
+        adapters_dir: Path,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model_name = model_name
@@ -106,10 +106,9 @@ class VLLMRollouts:
         self.lora = lora
         self.current: str | None = None  # loaded adapter name, None = serving weights
         self.on_policy = False
-        # Where the adapters the engine loads are written: the cycle's job folder, which the
-        # app owns and cleans; else a temporary folder that `close` removes.
-        self._owns_dir = adapters_dir is None
-        self._dir = adapters_dir or Path(tempfile.mkdtemp(prefix="ppo-adapters-"))
+        # where the adapters the engine loads are written: a cycle's job folder, which the app
+        # owns and cleans, not /tmp, where a cycle's would outlive it
+        self._dir = adapters_dir
 
     def __call__(self, prompts, max_new_tokens, temperature, seed):
         return asyncio.run(self._all(prompts, max_new_tokens, temperature, seed))
@@ -176,18 +175,13 @@ class VLLMRollouts:
             shutil.rmtree(self._dir / self.current, ignore_errors=True)
             self.current = None
 
-    def close(self) -> None:
-        """Unload the adapter; remove the adapters' folder if this object made it."""
-        self.reset()
-        if self._owns_dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
-
 
 def vllm_generate(
     base_url: str,
     model_name: str = "policy",
     timeout_s: float = 600.0,
     lora: bool = True,
-    adapters_dir: Path | None = None,
+    *,
+    adapters_dir: Path,
 ) -> VLLMRollouts:
-    return VLLMRollouts(base_url, model_name, timeout_s, lora, adapters_dir)
+    return VLLMRollouts(base_url, model_name, timeout_s, lora, adapters_dir=adapters_dir)

@@ -98,7 +98,7 @@ def one_budget(url, model, work, config, prompts, likes, n_chats, seed, max_toke
         "v0001",
         records,
         [p for p, _ in pairs],
-        vllm_generate(url),
+        vllm_generate(url, adapters_dir=work / f"adapters-{n_chats}-{seed}"),
         work / f"run-{n_chats}-{seed}",
         config,
     )
