@@ -24,6 +24,7 @@ from alignment.config import CanaryConfig
 from alignment.serving import serve_version
 from assistant.engine import Challenger, EngineError
 from storage import ConflictError
+from storage.canaries import CanaryEnd
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +141,23 @@ class CanaryService:
         c = self.current
         if c is None:
             return
-        decided_at = decided_at or datetime.now(timezone.utc)
+        ending = CanaryEnd(c["id"], decision, reason, decided_at or datetime.now(timezone.utc))
+
+        def stop_pairs() -> None:
+            self.current = None  # no new canary pairs from here
+
         if decision == "promoted":
-            await serve_version(self.store, self.engine, c["challenger"])
-            if self.after_promotion is not None:
-                await self.after_promotion()
-        self.current = None  # no new canary pairs from here
+            # the swap, the serving record and the verdict are one step: no reply names the
+            # challenger as serving while /api/canary still says the canary runs
+            await serve_version(self.store, self.engine, c["challenger"], ending, stop_pairs)
+        else:
+            stop_pairs()
+            await asyncio.to_thread(
+                self.store.finish_canary, c["id"], decision, reason, ending.decided_at
+            )
         await self.engine.unload_adapter(c["challenger"])
-        await asyncio.to_thread(self.store.finish_canary, c["id"], decision, reason, decided_at)
+        if decision == "promoted" and self.after_promotion is not None:
+            await self.after_promotion()
         log.warning("canary: %s %s (%s)", c["challenger"], decision, reason)
 
     # --- what the users said ----------------------------------------------------------------

@@ -7,7 +7,7 @@ real implementation (embedded or external vLLM server alike); tests may bring fa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -113,8 +113,11 @@ class Engine(Protocol):
 
     async def healthy(self) -> bool: ...
 
-    async def reload_weights(self, path: str, version: str) -> float:
-        """Swap the serving weights in place; returns seconds taken."""
+    async def reload_weights(
+        self, path: str, version: str, commit: Callable[[float], Awaitable[None]] | None = None
+    ) -> float:
+        """Swap the serving weights in place; returns seconds taken. `commit(seconds)` runs
+        before any new pair starts on the new weights (the swap and its record are one step)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -23,7 +23,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import httpx
@@ -321,8 +321,15 @@ class VLLMServerEngine:
                 probs[token] += math.exp(entry["logprob"])
         return probs
 
-    async def reload_weights(self, path: str, version: str) -> float:
-        """Swap weights in place without failing requests: in-flight ones drain first."""
+    async def reload_weights(
+        self, path: str, version: str, commit: Callable[[float], Awaitable[None]] | None = None
+    ) -> float:
+        """Swap weights in place without failing requests: in-flight ones drain first.
+
+        `commit(seconds)` runs after the swap while pairs are still held at the gate, so what
+        it records (the store's serving version, a canary's verdict) is in place before any
+        reply labelled with the new version can be written: a user never sees a reply from a
+        version that the app does not yet say serves."""
         started = time.perf_counter()
         async with self._gate.swap():
             # other clients' requests (the worker's rollouts) drain on the server's side
@@ -336,7 +343,10 @@ class VLLMServerEngine:
                 self._version = version
             finally:
                 await self._post("/resume")
-        return time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            if commit is not None:
+                await commit(seconds)
+        return seconds
 
     async def _post(self, route: str, **kwargs) -> httpx.Response:
         try:

@@ -10,6 +10,7 @@ votes each time (a deleted conversation's votes drop out of them, as from everyt
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from storage.errors import ConflictError
@@ -53,21 +54,10 @@ class CanaryRecords:
         self, canary_id: str, decision: str, reason: str, decided_at: Any = None
     ) -> None:
         """Close a canary as of `decided_at` (now by default). A challenger not promoted becomes
-        `retired` (served again only by an admin's rollback); promotion's status change is
-        `set_serving`'s, done by the swap."""
+        `retired` (served again only by an admin's rollback). A promotion is closed by
+        `set_serving(..., ending=CanaryEnd(...))` instead, in the swap's own transaction."""
         with self._transaction() as con:
-            row = con.execute(
-                "UPDATE canaries SET decision = ?, reason = ?, "
-                "decided_at = coalesce(?::TIMESTAMPTZ, now()) "
-                "WHERE id = ? AND decision = 'running' RETURNING challenger",
-                [decision, reason, decided_at, canary_id],
-            ).fetchone()
-            if row is not None and decision != "promoted":
-                con.execute(
-                    "UPDATE model_versions SET status = 'retired' "
-                    "WHERE version = ? AND status = 'challenger'",
-                    [row[0]],
-                )
+            close_canary(con, CanaryEnd(canary_id, decision, reason, decided_at))
 
     def cross_version_votes(
         self, versions: tuple[str, str] | None = None, until: Any = None
@@ -103,4 +93,30 @@ class CanaryRecords:
             "    PARTITION BY model_version ORDER BY created_at DESC) AS k FROM candidates"
             ") WHERE k <= ?",
             [per_version],
+        )
+
+
+@dataclass(frozen=True)
+class CanaryEnd:
+    """How a running canary ends: recorded in the same transaction as the serving version when
+    it is a promotion, so no reader sees the challenger serving while its canary still runs."""
+
+    canary_id: str
+    decision: str  # 'promoted', 'retired' or 'interrupted'
+    reason: str
+    decided_at: Any = None  # the verdict stands on the votes cast until then (default: now)
+
+
+def close_canary(con, end: CanaryEnd) -> None:
+    row = con.execute(
+        "UPDATE canaries SET decision = ?, reason = ?, "
+        "decided_at = coalesce(?::TIMESTAMPTZ, now()) "
+        "WHERE id = ? AND decision = 'running' RETURNING challenger",
+        [end.decision, end.reason, end.decided_at, end.canary_id],
+    ).fetchone()
+    if row is not None and end.decision != "promoted":
+        con.execute(
+            "UPDATE model_versions SET status = 'retired' "
+            "WHERE version = ? AND status = 'challenger'",
+            [row[0]],
         )

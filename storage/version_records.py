@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from storage.canaries import CanaryEnd, close_canary
 from storage.errors import ConflictError, NotFoundError
 from storage.rules import new_id, version_name
 
@@ -91,9 +92,14 @@ class VersionRecords:
                 [version],
             )
 
-    def set_serving(self, version: str, swap_seconds: float) -> None:
-        """The swapped-in version becomes 'serving', the one it replaced 'previous'."""
+    def set_serving(
+        self, version: str, swap_seconds: float, ending: CanaryEnd | None = None
+    ) -> None:
+        """The swapped-in version becomes 'serving', the one it replaced 'previous'; `ending`
+        (a canary's promotion) is recorded in the same transaction."""
         with self._transaction() as con:
+            if ending is not None:
+                close_canary(con, ending)
             previous = con.execute(
                 "SELECT version FROM model_versions WHERE status = 'serving'"
             ).fetchone()

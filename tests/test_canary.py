@@ -83,8 +83,14 @@ def _judge(app: AppProcess, challenger: str, batches: int, seen: dict) -> dict:
         if n == 0 and seen.get("restart"):
             prompts = prompts[:3]  # too few to decide (that takes 4 losses): kill it after
         for turn in asyncio.run(chat_turns(app, prompts)):
-            # the chat answer does not say which reply (if any) came from the challenger
-            assert challenger not in json.dumps(turn), turn
+            # the chat answer does not say which reply (if any) came from the challenger: it
+            # names the challenger only as the version serving everybody, and then the
+            # promotion is already recorded (the swap and the verdict are one step; the last
+            # vote of a batch can decide, and the swap then runs while the next batch chats)
+            if challenger in json.dumps(turn):
+                assert turn["model_version"] == challenger, turn
+                now = httpx.get(app.url + "/api/canary").json()
+                assert now["decision"] == "promoted", (turn, now)
             a, b = (c["text"] for c in turn["candidates"])
             answer = _vote(app, turn, _user_choice(a, b))
             versions = answer["versions"]  # revealed once voted
