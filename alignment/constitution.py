@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from storage.errors import AppError
+from storage.rules import unstorable_in
 
 
 class ConstitutionError(AppError, ValueError):
@@ -44,6 +45,8 @@ class Constitution:
 def parse_constitution(data: object, source: str = "constitution") -> Constitution:
     if not isinstance(data, dict) or not isinstance(data.get("principles"), list):
         raise ConstitutionError(f"{source}: expected an object with a 'principles' list")
+    if (problem := unstorable_in(data)) is not None:  # the page's editor has no JSON edge
+        raise ConstitutionError(f"{source}: {problem}")
     principles, seen = [], set()
     for i, entry in enumerate(data["principles"]):
         where = f"{source}: principle #{i + 1}"

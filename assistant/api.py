@@ -60,8 +60,10 @@ from assistant.protocol import (
 from assistant.sessions import SESSION_COOKIE, SESSION_HEADER, SessionKeys
 from storage import AppError, InvalidInputError
 from storage.export import FORMATS
+from storage.rules import unstorable_in
 
 MAX_BODY_BYTES = 256 * 1024
+MAX_JSON_DEPTH = 32  # the deepest a body may nest: ours nest 3, OpenAI's messages 5
 log = logging.getLogger(__name__)
 
 
@@ -111,9 +113,28 @@ async def read_json(request: Request) -> dict:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:  # '[[[[...' deeper than the parser goes
+        raise InvalidInputError(
+            f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        ) from None
     if not isinstance(data, dict):
         raise InvalidInputError("request body must be a JSON object")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise InvalidInputError(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    # JSON may carry what is no text at all ("\ud800", half a surrogate pair): refused here,
+    # naming the field, so that nothing is acknowledged that the writer could never store
+    # (NUL is text: each field's own rules refuse it where it would be stored)
+    if (problem := unstorable_in(data, nul_ok=True)) is not None:
+        raise InvalidInputError(problem, 422)
     return data
+
+
+def _depth(value: object, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply `value` nests (counting stops just past `limit`)."""
+    if limit < 0 or not isinstance(value, dict | list):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(c, limit - 1) for c in children), default=0)
 
 
 def _admin_problem(request: Request):

@@ -28,6 +28,7 @@ from assistant.limits import VoteLimits
 from assistant.prompt_variants import PromptVariants, shipped_variants
 from storage import AppError, ConflictError, InvalidInputError, Store
 from storage.export import demonstration_records, preference_records
+from storage.rules import check_storable
 from storage.store import CandidateRecord, RecordedVote
 
 SLOTS = ("a", "b")
@@ -102,7 +103,7 @@ class TurnUpdate:
 
 def validate_message(message: object, max_chars: int, name: str = "message") -> str:
     """A user's text (a message, or a reply they wrote): a non-empty string within the limit,
-    without control characters."""
+    without control characters, that the database can store."""
     if not isinstance(message, str):
         raise InvalidInputError(f"'{name}' must be a string", 422)
     if not message.strip():
@@ -115,6 +116,7 @@ def validate_message(message: object, max_chars: int, name: str = "message") -> 
     if bad:
         codes = ", ".join(f"U+{ord(c):04X}" for c in sorted(bad))
         raise InvalidInputError(f"'{name}' contains control characters ({codes})")
+    check_storable(message, name)
     return message
 
 
@@ -437,4 +439,6 @@ class ChatService:
             "model_version": self.model_version,
             "generating": self._generating,
             "max_backlog": self.serve.max_backlog,
+            # acknowledged records the database refused, kept aside (storage.set_aside)
+            "set_aside_writes": self.store.set_aside.count,
         }

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from storage.errors import AppError
+from storage.rules import unstorable_in
 
 KEYS = {"name", "description", "system", "examples"}
 
@@ -84,6 +85,8 @@ class PromptVariants:
 def parse_variants(data: object, source: str = "prompt variants") -> PromptVariants:
     if not isinstance(data, dict) or not isinstance(data.get("variants"), list):
         raise VariantError(f"{source}: expected an object with a 'variants' list")
+    if (problem := unstorable_in(data)) is not None:  # the page's editor has no JSON edge
+        raise VariantError(f"{source}: {problem}")
     variants: list[PromptVariant] = []
     for i, entry in enumerate(data["variants"]):
         where = f"{source}: variant #{i + 1}"

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storage.errors import InvalidInputError
-from storage.rules import VOTE_CHOICES
+from storage.rules import MAX_VOTER_CHARS, VOTE_CHOICES
 
 
 class Request(BaseModel):
@@ -38,7 +38,9 @@ class VoteRequest(Request):
     pair_id: str
     # the value is the chat service's to check (the page votes through it too): one rule
     choice: str = Field(json_schema_extra={"enum": list(VOTE_CHOICES)})
-    voter: str | None = None
+    voter: str | None = Field(
+        None, max_length=MAX_VOTER_CHARS, description="who voted, in the client's own terms"
+    )
     session_id: str | None = None
 
 

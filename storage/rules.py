@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 
 from storage.errors import InvalidInputError
@@ -28,6 +29,66 @@ def validate_choice(choice: object) -> str:
             422,
         )
     return choice  # type: ignore[return-value]
+
+
+MAX_VOTER_CHARS = 200  # a voter's label (a name, an id from the client's own system)
+
+
+def unstorable(text: str, nul_ok: bool = False) -> str | None:
+    """Why the database cannot hold `text`, or None. DuckDB refuses a lone surrogate (it stores
+    UTF-8, and a surrogate half has no UTF-8 form; JSON's `\\ud800` escape makes one) and
+    Postgres refuses NUL; a string either refuses must never be acknowledged, since the writer
+    could then never store it."""
+    if "\x00" in text and not nul_ok:
+        return "contains NUL (U+0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains a lone surrogate (U+{ord(text[exc.start]):04X}), which is not valid text"
+    return None
+
+
+def unstorable_in(value: object, field: str = "body", nul_ok: bool = False) -> str | None:
+    """The first string in a JSON value (keys included) that the database could not hold, as
+    a message naming where it is ('messages[0].content'), or None. `nul_ok`: NUL is left to
+    the fields' own checks (a message's control characters are refused with its other rules)."""
+    if isinstance(value, str):
+        problem = unstorable(value, nul_ok)
+        return None if problem is None else f"'{field}' {problem}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and (problem := unstorable(key, nul_ok)) is not None:
+                return f"a key in '{field}' {problem}"
+            found = unstorable_in(item, key if field == "body" else f"{field}.{key}", nul_ok)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := unstorable_in(item, f"{field}[{i}]", nul_ok)) is not None:
+                return found
+    return None
+
+
+def check_storable(text: object, field: str) -> None:
+    """Raise the 422 naming `field` when the database could not store `text` (None passes)."""
+    if isinstance(text, str) and (problem := unstorable(text)) is not None:
+        raise InvalidInputError(f"'{field}' {problem}", 422)
+
+
+def validate_voter(voter: object) -> str | None:
+    """A voter's label: optional, a short line of storable text."""
+    if voter is None:
+        return None
+    if not isinstance(voter, str):
+        raise InvalidInputError("'voter' must be a string", 422)
+    if len(voter) > MAX_VOTER_CHARS:
+        raise InvalidInputError(
+            f"'voter' is {len(voter)} characters; the limit is {MAX_VOTER_CHARS}", 422
+        )
+    check_storable(voter, "voter")
+    if any(unicodedata.category(c) == "Cc" for c in voter):
+        raise InvalidInputError("'voter' contains control characters", 422)
+    return voter
 
 
 def continued_slot(choice: str) -> str | None:

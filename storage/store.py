@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,12 @@ from storage.request_writes import (
 )
 from storage.rules import (
     BOTH_CANDIDATES,
+    check_storable,
     new_id,
     validate_choice,
+    validate_voter,
 )
+from storage.set_aside import SetAside, set_aside_path
 from storage.version_records import VersionRecords
 from storage.vote_journal import JournaledVote, VoteJournal, journal_path
 
@@ -69,6 +72,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         self._journal: VoteJournal | None = None
         self._vote_lock = threading.Lock()  # a vote's check and its journal line, as one
         self._closing = False
+        self.set_aside = SetAside(set_aside_path(path))
         if not read_only:
             self._journal = VoteJournal(journal)
             self._store_journaled_votes()
@@ -82,18 +86,37 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             self._journal.close()
 
     def _store_journaled_votes(self) -> None:
+        """Votes a stop left in the journal, stored before anything else. One the database
+        refuses is set aside, so that it can never stop the app from starting; a failure of
+        the disk itself still does (nothing is dropped: the journal stays as it is)."""
         votes = self._journal.read()
         if votes:
-            stored = self._write(
-                lambda con: StoreAcknowledgedVote.run_batch(
-                    con, [StoreAcknowledgedVote(v) for v in votes]
-                )
-            )
+            try:
+                stored = self._store_acknowledged_now(votes)
+            except StoreError:
+                raise
+            except Exception:  # noqa: BLE001 - one of them is refused: find it, keep the rest
+                stored = []
+                for vote in votes:
+                    try:
+                        stored += self._store_acknowledged_now([vote])
+                    except StoreError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - the database refused this one
+                        self.set_aside.add("vote", asdict(vote), _reason(exc))
+                        stored.append(False)
             log.info(
                 "stored %d acknowledged votes from %s (%d were already stored or their "
                 "conversation deleted)", sum(stored), self._journal.path, len(votes) - sum(stored)
             )  # fmt: skip
         self._journal.empty()
+
+    def _store_acknowledged_now(self, votes: list[JournaledVote]) -> list[bool]:
+        return self._write(
+            lambda con: StoreAcknowledgedVote.run_batch(
+                con, [StoreAcknowledgedVote(v) for v in votes]
+            )
+        )
 
     def _await_acknowledged_writes(self) -> None:
         self._acknowledged.wait_stored()
@@ -309,9 +332,13 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         """On the writer thread. A vote it could not store (the disk is full) is tried again
         after a pause, behind what queued meanwhile; it stays in the journal until it is stored
         (on the next open, if the app stops first)."""
-        error = stored.exception() if not stored.cancelled() else RuntimeError("cancelled")
-        self._acknowledged.stored(line, vote.pair_id, ok=error is None)
-        if error is None:
+        error = stored.exception() if not stored.cancelled() else StoreError("cancelled")
+        refused = error is not None and not isinstance(error, StoreError)
+        if refused:  # for what it holds: no retry can store it, and retries hold writes back
+            self.set_aside.add("vote", asdict(vote), _reason(error))
+            self._acknowledged.forget_pair(vote.pair_id)  # may be voted again, via DuckDB
+        self._acknowledged.stored(line, vote.pair_id, ok=error is None or refused)
+        if error is None or refused:
             self._journal.applied_through(self._acknowledged.journal_stored_through())
             return
         log.error("an acknowledged vote is not stored yet (kept in %s, tried again): %s",
@@ -368,6 +395,10 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         )
 
 
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
 def _vote_write(
     pair_id: str,
     choice: str,
@@ -377,8 +408,15 @@ def _vote_write(
     admit: Callable[[float, int], str | None] | None,
     demonstration: str | None,
 ) -> VoteWrite:
-    """A vote's checks before either path (journal or writer) takes it."""
+    """A vote's checks before either path (journal or writer) takes it: nothing the database
+    would refuse is acknowledged (the edge checks the same; this is the store's own fence)."""
     if demonstration is not None and choice != "both_bad":
         raise ValueError("a demonstration goes with the choice 'both_bad'")
     validate_choice(choice)
+    validate_voter(voter)
+    for field, text in (
+        ("pair_id", pair_id), ("session_id", session_id), ("client", client),
+        ("text", demonstration),
+    ):  # fmt: skip
+        check_storable(text, field)
     return VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)

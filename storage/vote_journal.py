@@ -56,7 +56,7 @@ class VoteJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()  # `then` may settle a write that ends in `applied_through`
-        self._file = _open_private(path)
+        self._file = open_private(path)
         self._appended = 0  # lines appended since the file was last emptied
         self._first = 1  # number of the file's first line
         # A refused line that could not be cut off again: lines are no longer counted right,
@@ -124,7 +124,7 @@ class VoteJournal:
         keep = records[max(0, len(records) - (last - keep_after)) :] if last > keep_after else []
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.unlink(missing_ok=True)
-        with _open_private(tmp) as out:
+        with open_private(tmp) as out:
             out.write(b"".join(b"\n" + r for r in keep))
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
@@ -134,7 +134,7 @@ class VoteJournal:
         finally:
             os.close(folder)
         self._file.close()
-        self._file = _open_private(self.path)
+        self._file = open_private(self.path)
         self._first, self._appended = keep_after + 1, len(keep)
 
     def empty(self) -> None:
@@ -150,7 +150,7 @@ class VoteJournal:
             self._file.close()
 
 
-def _open_private(path: Path):
+def open_private(path: Path):
     """Unbuffered, appending, readable by the app's user only: the lines name sessions and may
     hold a reply a user wrote."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -39,3 +39,7 @@ def pair(store: Store, pair_id: str) -> dict[str, Any]:
 
 def cai_skips(store: Store) -> list[dict[str, Any]]:
     return store._rows("SELECT item_id, kind, reason, attempts FROM cai_skips ORDER BY created_at")
+
+
+def vote_ids(store: Store) -> set[str]:
+    return {r["id"] for r in store._rows("SELECT id FROM votes")}

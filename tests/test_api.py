@@ -77,7 +77,15 @@ BAD_REQUESTS = [
     ("vote", b"oops", 400, "not valid JSON"),
     ("vote", b'{"pair_id": ["x"], "choice": "a"}', 422, "string"),
     ("vote", b'{"pair_id": "x", "choice": null}', 422, "choice"),
-]
+    # what no database stores is refused at the edge, naming the field (issue 36)
+    ("vote", b'{"pair_id": "nope", "choice": "a", "voter": "\\ud800"}', 422, "'voter'"),
+    ("vote", json.dumps({"pair_id": "nope", "choice": "a", "voter": "v" * 201}).encode(), 422,
+     "voter"),
+    ("chat", b'{"message": "hi \\udfff"}', 422, "'message' contains a lone surrogate"),
+    ("demonstration", b'{"pair_id": "nope", "text": "\\ud83d"}', 422, "'text'"),
+    ("chat", b"[" * 100_000, 400, "nested deeper"),
+    ("chat", b'{"message": "hi", "x": ' + b"[" * 40 + b"]" * 40 + b"}", 400, "nested deeper"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("route", "body", "status", "message"), BAD_REQUESTS)

@@ -574,3 +574,96 @@ def test_an_acknowledged_vote_whose_write_fails_is_tried_again_before_its_next_t
         threading.Event().wait(0.05)
     assert store_reads.pair(store, pair.pair_id)["vote"]["choice"] == "a"
     assert store_reads.pair(store, _turn(store, conv, "next").pair_id)["position"] == 2
+
+
+# --- what the database cannot hold is never acknowledged, and never blocks -----------------
+
+LONE_SURROGATE = "\ud800"
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"voter": LONE_SURROGATE}, "voter"),
+        ({"voter": "x" * 201}, "voter"),
+        ({"voter": "tab\tin a label"}, "voter"),
+        ({"choice": "both_bad", "demonstration": "mine" + LONE_SURROGATE}, "text"),
+        ({"session_id": "s" + LONE_SURROGATE}, "session_id"),
+        ({"voter": "nul\x00"}, "voter"),
+    ],
+)
+def test_a_vote_the_database_could_not_store_is_refused_before_its_journal_line(
+    store, options, field
+):
+    pair = _turn(store, store.create_conversation(), "q")
+    options = {"choice": "a", **options}
+    choice = options.pop("choice")
+    with pytest.raises(InvalidInputError, match=f"'{field}'") as refused:
+        store.acknowledge_vote(pair.pair_id, choice, **options)
+    assert refused.value.status == 422
+    with pytest.raises(InvalidInputError, match=f"'{field}'"):  # the writer's path alike
+        store.record_vote(pair.pair_id, choice, **options)
+    assert store._journal.read() == []  # nothing was acknowledged
+    assert store.acknowledge_vote(pair.pair_id, "a", voter="Ünïcode ok \u202e") is not None
+
+
+def _journal_line(vote_id: str, pair_id: str, voter: str | None) -> bytes:
+    from storage.vote_journal import JournaledVote
+
+    vote = JournaledVote(vote_id, pair_id, "a", voter, None, None, None, None, None, 1.7e9)
+    return json.dumps(dataclasses.asdict(vote)).encode() + b"\n"  # "\ud800" as its escape
+
+
+def test_a_journaled_vote_the_database_refuses_is_set_aside_and_the_app_starts(tmp_path):
+    """A journal written before the store refused such votes (the reported case: a voter label
+    with a lone surrogate, acknowledged, then replayed at every start and failing it)."""
+    from storage.vote_journal import journal_path
+
+    path = tmp_path / "db" / "app.duckdb"
+    store = Store(path)
+    bad = _turn(store, store.create_conversation(), "q1")
+    good = _turn(store, store.create_conversation(), "q2", text_a="kept")
+    store.close()
+    journal_path(path).write_bytes(
+        _journal_line("v-bad", bad.pair_id, LONE_SURROGATE)
+        + _journal_line("v-ok", good.pair_id, "me")
+    )
+    reopened = Store(path)  # raised InvalidInputException before the fix
+    try:
+        assert store_reads.pair(reopened, good.pair_id)["vote"]["id"] == "v-ok"
+        assert store_reads.pair(reopened, bad.pair_id)["vote"] is None
+        assert reopened.set_aside.count == 1
+        aside = reopened.set_aside.path
+        assert aside.stat().st_mode & 0o777 == 0o600  # it names sessions, may hold a user's text
+        kept = json.loads(aside.read_text().splitlines()[0])
+        assert kept["record"]["vote_id"] == "v-bad" and "surrogate" in kept["reason"]
+        assert journal_path(path).stat().st_size == 0  # nothing left to replay
+    finally:
+        reopened.close()
+    Store(path).close()  # and the next start is clean too
+
+
+def test_an_acknowledged_vote_the_database_refuses_is_set_aside_and_blocks_no_write(
+    store, monkeypatch
+):
+    """Defence in depth: were a check ever missed and such a vote acknowledged, the writer sets
+    it aside at once instead of retrying it forever while every other write waits."""
+    from storage import store as store_module
+
+    monkeypatch.setattr(store_module, "check_storable", lambda text, field: None)
+    monkeypatch.setattr(store_module, "validate_voter", lambda voter: voter)
+    monkeypatch.setattr(store_module, "RETRY_PAUSE_S", 60.0)  # a retry would stall the writer
+    bad_conv = store.create_conversation("s")
+    bad = _turn(store, bad_conv, "q")
+    assert store.acknowledge_vote(bad.pair_id, "a", session_id="s", voter=LONE_SURROGATE)
+    conv = store.create_conversation("s")
+    for n in range(5):  # other users' turns and votes go through the same writer
+        pair = _turn(store, conv, f"turn {n}")
+        store.record_vote(pair.pair_id, "b", session_id="s")
+    assert store.set_aside.count == 1
+    assert not store._acknowledged.retrying_in(bad_conv)  # not retried
+    assert store_reads.pair(store, bad.pair_id)["vote"] is None
+    assert store_reads.count(store, "votes") == 5
+    # its conversation is not stuck: the pair can be voted on again (checked against DuckDB)
+    assert store.acknowledge_vote(bad.pair_id, "b", session_id="s") is None
+    assert store.record_vote(bad.pair_id, "b", session_id="s").choice == "b"
