@@ -63,7 +63,13 @@ class SessionKeys:
         return f"{nonce}.{self._tag(b'session:', nonce)}"
 
     def is_valid(self, session_id: object) -> bool:
-        if not isinstance(session_id, str) or len(session_id) > MAX_SESSION_CHARS:
+        # An issued id is ASCII. Anything else (a cookie may carry any Latin-1 byte, a JSON body
+        # a lone surrogate) is refused here: `hmac.compare_digest` raises on non-ASCII text.
+        if (
+            not isinstance(session_id, str)
+            or len(session_id) > MAX_SESSION_CHARS
+            or not session_id.isascii()
+        ):
             return False
         nonce, _, tag = session_id.partition(".")
         return bool(nonce) and hmac.compare_digest(tag, self._tag(b"session:", nonce))
