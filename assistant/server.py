@@ -204,7 +204,9 @@ def build_app(config: AppConfig):
     constitution = active_constitution(config)  # before the engine: a bad file fails fast
     runtime = open_runtime(config)  # a read-only data directory is refused here, with the reason
     try:
-        sessions = SessionKeys.load_or_create(config.data_dir / "secrets" / "session.key")
+        sessions = SessionKeys.load_or_create(
+            config.data_dir / "secrets" / "session.key", config.serve.session_days
+        )
     except OSError as exc:
         _run_async_close(runtime)
         raise ConfigError(f"cannot write the session key under {config.data_dir}: {exc}") from exc

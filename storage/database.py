@@ -205,11 +205,14 @@ class Database:
             "description VARCHAR, applied_at TIMESTAMPTZ DEFAULT now())"
         )
         done = {r[0] for r in self._con.execute("SELECT version FROM schema_migrations").fetchall()}
-        for version, description, sql in MIGRATIONS:
+        for version, description, step in MIGRATIONS:
             if version in done:
                 continue
             with self._transaction() as con:
-                con.execute(sql)
+                if callable(step):
+                    step(con)
+                else:
+                    con.execute(step)
                 con.execute(
                     "INSERT INTO schema_migrations (version, description) VALUES (?, ?)",
                     [version, description],

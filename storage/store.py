@@ -8,6 +8,7 @@ The store speaks in plain dicts and dataclasses; it knows nothing of models, eng
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -35,6 +36,7 @@ from storage.request_writes import (
 from storage.rules import (
     BOTH_CANDIDATES,
     new_id,
+    session_hash,
     validate_choice,
 )
 from storage.version_records import VersionRecords
@@ -82,7 +84,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             self._journal.close()
 
     def _store_journaled_votes(self) -> None:
-        votes = self._journal.read()
+        votes = [_hashed_session(v) for v in self._journal.read()]
         if votes:
             stored = self._write(
                 lambda con: StoreAcknowledgedVote.run_batch(
@@ -366,6 +368,14 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             + (f" LIMIT {int(limit)}" if limit is not None else ""),
             params,
         )
+
+
+def _hashed_session(vote: JournaledVote) -> JournaledVote:
+    """A line journaled before session ids were hashed (migration 10) names the id itself
+    (`nonce.tag`; a hash has no dot): stored as its hash, like every other."""
+    if vote.session_id is None or "." not in vote.session_id:
+        return vote
+    return dataclasses.replace(vote, session_id=session_hash(vote.session_id))
 
 
 def _vote_write(
