@@ -132,9 +132,11 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
     from assistant.vllm_client import VLLMServerEngine
     from assistant.vllm_server import EmbeddedVLLMServer
     from storage import Store
+    from storage.private import private_folder
 
     config.validate()
     lora_rank = engine_lora_rank(config)  # raises before anything starts
+    private_folder(config.data_dir, ours=True)  # it holds the chats, their copies and secrets
     store = Store(config.database)  # fails fast on an unwritable path
     for run in store.fail_interrupted_runs():
         if run.get("job"):
