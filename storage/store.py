@@ -22,6 +22,7 @@ from typing import Any
 from storage.acknowledged_votes import AcknowledgedVotes, PairFacts
 from storage.cai_records import CAIRecords
 from storage.canaries import CanaryRecords
+from storage.compaction import compact_if_marked, mark_erasure
 from storage.database import Database
 from storage.errors import NotFoundError, StorageWriteError, StoreError
 from storage.request_writes import (
@@ -66,6 +67,8 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         journal = journal_path(path)
         if read_only and journal.exists() and journal.stat().st_size > 0:
             Store(path).close()  # a crash left acknowledged votes there: store them first
+        if not read_only:
+            compact_if_marked(path)  # a deletion the last run could not erase (a crash)
         self._acknowledged = AcknowledgedVotes()  # before any read (the migrations') waits on it
         super().__init__(path, read_only=read_only)
         self._journal: VoteJournal | None = None
@@ -82,6 +85,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         if self._journal is not None:
             self._journal.applied_through(self._acknowledged.journal_stored_through(), force=True)
             self._journal.close()
+            compact_if_marked(self.path)  # deleted conversations leave the file
 
     def _store_journaled_votes(self) -> None:
         votes = [_hashed_session(v) for v in self._journal.read()]
@@ -169,7 +173,10 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
 
     def delete_conversation(self, conversation_id: str) -> dict[str, int]:
         """Delete a conversation and everything recorded from it (messages, pairs, candidates,
-        votes, AI labels, critiques, the journal's lines). Returns the rows removed per table."""
+        votes, AI labels, critiques, the journal's lines). Returns the rows removed per table.
+        Their text leaves the database file when it is compacted (`storage.compaction`): when
+        the store closes, or opens after a crash."""
+        mark_erasure(self.path)  # first: a crash after the deletion still erases it
         with self._vote_lock:  # a vote on it now takes the writer's path (checked in DuckDB)
             self._acknowledged.forget_conversation(conversation_id)
         self._acknowledged.wait_stored()  # the ones acknowledged already are stored, to delete
