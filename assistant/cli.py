@@ -370,7 +370,7 @@ def cmd_push(args: argparse.Namespace, config: AppConfig) -> int:
     import shutil
     import tempfile
 
-    from assistant.hub import HubError, model_card, upload
+    from assistant.hub import HubError, model_card, public_name, strip_server_paths, upload
 
     rows = _versions(args, config)["versions"]
     version = next((r for r in rows if r["version"] == args.version), None)
@@ -383,7 +383,8 @@ def cmd_push(args: argparse.Namespace, config: AppConfig) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.version
         shutil.copytree(path, folder, symlinks=False)
-        (folder / "README.md").write_text(model_card(version, str(base)))
+        (folder / "README.md").write_text(model_card(version, public_name(str(base))))
+        strip_server_paths(folder, [config.data_dir, config.database.parent, path])
         print(f"pushed {args.version} to {upload(folder, args.repo, 'model', args.private)}")
     return 0
 
