@@ -98,3 +98,45 @@ def test_migration_hashes_the_ids_stored_before_it(tmp_path):
     assert rows == [{"id": "c1", "session_id": session_hash(raw)}, {"id": "c2", "session_id": None}]
     assert votes == [{"id": "v1", "session_id": session_hash(raw)},
                      {"id": "v2", "session_id": session_hash(raw)}]  # fmt: skip
+
+
+def test_the_app_replaces_a_bad_cookie_refuses_an_expired_id_and_stores_only_hashes(
+    tiny_app_factory, tmp_path
+):
+    """Through `assistant run` and real HTTP; the data directory as an earlier version left it."""
+    import os
+    import stat
+
+    import httpx
+
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o755)
+    app = tiny_app_factory(data_dir=data)
+    for cookie in (b"assistant_session=\xc3\xbc", b"assistant_session=1.a\xe9.b"):
+        page = httpx.get(app.url + "/", headers={"Cookie": cookie})
+        assert page.status_code == 200  # it was a 500 on every page request
+        assert page.headers["set-cookie"].startswith("assistant_session=")  # a new session
+    keys = SessionKeys.load_or_create(data / "secrets" / "session.key")
+    expired = keys.issue(now=time.time() - 31 * 86_400)
+    r = httpx.post(app.url + "/api/chat", json={"message": "hi"},
+                   headers={"X-Session-Id": expired}, timeout=60)  # fmt: skip
+    assert r.status_code == 403 and "expired session id" in r.json()["error"]
+    page = httpx.get(app.url + "/", cookies={"assistant_session": expired})
+    assert page.status_code == 200 and expired not in page.headers["set-cookie"]
+    session = app.new_session()
+    turn = httpx.post(app.url + "/api/chat", json={"message": "hi"}, headers=session, timeout=120)
+    assert turn.status_code == 200, turn.text
+    vote = {"pair_id": turn.json()["pair_id"], "choice": "a"}
+    assert httpx.post(app.url + "/api/vote", json=vote, headers=session).status_code == 200
+    app.stop()
+    issued = session["X-Session-Id"].encode()
+    assert not [p for p in data.rglob("*") if p.is_file() and issued in p.read_bytes()]
+    con = duckdb.connect(str(data / "assistant.duckdb"), read_only=True)
+    stored = con.execute(
+        "SELECT DISTINCT session_id FROM conversations UNION SELECT session_id FROM votes"
+    ).fetchall()
+    con.close()
+    assert stored == [(session_hash(session["X-Session-Id"]),)]
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "assistant.duckdb").stat().st_mode) == 0o600
