@@ -159,13 +159,13 @@ def build_api_router(
     router = APIRouter(prefix="/api")
 
     def session(request: Request, sent: str | None) -> str | None:
-        """An id sent explicitly (in the body or the header) must be one this server issued
-        (403 otherwise); a stale cookie is only ignored (the page gets a new one)."""
+        """The session's hash, what the service knows it by. An id sent explicitly (in the body
+        or the header) must be a live one this server issued (403 otherwise); a stale cookie is
+        only ignored (the page gets a new one)."""
         explicit = sent or request.headers.get(SESSION_HEADER)
         if explicit is not None:
             return sessions.check(explicit)
-        cookie = request.cookies.get(SESSION_COOKIE)
-        return cookie if sessions.is_valid(cookie) else None
+        return sessions.owner(request.cookies.get(SESSION_COOKIE))
 
     def client(request: Request) -> str | None:
         return sessions.client_tag(request.client.host if request.client else None)

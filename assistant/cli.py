@@ -11,6 +11,8 @@ answers at once.
   assistant rollback   serve an earlier version
   assistant prune      delete old checkpoints (serving, previous and the newest N stay)
   assistant push       push a version (model) or the votes (dataset) to the Hugging Face Hub
+  assistant compact    rewrite the database without what was deleted (the app does it when it
+                       stops)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
         ("--system-prompt", "serve", "system_prompt", "TEXT"),
         ("--variant-share", "serve", "variant_share", "FRACTION"),
         ("--retention-days", "serve", "retention_days", "DAYS"),
+        ("--session-days", "serve", "session_days", "DAYS"),
     ],
     "sampling (the two candidates)": [
         ("--temperature", "sampling", "temperature", "T"),
@@ -237,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete old checkpoints: keeps serving, previous and the newest --keep versions",
     )
     prune.add_argument("--keep", type=int, default=3, help="newest versions to keep (default 3)")
+    compact = sub.add_parser(
+        "compact",
+        help="rewrite the database file with only its live rows, while the app is stopped",
+        description="Rewrite the database file with only its live rows, so that the text of "
+        "deleted conversations is no longer in it (DuckDB's DELETE leaves it in the file). The "
+        "app does this by itself when it stops, and when it starts after a crash.",
+    )
+    _add_common(compact)
     for p in (retrain, versions, rollback, prune, push):
         _add_common(p)
         p.add_argument(
@@ -359,7 +370,7 @@ def cmd_push(args: argparse.Namespace, config: AppConfig) -> int:
     import shutil
     import tempfile
 
-    from assistant.hub import HubError, model_card, upload
+    from assistant.hub import HubError, model_card, public_name, strip_server_paths, upload
 
     rows = _versions(args, config)["versions"]
     version = next((r for r in rows if r["version"] == args.version), None)
@@ -372,7 +383,8 @@ def cmd_push(args: argparse.Namespace, config: AppConfig) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.version
         shutil.copytree(path, folder, symlinks=False)
-        (folder / "README.md").write_text(model_card(version, str(base)))
+        (folder / "README.md").write_text(model_card(version, public_name(str(base))))
+        strip_server_paths(folder, [config.data_dir, config.database.parent, path])
         print(f"pushed {args.version} to {upload(folder, args.repo, 'model', args.private)}")
     return 0
 
@@ -611,6 +623,14 @@ def cmd_prune(args: argparse.Namespace, config: AppConfig) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace, config: AppConfig) -> int:
+    from storage.compaction import compact
+
+    before, after = compact(config.database)  # refused while the app holds the database
+    print(f"compacted {config.database}: {before:,} -> {after:,} bytes")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -641,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_rollback(args, config)
         elif args.command == "push":
             return cmd_push(args, config)
+        elif args.command == "compact":
+            return cmd_compact(args, config)
     except AppError as exc:  # every error a user may be told about (storage.errors)
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -149,6 +149,12 @@ class ServeConfig:
         "0 keeps them",
         default=0.0,
     )
+    session_days: float = _help(
+        "a session id expires this many days after it was issued: the page then gets a new one "
+        "silently, an API client a 403 (and the conversations it started can no longer be "
+        "continued or deleted through it)",
+        default=30.0,
+    )
 
     @property
     def loopback_only(self) -> bool:
@@ -290,6 +296,7 @@ class AppConfig:
                 "loopback only, where the app expects it and picks its port",
             ),
             (s.retention_days >= 0, "--retention-days must be >= 0 (0 keeps conversations)"),
+            (s.session_days > 0, f"--session-days must be > 0, got {s.session_days}"),
             (0 < s.max_backlog_share <= 1, "--max-backlog-share must be in (0, 1]"),
             (
                 min(

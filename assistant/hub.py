@@ -86,6 +86,60 @@ These are people's conversations: publish them only with their consent.
 """
 
 
+def without_server_paths(value: Any) -> Any:
+    """A manifest with every absolute path left out: a mapping loses the key whose value is
+    one, a list the item. What is published names nothing on this server."""
+    if isinstance(value, dict):
+        return {k: without_server_paths(v) for k, v in value.items() if not _is_path(v)}
+    if isinstance(value, list):
+        return [without_server_paths(v) for v in value if not _is_path(v)]
+    return value
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and len(value) > 1 and Path(value).expanduser().is_absolute()
+
+
+def public_name(model: str) -> str:
+    """A model as a card may name it: a hub id as it is, a local folder by its last part."""
+    return Path(model).name if _is_path(model) else model
+
+
+# Where transformers and PEFT write the folder a checkpoint was loaded from.
+_NAME_OR_PATH = {
+    "config.json": "_name_or_path",
+    "tokenizer_config.json": "name_or_path",
+    "adapter_config.json": "base_model_name_or_path",
+}
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".gguf")  # not searched: hundreds of MB of numbers
+
+
+def strip_server_paths(folder: Path, server_paths: list[Path]) -> None:
+    """Before an upload: the manifest loses its absolute paths, transformers' and PEFT's configs
+    their `name_or_path` folder (down to its name); then no other file may still name one of
+    `server_paths` (HubError naming the file: nothing is sent)."""
+    import json
+
+    for path in folder.rglob("*.json"):
+        key = _NAME_OR_PATH.get(path.name)
+        if path.name != "manifest.json" and key is None:
+            continue
+        data = json.loads(path.read_text())
+        if path.name == "manifest.json":
+            data = without_server_paths(data)
+        elif isinstance(data, dict) and _is_path(data.get(key)):
+            data[key] = public_name(data[key])
+        path.write_text(json.dumps(data, indent=2, default=str))
+    needles = {str(p).encode() for root in server_paths for p in (root, root.resolve())}
+    for path in folder.rglob("*"):
+        searched = path.is_file() and path.suffix not in _WEIGHTS
+        if searched and any(n in path.read_bytes() for n in needles):
+            raise HubError(
+                f"{path.relative_to(folder)} names a path on this server: not pushed "
+                "(remove it from the version folder and push again)"
+            )
+
+
 def _login_token() -> str:
     from huggingface_hub import get_token
 

@@ -24,7 +24,7 @@ class PageAuth:
         cookie = _cookie(request, SESSION_COOKIE)
         client = getattr(request, "client", None)
         return {
-            "session_id": cookie if self.sessions.is_valid(cookie) else None,
+            "session_id": self.sessions.owner(cookie),  # its hash: the id stays in the cookie
             "client": self.sessions.client_tag(getattr(client, "host", None)),
         }
 

@@ -132,9 +132,11 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
     from assistant.vllm_client import VLLMServerEngine
     from assistant.vllm_server import EmbeddedVLLMServer
     from storage import Store
+    from storage.private import private_folder
 
     config.validate()
     lora_rank = engine_lora_rank(config)  # raises before anything starts
+    private_folder(config.data_dir, ours=True)  # it holds the chats, their copies and secrets
     store = Store(config.database)  # fails fast on an unwritable path
     for run in store.fail_interrupted_runs():
         if run.get("job"):
@@ -204,7 +206,9 @@ def build_app(config: AppConfig):
     constitution = active_constitution(config)  # before the engine: a bad file fails fast
     runtime = open_runtime(config)  # a read-only data directory is refused here, with the reason
     try:
-        sessions = SessionKeys.load_or_create(config.data_dir / "secrets" / "session.key")
+        sessions = SessionKeys.load_or_create(
+            config.data_dir / "secrets" / "session.key", config.serve.session_days
+        )
     except OSError as exc:
         _run_async_close(runtime)
         raise ConfigError(f"cannot write the session key under {config.data_dir}: {exc}") from exc

@@ -37,6 +37,7 @@ import duckdb
 
 from storage.errors import DatabaseInUseError, StorageWriteError, StoreError, WriteConflictError
 from storage.migrations import MIGRATIONS
+from storage.private import private_file, private_folder
 
 T = TypeVar("T")
 
@@ -71,13 +72,7 @@ class Database:
         self._cursors_lock = threading.Lock()
         self._group = _GroupCommit(self)
         if not read_only:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(
-                    f"cannot create the database folder {self.path.parent}: {exc.strerror}. "
-                    "Pass --db with a writable path."
-                ) from exc
+            private_folder(self.path.parent)  # DuckDB's WAL there gets the umask's mode
         elif not self.path.exists():
             raise StoreError(f"no database at {self.path}; start the app once or pass --db")
         try:
@@ -94,6 +89,7 @@ class Database:
                 "Pass --db with a writable path."
             ) from exc
         if not read_only:
+            private_file(self.path)
             self._migrate()
 
     def close(self) -> None:
@@ -205,11 +201,14 @@ class Database:
             "description VARCHAR, applied_at TIMESTAMPTZ DEFAULT now())"
         )
         done = {r[0] for r in self._con.execute("SELECT version FROM schema_migrations").fetchall()}
-        for version, description, sql in MIGRATIONS:
+        for version, description, step in MIGRATIONS:
             if version in done:
                 continue
             with self._transaction() as con:
-                con.execute(sql)
+                if callable(step):
+                    step(con)
+                else:
+                    con.execute(step)
                 con.execute(
                     "INSERT INTO schema_migrations (version, description) VALUES (?, ?)",
                     [version, description],

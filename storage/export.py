@@ -18,10 +18,12 @@ verdicts (`verdict_records`), which the reward models may pair across prompts
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from storage.errors import InvalidInputError
+from storage.private import private_fd
 
 FORMATS = ("trl", "hh", "sft")
 PREFERENCE_FORMATS = ("trl", "hh")
@@ -92,16 +94,17 @@ def verdict_records(rows: Iterable[dict]) -> list[dict]:
 
 
 def write_records(records: list[dict], path: Path) -> None:
-    """Write JSONL or Parquet, chosen by the file suffix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(records), path)
-    elif path.suffix in (".jsonl", ".json"):
-        with path.open("w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    else:
+    """Write JSONL or Parquet, chosen by the file suffix; the file is 0600 (it holds users'
+    conversations), also when it existed with wider rights."""
+    if path.suffix not in (".parquet", ".jsonl", ".json"):
         raise InvalidInputError(f"output must end in .jsonl or .parquet, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(private_fd(path, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(records), f)
+        else:
+            for r in records:
+                f.write((json.dumps(r, ensure_ascii=False) + "\n").encode())

@@ -1,6 +1,7 @@
 """Numbered schema migrations for the DuckDB file.
 
 Each entry is applied once, in order, inside a transaction, and recorded in `schema_migrations`.
+An entry is SQL, or a function of the connection where a rule lives in Python (one home each).
 Never edit a released migration: append a new one. The tables for the later stages (critiques,
 training runs, model versions, deployments) exist from the start so that a database written by
 this version can be read by the alignment loop without a rewrite.
@@ -8,7 +9,33 @@ this version can be read by the alignment loop without a rewrite.
 
 from __future__ import annotations
 
-MIGRATIONS: list[tuple[int, str, str]] = [
+from collections.abc import Callable
+
+import duckdb
+
+from storage.rules import session_hash
+
+
+def _hash_session_ids(con: duckdb.DuckDBPyConnection) -> None:
+    """Session ids are bearer tokens: replace the ones stored so far by their hash."""
+    for table in ("conversations", "votes"):
+        ids = con.execute(
+            f"SELECT DISTINCT session_id FROM {table} WHERE session_id IS NOT NULL"
+        ).fetchall()
+        if not ids:
+            continue
+        con.execute("CREATE OR REPLACE TEMP TABLE hashed_sessions (id VARCHAR, hash VARCHAR)")
+        con.executemany(
+            "INSERT INTO hashed_sessions VALUES (?, ?)", [(i, session_hash(i)) for (i,) in ids]
+        )
+        con.execute(
+            f"UPDATE {table} SET session_id = h.hash FROM hashed_sessions h "
+            f"WHERE {table}.session_id = h.id"
+        )
+        con.execute("DROP TABLE hashed_sessions")
+
+
+MIGRATIONS: list[tuple[int, str, str | Callable[[duckdb.DuckDBPyConnection], None]]] = [
     (
         1,
         "conversations, messages, candidate pairs, candidates, votes",
@@ -198,5 +225,10 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
         );
         """,
+    ),
+    (
+        10,
+        "session ids are kept only as their hash (an id is a bearer token)",
+        _hash_session_ids,
     ),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 import uuid
 
@@ -10,6 +11,15 @@ from storage.errors import InvalidInputError
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def session_hash(session_id: str) -> str:
+    """What the database keeps of a session id, the one place it is computed: its SHA-256 in
+    hex. An id is a bearer token (whoever holds it continues and deletes that session's chats);
+    its hash lets the rows be matched to the session without being one. Unkeyed is enough: an
+    id carries 96 random bits, too many to find from a hash by trying."""
+    # surrogatepass: an id from an old journal line may be any string; hashing never raises
+    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def version_name(number: int) -> str:

@@ -8,6 +8,7 @@ The store speaks in plain dicts and dataclasses; it knows nothing of models, eng
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 from storage.acknowledged_votes import AcknowledgedVotes, PairFacts
 from storage.cai_records import CAIRecords
 from storage.canaries import CanaryRecords
+from storage.compaction import compact_if_marked, mark_erasure
 from storage.database import Database
 from storage.errors import NotFoundError, StorageWriteError, StoreError
 from storage.request_writes import (
@@ -36,6 +38,7 @@ from storage.rules import (
     BOTH_CANDIDATES,
     check_storable,
     new_id,
+    session_hash,
     validate_choice,
     validate_voter,
 )
@@ -67,6 +70,8 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         journal = journal_path(path)
         if read_only and journal.exists() and journal.stat().st_size > 0:
             Store(path).close()  # a crash left acknowledged votes there: store them first
+        if not read_only:
+            compact_if_marked(path)  # a deletion the last run could not erase (a crash)
         self._acknowledged = AcknowledgedVotes()  # before any read (the migrations') waits on it
         super().__init__(path, read_only=read_only)
         self._journal: VoteJournal | None = None
@@ -84,12 +89,13 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         if self._journal is not None:
             self._journal.applied_through(self._acknowledged.journal_stored_through(), force=True)
             self._journal.close()
+            compact_if_marked(self.path)  # deleted conversations leave the file
 
     def _store_journaled_votes(self) -> None:
         """Votes a stop left in the journal, stored before anything else. One the database
         refuses is set aside, so that it can never stop the app from starting; a failure of
         the disk itself still does (nothing is dropped: the journal stays as it is)."""
-        votes = self._journal.read()
+        votes = [_hashed_session(v) for v in self._journal.read()]
         if votes:
             try:
                 stored = self._store_acknowledged_now(votes)
@@ -190,7 +196,10 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
 
     def delete_conversation(self, conversation_id: str) -> dict[str, int]:
         """Delete a conversation and everything recorded from it (messages, pairs, candidates,
-        votes, AI labels, critiques, the journal's lines). Returns the rows removed per table."""
+        votes, AI labels, critiques, the journal's lines). Returns the rows removed per table.
+        Their text leaves the database file when it is compacted (`storage.compaction`): when
+        the store closes, or opens after a crash."""
+        mark_erasure(self.path)  # first: a crash after the deletion still erases it
         with self._vote_lock:  # a vote on it now takes the writer's path (checked in DuckDB)
             self._acknowledged.forget_conversation(conversation_id)
         self._acknowledged.wait_stored()  # the ones acknowledged already are stored, to delete
@@ -397,6 +406,14 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def _hashed_session(vote: JournaledVote) -> JournaledVote:
+    """A line journaled before session ids were hashed (migration 10) names the id itself
+    (`nonce.tag`; a hash has no dot): stored as its hash, like every other."""
+    if vote.session_id is None or "." not in vote.session_id:
+        return vote
+    return dataclasses.replace(vote, session_id=session_hash(vote.session_id))
 
 
 def _vote_write(

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from storage.private import private_fd
+
 log = logging.getLogger(__name__)
 
 TRUNCATE_BYTES = 256 * 1024  # emptied once this large and fully applied (~1,300 votes)
@@ -153,8 +155,7 @@ class VoteJournal:
 def open_private(path: Path):
     """Unbuffered, appending, readable by the app's user only: the lines name sessions and may
     hold a reply a user wrote."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    return os.fdopen(fd, "ab", buffering=0)
+    return os.fdopen(private_fd(path, os.O_WRONLY | os.O_APPEND), "ab", buffering=0)
 
 
 def _whole(record: bytes) -> bool:

@@ -63,3 +63,39 @@ def test_export_push_offline_keeps_the_file_and_says_why(data_dir, monkeypatch, 
     args = ["export", "-o", str(out), "--push", "me/votes", "--data-dir", str(data_dir)]
     assert main(args) == 2
     assert out.exists() and "cannot reach the Hugging Face Hub" in capsys.readouterr().err
+
+
+def test_nothing_pushed_names_a_server_path(data_dir, monkeypatch, capsys):
+    """The version folder's manifest names the reward models' folder, and transformers' configs
+    the folder the weights came from: the upload carries neither."""
+    checkpoint = data_dir / "versions" / "v0001"
+    manifest = {**MANIFEST, "reward_model": str(data_dir / "versions" / "runs" / "rm"),
+                "sft": {"path": str(data_dir / "jobs" / "sft"), "steps": 3}}  # fmt: skip
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    (checkpoint / "config.json").write_text(
+        json.dumps({"_name_or_path": str(data_dir / "models" / "SmolLM2-135M-Instruct")})
+    )
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({"name_or_path": str(checkpoint)}))
+    sent: dict[str, bytes] = {}
+
+    def upload(folder, repo, repo_type, private):
+        sent.update({p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()})
+        return f"https://huggingface.co/{repo}"
+
+    monkeypatch.setattr("assistant.hub.upload", upload)
+    for args in (
+        ["push", "v0001", "--repo", "me/aligned", "--data-dir", str(data_dir)],
+        ["export", "-o", str(data_dir / "prefs.jsonl"), "--push", "me/votes",
+         "--data-dir", str(data_dir)],
+    ):  # fmt: skip
+        assert main(args) == 0, capsys.readouterr().err
+    assert {"manifest.json", "config.json", "README.md", "preferences.jsonl"} <= set(sent)
+    for name, body in sent.items():
+        assert str(data_dir).encode() not in body, name
+    assert json.loads(sent["manifest.json"])["gate"] == MANIFEST["gate"]  # the figures stay
+    assert json.loads(sent["config.json"]) == {"_name_or_path": "SmolLM2-135M-Instruct"}
+    assert b"reward_model" not in sent["manifest.json"]
+
+    (checkpoint / "notes.txt").write_text(f"trained in {data_dir}")  # anything else: refused
+    assert main(["push", "v0001", "--repo", "me/aligned", "--data-dir", str(data_dir)]) == 2
+    assert "notes.txt names a path on this server" in capsys.readouterr().err
