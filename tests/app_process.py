@@ -48,8 +48,10 @@ class AppProcess:
         data_dir: Path,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        repo: Path = REPO,
     ) -> None:
         self.env = env or {}
+        self.repo = repo  # the checkout whose code runs (a benchmark may compare two)
         self.requested_port = port or 0  # 0: the app binds a free one and says which
         self.port: int | None = port
         self.data_dir = data_dir
@@ -78,7 +80,11 @@ class AppProcess:
         started_at = self.log.stat().st_size if self.log.exists() else 0  # a restart appends
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env}
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.repo,
+                env={**os.environ, **self.env},
             )
         self.admin_token = {**os.environ, **self.env}.get("ASSISTANT_ADMIN_TOKEN")
         deadline = time.monotonic() + timeout
