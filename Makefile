@@ -25,7 +25,7 @@ test: install model browser
 	$(PY) -m pytest
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not browser"
+	$(PY) -m pytest -m "not slow and not browser and not cycle"
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

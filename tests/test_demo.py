@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.app_process import REPO
+
+pytestmark = pytest.mark.cycle  # a whole retrain cycle: make test-fast leaves it out
 
 
 def test_the_demo_shows_the_loop_learning_or_says_it_did_not(tmp_path):

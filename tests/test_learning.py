@@ -14,6 +14,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 
 from alignment.config import GateConfig
 from tests.app_process import DEPLOY_AT_THE_GATE, AppProcess, chat_turns, two_style_app_args
@@ -22,6 +23,8 @@ from tests.tiny_model import (
     TWO_STYLE_RETRAIN_CONFIG,
     likes_cheerful,
 )
+
+pytestmark = pytest.mark.cycle  # a whole retrain cycle: make test-fast leaves it out
 
 TOKEN = "learning-token"
 RETRAIN_CONFIG = TWO_STYLE_RETRAIN_CONFIG
