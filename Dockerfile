@@ -26,6 +26,7 @@ COPY alignment alignment
 COPY ui ui
 COPY storage storage
 COPY bench bench
+COPY harness harness
 COPY examples examples
 RUN make install EXTRAS=cpu
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.generation import PROMPTS
-from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from harness.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 TOKEN = "bench-token"
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
-from tests.tiny_model import (
+from harness.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from harness.tiny_model import (
     TOPICS,
     TWO_STYLE_RETRAIN_CONFIG,
     build_two_style_checkpoint,

@@ -52,7 +52,7 @@ from bench.smol_learning import (
     v0_and_deployed,
     words,
 )
-from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from harness.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 SENTENCE = re.compile(r"[^.!?]*[.!?]+(?=\s|$)")
 LIKES = FAMILIES["complete"]

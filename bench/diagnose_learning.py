@@ -34,7 +34,7 @@ def main() -> None:
     from assistant.config import EngineConfig
     from assistant.vllm_client import VLLMServerEngine
     from assistant.vllm_server import EmbeddedVLLMServer
-    from tests.tiny_model import (
+    from harness.tiny_model import (
         CHEERFUL,
         PLAIN,
         TOPICS,

@@ -22,7 +22,7 @@ import httpx
 
 from assistant.config import EngineConfig
 from assistant.vllm_server import EmbeddedVLLMServer
-from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from harness.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [

@@ -201,7 +201,7 @@ def main() -> None:
 
     from assistant.config import EngineConfig
     from assistant.vllm_server import EmbeddedVLLMServer
-    from tests.tiny_model import (
+    from harness.tiny_model import (
         TOPICS,
         TWO_STYLE_RETRAIN_CONFIG,
         build_two_style_checkpoint,

@@ -201,8 +201,8 @@ def main() -> None:
 
     from assistant.config import EngineConfig
     from assistant.vllm_server import EmbeddedVLLMServer
-    from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
-    from tests.tiny_model import build_tiny_checkpoint
+    from harness.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
+    from harness.tiny_model import build_tiny_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=32)

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.app_process import REPO, AppProcess
-from tests.conftest import TINY_MAX_MODEL_LEN, tiny_app_args
+from harness.app_process import REPO, TINY_MAX_MODEL_LEN, AppProcess, tiny_app_args
 
 POISON = b'{"pair_id": "%s", "choice": "a", "voter": "\\ud800"}'
 
@@ -129,7 +128,7 @@ def main() -> None:
 
     from assistant.config import EngineConfig
     from assistant.vllm_server import EmbeddedVLLMServer
-    from tests.tiny_model import build_tiny_checkpoint
+    from harness.tiny_model import build_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench-poison-") as tmp:
         work = Path(tmp)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tests.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
-from tests.test_e2e_smollm2 import CHROMIUM, CHROMIUM_ARGS
+from harness.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from harness.browser import CHROMIUM, CHROMIUM_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What should I pack for a day of hiking?"

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
+from harness.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SMOL = REPO / "data/models/SmolLM2-135M-Instruct"

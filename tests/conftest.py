@@ -11,18 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_process import (
+from harness.app_process import (
     ADMIN_TOKEN,
     DEPLOY_AT_THE_GATE,
     MANY_USERS_ON_ONE_ADDRESS,
+    TINY_MAX_MODEL_LEN,
     AppProcess,
+    tiny_app_args,
 )
-from tests.tiny_model import build_tiny_checkpoint, build_two_style_checkpoint
+from harness.tiny_model import build_tiny_checkpoint, build_two_style_checkpoint
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REPO = Path(__file__).resolve().parents[1]
 SMOL_DIR = REPO / "data" / "models" / "SmolLM2-135M-Instruct"
-TINY_MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="session")
@@ -72,26 +73,6 @@ def restores_tiny_engine(tiny_engine_url, tiny_model_dir) -> Iterator[None]:
             await engine.aclose()
 
     asyncio.run(restore())
-
-
-def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
-    """`assistant run` flags for an app on the shared tiny engine: short, varied replies; no
-    background critique worker unless a test asks for it (it would load the shared engine); and
-    simulated users vote instantly, so their votes are not flagged as too fast to have read."""
-    return [
-        "--reading-words-per-second",
-        "0",
-        "--vllm-url",
-        engine_url,
-        "--max-new-tokens",
-        "16",
-        "--temperature",
-        "1.0",
-        *([] if cai else ["--no-cai"]),
-        *MANY_USERS_ON_ONE_ADDRESS,
-        *DEPLOY_AT_THE_GATE,
-        *extra,
-    ]
 
 
 @pytest.fixture

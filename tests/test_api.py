@@ -10,9 +10,9 @@ import duckdb
 import httpx
 import pytest
 
+from harness.app_process import ADMIN_TOKEN
 from storage import Store
 from tests import store_reads
-from tests.app_process import ADMIN_TOKEN
 
 
 def chat(app, message="Hello there", conversation_id=None, **extra):

@@ -22,8 +22,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.app_process import AppProcess, chat_turns, two_style_app_args
-from tests.tiny_model import TOPICS, TWO_STYLE_RETRAIN_CONFIG, likes_cheerful
+from harness.app_process import AppProcess, chat_turns, two_style_app_args
+from harness.tiny_model import TOPICS, TWO_STYLE_RETRAIN_CONFIG, likes_cheerful
 
 pytestmark = pytest.mark.cycle  # a whole retrain cycle: make test-fast leaves it out
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.app_process import REPO
+from harness.app_process import REPO
 
 pytestmark = pytest.mark.cycle  # a whole retrain cycle: make test-fast leaves it out
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.test_e2e_smollm2 import CHROMIUM, CHROMIUM_ARGS
+from harness.browser import CHROMIUM, CHROMIUM_ARGS
 
 
 @pytest.mark.browser

@@ -11,18 +11,9 @@ import duckdb
 import httpx
 import pytest
 
-pytestmark = pytest.mark.slow
+from harness.browser import CHROMIUM, CHROMIUM_ARGS
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
+pytestmark = pytest.mark.slow
 
 
 def test_http_round_trip_vote_is_in_duckdb_after_shutdown(smol_app):

@@ -10,7 +10,7 @@ import pytest
 
 from assistant.engine import EngineError, PromptTooLongError
 from assistant.vllm_client import VLLMServerEngine
-from tests.tiny_model import build_tiny_checkpoint
+from harness.tiny_model import build_tiny_checkpoint
 
 # Seeded sampling is reproducible (vLLM does not allow n=2 at temperature 0).
 SEEDED = {"temperature": 1.0, "max_tokens": 12}

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.app_process import AppProcess
+from harness.app_process import AppProcess
 
 
 def test_app_restarts_a_dead_engine_and_says_so(tiny_model_dir, tmp_path):

@@ -20,10 +20,9 @@ import httpx
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from harness.app_process import ADMIN_TOKEN, AppProcess, chat_turns, tiny_app_args
 from storage import Store
 from tests import store_reads
-from tests.app_process import ADMIN_TOKEN, AppProcess, chat_turns
-from tests.conftest import tiny_app_args
 
 ROUTES = [
     ("POST", "/api/session"),

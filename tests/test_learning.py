@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from alignment.config import GateConfig
-from tests.app_process import DEPLOY_AT_THE_GATE, AppProcess, chat_turns, two_style_app_args
-from tests.tiny_model import (
+from harness.app_process import DEPLOY_AT_THE_GATE, AppProcess, chat_turns, two_style_app_args
+from harness.tiny_model import (
     TOPICS,
     TWO_STYLE_RETRAIN_CONFIG,
     likes_cheerful,

@@ -14,8 +14,8 @@ import duckdb
 import httpx
 import pytest
 
-from tests.app_process import ADMIN_TOKEN
-from tests.test_e2e_smollm2 import CHROMIUM, CHROMIUM_ARGS
+from harness.app_process import ADMIN_TOKEN
+from harness.browser import CHROMIUM, CHROMIUM_ARGS
 
 
 def _turn(app, message: str, session: dict) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.app_process import REPO, ready_port
+from harness.app_process import REPO, ready_port
 
 # After the app exits (still inside the namespace, where the tmpfs lives), open the database as
 # the next start would (which stores the votes acknowledged from the journal that DuckDB could

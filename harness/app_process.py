@@ -26,6 +26,7 @@ MANY_USERS_ON_ONE_ADDRESS = [
 # A version that passes the gate serves at once instead of first facing the users as a canary
 # challenger: for tests and benchmarks that measure a deployed version (the canary has its own).
 DEPLOY_AT_THE_GATE = ["--canary-share", "0"]
+TINY_MAX_MODEL_LEN = 512  # the tiny model's engines: short prompts and replies only
 
 
 READY_LINE = re.compile(rb"\[app\] ready on http://[^\s:]+:(\d+)")
@@ -166,3 +167,23 @@ def two_style_app_args(model: Path, retrain_config: Path) -> list[str]:
         "--retrain-config", str(retrain_config),
         *MANY_USERS_ON_ONE_ADDRESS,
     ]  # fmt: skip
+
+
+def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
+    """`assistant run` flags for an app on the shared tiny engine: short, varied replies; no
+    background critique worker unless a test asks for it (it would load the shared engine); and
+    simulated users vote instantly, so their votes are not flagged as too fast to have read."""
+    return [
+        "--reading-words-per-second",
+        "0",
+        "--vllm-url",
+        engine_url,
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "1.0",
+        *([] if cai else ["--no-cai"]),
+        *MANY_USERS_ON_ONE_ADDRESS,
+        *DEPLOY_AT_THE_GATE,
+        *extra,
+    ]
