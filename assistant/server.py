@@ -26,7 +26,9 @@ BASE_VERSION = version_name(0)
 # Gradio routes this page never uses, each a way in for someone else's data: uploads (an open file
 # drop served back by URL), recordings (any size, into temp files never deleted), deep links (a
 # file per call, holding the session's component values: the admin token typed into a tab among
-# them) and the run history.
+# them), the run history, and files: the page serves none, and `file=https://...` fetches any
+# public URL for anyone (an open proxy); `proxy=` relays Spaces loaded with gr.load (none here).
+# Each is closed with its sub-paths and `=` arguments (`/gradio_api/file=...`, `.../file/...`).
 CLOSED_GRADIO_ROUTES = (
     "/gradio_api/upload",
     "/gradio_api/upload_progress",
@@ -34,7 +36,14 @@ CLOSED_GRADIO_ROUTES = (
     "/gradio_api/deep_link",
     "/gradio_api/runs",
     "/gradio_api/run-history",
+    "/gradio_api/file",
+    "/gradio_api/proxy",
 )
+
+
+def closed_gradio_route(path: str) -> bool:
+    path = path.rstrip("/")
+    return any(path == r or path.startswith((r + "/", r + "=")) for r in CLOSED_GRADIO_ROUTES)
 
 
 @dataclass
@@ -272,9 +281,7 @@ def build_app(config: AppConfig):
 
     @app.middleware("http")
     async def close_unused_gradio_routes(request, call_next):
-        # Gradio's file route only serves the page's own assets (it refuses anything else).
-        path = request.url.path.rstrip("/")
-        if any(path == r or path.startswith(r + "/") for r in CLOSED_GRADIO_ROUTES):
+        if closed_gradio_route(request.url.path):
             return JSONResponse({"error": "this app does not offer that route"}, status_code=403)
         return await call_next(request)
 

@@ -118,9 +118,28 @@ def test_another_sessions_conversation_cannot_be_continued_or_voted_in(tiny_app)
     assert resp.status_code == 200, resp.text  # the owner still can: the refusals stored nothing
 
 
+def gradio_call(app, name: str, data: list | None = None, cookie: bytes | None = None) -> str:
+    """Call a page handler by name through Gradio's API, as anyone can (`/gradio_api/info`
+    lists them); the event stream of its answer."""
+    headers = {"Cookie": cookie} if cookie else {}
+    r = httpx.post(
+        f"{app.url}/gradio_api/call/{name}", json={"data": data or []}, headers=headers, timeout=30
+    )
+    assert r.status_code == 200, r.text
+    event = r.json()["event_id"]
+    return httpx.get(f"{app.url}/gradio_api/call/{name}/{event}", headers=headers, timeout=60).text
+
+
 def test_page_serves_no_files_beyond_its_own(tiny_app):
-    # Gradio's file route refuses anything outside the page's assets: the database, the
-    # source, system files, traversal; its upload route (the page takes no files) is closed.
+    # The page serves no files: Gradio's file route is closed, so neither the database, the
+    # source, system files nor traversal; nor any URL (`file=https://...` fetched any public
+    # URL for anyone: an open proxy); nor its upload route (the page takes no files).
+    health = f"http://127.0.0.1:{tiny_app.port}/api/health"
+    for path in (f"/gradio_api/file={health}", f"/gradio_api/file/{health}",
+                 "/gradio_api/file=https://127.0.0.1/", "/gradio_api/proxy=https://127.0.0.1/",
+                 "/gradio_api/file=pyproject.toml"):  # fmt: skip
+        resp = httpx.get(tiny_app.url + path)
+        assert resp.status_code == 403 and "does not offer" in resp.json()["error"], path
     for path in (
         f"/gradio_api/file={tiny_app.db}",
         "/gradio_api/file=/etc/passwd",
