@@ -206,6 +206,7 @@ def build_app(config: AppConfig):
     from assistant.canary_service import CanaryService
     from assistant.chat_service import ChatService
     from assistant.engine_watch import EngineWatch
+    from assistant.limits import BodyLimit
     from assistant.openai_api import build_openai_router
     from assistant.page_auth import PageAuth
     from assistant.sessions import SESSION_COOKIE, SessionKeys
@@ -272,6 +273,8 @@ def build_app(config: AppConfig):
         docs_url="/api/docs",  # Swagger UI (its scripts come from a CDN: online only)
         redoc_url=None,
     )
+    # Innermost of the middlewares below: a closed route or a wrong host costs no body.
+    app.add_middleware(BodyLimit)
     if "*" not in config.serve.allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 

@@ -109,22 +109,35 @@ def test_one_address_gets_its_share_of_the_backlog_not_all_of_it(tiny_app_factor
 
 
 def test_request_bodies_are_refused_while_they_arrive(tiny_app):
-    def chunks():  # no Content-Length: the server only learns the size by reading
-        yield b'{"message": "'
+    def chunks(opening: bytes = b'{"message": "'):  # no Content-Length: the server only learns
+        yield opening  # the size by reading
         for _ in range(64):
             yield b"x" * 8192
         yield b'"}'
 
-    r = httpx.post(tiny_app.url + "/api/chat", content=chunks(), timeout=30)
-    assert r.status_code == 413 and "bytes" in r.json()["error"]
+    # Gradio's routes that take a body, the JSON API and the admin sign-in: one limit
+    gradio = b'{"data": ["', b'{"fn_index": 0, "session_hash": "s", "data": ["'
+    for path, opening in [
+        ("/gradio_api/call/who", gradio[0]),
+        ("/gradio_api/queue/join", gradio[1]),
+        ("/gradio_api/component_server", gradio[0]),
+        ("/api/chat", b'{"message": "'),
+        ("/admin/login", b"token="),
+    ]:
+        r = httpx.post(tiny_app.url + path, content=chunks(opening), timeout=30)
+        assert r.status_code == 413 and "bytes" in r.json()["error"], (path, r.text[:200])
     # a declared size over the limit is refused before any of the body is read
-    with socket.create_connection(("127.0.0.1", tiny_app.port), timeout=30) as sock:
-        sock.sendall(
-            b"POST /api/vote HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000000000\r\n\r\n{"
-        )
-        answer = sock.recv(4096).decode()
-    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    for path in (b"/api/vote", b"/gradio_api/queue/join"):
+        with socket.create_connection(("127.0.0.1", tiny_app.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n{"
+            )
+            answer = sock.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    # a body within the limit still reaches Gradio whole
+    r = httpx.post(tiny_app.url + "/gradio_api/call/who", json={"data": []}, timeout=30)
+    assert r.status_code == 200 and r.json()["event_id"]
 
 
 def test_a_scheduled_cycle_on_one_sessions_votes_is_refused_with_the_reason(
