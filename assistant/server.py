@@ -201,6 +201,7 @@ def build_app(config: AppConfig):
 
     from alignment.critic import CAIWorker, Critic
     from alignment.scheduler import RetrainScheduler
+    from assistant.admin import AdminSignIns
     from assistant.admin_login import build_admin_login_router
     from assistant.api import build_api_router, install_error_handler, set_session_cookie
     from assistant.canary_service import CanaryService
@@ -301,12 +302,13 @@ def build_app(config: AppConfig):
 
     install_error_handler(app)
     app.include_router(build_api_router(service, sessions, runtime.loop, cai, canary, variants))
-    app.include_router(build_admin_login_router(sessions))
+    sign_ins = AdminSignIns()
+    app.include_router(build_admin_login_router(sign_ins))
     app.include_router(build_openai_router(service, sessions))
     app.state.service = service
     app.state.runtime = runtime
     page = build_page(
-        service, PageAuth(sessions), runtime.loop, cai, scheduler, canary, variants
+        service, PageAuth(sessions, sign_ins), runtime.loop, cai, scheduler, canary, variants
     ).queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(
         app, page, path="/", css=CSS, footer_links=["api"], run_history=False, max_file_size="1kb"

@@ -194,3 +194,57 @@ def test_session_ids_are_checked_by_their_tag(tmp_path):
     again = SessionKeys.load_or_create(tmp_path / "secrets" / "session.key")
     assert again.is_valid(issued)  # sessions outlive a restart
     assert keys.client_tag("10.0.0.1") == again.client_tag("10.0.0.1") != keys.client_tag("x")
+
+
+def test_the_admin_sign_in_is_throttled_secure_over_https_and_ended_by_signing_out(monkeypatch):
+    """/admin/login in-process (the scheme as uvicorn reports it, https behind a TLS proxy)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from assistant.admin import ADMIN_COOKIE, AdminSignIns
+    from assistant.admin_login import WRONG_PER_ADDRESS, build_admin_login_router
+
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "right")
+    sign_ins = AdminSignIns()
+    app = FastAPI()
+    app.include_router(build_admin_login_router(sign_ins))
+    https = TestClient(app, base_url="https://testserver", follow_redirects=False)
+    plain = TestClient(app, base_url="http://testserver", follow_redirects=False)
+
+    signed_in = https.post("/admin/login", data={"token": "right"})
+    assert signed_in.status_code == 303
+    set_cookie = signed_in.headers["set-cookie"].lower()
+    assert "secure" in set_cookie and "httponly" in set_cookie and "samesite=strict" in set_cookie
+    assert (
+        "secure"
+        not in plain.post("/admin/login", data={"token": "right"}).headers["set-cookie"].lower()
+    )
+    cookie = signed_in.cookies[ADMIN_COOKIE]
+    assert sign_ins.problem(cookie) is None
+    # signing out forgets the sign-in on the server: a copy of the cookie is refused after it
+    out = https.post("/admin/logout", headers={"Cookie": f"{ADMIN_COOKIE}={cookie}"})
+    assert out.status_code == 303 and "secure" in out.headers["set-cookie"].lower()
+    assert "sign in" in sign_ins.problem(cookie)
+    for made_up in ("1.\xe9", "\xb2.x", "", None):  # nothing a browser sends is an error
+        assert sign_ins.problem(made_up) is not None
+
+    for _ in range(WRONG_PER_ADDRESS):
+        assert https.post("/admin/login", data={"token": "guess"}).status_code == 401
+    refused = https.post("/admin/login", data={"token": "right"})  # refused before it is compared
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+    assert "too many wrong admin tokens" in refused.text
+
+
+def test_admin_sign_ins_expire_and_stay_bounded(monkeypatch):
+    from assistant.admin import MAX_LIVE_SIGN_INS, AdminSignIns
+
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "right")
+    sign_ins = AdminSignIns(max_age_s=60)
+    first = sign_ins.issue(now=0.0)
+    assert sign_ins.problem(first, now=59.0) is None
+    assert sign_ins.problem(first, now=61.0) is not None  # expired, and forgotten
+    for i in range(MAX_LIVE_SIGN_INS + 5):
+        sign_ins.issue(now=100.0 + i * 1e-6)
+    assert len(sign_ins) == MAX_LIVE_SIGN_INS  # the oldest went first
+    sign_ins.issue(now=1000.0)
+    assert len(sign_ins) == 1
