@@ -166,6 +166,36 @@ def test_page_serves_no_files_beyond_its_own(tiny_app):
     assert httpx.get(tiny_app.url + "/").status_code == 200  # the page itself still loads
 
 
+def test_the_admin_tab_answers_a_signed_in_admin_only(tiny_app):
+    """Every Admin-tab handler is callable by name through Gradio's API; the refresh (a scan of
+    every version's replies, which shows server paths) answers nobody but a signed-in admin,
+    and a sign-out ends the sign-in on the server, for every copy of the cookie."""
+    info = httpx.get(tiny_app.url + "/gradio_api/info", timeout=30).json()["named_endpoints"]
+    refreshes = [n[1:] for n, e in info.items() if n.startswith("/refresh") and not e["parameters"]]
+    assert len(refreshes) >= 3, list(info)
+
+    def tab(cookie: bytes | None) -> str:
+        return "".join(gradio_call(tiny_app, name, cookie=cookie) for name in refreshes)
+
+    assert "v0000" not in tab(None)  # the version table stays empty
+    # a cookie that is no sign-in, non-ASCII included, is refused in words, not with an error
+    for made_up in (b"assistant_admin=1.\xe9", b"assistant_admin=\xb2.x", b"assistant_admin=x"):
+        answer = gradio_call(tiny_app, "who", cookie=made_up)
+        assert "event: complete" in answer and "Not signed in" in answer, answer
+        assert "v0000" not in tab(made_up)
+    login = httpx.post(tiny_app.url + "/admin/login", data={"token": ADMIN_TOKEN})
+    assert login.status_code == 303 and "Secure" not in login.headers["set-cookie"]  # plain HTTP
+    cookie = f"assistant_admin={login.cookies['assistant_admin']}".encode()
+    assert ADMIN_TOKEN not in cookie.decode()
+    assert "Signed in as admin" in gradio_call(tiny_app, "who", cookie=cookie)
+    assert "v0000" in tab(cookie)
+    out = httpx.post(tiny_app.url + "/admin/logout", headers={"Cookie": cookie})
+    assert out.status_code == 303
+    # the copy this client kept of the cookie is dead too: the server forgot the sign-in
+    assert "Not signed in" in gradio_call(tiny_app, "who", cookie=cookie)
+    assert "v0000" not in tab(cookie)
+
+
 def test_message_longer_than_context_is_413(tiny_app):
     # Within the character limit but far beyond the tiny engine's 512-token window.
     resp = chat(tiny_app, "gravity spacetime curvature " * 140)
