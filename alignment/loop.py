@@ -25,6 +25,9 @@ from storage import AppError, ConflictError, Store
 from storage.export import preference_records, verdict_records
 
 log = logging.getLogger(__name__)
+# What anyone may read of a failed cycle (the page's status line): the error itself can name
+# paths and the engine's URL; it goes to the log and the run's record.
+CYCLE_FAILED = "the cycle failed; the server log says why"
 
 
 class AlignmentLoop:
@@ -77,7 +80,8 @@ class AlignmentLoop:
                 self.last = await self._cycle()
                 return self.last
             except Exception as exc:
-                self.last = {"status": "failed", "error": str(exc)}
+                said = exc.public() if isinstance(exc, AppError) else CYCLE_FAILED
+                self.last = {"status": "failed", "error": str(exc), "public_error": said}
                 raise
             finally:
                 self.stage = "idle"
@@ -144,13 +148,13 @@ class AlignmentLoop:
         self.stage = "training"
         started = time.perf_counter()
         self.events = []
-        with open(job / "worker.log", "wb") as log:
+        with open(job / "worker.log", "wb") as worker_log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "alignment.worker",
                 str(job),
-                stdout=log,
+                stdout=worker_log,
                 stderr=asyncio.subprocess.STDOUT,
                 preexec_fn=die_with_parent,  # an app that dies takes its cycle with it
             )
@@ -165,7 +169,13 @@ class AlignmentLoop:
                 else (f"worker exited with code {code}")
             )
             await asyncio.to_thread(self.store.finish_run, run_id, "failed", None, error)
-            return {"status": "failed", "version": version, "error": error.splitlines()[0]}
+            log.warning("cycle %s failed: %s", version, error.splitlines()[0])
+            return {
+                "status": "failed",
+                "version": version,
+                "error": error.splitlines()[0],
+                "public_error": CYCLE_FAILED,
+            }
         result = JobResult.read(job)
         metrics = {
             "reward": result.reward,
