@@ -2,9 +2,10 @@
 
 Admin actions (retrain, rollback) need `ASSISTANT_ADMIN_TOKEN`. When `assistant run` starts
 without it, it uses the token stored in DATA_DIR/secrets/admin-token (generated on the first run,
-readable only by the user) and prints it, as Jupyter prints its token, so the Admin tab works at
-once; the CLI reads the same file. A token set in the environment is used and never printed. The
-comparison is constant-time.
+readable only by the user); the start that generates it prints it, as Jupyter prints its token, so
+the Admin tab works at once, and later starts print only where it is stored (a token printed on
+every start ends up in every log the output goes to). The CLI reads the same file. A token set in
+the environment is used and never printed. The comparison is constant-time.
 """
 
 from __future__ import annotations
@@ -35,20 +36,22 @@ def stored_admin_token(data_dir: Path) -> str | None:
         return None
 
 
-def ensure_admin_token(data_dir: Path) -> Path | None:
+def ensure_admin_token(data_dir: Path) -> tuple[Path, bool] | None:
     """With ASSISTANT_ADMIN_TOKEN unset, make the stored token (created private on the first
-    run) this process's admin token and return its file, for the caller to print; else None.
-    Set, it is used as it is; set to an empty value, admin actions are off."""
+    run) this process's admin token; return its file and whether it was generated now, for the
+    caller to say so; else None. Set, it is used as it is; set to an empty value, admin actions
+    are off."""
     if environment.admin_token_chosen():
         return None
     path = data_dir / TOKEN_FILE
-    if stored_admin_token(data_dir) is None:
+    generated = stored_admin_token(data_dir) is None
+    if generated:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(24) + "\n")
     environment.use_admin_token(stored_admin_token(data_dir) or "")
-    return path
+    return path, generated
 
 
 class AdminError(AppError):

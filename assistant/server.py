@@ -395,17 +395,20 @@ def serve(config: AppConfig) -> None:
     environment.turn_off_gradio_analytics()
     app = build_app(config)
     try:
-        generated = ensure_admin_token(config.data_dir)
+        stored = ensure_admin_token(config.data_dir)
     except OSError as exc:
         raise ConfigError(f"cannot store the admin token under {config.data_dir}: {exc}") from exc
     host = f"[{config.serve.host}]" if ":" in config.serve.host else config.serve.host
     print(f"[app] ready on http://{host}:{port}", file=sys.stderr, flush=True)
-    if generated is not None:
+    if stored is not None:
+        path, generated = stored
+        # The start that generates the token prints it; later starts only say where it is, so
+        # their output (journald, docker logs) never holds it.
+        token = f"{environment.admin_token()}\n      " if generated else ""
         print(
-            "[app] admin token (the Admin tab's sign-in, `Authorization: Bearer ...`): "
-            f"{environment.admin_token()}\n"
-            f"      stored in {generated} (readable only by you); set ASSISTANT_ADMIN_TOKEN "
-            "to choose your own",
+            f"[app] admin token (the Admin tab's sign-in, `Authorization: Bearer ...`): {token}"
+            f"stored in {path} (readable only by you); set ASSISTANT_ADMIN_TOKEN to choose your "
+            "own",
             file=sys.stderr,
             flush=True,
         )

@@ -236,6 +236,12 @@ def test_run_without_a_token_generates_one_prints_it_and_the_cli_uses_it(
     assert refused.returncode == 2
     assert "retrains with the settings it was started with" in refused.stderr
     app.stop()
+    # later starts say where the token is, not what it is (their output lands in logs)
+    before = app.log.stat().st_size
+    again = tiny_app_factory(data_dir=data)
+    said = app.log.read_bytes()[before:].decode()
+    assert f"stored in {stored}" in said and token not in said
+    again.stop()
     # a token set in the environment is used as it is and never printed
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "chosen-token")
     again = tiny_app_factory(data_dir=data)
