@@ -39,6 +39,7 @@ class AlignmentLoop:
         preset: str = "default",
         on_progress: Callable[[dict], None] | None = None,
         *,
+        worker_environment: Callable[[], dict[str, str]] | None = None,
         keep_versions: int = 5,
         ai_label_weight: float = 0.5,
         overrides: dict | None = None,
@@ -56,6 +57,9 @@ class AlignmentLoop:
         self.data_dir = data_dir
         self.preset = preset
         self.on_progress = on_progress
+        # The worker's environment, made when it starts (None: this process's): the app's
+        # leaves out its secrets (`assistant.environment.child_environment`).
+        self.worker_environment = worker_environment
         self.lock = asyncio.Lock()
         self.stage = "idle"
         self.events: list[dict] = []  # the running (or last) cycle's progress lines
@@ -156,6 +160,7 @@ class AlignmentLoop:
                 str(job),
                 stdout=worker_log,
                 stderr=asyncio.subprocess.STDOUT,
+                env=self.worker_environment() if self.worker_environment else None,
                 preexec_fn=die_with_parent,  # an app that dies takes its cycle with it
             )
             code = await self._follow(proc, job / "progress.jsonl")

@@ -186,6 +186,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
         config.data_dir,
         config.retrain_preset,
         on_progress,
+        worker_environment=environment.child_environment,
         keep_versions=config.loop.keep_versions,
         ai_label_weight=config.cai.ai_label_weight,
         overrides=config.retrain_overrides(),
