@@ -308,6 +308,9 @@ def test_one_yaml_file_holds_every_setting_and_flags_override_it(tmp_path):
         ("colour: blue\n", "unknown setting 'colour'"),
         # derived from the retrain config's ppo.lora_rank, so not a setting that could be ignored
         ("engine: {max_lora_rank: 64}\n", "unknown setting engine.max_lora_rank"),
+        # the embedded engine's dev endpoints (pause, weight reload, adapters) stay on its private
+        # socket: no setting puts them on a TCP port that every local user can reach
+        ("engine: {engine_port: 8001}\n", "unknown setting engine.engine_port"),
         ("retrain: {ppo: {stpes: 3}}\n", "unknown field ppo.stpes"),
         ("serve: [1, 2]\n", "'serve' must be a mapping"),
         ("serve: {port: 1\n", "not valid YAML"),
