@@ -25,6 +25,9 @@ from storage import AppError, ConflictError, Store
 from storage.export import preference_records, verdict_records
 
 log = logging.getLogger(__name__)
+# What anyone may read of a failed cycle (the page's status line): the error itself can name
+# paths and the engine's URL; it goes to the log and the run's record.
+CYCLE_FAILED = "the cycle failed; the server log says why"
 
 
 class AlignmentLoop:
@@ -36,6 +39,7 @@ class AlignmentLoop:
         preset: str = "default",
         on_progress: Callable[[dict], None] | None = None,
         *,
+        worker_environment: Callable[[], dict[str, str]] | None = None,
         keep_versions: int = 5,
         ai_label_weight: float = 0.5,
         overrides: dict | None = None,
@@ -53,6 +57,9 @@ class AlignmentLoop:
         self.data_dir = data_dir
         self.preset = preset
         self.on_progress = on_progress
+        # The worker's environment, made when it starts (None: this process's): the app's
+        # leaves out its secrets (`assistant.environment.child_environment`).
+        self.worker_environment = worker_environment
         self.lock = asyncio.Lock()
         self.stage = "idle"
         self.events: list[dict] = []  # the running (or last) cycle's progress lines
@@ -77,7 +84,8 @@ class AlignmentLoop:
                 self.last = await self._cycle()
                 return self.last
             except Exception as exc:
-                self.last = {"status": "failed", "error": str(exc)}
+                said = exc.public() if isinstance(exc, AppError) else CYCLE_FAILED
+                self.last = {"status": "failed", "error": str(exc), "public_error": said}
                 raise
             finally:
                 self.stage = "idle"
@@ -144,14 +152,15 @@ class AlignmentLoop:
         self.stage = "training"
         started = time.perf_counter()
         self.events = []
-        with open(job / "worker.log", "wb") as log:
+        with open(job / "worker.log", "wb") as worker_log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "alignment.worker",
                 str(job),
-                stdout=log,
+                stdout=worker_log,
                 stderr=asyncio.subprocess.STDOUT,
+                env=self.worker_environment() if self.worker_environment else None,
                 preexec_fn=die_with_parent,  # an app that dies takes its cycle with it
             )
             code = await self._follow(proc, job / "progress.jsonl")
@@ -165,7 +174,13 @@ class AlignmentLoop:
                 else (f"worker exited with code {code}")
             )
             await asyncio.to_thread(self.store.finish_run, run_id, "failed", None, error)
-            return {"status": "failed", "version": version, "error": error.splitlines()[0]}
+            log.warning("cycle %s failed: %s", version, error.splitlines()[0])
+            return {
+                "status": "failed",
+                "version": version,
+                "error": error.splitlines()[0],
+                "public_error": CYCLE_FAILED,
+            }
         result = JobResult.read(job)
         metrics = {
             "reward": result.reward,

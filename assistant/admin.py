@@ -1,15 +1,15 @@
-"""The admin token check shared by the API and the page.
+"""The admin token check shared by the API and the page, and the page's admin sign-ins.
 
 Admin actions (retrain, rollback) need `ASSISTANT_ADMIN_TOKEN`. When `assistant run` starts
 without it, it uses the token stored in DATA_DIR/secrets/admin-token (generated on the first run,
-readable only by the user) and prints it, as Jupyter prints its token, so the Admin tab works at
-once; the CLI reads the same file. A token set in the environment is used and never printed. The
-comparison is constant-time.
+readable only by the user); the start that generates it prints it, as Jupyter prints its token, so
+the Admin tab works at once, and later starts print only where it is stored (a token printed on
+every start ends up in every log the output goes to). The CLI reads the same file. A token set in
+the environment is used and never printed. The comparison is constant-time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
@@ -36,20 +36,22 @@ def stored_admin_token(data_dir: Path) -> str | None:
         return None
 
 
-def ensure_admin_token(data_dir: Path) -> Path | None:
+def ensure_admin_token(data_dir: Path) -> tuple[Path, bool] | None:
     """With ASSISTANT_ADMIN_TOKEN unset, make the stored token (created private on the first
-    run) this process's admin token and return its file, for the caller to print; else None.
-    Set, it is used as it is; set to an empty value, admin actions are off."""
+    run) this process's admin token; return its file and whether it was generated now, for the
+    caller to say so; else None. Set, it is used as it is; set to an empty value, admin actions
+    are off."""
     if environment.admin_token_chosen():
         return None
     path = data_dir / TOKEN_FILE
-    if stored_admin_token(data_dir) is None:
+    generated = stored_admin_token(data_dir) is None
+    if generated:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(24) + "\n")
     environment.use_admin_token(stored_admin_token(data_dir) or "")
-    return path
+    return path, generated
 
 
 class AdminError(AppError):
@@ -72,36 +74,56 @@ def admin_error(given: str | None) -> AdminError | None:
 
 # --- the page's admin sign-in -------------------------------------------------------------------
 # The page never holds the token: it is posted once to /admin/login (a plain form, outside
-# Gradio), which answers with an HttpOnly cookie that names no token and expires. The tabs' admin
-# actions check the cookie; changing ASSISTANT_ADMIN_TOKEN signs every admin out.
+# Gradio), which answers with an HttpOnly cookie holding a random sign-in id. The server keeps the
+# live ids in memory: signing out deletes the id, so a copy of the cookie is dead too; ids expire;
+# a restart (which a changed ASSISTANT_ADMIN_TOKEN needs) signs every admin out.
 
 ADMIN_COOKIE = "assistant_admin"
 ADMIN_COOKIE_MAX_AGE_S = 12 * 3600
+MAX_LIVE_SIGN_INS = 1000  # each needs the token; the oldest goes first beyond this
 NOT_SIGNED_IN = "sign in with the admin token first (Admin tab)"
 
 
-def _cookie_tag(keys, issued: str) -> str:
-    token = environment.admin_token()
-    return keys.sign(b"admin:", issued + ":" + hashlib.sha256(token.encode()).hexdigest())
+class AdminSignIns:
+    """The live admin sign-ins of this process: id -> when it was issued, oldest first."""
 
+    def __init__(self, max_age_s: float = ADMIN_COOKIE_MAX_AGE_S) -> None:
+        self.max_age_s = max_age_s
+        self._issued: dict[str, float] = {}
 
-def admin_cookie(keys, now: float | None = None) -> str:
-    """A cookie value that proves a sign-in with the current token (`keys`: SessionKeys)."""
-    issued = str(int(time.time() if now is None else now))
-    return f"{issued}.{_cookie_tag(keys, issued)}"
+    def issue(self, now: float | None = None) -> str:
+        """A new sign-in id, the admin cookie's value (call only after checking the token)."""
+        now = time.monotonic() if now is None else now
+        self._forget_expired(now)
+        while len(self._issued) >= MAX_LIVE_SIGN_INS:
+            del self._issued[next(iter(self._issued))]
+        sign_in = secrets.token_urlsafe(24)
+        self._issued[sign_in] = now
+        return sign_in
 
+    def revoke(self, cookie: str | None) -> None:
+        """Sign out: this cookie, and every copy of it, is refused from now on."""
+        self._issued.pop(cookie or "", None)
 
-def cookie_admin_error(cookie: str | None, keys, now: float | None = None) -> str | None:
-    """None when the cookie is a live sign-in with the current token; else why not."""
-    if not environment.admin_token():
-        return DISABLED
-    issued, _, tag = (cookie or "").partition(".")
-    if not issued.isdigit() or not hmac.compare_digest(tag, _cookie_tag(keys, issued)):
-        return NOT_SIGNED_IN
-    age = (time.time() if now is None else now) - int(issued)
-    if not 0 <= age <= ADMIN_COOKIE_MAX_AGE_S:
-        return "your admin sign-in expired: sign in again (Admin tab)"
-    return None
+    def problem(self, cookie: str | None, now: float | None = None) -> str | None:
+        """None when the cookie is a live sign-in; else why not, in words. Any string is looked
+        up as it is (a cookie is never parsed or compared byte-wise here)."""
+        if not environment.admin_token():
+            return DISABLED
+        self._forget_expired(time.monotonic() if now is None else now)
+        if not isinstance(cookie, str) or cookie not in self._issued:
+            return NOT_SIGNED_IN
+        return None
+
+    def _forget_expired(self, now: float) -> None:
+        while self._issued:
+            oldest, issued = next(iter(self._issued.items()))
+            if now - issued <= self.max_age_s:
+                break
+            del self._issued[oldest]
+
+    def __len__(self) -> int:
+        return len(self._issued)
 
 
 # --- the OpenAI-compatible route ----------------------------------------------------------------

@@ -16,8 +16,9 @@ Routes (documented in docs/api.md):
   GET  /api/openapi.json -> the schema (request and answer models: assistant/protocol.py)
 
 The edge's own rules: a session id must be one the server issued (`assistant.sessions`), the
-client's address becomes a keyed tag before it reaches the service, and a body is refused once it
-passes MAX_BODY_BYTES while it arrives.
+client's address becomes a keyed tag before it reaches the service. A body over
+`assistant.limits.MAX_BODY_BYTES` never gets here: `assistant.limits.BodyLimit` refuses it, for
+every route of the app, while it arrives.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ from storage import AppError, InvalidInputError
 from storage.export import FORMATS
 from storage.rules import unstorable_in
 
-MAX_BODY_BYTES = 256 * 1024
 MAX_JSON_DEPTH = 32  # the deepest a body may nest: ours nest 3, OpenAI's messages 5
 log = logging.getLogger(__name__)
 
@@ -96,21 +96,9 @@ def install_error_handler(app) -> None:
 
 
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object, refused once it passes MAX_BODY_BYTES while it is still
-    arriving (a huge body is never held whole)."""
-    too_big = InvalidInputError(f"request body is over {MAX_BODY_BYTES} bytes", 413)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_big
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    """The body as a JSON object (its size was checked as it arrived: `limits.BodyLimit`)."""
     try:
-        data = json.loads(body)
+        data = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"request body is not valid JSON: {exc}") from exc
     except RecursionError:  # '[[[[...' deeper than the parser goes

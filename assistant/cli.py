@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vllm-url is given).",
         epilog="Admin actions (retrain, rollback, constitution edits, export) need the admin "
         "token: $ASSISTANT_ADMIN_TOKEN, or, when it is not set, a token generated on the first "
-        "run, stored in DATA_DIR/secrets/admin-token and printed at start. Examples: "
+        "run, stored in DATA_DIR/secrets/admin-token and printed that once. Examples: "
         "`assistant run` (embedded SmolLM2 on the CPU); `assistant run --retrain-preset fast`; "
         "`assistant run --vllm-url http://gpu-box:8000 --model /models/llama`.",
     )

@@ -68,7 +68,6 @@ class EngineConfig:
         "(on-policy rollouts) while users keep the serving weights",
         default=True,
     )
-    engine_port: int = _help("port of the embedded engine (0: pick a free one)", default=0)
     startup_timeout_s: float = _help("how long to wait for the engine to come up", default=600.0)
     nice: int = _help(
         "scheduling niceness of the embedded engine's processes (0: same as the app). On a small "

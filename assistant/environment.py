@@ -8,6 +8,8 @@ ASSISTANT_DATA_DIR        the default --data-dir (data/)
 and what it sets: GRADIO_ANALYTICS_ENABLED (off unless chosen), and for the embedded engine's
 process VLLM_SERVER_DEV_MODE and VLLM_ALLOW_RUNTIME_LORA_UPDATING (the hot swap and on-policy
 rollouts need them) and VLLM_CPU_KVCACHE_SPACE (from --kv-cache-gib), each unless already set.
+The processes the app starts (the engine, the retrain worker) get neither secret: they never check
+a token or a key, and a child's environment is readable in /proc and lands in crash reports.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 ADMIN_TOKEN = "ASSISTANT_ADMIN_TOKEN"
 OPENAI_API_KEY = "ASSISTANT_OPENAI_API_KEY"
 DATA_DIR = "ASSISTANT_DATA_DIR"
+SECRETS = (ADMIN_TOKEN, OPENAI_API_KEY)
 
 
 def admin_token() -> str:
@@ -48,10 +51,16 @@ def turn_off_gradio_analytics() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment without the app's secrets, for the processes it starts."""
+    return {k: v for k, v in os.environ.items() if k not in SECRETS}
+
+
 def engine_environment(kv_cache_gib: int | None) -> dict[str, str]:
-    """The environment of the embedded vLLM process: this one's, plus what the app needs of
-    vLLM (an operator's own setting of any of them wins). `kv_cache_gib`: on a CPU only."""
-    env = dict(os.environ)
+    """The environment of the embedded vLLM process: the app's (without its secrets), plus what
+    the app needs of vLLM (an operator's own setting of any of them wins). `kv_cache_gib`: on a
+    CPU only."""
+    env = child_environment()
     # Weight hot-swap needs the dev endpoints (/collective_rpc, /reset_prefix_cache), which
     # listen on a private socket; on-policy rollouts load the PPO adapter at runtime.
     env.setdefault("VLLM_SERVER_DEV_MODE", "1")

@@ -1,19 +1,25 @@
-"""How fast a session, a client address and everybody together may vote.
+"""How fast a session, a client address and everybody together may vote, and how large a request
+body may be.
 
 One client must not steer what the model is retrained on. Votes are counted per session (an id the
 server issued), per client address (one person can open many sessions) and in total (many
 addresses at once), each over the last minute. Every counter forgets keys idle for a minute and
 holds at most `max_keys` of them (least recently used go first), so a stream of new sessions
 cannot grow memory.
+
+`BodyLimit` refuses a request body once it passes MAX_BODY_BYTES, for every route of the app (the
+JSON API, the admin sign-in and Gradio's queue, call and component routes alike), while it arrives.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import time
 from dataclasses import dataclass
 
 WINDOW_S = 60.0
+MAX_BODY_BYTES = 256 * 1024
 
 
 class SlidingWindow:
@@ -95,3 +101,56 @@ class VoteLimits:
             if key is not None:
                 self.windows[kind].record(key, now)
         return None
+
+
+class BodyLimit:
+    """ASGI middleware: a request body is read here first, counted as it arrives, and refused
+    (413) once it passes `limit` or declares more; the app then reads the same bytes. Raising
+    from inside the app instead would meet Gradio's own error handler, which answers 500."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client hung up: nobody to answer
+                return
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            if size > self.limit:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later reads wait for the client to hang up
+            replayed = True
+            return {"type": "http.request", "body": b"".join(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        answer = json.dumps({"error": f"request body is over {self.limit} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(answer)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})

@@ -5,7 +5,7 @@ cookies, tokens or keys itself (and the `ui` package imports nothing from `assis
 
 from __future__ import annotations
 
-from assistant.admin import ADMIN_COOKIE, cookie_admin_error
+from assistant.admin import ADMIN_COOKIE, AdminSignIns
 from assistant.sessions import SESSION_COOKIE, SessionKeys
 
 
@@ -15,8 +15,9 @@ def _cookie(request, name: str) -> str | None:
 
 
 class PageAuth:
-    def __init__(self, sessions: SessionKeys) -> None:
+    def __init__(self, sessions: SessionKeys, sign_ins: AdminSignIns) -> None:
         self.sessions = sessions
+        self.sign_ins = sign_ins
 
     def visitor(self, request) -> dict[str, str | None]:
         """The page's session (the server's HttpOnly cookie, never an id the browser makes up)
@@ -30,4 +31,4 @@ class PageAuth:
 
     def admin_problem(self, request) -> str | None:
         """None when the visitor is signed in as admin; else why not, in words."""
-        return cookie_admin_error(_cookie(request, ADMIN_COOKIE), self.sessions)
+        return self.sign_ins.problem(_cookie(request, ADMIN_COOKIE))

@@ -26,7 +26,9 @@ BASE_VERSION = version_name(0)
 # Gradio routes this page never uses, each a way in for someone else's data: uploads (an open file
 # drop served back by URL), recordings (any size, into temp files never deleted), deep links (a
 # file per call, holding the session's component values: the admin token typed into a tab among
-# them) and the run history.
+# them), the run history, and files: the page serves none, and `file=https://...` fetches any
+# public URL for anyone (an open proxy); `proxy=` relays Spaces loaded with gr.load (none here).
+# Each is closed with its sub-paths and `=` arguments (`/gradio_api/file=...`, `.../file/...`).
 CLOSED_GRADIO_ROUTES = (
     "/gradio_api/upload",
     "/gradio_api/upload_progress",
@@ -34,7 +36,14 @@ CLOSED_GRADIO_ROUTES = (
     "/gradio_api/deep_link",
     "/gradio_api/runs",
     "/gradio_api/run-history",
+    "/gradio_api/file",
+    "/gradio_api/proxy",
 )
+
+
+def closed_gradio_route(path: str) -> bool:
+    path = path.rstrip("/")
+    return any(path == r or path.startswith((r + "/", r + "=")) for r in CLOSED_GRADIO_ROUTES)
 
 
 @dataclass
@@ -177,6 +186,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
         config.data_dir,
         config.retrain_preset,
         on_progress,
+        worker_environment=environment.child_environment,
         keep_versions=config.loop.keep_versions,
         ai_label_weight=config.cai.ai_label_weight,
         overrides=config.retrain_overrides(),
@@ -192,11 +202,13 @@ def build_app(config: AppConfig):
 
     from alignment.critic import CAIWorker, Critic
     from alignment.scheduler import RetrainScheduler
+    from assistant.admin import AdminSignIns
     from assistant.admin_login import build_admin_login_router
     from assistant.api import build_api_router, install_error_handler, set_session_cookie
     from assistant.canary_service import CanaryService
     from assistant.chat_service import ChatService
     from assistant.engine_watch import EngineWatch
+    from assistant.limits import BodyLimit
     from assistant.openai_api import build_openai_router
     from assistant.page_auth import PageAuth
     from assistant.sessions import SESSION_COOKIE, SessionKeys
@@ -263,6 +275,8 @@ def build_app(config: AppConfig):
         docs_url="/api/docs",  # Swagger UI (its scripts come from a CDN: online only)
         redoc_url=None,
     )
+    # Innermost of the middlewares below: a closed route or a wrong host costs no body.
+    app.add_middleware(BodyLimit)
     if "*" not in config.serve.allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -272,9 +286,7 @@ def build_app(config: AppConfig):
 
     @app.middleware("http")
     async def close_unused_gradio_routes(request, call_next):
-        # Gradio's file route only serves the page's own assets (it refuses anything else).
-        path = request.url.path.rstrip("/")
-        if any(path == r or path.startswith(r + "/") for r in CLOSED_GRADIO_ROUTES):
+        if closed_gradio_route(request.url.path):
             return JSONResponse({"error": "this app does not offer that route"}, status_code=403)
         return await call_next(request)
 
@@ -291,12 +303,13 @@ def build_app(config: AppConfig):
 
     install_error_handler(app)
     app.include_router(build_api_router(service, sessions, runtime.loop, cai, canary, variants))
-    app.include_router(build_admin_login_router(sessions))
+    sign_ins = AdminSignIns()
+    app.include_router(build_admin_login_router(sign_ins))
     app.include_router(build_openai_router(service, sessions))
     app.state.service = service
     app.state.runtime = runtime
     page = build_page(
-        service, PageAuth(sessions), runtime.loop, cai, scheduler, canary, variants
+        service, PageAuth(sessions, sign_ins), runtime.loop, cai, scheduler, canary, variants
     ).queue(default_concurrency_limit=None)
     return gr.mount_gradio_app(
         app, page, path="/", css=CSS, footer_links=["api"], run_history=False, max_file_size="1kb"
@@ -383,17 +396,20 @@ def serve(config: AppConfig) -> None:
     environment.turn_off_gradio_analytics()
     app = build_app(config)
     try:
-        generated = ensure_admin_token(config.data_dir)
+        stored = ensure_admin_token(config.data_dir)
     except OSError as exc:
         raise ConfigError(f"cannot store the admin token under {config.data_dir}: {exc}") from exc
     host = f"[{config.serve.host}]" if ":" in config.serve.host else config.serve.host
     print(f"[app] ready on http://{host}:{port}", file=sys.stderr, flush=True)
-    if generated is not None:
+    if stored is not None:
+        path, generated = stored
+        # The start that generates the token prints it; later starts only say where it is, so
+        # their output (journald, docker logs) never holds it.
+        token = f"{environment.admin_token()}\n      " if generated else ""
         print(
-            "[app] admin token (the Admin tab's sign-in, `Authorization: Bearer ...`): "
-            f"{environment.admin_token()}\n"
-            f"      stored in {generated} (readable only by you); set ASSISTANT_ADMIN_TOKEN "
-            "to choose your own",
+            f"[app] admin token (the Admin tab's sign-in, `Authorization: Bearer ...`): {token}"
+            f"stored in {path} (readable only by you); set ASSISTANT_ADMIN_TOKEN to choose your "
+            "own",
             file=sys.stderr,
             flush=True,
         )

@@ -62,12 +62,13 @@ def _child_setup(nice: int) -> None:
 
 class EmbeddedVLLMServer:
     """A `vllm serve` child process on a Unix socket in a private directory (`private_socket`,
-    what the app uses unless a fixed `engine_port` is configured), or on a loopback port (the
-    tests' shared engine, which several apps reach by URL).
+    what the app always uses), or on a free loopback port (the tests' shared engine, which several
+    apps reach by URL).
 
     On a loopback port every local user of the machine could call the engine's development
     endpoints (reload weights, pause, load adapters); the socket's 0700 directory admits only
-    this user."""
+    this user. So the app has no setting for the engine's port: an engine on a port of your
+    choosing is one you run yourself (`--vllm-url`)."""
 
     def __init__(
         self,
@@ -92,10 +93,10 @@ class EmbeddedVLLMServer:
         weakref.finalize(self, shutil.rmtree, self.run_dir, True)
         self.socket: Path | None = None
         self.port: int | None = None
-        if private_socket and not config.engine_port:
+        if private_socket:
             self.socket = self.run_dir / "engine.sock"
         else:
-            self.port = config.engine_port or free_port()
+            self.port = free_port()
         self._proc: subprocess.Popen | None = None
 
     @property

@@ -109,22 +109,35 @@ def test_one_address_gets_its_share_of_the_backlog_not_all_of_it(tiny_app_factor
 
 
 def test_request_bodies_are_refused_while_they_arrive(tiny_app):
-    def chunks():  # no Content-Length: the server only learns the size by reading
-        yield b'{"message": "'
+    def chunks(opening: bytes = b'{"message": "'):  # no Content-Length: the server only learns
+        yield opening  # the size by reading
         for _ in range(64):
             yield b"x" * 8192
         yield b'"}'
 
-    r = httpx.post(tiny_app.url + "/api/chat", content=chunks(), timeout=30)
-    assert r.status_code == 413 and "bytes" in r.json()["error"]
+    # Gradio's routes that take a body, the JSON API and the admin sign-in: one limit
+    gradio = b'{"data": ["', b'{"fn_index": 0, "session_hash": "s", "data": ["'
+    for path, opening in [
+        ("/gradio_api/call/who", gradio[0]),
+        ("/gradio_api/queue/join", gradio[1]),
+        ("/gradio_api/component_server", gradio[0]),
+        ("/api/chat", b'{"message": "'),
+        ("/admin/login", b"token="),
+    ]:
+        r = httpx.post(tiny_app.url + path, content=chunks(opening), timeout=30)
+        assert r.status_code == 413 and "bytes" in r.json()["error"], (path, r.text[:200])
     # a declared size over the limit is refused before any of the body is read
-    with socket.create_connection(("127.0.0.1", tiny_app.port), timeout=30) as sock:
-        sock.sendall(
-            b"POST /api/vote HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000000000\r\n\r\n{"
-        )
-        answer = sock.recv(4096).decode()
-    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    for path in (b"/api/vote", b"/gradio_api/queue/join"):
+        with socket.create_connection(("127.0.0.1", tiny_app.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n{"
+            )
+            answer = sock.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    # a body within the limit still reaches Gradio whole
+    r = httpx.post(tiny_app.url + "/gradio_api/call/who", json={"data": []}, timeout=30)
+    assert r.status_code == 200 and r.json()["event_id"]
 
 
 def test_a_scheduled_cycle_on_one_sessions_votes_is_refused_with_the_reason(
@@ -181,3 +194,57 @@ def test_session_ids_are_checked_by_their_tag(tmp_path):
     again = SessionKeys.load_or_create(tmp_path / "secrets" / "session.key")
     assert again.is_valid(issued)  # sessions outlive a restart
     assert keys.client_tag("10.0.0.1") == again.client_tag("10.0.0.1") != keys.client_tag("x")
+
+
+def test_the_admin_sign_in_is_throttled_secure_over_https_and_ended_by_signing_out(monkeypatch):
+    """/admin/login in-process (the scheme as uvicorn reports it, https behind a TLS proxy)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from assistant.admin import ADMIN_COOKIE, AdminSignIns
+    from assistant.admin_login import WRONG_PER_ADDRESS, build_admin_login_router
+
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "right")
+    sign_ins = AdminSignIns()
+    app = FastAPI()
+    app.include_router(build_admin_login_router(sign_ins))
+    https = TestClient(app, base_url="https://testserver", follow_redirects=False)
+    plain = TestClient(app, base_url="http://testserver", follow_redirects=False)
+
+    signed_in = https.post("/admin/login", data={"token": "right"})
+    assert signed_in.status_code == 303
+    set_cookie = signed_in.headers["set-cookie"].lower()
+    assert "secure" in set_cookie and "httponly" in set_cookie and "samesite=strict" in set_cookie
+    assert (
+        "secure"
+        not in plain.post("/admin/login", data={"token": "right"}).headers["set-cookie"].lower()
+    )
+    cookie = signed_in.cookies[ADMIN_COOKIE]
+    assert sign_ins.problem(cookie) is None
+    # signing out forgets the sign-in on the server: a copy of the cookie is refused after it
+    out = https.post("/admin/logout", headers={"Cookie": f"{ADMIN_COOKIE}={cookie}"})
+    assert out.status_code == 303 and "secure" in out.headers["set-cookie"].lower()
+    assert "sign in" in sign_ins.problem(cookie)
+    for made_up in ("1.\xe9", "\xb2.x", "", None):  # nothing a browser sends is an error
+        assert sign_ins.problem(made_up) is not None
+
+    for _ in range(WRONG_PER_ADDRESS):
+        assert https.post("/admin/login", data={"token": "guess"}).status_code == 401
+    refused = https.post("/admin/login", data={"token": "right"})  # refused before it is compared
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+    assert "too many wrong admin tokens" in refused.text
+
+
+def test_admin_sign_ins_expire_and_stay_bounded(monkeypatch):
+    from assistant.admin import MAX_LIVE_SIGN_INS, AdminSignIns
+
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "right")
+    sign_ins = AdminSignIns(max_age_s=60)
+    first = sign_ins.issue(now=0.0)
+    assert sign_ins.problem(first, now=59.0) is None
+    assert sign_ins.problem(first, now=61.0) is not None  # expired, and forgotten
+    for i in range(MAX_LIVE_SIGN_INS + 5):
+        sign_ins.issue(now=100.0 + i * 1e-6)
+    assert len(sign_ins) == MAX_LIVE_SIGN_INS  # the oldest went first
+    sign_ins.issue(now=1000.0)
+    assert len(sign_ins) == 1

@@ -25,6 +25,8 @@ def test_admin_tab_retrain_needs_token_and_deploys(
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 1400})
+        refused = []  # a Gradio route the page needs must not be among the closed ones
+        page.on("response", lambda r: refused.append(r.url) if r.status == 403 else None)
         page.goto(app.url, wait_until="domcontentloaded")
         page.get_by_role("tab", name="Admin").click()
         page.get_by_role("button", name="Retrain now").click()
@@ -50,6 +52,7 @@ def test_admin_tab_retrain_needs_token_and_deploys(
         )
         expect(page.get_by_role("grid", name="Versions")).to_contain_text("v0001")
         page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
+        assert not refused, refused
         page.get_by_role("tab", name="Chat").click()
         expect(page.locator("#model-version")).to_contain_text("v0001", timeout=10_000)
         browser.close()

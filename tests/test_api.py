@@ -118,9 +118,28 @@ def test_another_sessions_conversation_cannot_be_continued_or_voted_in(tiny_app)
     assert resp.status_code == 200, resp.text  # the owner still can: the refusals stored nothing
 
 
+def gradio_call(app, name: str, data: list | None = None, cookie: bytes | None = None) -> str:
+    """Call a page handler by name through Gradio's API, as anyone can (`/gradio_api/info`
+    lists them); the event stream of its answer."""
+    headers = {"Cookie": cookie} if cookie else {}
+    r = httpx.post(
+        f"{app.url}/gradio_api/call/{name}", json={"data": data or []}, headers=headers, timeout=30
+    )
+    assert r.status_code == 200, r.text
+    event = r.json()["event_id"]
+    return httpx.get(f"{app.url}/gradio_api/call/{name}/{event}", headers=headers, timeout=60).text
+
+
 def test_page_serves_no_files_beyond_its_own(tiny_app):
-    # Gradio's file route refuses anything outside the page's assets: the database, the
-    # source, system files, traversal; its upload route (the page takes no files) is closed.
+    # The page serves no files: Gradio's file route is closed, so neither the database, the
+    # source, system files nor traversal; nor any URL (`file=https://...` fetched any public
+    # URL for anyone: an open proxy); nor its upload route (the page takes no files).
+    health = f"http://127.0.0.1:{tiny_app.port}/api/health"
+    for path in (f"/gradio_api/file={health}", f"/gradio_api/file/{health}",
+                 "/gradio_api/file=https://127.0.0.1/", "/gradio_api/proxy=https://127.0.0.1/",
+                 "/gradio_api/file=pyproject.toml"):  # fmt: skip
+        resp = httpx.get(tiny_app.url + path)
+        assert resp.status_code == 403 and "does not offer" in resp.json()["error"], path
     for path in (
         f"/gradio_api/file={tiny_app.db}",
         "/gradio_api/file=/etc/passwd",
@@ -145,6 +164,36 @@ def test_page_serves_no_files_beyond_its_own(tiny_app):
                  "/gradio_api/run-history/records"):  # fmt: skip
         assert httpx.get(tiny_app.url + path).status_code == 403, path
     assert httpx.get(tiny_app.url + "/").status_code == 200  # the page itself still loads
+
+
+def test_the_admin_tab_answers_a_signed_in_admin_only(tiny_app):
+    """Every Admin-tab handler is callable by name through Gradio's API; the refresh (a scan of
+    every version's replies, which shows server paths) answers nobody but a signed-in admin,
+    and a sign-out ends the sign-in on the server, for every copy of the cookie."""
+    info = httpx.get(tiny_app.url + "/gradio_api/info", timeout=30).json()["named_endpoints"]
+    refreshes = [n[1:] for n, e in info.items() if n.startswith("/refresh") and not e["parameters"]]
+    assert len(refreshes) >= 3, list(info)
+
+    def tab(cookie: bytes | None) -> str:
+        return "".join(gradio_call(tiny_app, name, cookie=cookie) for name in refreshes)
+
+    assert "v0000" not in tab(None)  # the version table stays empty
+    # a cookie that is no sign-in, non-ASCII included, is refused in words, not with an error
+    for made_up in (b"assistant_admin=1.\xe9", b"assistant_admin=\xb2.x", b"assistant_admin=x"):
+        answer = gradio_call(tiny_app, "who", cookie=made_up)
+        assert "event: complete" in answer and "Not signed in" in answer, answer
+        assert "v0000" not in tab(made_up)
+    login = httpx.post(tiny_app.url + "/admin/login", data={"token": ADMIN_TOKEN})
+    assert login.status_code == 303 and "Secure" not in login.headers["set-cookie"]  # plain HTTP
+    cookie = f"assistant_admin={login.cookies['assistant_admin']}".encode()
+    assert ADMIN_TOKEN not in cookie.decode()
+    assert "Signed in as admin" in gradio_call(tiny_app, "who", cookie=cookie)
+    assert "v0000" in tab(cookie)
+    out = httpx.post(tiny_app.url + "/admin/logout", headers={"Cookie": cookie})
+    assert out.status_code == 303
+    # the copy this client kept of the cookie is dead too: the server forgot the sign-in
+    assert "Not signed in" in gradio_call(tiny_app, "who", cookie=cookie)
+    assert "v0000" not in tab(cookie)
 
 
 def test_message_longer_than_context_is_413(tiny_app):

@@ -236,6 +236,12 @@ def test_run_without_a_token_generates_one_prints_it_and_the_cli_uses_it(
     assert refused.returncode == 2
     assert "retrains with the settings it was started with" in refused.stderr
     app.stop()
+    # later starts say where the token is, not what it is (their output lands in logs)
+    before = app.log.stat().st_size
+    again = tiny_app_factory(data_dir=data)
+    said = app.log.read_bytes()[before:].decode()
+    assert f"stored in {stored}" in said and token not in said
+    again.stop()
     # a token set in the environment is used as it is and never printed
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", "chosen-token")
     again = tiny_app_factory(data_dir=data)
@@ -302,6 +308,9 @@ def test_one_yaml_file_holds_every_setting_and_flags_override_it(tmp_path):
         ("colour: blue\n", "unknown setting 'colour'"),
         # derived from the retrain config's ppo.lora_rank, so not a setting that could be ignored
         ("engine: {max_lora_rank: 64}\n", "unknown setting engine.max_lora_rank"),
+        # the embedded engine's dev endpoints (pause, weight reload, adapters) stay on its private
+        # socket: no setting puts them on a TCP port that every local user can reach
+        ("engine: {engine_port: 8001}\n", "unknown setting engine.engine_port"),
         ("retrain: {ppo: {stpes: 3}}\n", "unknown field ppo.stpes"),
         ("serve: [1, 2]\n", "'serve' must be a mapping"),
         ("serve: {port: 1\n", "not valid YAML"),

@@ -13,6 +13,20 @@ import psutil
 
 from harness.app_process import AppProcess
 
+SECRET_KEY = "openai-key-for-the-app-only"
+
+
+def assert_no_secrets_below(app: AppProcess) -> None:
+    """No process the app started (the engine, its core) holds the admin token or the OpenAI
+    key in its environment (/proc/PID/environ): they never check either."""
+    token = (app.data_dir / "secrets" / "admin-token").read_text().strip()
+    children = psutil.Process(app.proc.pid).children(recursive=True)
+    assert children
+    for child in children:
+        environ = Path(f"/proc/{child.pid}/environ").read_bytes()
+        assert b"ASSISTANT_ADMIN_TOKEN" not in environ and token.encode() not in environ
+        assert b"ASSISTANT_OPENAI_API_KEY" not in environ and SECRET_KEY.encode() not in environ
+
 
 def test_app_restarts_a_dead_engine_and_says_so(tiny_model_dir, tmp_path):
     app = AppProcess(
@@ -26,6 +40,8 @@ def test_app_restarts_a_dead_engine_and_says_so(tiny_model_dir, tmp_path):
             "--no-cai",
         ],
         tmp_path / "app",
+        # the key from the environment, the admin token generated and stored by the app
+        env={"ASSISTANT_OPENAI_API_KEY": SECRET_KEY},
     ).start(timeout=300)
     try:
         assert (
@@ -42,6 +58,7 @@ def test_app_restarts_a_dead_engine_and_says_so(tiny_model_dir, tmp_path):
         cmdline = engines[0].cmdline()
         assert "--uds" in cmdline and "--port" not in cmdline
         socket_dir = Path(cmdline[cmdline.index("--uds") + 1]).parent
+        assert_no_secrets_below(app)
         assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
         # vLLM's own IPC sockets are in there too, not left in /tmp
         assert any(p.is_socket() and p.name != "engine.sock" for p in socket_dir.iterdir())
@@ -64,6 +81,7 @@ def test_app_restarts_a_dead_engine_and_says_so(tiny_model_dir, tmp_path):
         assert httpx.get(app.url + "/api/health").json()["status"] == "ok"
         after = httpx.post(app.url + "/api/chat", json={"message": "after"}, timeout=60)
         assert after.status_code == 200 and after.json()["model_version"] == "v0000"
+        assert_no_secrets_below(app)  # the restarted engine too, started after the token was made
     finally:
         app.stop()
     assert not socket_dir.exists(), list(socket_dir.iterdir())  # nothing left behind

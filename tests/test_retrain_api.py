@@ -75,10 +75,12 @@ def test_killed_cycle_is_marked_failed_and_serving_continues(
 ):
     import threading
     import time
+    from pathlib import Path
 
     import psutil
 
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", TOKEN)
+    monkeypatch.setenv("ASSISTANT_OPENAI_API_KEY", "openai-key")
     app = tiny_app_factory("--model", str(tiny_model_dir), "--retrain-preset", "fast")
     _vote_some(app)
     result: dict = {}
@@ -90,13 +92,17 @@ def test_killed_cycle_is_marked_failed_and_serving_continues(
         worker = next(
             (
                 p
-                for p in psutil.process_iter(["cmdline"])
-                if "alignment.worker" in " ".join(p.info["cmdline"] or [])
+                for p in psutil.Process(app.proc.pid).children()  # this app's, not another's
+                if "alignment.worker" in " ".join(p.cmdline())
             ),
             None,
         )
         time.sleep(0.1)
     assert worker is not None, "the cycle never started its worker process"
+    # the worker checks no token and no key: it does not hold them (/proc/PID/environ)
+    environ = Path(f"/proc/{worker.pid}/environ").read_bytes()
+    for secret in (b"ASSISTANT_ADMIN_TOKEN", TOKEN.encode(), b"ASSISTANT_OPENAI", b"openai-key"):
+        assert secret not in environ, secret
     time.sleep(1.0)
     worker.kill()  # kill -9 mid-cycle
     thread.join(timeout=120)

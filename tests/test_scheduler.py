@@ -80,3 +80,36 @@ def test_page_says_how_far_the_next_retrain_is_and_how_the_last_one_ended(tmp_pa
     loop.running, loop.stage = True, "ppo"
     assert line() == "Retraining on your votes now (ppo); this version answers meanwhile."
     store.close()
+
+
+def test_the_page_shows_a_failed_cycles_public_text_not_its_error(tmp_path):
+    """Every visitor reads the loop line: a cycle that failed on an error naming the engine's
+    URL or a server path says neither (the log and the run's record have them)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import pytest
+
+    from alignment.loop import AlignmentLoop
+    from storage import StorageWriteError
+    from ui.page import loop_line
+
+    url = "http://10.9.8.7:8000"
+    failure: Exception = RuntimeError(f"engine at {url} refused /srv/assistant/versions/v0001")
+
+    def voted_pairs():
+        raise failure
+
+    loop = AlignmentLoop(SimpleNamespace(voted_pairs=voted_pairs), SimpleNamespace(), tmp_path)
+    with pytest.raises(RuntimeError):
+        asyncio.run(loop.retrain())
+    assert url in loop.last["error"]  # kept for whoever may read it
+    line = asyncio.run(loop_line(loop, None))
+    assert "(failed: the cycle failed; the server log says why)" in line
+    assert url not in line and "/srv" not in line
+    # an error meant for callers says what it says to them
+    failure = StorageWriteError(Path("/srv/assistant/db.duckdb"), "No space left on device")
+    with pytest.raises(StorageWriteError):
+        asyncio.run(loop.retrain())
+    line = asyncio.run(loop_line(loop, None))
+    assert "the disk is full" in line and "/srv" not in line

@@ -249,7 +249,19 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
             title="Users' rating of each version (Bradley-Terry, 95% interval)",
         )  # fmt: skip
 
-    async def refresh():
+    async def refresh(request: gr.Request):
+        # Admins only, as every handler here: it scans every version's replies, and it is
+        # callable by name from Gradio's API in a loop. A visitor gets the empty tab.
+        if auth.admin_problem(request) is not None:
+            return (
+                "Sign in to see the cycles, the versions and the canary.",
+                _versions_frame([]),
+                gr.update(choices=[]),
+                *_plots([]),
+                "",
+                "",
+                _ratings_frame([]),
+            )
         history = await loop.history()
         cycle_df, step_df = _plots(history["runs"])
         names = [v["version"] for v in history["versions"] if v["status"] != "rejected"]

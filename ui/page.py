@@ -45,7 +45,9 @@ async def loop_line(loop, scheduler) -> str:
     if last and last.get("status") == "deployed":
         parts.append(f"New version **{last['version']}** learned from your votes and is serving.")
     elif last and last.get("status") in ("rejected", "failed"):
-        why = last.get("reason") or last.get("error") or ""
+        # every visitor reads this: the gate's reason, or a failure's public text, never its
+        # error (which can name server paths and the engine's URL)
+        why = last.get("reason") or last.get("public_error") or ""
         parts.append(f"The last retrain kept the current version ({last['status']}: {why}).")
     until = await scheduler.votes_until_next() if scheduler is not None else None
     if until is not None:
