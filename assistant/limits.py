@@ -117,7 +117,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
+            return await self._refuse(scope, send)
         body, more = [], True
         size = 0
         while more:
@@ -127,7 +127,7 @@ class BodyLimit:
             body.append(message.get("body", b""))
             size += len(body[-1])
             if size > self.limit:
-                return await self._refuse(send)
+                return await self._refuse(scope, send)
             more = message.get("more_body", False)
         replayed = False
 
@@ -140,8 +140,15 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
-        answer = json.dumps({"error": f"request body is over {self.limit} bytes"}).encode()
+    async def _refuse(self, scope, send) -> None:
+        message = f"request body is over {self.limit} bytes"
+        # the OpenAI-compatible routes answer in OpenAI's error shape, as their handlers do
+        error = (
+            {"message": message, "type": "invalid_request_error", "code": 413}
+            if scope.get("path", "").startswith("/v1/")
+            else message
+        )
+        answer = json.dumps({"error": error}).encode()
         await send(
             {
                 "type": "http.response.start",

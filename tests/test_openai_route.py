@@ -49,6 +49,10 @@ def test_the_route_needs_its_own_key_and_answers_errors_in_openais_shape(app):
     r = httpx.post(app.url + "/v1/chat/completions", json={"messages": "hi"},
                    headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
     assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"
+    big = {"messages": [{"role": "user", "content": "x" * 300_000}]}  # past the body limit
+    r = httpx.post(app.url + "/v1/chat/completions", json=big,
+                   headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413, r.text
 
 
 def test_the_route_is_off_without_a_key(tiny_app_factory, monkeypatch):
