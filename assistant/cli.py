@@ -45,6 +45,7 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
         ("--system-prompt", "serve", "system_prompt", "TEXT"),
         ("--variant-share", "serve", "variant_share", "FRACTION"),
         ("--retention-days", "serve", "retention_days", "DAYS"),
+        ("--forwarded-allow-ips", "serve", "forwarded_allow_ips", "ADDRESSES"),
     ],
     "sampling (the two candidates)": [
         ("--temperature", "sampling", "temperature", "T"),

@@ -7,6 +7,7 @@ help string that the CLI shows. `AppConfig.validate()` is called once at start-u
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,13 @@ class ServeConfig:
         "allows any",
         default_factory=list,
     )
+    forwarded_allow_ips: str = _help(
+        "addresses of the reverse proxies trusted to name the client in X-Forwarded-For, "
+        "comma-separated (127.0.0.1 for a proxy on this machine that sets it, as "
+        "docs/deployment.md's nginx block does); none by default, so no client can choose the "
+        "address its limits are counted on",
+        default="",
+    )
     retention_days: float = _help(
         "delete conversations (and their pairs, votes and critiques) older than this many days; "
         "0 keeps them",
@@ -153,6 +161,10 @@ class ServeConfig:
     @property
     def loopback_only(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1")
+
+    def trusted_proxies(self) -> list[str]:
+        """--forwarded-allow-ips as a list (empty: no proxy's X-Forwarded-For is believed)."""
+        return [a.strip() for a in self.forwarded_allow_ips.split(",") if a.strip()]
 
     def trusted_hosts(self) -> list[str]:
         """What the Host header may name: loopback, the bound address, and the allow-list."""
@@ -289,6 +301,11 @@ class AppConfig:
                 "--vllm-arg may not set --host, --port or --uds: the embedded engine listens on "
                 "loopback only, where the app expects it and picks its port",
             ),
+            (
+                all(_is_address_or_network(a) for a in s.trusted_proxies()),
+                f"--forwarded-allow-ips takes IP addresses or networks, comma-separated (e.g. "
+                f"127.0.0.1 for a proxy on this machine), got {s.forwarded_allow_ips!r}",
+            ),
             (s.retention_days >= 0, "--retention-days must be >= 0 (0 keeps conversations)"),
             (0 < s.max_backlog_share <= 1, "--max-backlog-share must be in (0, 1]"),
             (
@@ -317,6 +334,14 @@ class AppConfig:
                 raise ConfigError(message)
         self.retrain_overrides()
         return self
+
+
+def _is_address_or_network(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 # `vllm serve` options that would move the embedded engine off loopback (or off the port the app

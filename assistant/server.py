@@ -393,5 +393,17 @@ def serve(config: AppConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise: behind a proxy that
+    # passes the client's own header on, or to any local process, every client could then pick
+    # the address its limits are counted on. Only the proxies named by --forwarded-allow-ips.
+    proxies = config.serve.trusted_proxies()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+            proxy_headers=bool(proxies),
+            forwarded_allow_ips=proxies or None,
+        )
+    )
     server.run(sockets=[listening])

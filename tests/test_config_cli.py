@@ -34,14 +34,16 @@ def test_flags_map_onto_typed_config():
     )
     named = build_parser().parse_args(
         ["run", "--allowed-host", "a.example", "--allowed-host", "b.example",
-         "--retention-days", "30"]
+         "--retention-days", "30", "--forwarded-allow-ips", "127.0.0.1, 10.0.0.0/8"]
     )  # fmt: skip
     served = config_from_args(named).validate().serve
     assert served.allowed_hosts == ["a.example", "b.example"] and served.retention_days == 30.0
+    assert served.trusted_proxies() == ["127.0.0.1", "10.0.0.0/8"]
     assert {"localhost", "127.0.0.1", "a.example"} <= set(served.trusted_hosts())
     config = config_from_args(args).validate()
     assert config.serve.port == 9000 and config.serve.max_backlog == 3
     assert config.serve.allowed_hosts == [] and config.serve.retention_days == 0
+    assert config.serve.trusted_proxies() == []  # no proxy's X-Forwarded-For is believed
     assert config.sampling.temperature == 0.5
     assert config.engine.vllm_url == "http://gpu:8000"
     assert config.engine.extra_args == ["--enforce-eager"]
@@ -57,6 +59,7 @@ def test_flags_map_onto_typed_config():
         ("engine", "extra_args", ["--host=0.0.0.0"], "may not set --host"),
         ("engine", "extra_args", ["--enforce-eager", "--port", "9"], "may not set --host"),
         ("serve", "retention_days", -1.0, "--retention-days"),
+        ("serve", "forwarded_allow_ips", "nginx.local", "--forwarded-allow-ips takes IP"),
     ],
 )
 def test_invalid_settings_fail_with_the_fix(section, name, value, message):
