@@ -57,6 +57,12 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
         ("--max-votes-per-minute", "serve", "max_votes_per_minute", "N"),
         ("--max-votes-per-minute-per-address", "serve", "max_votes_per_minute_per_address", "N"),
         ("--max-votes-per-minute-total", "serve", "max_votes_per_minute_total", "N"),
+        (
+            "--max-sessions-per-minute-per-address",
+            "serve",
+            "max_sessions_per_minute_per_address",
+            "N",
+        ),
     ],
     "retrain loop": [
         ("--retrain-every-votes", "loop", "every_votes", "VOTES"),

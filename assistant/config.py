@@ -128,6 +128,12 @@ class ServeConfig:
     max_votes_per_minute_total: int = _help(
         "votes everybody together may cast per minute (0: no limit)", default=600
     )
+    max_sessions_per_minute_per_address: int = _help(
+        "sessions issued to one client address per minute, the page's and the API's together "
+        "(each brings its own vote allowance); past it POST /api/session gets HTTP 429 and the "
+        "page is served without a new session (0: no limit)",
+        default=30,
+    )
     max_backlog_share: float = _help(
         "share of --max-backlog one client address may hold; past it, HTTP 429 (1: no share)",
         default=0.25,
@@ -313,9 +319,10 @@ class AppConfig:
                     s.max_votes_per_minute,
                     s.max_votes_per_minute_per_address,
                     s.max_votes_per_minute_total,
+                    s.max_sessions_per_minute_per_address,
                 )
                 >= 0,
-                "vote limits must be >= 0 (0: no limit)",
+                "vote and session limits must be >= 0 (0: no limit)",
             ),
             (
                 0 <= self.loop.max_source_share <= 1,

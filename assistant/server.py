@@ -193,7 +193,7 @@ def build_app(config: AppConfig):
     from assistant.admin_login import build_admin_login_router
     from assistant.api import build_api_router, install_error_handler, set_session_cookie
     from assistant.canary_service import CanaryService
-    from assistant.chat_service import ChatService
+    from assistant.chat_service import ChatService, RateLimitError
     from assistant.engine_watch import EngineWatch
     from assistant.openai_api import build_openai_router
     from assistant.page_auth import PageAuth
@@ -278,10 +278,17 @@ def build_app(config: AppConfig):
     async def issue_page_session(request, call_next):
         # The page's session is an HttpOnly cookie the server issues on the first visit (or
         # when the one sent was not issued here); API clients ask POST /api/session instead.
+        # Past its address's allowance of new sessions the page is served without one (its
+        # votes then count against the address's and everybody's limits only).
         response = await call_next(request)
         if not request.url.path.startswith("/api/") and not sessions.is_valid(
             request.cookies.get(SESSION_COOKIE)
         ):
+            client = sessions.client_tag(request.client.host if request.client else None)
+            try:
+                service.admit_session(client)
+            except RateLimitError:
+                return response
             set_session_cookie(response, sessions.issue())
         return response
 

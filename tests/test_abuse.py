@@ -17,7 +17,7 @@ import time
 import duckdb
 import httpx
 
-from assistant.limits import SlidingWindow, VoteLimits
+from assistant.limits import SessionLimit, SlidingWindow, VoteLimits
 from assistant.sessions import MAX_SESSION_CHARS, SessionKeys
 
 
@@ -180,6 +180,17 @@ def test_refused_votes_are_not_counted_against_the_other_limits():
     for i in range(4):  # the refusal took nothing from the address's or the total's allowance
         assert limits.charge(f"s{i + 2}", "c1", now=2.0) is None
     assert "this address" in limits.charge("s9", "c1", now=3.0).message
+
+
+def test_sessions_issued_to_one_address_are_limited_per_minute():
+    limit = SessionLimit(per_address=2)
+    assert limit.charge("c1", now=0.0) is None and limit.charge("c1", now=1.0) is None
+    refusal = limit.charge("c1", now=2.0)
+    assert refusal is not None and refusal.retry_after_s == 59  # the first is 2 s old
+    assert "too many new sessions from this address: at most 2 a minute" in refusal.message
+    assert limit.charge("c2", now=2.0) is None  # another address has its own allowance
+    assert limit.charge("c1", now=61.0) is None  # the first one is over a minute old
+    assert SessionLimit(per_address=0).charge("c1", now=0.0) is None  # 0: no limit
 
 
 def test_session_ids_are_checked_by_their_tag(tmp_path):

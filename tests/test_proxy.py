@@ -102,6 +102,7 @@ def test_behind_the_documented_proxy_limits_count_the_real_client(tiny_app_facto
     app = tiny_app_factory(
         "--forwarded-allow-ips", "127.0.0.1",
         "--max-votes-per-minute-per-address", "2",
+        "--max-sessions-per-minute-per-address", "2",
     )  # fmt: skip
     proxy = nginx_in_front(app.port)
     alice, bob, local = _from("127.0.0.2"), _from("127.0.0.3"), _from("127.0.0.4")
@@ -127,6 +128,20 @@ def test_behind_the_documented_proxy_limits_count_the_real_client(tiny_app_facto
         assert vote(bob, proxy, pairs[2], "127.0.0.2").status_code == 200
         # past the proxy, straight to the app, a header naming alice is not believed
         assert vote(local, app.url, pairs[3], "127.0.0.2").status_code == 200
+
+        # sessions issued per address: alice's third in a minute is refused, made-up header
+        # or not; the page then serves her without a new session; bob still gets his
+        for spoofed in ("10.1.1.4", "10.1.1.5"):
+            issued = alice.post(proxy + "/api/session", headers={"X-Forwarded-For": spoofed})
+            assert issued.status_code == 200, issued.text
+        refused = alice.post(proxy + "/api/session", headers={"X-Forwarded-For": "10.1.1.6"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert "too many new sessions from this address" in refused.json()["error"]
+        alice.cookies.clear()  # a visit without the sessions she was issued
+        page = alice.get(proxy + "/")
+        assert page.status_code == 200 and "set-cookie" not in page.headers
+        assert "assistant_session=" in bob.get(proxy + "/").headers["set-cookie"]
+        assert bob.post(proxy + "/api/session").status_code == 200
     finally:
         for client in (alice, bob, local):
             client.close()
