@@ -14,8 +14,11 @@ MODEL  := $(DATA)/models/SmolLM2-135M-Instruct/config.json
 .PHONY: run demo test test-fast lint format bench install model browser nginx clean
 
 # App options go through ARGS, e.g.  make run ARGS="--retrain-preset fast --port 8080"
+# `make run` is one person's install: --single-user lets your own votes retrain it. To serve
+# other people (docs/deployment.md):  make run SINGLE_USER= ARGS="--forwarded-allow-ips 127.0.0.1"
+SINGLE_USER ?= --single-user
 run: install model
-	$(VENV)/bin/assistant run --data-dir $(DATA) $(ARGS)
+	$(VENV)/bin/assistant run --data-dir $(DATA) $(SINGLE_USER) $(ARGS)
 
 # The loop learning in a few minutes on the CPU, with the page open (bench/demo.py)
 demo: install

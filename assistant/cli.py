@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=_field(ServeConfig, "allowed_hosts").metadata["help"] + " (repeatable)",
     )
+    groups["vote hygiene"].add_argument(
+        "--single-user",
+        action="store_true",
+        help=_field(ServeConfig, "single_user").metadata["help"],
+    )
     groups["Constitutional AI"].add_argument(
         "--constitution",
         type=Path,
@@ -312,6 +317,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         config.cai.constitution = args.constitution
     if getattr(args, "sft", False):  # one setting: the retrain config's sft.enabled
         config.retrain_flags.setdefault("sft", {})["enabled"] = True
+    if getattr(args, "single_user", False):
+        config.serve.single_user = True
     if getattr(args, "no_cai", False):
         config.cai.enabled = False
     if getattr(args, "retrain_preset", None):

@@ -151,6 +151,12 @@ class ServeConfig:
         "allows any",
         default_factory=list,
     )
+    single_user: bool = _help(
+        "one person casts every vote (make run and the Docker image pass it): no cap on one "
+        "session's or address's share of the votes a cycle trains on and a canary is judged by. "
+        "Without it, at most half (--max-vote-source-share)",
+        default=False,
+    )
     forwarded_allow_ips: str = _help(
         "addresses of the reverse proxies trusted to name the client in X-Forwarded-For, "
         "comma-separated (127.0.0.1 for a proxy on this machine that sets it, as "
@@ -163,10 +169,6 @@ class ServeConfig:
         "0 keeps them",
         default=0.0,
     )
-
-    @property
-    def loopback_only(self) -> bool:
-        return self.host in ("127.0.0.1", "localhost", "::1")
 
     def trusted_proxies(self) -> list[str]:
         """--forwarded-allow-ips as a list (empty: no proxy's X-Forwarded-For is believed)."""
@@ -227,11 +229,13 @@ class AppConfig:
 
     @property
     def max_source_share(self) -> float:
-        """--max-vote-source-share, or its default for where the app listens: on loopback the
-        one person at the keyboard casts every vote (no limit); anywhere else, half."""
+        """The most of the decisive votes one session or one address may cast and still count
+        (`alignment.sources`): --max-vote-source-share; else no cap with --single-user, where
+        one person casts every vote; else half, wherever the app listens: on loopback it is
+        as likely behind a proxy serving many as in front of one person."""
         if self.loop.max_source_share:
             return self.loop.max_source_share
-        return 1.0 if self.serve.loopback_only else 0.5
+        return 1.0 if self.serve.single_user else 0.5
 
     @property
     def database(self) -> Path:
@@ -325,8 +329,19 @@ class AppConfig:
                 "vote and session limits must be >= 0 (0: no limit)",
             ),
             (
+                not (s.single_user and s.trusted_proxies()),
+                "--single-user says one person casts every vote, --forwarded-allow-ips that a "
+                "proxy serves others: pass one of them (`make run` passes --single-user; to "
+                "serve others: make run SINGLE_USER= ARGS=...)",
+            ),
+            (
+                not (s.single_user and self.loop.max_source_share),
+                "--single-user lifts the cap on one source's share of the votes and "
+                "--max-vote-source-share sets it: pass one of them",
+            ),
+            (
                 0 <= self.loop.max_source_share <= 1,
-                "--max-vote-source-share must be in [0, 1] (0: the default for the bound address)",
+                "--max-vote-source-share must be in [0, 1] (0: 0.5, or 1 with --single-user)",
             ),
             (0 <= self.canary.share <= 1, "--canary-share must be in [0, 1] (0: no canary)"),
             (self.canary.min_votes >= 1, "--canary-min-votes must be at least 1"),

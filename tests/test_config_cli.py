@@ -119,6 +119,47 @@ def test_hub_id_without_network_or_cache_says_what_to_do(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("flags", "share"),
+    [
+        ([], 0.5),  # on loopback too: behind the documented proxy the app listens there
+        (["--host", "0.0.0.0"], 0.5),
+        (["--single-user"], 1.0),  # one person casts every vote: their votes retrain it
+        (["--single-user", "--host", "0.0.0.0"], 1.0),  # the Docker image
+        (["--max-vote-source-share", "0.3"], 0.3),
+    ],
+)
+def test_one_sources_share_of_the_votes_is_capped_unless_single_user(flags, share):
+    config = config_from_args(build_parser().parse_args(["run", *flags])).validate()
+    assert config.max_source_share == share
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--single-user", "--forwarded-allow-ips", "127.0.0.1"], "make run SINGLE_USER="),
+        (["--single-user", "--max-vote-source-share", "0.5"], "pass one of them"),
+    ],
+)
+def test_single_user_contradicting_other_flags_is_refused(flags, message):
+    config = config_from_args(build_parser().parse_args(["run", *flags]))
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_make_run_is_a_single_user_install_unless_told_otherwise():
+    def command(*make_args: str) -> str:
+        out = subprocess.run(
+            ["make", "-n", "run", *make_args], cwd=REPO, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if " run --data-dir " in line)
+
+    assert "--single-user" in command()  # the Docker image's CMD is `make run` too
+    assert "--single-user" not in command("SINGLE_USER=", "ARGS=--forwarded-allow-ips 127.0.0.1")
+    assert 'CMD ["make", "run"' in (REPO / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
         ("--retrain-every-votes", "-1", "--retrain-every-votes"),
