@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="base checkpoint when no app is running (default: embedded)",
     )
+    retrain.add_argument(
+        "--single-user",
+        action="store_true",
+        help="without a running app: " + _field(ServeConfig, "single_user").metadata["help"],
+    )
     _add_retrain_settings(retrain)
     return parser
 

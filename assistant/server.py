@@ -178,6 +178,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
         keep_versions=config.loop.keep_versions,
         ai_label_weight=config.cai.ai_label_weight,
         overrides=config.retrain_overrides(),
+        max_source_share=config.max_source_share,
     )
     return Runtime(store, engine, loop, embedded)
 
@@ -209,7 +210,13 @@ def build_app(config: AppConfig):
         _run_async_close(runtime)
         raise ConfigError(f"cannot write the session key under {config.data_dir}: {exc}") from exc
     service = ChatService(runtime.store, runtime.engine, config.sampling, config.serve)
-    canary = CanaryService(runtime.store, runtime.engine, config.canary, runtime.loop.lock)
+    canary = CanaryService(
+        runtime.store,
+        runtime.engine,
+        config.canary,
+        runtime.loop.lock,
+        max_source_share=config.max_source_share,
+    )
     runtime.loop.canary = service.canary = canary
     canary.after_promotion = runtime.loop.prune_after_deploy
     variants = VariantService(runtime.store, service)
