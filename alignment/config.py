@@ -247,7 +247,8 @@ class LoopConfig:
     max_source_share: float = _help(
         "the most of the decisive votes one session or one client address may cast: a "
         "scheduled cycle is refused past it, and reward-model training and a canary's verdict "
-        "count no more of one source's votes (0: 0.5, or 1, no cap, with --single-user)",
+        "count no more of one source's votes (default 0: 0.5, or 1, no cap, with "
+        "--single-user)",
         default=0.0,
     )
 
