@@ -33,5 +33,6 @@ RUN make install EXTRAS=cpu
 VOLUME /app/data
 EXPOSE 7860
 # 0.0.0.0 inside the container; Docker's port mapping decides who can reach it. Votes from the
-# mapped port come from the bridge address, so the per-address vote limits see one client.
+# mapped port come from the bridge address, so the per-address vote limits see one client. The
+# image is one person's install: `make run` passes --single-user (docs/deployment.md).
 CMD ["make", "run", "EXTRAS=cpu", "ARGS=--host 0.0.0.0"]

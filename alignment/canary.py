@@ -16,12 +16,17 @@ Decision rule (a documented choice; the defaults come from `CanaryConfig`):
   should stop reaching them quickly; with no ties that is after 4 straight losses);
 - at `max_votes` comparisons with neither, retire: the challenger has not been shown better, and
   the serving version, which people already accepted, keeps all traffic.
+
+No one session or address decides it: the comparisons count as `alignment.sources` caps them
+(at most `max_share` of the counted ones from one source, its earliest first), so four losses
+from one voter alone retire nothing where the app serves many.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from alignment.sources import cap_source_share
 from alignment.stats import wilson_interval
 
 
@@ -33,6 +38,7 @@ class CanaryVotes:
     serving: int = 0
     tie: int = 0
     both_bad: int = 0
+    over_share: int = 0  # comparisons not counted: their session or address had its share
 
     @property
     def comparisons(self) -> int:
@@ -52,20 +58,26 @@ class CanaryVotes:
         return asdict(self)
 
 
-def count_canary_votes(rows: list[dict], challenger: str, serving: str) -> CanaryVotes:
-    """Tally votes on pairs with one candidate from each version. Each row has `choice` and the
-    versions of candidates `a` and `b` (`version_a`, `version_b`); other pairs are skipped."""
-    counts = {"challenger": 0, "serving": 0, "tie": 0, "both_bad": 0}
-    for row in rows:
-        versions = {"a": row["version_a"], "b": row["version_b"]}
-        if set(versions.values()) != {challenger, serving}:
-            continue
+def count_canary_votes(
+    rows: list[dict], challenger: str, serving: str, max_share: float = 1.0
+) -> CanaryVotes:
+    """Tally votes on pairs with one candidate from each version, oldest first. Each row has
+    `choice`, the versions of candidates `a` and `b` (`version_a`, `version_b`) and, to cap
+    one source's share of the comparisons, `session_id` and `client`; other pairs are skipped."""
+    ours = [r for r in rows if {r["version_a"], r["version_b"]} == {challenger, serving}]
+    compared = [r for r in ours if r["choice"] != "both_bad"]
+    counted = cap_source_share(compared, max_share)
+    counts = {"challenger": 0, "serving": 0, "tie": 0}
+    for row in counted:
         choice = row["choice"]
-        if choice in ("tie", "both_bad"):
-            counts[choice] += 1
+        if choice == "tie":
+            counts["tie"] += 1
         else:
-            counts["challenger" if versions[choice] == challenger else "serving"] += 1
-    return CanaryVotes(**counts)
+            winner = row["version_a"] if choice == "a" else row["version_b"]
+            counts["challenger" if winner == challenger else "serving"] += 1
+    return CanaryVotes(
+        **counts, both_bad=len(ours) - len(compared), over_share=len(compared) - len(counted)
+    )
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,8 @@ def decide(votes: CanaryVotes, min_votes: int, max_votes: int) -> CanaryDecision
         f"the challenger won {votes.win_rate:.0%} of {n} comparisons "
         f"(95% interval {lo:.2f}-{hi:.2f})"
     )
+    if votes.over_share:
+        said += f" ({votes.over_share} more not counted: over one voter's share)"
     if hi < 0.5:
         return CanaryDecision("retired", f"{said}: the users prefer the serving version")
     if lo > 0.5 and n >= min_votes:

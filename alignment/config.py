@@ -245,9 +245,10 @@ class LoopConfig:
         default=5,
     )
     max_source_share: float = _help(
-        "refuse a scheduled cycle when more than this share of its new votes came from one "
-        "session or one client address (0: 1.0, no limit, when the app listens on loopback "
-        "only; 0.5 otherwise)",
+        "the most of the decisive votes one session or one client address may cast: a "
+        "scheduled cycle is refused past it, and reward-model training and a canary's verdict "
+        "count no more of one source's votes (default 0: 0.5, or 1, no cap, with "
+        "--single-user)",
         default=0.0,
     )
 

@@ -21,6 +21,7 @@ from alignment.job import Job, JobResult
 from alignment.labels import agreement_rate, weighted_ai_rows
 from alignment.lifetime import die_with_parent
 from alignment.serving import serve_version
+from alignment.sources import cap_source_share
 from storage import AppError, ConflictError, Store
 from storage.export import preference_records, verdict_records
 
@@ -43,6 +44,7 @@ class AlignmentLoop:
         keep_versions: int = 5,
         ai_label_weight: float = 0.5,
         overrides: dict | None = None,
+        max_source_share: float = 1.0,
     ) -> None:
         # The running canary, if the app judges new versions by the users' votes first
         # (`assistant.canary_service`); None: a version that passes the gate deploys at once.
@@ -52,6 +54,8 @@ class AlignmentLoop:
         # one setting: the retrain config's sft.enabled (`--sft` sets it)
         self.sft = bool((self.overrides.get("sft") or {}).get("enabled"))
         self.ai_label_weight = ai_label_weight
+        # the most of the decisive votes one session or address counts for (alignment.sources)
+        self.max_source_share = max_source_share
         self.store = store
         self.engine = engine
         self.data_dir = data_dir
@@ -101,13 +105,23 @@ class AlignmentLoop:
     async def _cycle(self) -> dict:
         self.stage = "snapshot"
         rows = await asyncio.to_thread(self.store.voted_pairs)
-        human = preference_records(rows, "trl")
+        # no one session or address decides alone what everybody is served
+        decisive = [r for r in rows if r["choice"] in ("a", "b")]
+        counted = cap_source_share(decisive, self.max_source_share)
+        over_share = len(decisive) - len(counted)
+        human = preference_records(counted, "trl")
         ai_rows = await asyncio.to_thread(self.store.ai_labeled_pairs)
         records = human + preference_records(weighted_ai_rows(ai_rows, self.ai_label_weight), "trl")
         revisions = await self._sft_examples() if self.sft else []
         agreement, compared = agreement_rate(await asyncio.to_thread(self.store.label_pairs))
         prompts = await asyncio.to_thread(self.store.logged_prompts)
         sources = await asyncio.to_thread(self.store.new_vote_sources)
+        if decisive and not counted:
+            raise ConflictError(
+                f"all {len(decisive)} decisive votes came from one session or address, which "
+                f"may count for at most {self.max_source_share:.0%} of them: more people need "
+                "to vote (an install where one person casts every vote: --single-user)"
+            )
         if not human:
             raise ConflictError("no decisive votes yet (A or B): vote on some replies first")
         serving = await asyncio.to_thread(self.store.serving_version)
@@ -142,6 +156,7 @@ class AlignmentLoop:
                 "parent": serving["version"],
                 "pairs": len(records),
                 "human_pairs": len(human),
+                "votes_over_share": over_share,
                 "ai_pairs": len(records) - len(human),
                 "preset": self.preset,
                 "overrides": self.overrides,
@@ -189,6 +204,7 @@ class AlignmentLoop:
             "human_pairs": len(human),
             "ai_pairs": len(records) - len(human),
             "vote_sources": sources,
+            "votes_over_share": over_share,  # decisive votes left out: one source's share
             "ai_human_agreement": agreement,
             "agreement_pairs": compared,
             "ppo_steps": result.ppo_steps,

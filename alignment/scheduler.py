@@ -11,6 +11,7 @@ import logging
 import time
 
 from alignment.config import LoopConfig
+from alignment.sources import source_refusal
 
 log = logging.getLogger(__name__)
 
@@ -23,26 +24,6 @@ def cycle_due(new_votes: int, minutes_since_last: float | None, config: LoopConf
     if config.every_minutes and minutes_since_last is not None:
         return minutes_since_last >= config.every_minutes
     return False
-
-
-def source_refusal(sources: dict, max_share: float) -> str | None:
-    """Why a scheduled cycle must not train on these votes, or None. One session or one address
-    that cast most of the new votes would steer the model for everybody."""
-    if max_share >= 1 or not sources["votes"]:
-        return None
-    share = max(sources["top_session_share"], sources["top_address_share"])
-    if share <= max_share:
-        return None
-    which = (
-        "one session"
-        if sources["top_session_share"] >= sources["top_address_share"]
-        else "one client address"
-    )
-    return (
-        f"{share:.0%} of the {sources['votes']} new votes came from {which} (at most "
-        f"{max_share:.0%} allowed): one voter would steer the model for everybody; an admin "
-        "can still retrain by hand"
-    )
 
 
 class RetrainScheduler:

@@ -158,8 +158,14 @@ def build_api_router(
     def client(request: Request) -> str | None:
         return sessions.client_tag(request.client.host if request.client else None)
 
-    @router.post("/session", response_model=SessionAnswer, response_model_exclude_unset=True)
-    async def new_session():
+    @router.post(
+        "/session",
+        response_model=SessionAnswer,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+    )
+    async def new_session(request: Request):
+        service.admit_session(client(request))
         session_id = sessions.issue()
         answer = JSONResponse({"session_id": session_id})
         set_session_cookie(answer, session_id)

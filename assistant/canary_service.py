@@ -31,11 +31,19 @@ log = logging.getLogger(__name__)
 
 class CanaryService:
     def __init__(
-        self, store, engine, config: CanaryConfig, lock: asyncio.Lock, seed: int | None = None
+        self,
+        store,
+        engine,
+        config: CanaryConfig,
+        lock: asyncio.Lock,
+        seed: int | None = None,
+        max_source_share: float = 1.0,
     ) -> None:
         self.store = store
         self.engine = engine
         self.config = config
+        # the most of the comparisons one session or address counts for (alignment.sources)
+        self.max_source_share = max_source_share
         self.lock = lock  # the retrain loop's: swaps, cycles and canary decisions never overlap
         self.current: dict | None = None  # the running canary's row
         self._rng = random.Random(seed)
@@ -173,7 +181,7 @@ class CanaryService:
             (row["challenger"], row["serving"]),
             row.get("decided_at"),
         )
-        return count_canary_votes(rows, row["challenger"], row["serving"])
+        return count_canary_votes(rows, row["challenger"], row["serving"], self.max_source_share)
 
     async def status(self) -> dict:
         """`GET /api/canary`: the running canary, else the last one, else all fields empty."""

@@ -24,7 +24,7 @@ from typing import Protocol
 from alignment.monitors import annotated_versions
 from assistant.config import SamplingConfig, ServeConfig
 from assistant.engine import Challenger, Engine, PairProgress
-from assistant.limits import VoteLimits
+from assistant.limits import SessionLimit, VoteLimits
 from assistant.prompt_variants import PromptVariants, shipped_variants
 from storage import AppError, ConflictError, InvalidInputError, Store
 from storage.export import demonstration_records, preference_records
@@ -145,6 +145,7 @@ class ChatService:
             serve.max_votes_per_minute_per_address,
             serve.max_votes_per_minute_total,
         )
+        self.session_limit = SessionLimit(serve.max_sessions_per_minute_per_address)
         self._generating_by_client: collections.Counter[str] = collections.Counter()
         self._conversations_generating: set[str] = set()
         self.canary: Canary | None = None
@@ -332,7 +333,14 @@ class ChatService:
         default = variants.by_name[variants.default]
         return default.messages(conversation, system), None, (default.name, default.name)
 
-    # --- votes --------------------------------------------------------------------------
+    # --- sessions and votes -------------------------------------------------------------
+
+    def admit_session(self, client: str | None) -> None:
+        """Count one new session against its address's allowance, or raise RateLimitError
+        (429). A session is one voter to the vote limits and a cycle's sources: minting them
+        freely would multiply both."""
+        if (refusal := self.session_limit.charge(client)) is not None:
+            raise RateLimitError(refusal.message, refusal.retry_after_s)
 
     async def vote(
         self,

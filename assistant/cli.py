@@ -48,6 +48,7 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
         ("--variant-share", "serve", "variant_share", "FRACTION"),
         ("--retention-days", "serve", "retention_days", "DAYS"),
         ("--session-days", "serve", "session_days", "DAYS"),
+        ("--forwarded-allow-ips", "serve", "forwarded_allow_ips", "ADDRESSES"),
     ],
     "sampling (the two candidates)": [
         ("--temperature", "sampling", "temperature", "T"),
@@ -59,6 +60,12 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
         ("--max-votes-per-minute", "serve", "max_votes_per_minute", "N"),
         ("--max-votes-per-minute-per-address", "serve", "max_votes_per_minute_per_address", "N"),
         ("--max-votes-per-minute-total", "serve", "max_votes_per_minute_total", "N"),
+        (
+            "--max-sessions-per-minute-per-address",
+            "serve",
+            "max_sessions_per_minute_per_address",
+            "N",
+        ),
     ],
     "retrain loop": [
         ("--retrain-every-votes", "loop", "every_votes", "VOTES"),
@@ -155,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help=_field(ServeConfig, "allowed_hosts").metadata["help"] + " (repeatable)",
+    )
+    groups["vote hygiene"].add_argument(
+        "--single-user",
+        action="store_true",
+        help=_field(ServeConfig, "single_user").metadata["help"],
     )
     groups["Constitutional AI"].add_argument(
         "--constitution",
@@ -266,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="base checkpoint when no app is running (default: embedded)",
     )
+    retrain.add_argument(
+        "--single-user",
+        action="store_true",
+        help="without a running app: " + _field(ServeConfig, "single_user").metadata["help"],
+    )
     _add_retrain_settings(retrain)
     return parser
 
@@ -316,6 +333,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         config.cai.constitution = args.constitution
     if getattr(args, "sft", False):  # one setting: the retrain config's sft.enabled
         config.retrain_flags.setdefault("sft", {})["enabled"] = True
+    if getattr(args, "single_user", False):
+        config.serve.single_user = True
     if getattr(args, "no_cai", False):
         config.cai.enabled = False
     if getattr(args, "retrain_preset", None):

@@ -7,6 +7,7 @@ help string that the CLI shows. `AppConfig.validate()` is called once at start-u
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,12 @@ class ServeConfig:
     max_votes_per_minute_total: int = _help(
         "votes everybody together may cast per minute (0: no limit)", default=600
     )
+    max_sessions_per_minute_per_address: int = _help(
+        "sessions issued to one client address per minute, the page's and the API's together "
+        "(each brings its own vote allowance); past it POST /api/session gets HTTP 429 and the "
+        "page is served without a new session (0: no limit)",
+        default=30,
+    )
     max_backlog_share: float = _help(
         "share of --max-backlog one client address may hold; past it, HTTP 429 (1: no share)",
         default=0.25,
@@ -143,6 +150,19 @@ class ServeConfig:
         "allows any",
         default_factory=list,
     )
+    single_user: bool = _help(
+        "one person casts every vote (make run and the Docker image pass it): no cap on one "
+        "session's or address's share of the votes a cycle trains on and a canary is judged by. "
+        "Without it, at most half (--max-vote-source-share)",
+        default=False,
+    )
+    forwarded_allow_ips: str = _help(
+        "addresses of the reverse proxies trusted to name the client in X-Forwarded-For, "
+        "comma-separated (127.0.0.1 for a proxy on this machine that sets it, as "
+        "docs/deployment.md's nginx block does); none by default, so no client can choose the "
+        "address its limits are counted on",
+        default="",
+    )
     retention_days: float = _help(
         "delete conversations (and their pairs, votes and critiques) older than this many days; "
         "0 keeps them",
@@ -155,9 +175,9 @@ class ServeConfig:
         default=30.0,
     )
 
-    @property
-    def loopback_only(self) -> bool:
-        return self.host in ("127.0.0.1", "localhost", "::1")
+    def trusted_proxies(self) -> list[str]:
+        """--forwarded-allow-ips as a list (empty: no proxy's X-Forwarded-For is believed)."""
+        return [a.strip() for a in self.forwarded_allow_ips.split(",") if a.strip()]
 
     def trusted_hosts(self) -> list[str]:
         """What the Host header may name: loopback, the bound address, and the allow-list."""
@@ -214,11 +234,13 @@ class AppConfig:
 
     @property
     def max_source_share(self) -> float:
-        """--max-vote-source-share, or its default for where the app listens: on loopback the
-        one person at the keyboard casts every vote (no limit); anywhere else, half."""
+        """The most of the decisive votes one session or one address may cast and still count
+        (`alignment.sources`): --max-vote-source-share; else no cap with --single-user, where
+        one person casts every vote; else half, wherever the app listens: on loopback it is
+        as likely behind a proxy serving many as in front of one person."""
         if self.loop.max_source_share:
             return self.loop.max_source_share
-        return 1.0 if self.serve.loopback_only else 0.5
+        return 1.0 if self.serve.single_user else 0.5
 
     @property
     def database(self) -> Path:
@@ -294,6 +316,11 @@ class AppConfig:
                 "--vllm-arg may not set --host, --port or --uds: the embedded engine listens on "
                 "loopback only, where the app expects it and picks its port",
             ),
+            (
+                all(_is_address_or_network(a) for a in s.trusted_proxies()),
+                f"--forwarded-allow-ips takes IP addresses or networks, comma-separated (e.g. "
+                f"127.0.0.1 for a proxy on this machine), got {s.forwarded_allow_ips!r}",
+            ),
             (s.retention_days >= 0, "--retention-days must be >= 0 (0 keeps conversations)"),
             (s.session_days > 0, f"--session-days must be > 0, got {s.session_days}"),
             (0 < s.max_backlog_share <= 1, "--max-backlog-share must be in (0, 1]"),
@@ -302,13 +329,25 @@ class AppConfig:
                     s.max_votes_per_minute,
                     s.max_votes_per_minute_per_address,
                     s.max_votes_per_minute_total,
+                    s.max_sessions_per_minute_per_address,
                 )
                 >= 0,
-                "vote limits must be >= 0 (0: no limit)",
+                "vote and session limits must be >= 0 (0: no limit)",
+            ),
+            (
+                not (s.single_user and s.trusted_proxies()),
+                "--single-user says one person casts every vote, --forwarded-allow-ips that a "
+                "proxy serves others: pass one of them (`make run` passes --single-user; to "
+                "serve others: make run SINGLE_USER= ARGS=...)",
+            ),
+            (
+                not (s.single_user and self.loop.max_source_share),
+                "--single-user lifts the cap on one source's share of the votes and "
+                "--max-vote-source-share sets it: pass one of them",
             ),
             (
                 0 <= self.loop.max_source_share <= 1,
-                "--max-vote-source-share must be in [0, 1] (0: the default for the bound address)",
+                "--max-vote-source-share must be in [0, 1] (0: 0.5, or 1 with --single-user)",
             ),
             (0 <= self.canary.share <= 1, "--canary-share must be in [0, 1] (0: no canary)"),
             (self.canary.min_votes >= 1, "--canary-min-votes must be at least 1"),
@@ -323,6 +362,14 @@ class AppConfig:
                 raise ConfigError(message)
         self.retrain_overrides()
         return self
+
+
+def _is_address_or_network(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 # `vllm serve` options that would move the embedded engine off loopback (or off the port the app

@@ -1,11 +1,12 @@
-"""How fast a session, a client address and everybody together may vote, and how large a request
-body may be.
+"""How fast a session, a client address and everybody together may vote, how many sessions
+one address is issued, and how large a request body may be.
 
 One client must not steer what the model is retrained on. Votes are counted per session (an id the
 server issued), per client address (one person can open many sessions) and in total (many
-addresses at once), each over the last minute. Every counter forgets keys idle for a minute and
-holds at most `max_keys` of them (least recently used go first), so a stream of new sessions
-cannot grow memory.
+addresses at once), each over the last minute; so are the sessions issued to each address (every
+session brings its own vote allowance). Every counter forgets keys idle for a minute and holds at
+most `max_keys` of them (least recently used go first), so a stream of new sessions cannot grow
+memory.
 
 `BodyLimit` refuses a request body once it passes MAX_BODY_BYTES, for every route of the app (the
 JSON API, the admin sign-in and Gradio's queue, call and component routes alike), while it arrives.
@@ -63,7 +64,7 @@ class SlidingWindow:
 
 
 @dataclass(frozen=True)
-class VoteRefusal:
+class Refusal:
     """Who is over the limit, and for how long, in words a client reads."""
 
     message: str
@@ -80,7 +81,7 @@ class VoteLimits:
 
     def charge(
         self, session_id: str | None, client: str | None, now: float | None = None
-    ) -> VoteRefusal | None:
+    ) -> Refusal | None:
         """Count one vote against every limit that applies, or refuse it without counting."""
         now = time.monotonic() if now is None else now
         keys = {"session": session_id, "address": client, "total": "all"}
@@ -92,7 +93,7 @@ class VoteLimits:
                 who = {"session": "this session", "address": "this address"}.get(
                     kind, "everybody together"
                 )
-                return VoteRefusal(
+                return Refusal(
                     f"too many votes from {who}: at most {window.limit} a minute; "
                     f"retry in {retry} s",
                     retry,
@@ -100,6 +101,28 @@ class VoteLimits:
         for kind, key in keys.items():
             if key is not None:
                 self.windows[kind].record(key, now)
+        return None
+
+
+class SessionLimit:
+    """New sessions issued to one client address per minute (the page's cookie and
+    `POST /api/session` alike)."""
+
+    def __init__(self, per_address: int) -> None:
+        self.window = SlidingWindow(per_address)
+
+    def charge(self, client: str | None, now: float | None = None) -> Refusal | None:
+        """Count one new session for `client`, or refuse it without counting."""
+        now = time.monotonic() if now is None else now
+        if client is None:
+            return None
+        if (retry := self.window.retry_after(client, now)) is not None:
+            return Refusal(
+                f"too many new sessions from this address: at most {self.window.limit} a "
+                f"minute; retry in {retry} s",
+                retry,
+            )
+        self.window.record(client, now)
         return None
 
 

@@ -190,6 +190,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
         keep_versions=config.loop.keep_versions,
         ai_label_weight=config.cai.ai_label_weight,
         overrides=config.retrain_overrides(),
+        max_source_share=config.max_source_share,
     )
     return Runtime(store, engine, loop, embedded)
 
@@ -206,7 +207,7 @@ def build_app(config: AppConfig):
     from assistant.admin_login import build_admin_login_router
     from assistant.api import build_api_router, install_error_handler, set_session_cookie
     from assistant.canary_service import CanaryService
-    from assistant.chat_service import ChatService
+    from assistant.chat_service import ChatService, RateLimitError
     from assistant.engine_watch import EngineWatch
     from assistant.limits import BodyLimit
     from assistant.openai_api import build_openai_router
@@ -225,7 +226,13 @@ def build_app(config: AppConfig):
         _run_async_close(runtime)
         raise ConfigError(f"cannot write the session key under {config.data_dir}: {exc}") from exc
     service = ChatService(runtime.store, runtime.engine, config.sampling, config.serve)
-    canary = CanaryService(runtime.store, runtime.engine, config.canary, runtime.loop.lock)
+    canary = CanaryService(
+        runtime.store,
+        runtime.engine,
+        config.canary,
+        runtime.loop.lock,
+        max_source_share=config.max_source_share,
+    )
     runtime.loop.canary = service.canary = canary
     canary.after_promotion = runtime.loop.prune_after_deploy
     variants = VariantService(runtime.store, service)
@@ -294,10 +301,17 @@ def build_app(config: AppConfig):
     async def issue_page_session(request, call_next):
         # The page's session is an HttpOnly cookie the server issues on the first visit (or
         # when the one sent was not issued here); API clients ask POST /api/session instead.
+        # Past its address's allowance of new sessions the page is served without one (its
+        # votes then count against the address's and everybody's limits only).
         response = await call_next(request)
         if not request.url.path.startswith("/api/") and not sessions.is_valid(
             request.cookies.get(SESSION_COOKIE)
         ):
+            client = sessions.client_tag(request.client.host if request.client else None)
+            try:
+                service.admit_session(client)
+            except RateLimitError:
+                return response
             set_session_cookie(response, sessions.issue())
         return response
 
@@ -413,5 +427,17 @@ def serve(config: AppConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise: behind a proxy that
+    # passes the client's own header on, or to any local process, every client could then pick
+    # the address its limits are counted on. Only the proxies named by --forwarded-allow-ips.
+    proxies = config.serve.trusted_proxies()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+            proxy_headers=bool(proxies),
+            forwarded_allow_ips=proxies or None,
+        )
+    )
     server.run(sockets=[listening])

@@ -16,12 +16,14 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token"  # what the shared test apps are started with
 # Simulated users all come from 127.0.0.1, where real ones each have an address: the limits per
-# address (votes a minute, share of the backlog) would make them one user. Tests of those limits
-# pass their own values after these (the last flag wins).
+# address (votes a minute, share of the backlog, sessions issued, share of the votes) would make
+# them one user. Tests of those limits pass their own values after these (the last flag wins).
 MANY_USERS_ON_ONE_ADDRESS = [
     "--max-votes-per-minute-per-address", "0",
     "--max-votes-per-minute-total", "0",
     "--max-backlog-share", "1",
+    "--max-sessions-per-minute-per-address", "0",
+    "--max-vote-source-share", "1",
 ]  # fmt: skip
 # A version that passes the gate serves at once instead of first facing the users as a canary
 # challenger: for tests and benchmarks that measure a deployed version (the canary has its own).

@@ -62,10 +62,10 @@ class CanaryRecords:
     def cross_version_votes(
         self, versions: tuple[str, str] | None = None, until: Any = None
     ) -> list[dict[str, Any]]:
-        """Unflagged votes on pairs whose two candidates came from different versions: choice,
-        both versions and when it was cast; only pairs of exactly these two versions when
-        `versions` is given, only votes cast up to `until` (a decided canary's verdict) when
-        that is given."""
+        """Unflagged votes on pairs whose two candidates came from different versions, oldest
+        first: choice, both versions, when it was cast and where from (session, client tag);
+        only pairs of exactly these two versions when `versions` is given, only votes cast up
+        to `until` (a decided canary's verdict) when that is given."""
         where, params = "a.model_version <> b.model_version AND v.flagged IS NULL", []
         if versions is not None:
             where += " AND a.model_version IN (?, ?) AND b.model_version IN (?, ?)"
@@ -75,9 +75,9 @@ class CanaryRecords:
             params.append(until)
         return self._rows(
             "SELECT v.choice, a.model_version AS version_a, b.model_version AS version_b, "
-            "v.created_at AS voted_at "
+            "v.created_at AS voted_at, v.session_id, v.client "
             f"FROM votes v JOIN pairs p ON p.id = v.pair_id {BOTH_CANDIDATES} "
-            f"WHERE {where}",
+            f"WHERE {where} ORDER BY v.created_at, v.id",
             params,
         )
 

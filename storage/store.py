@@ -387,15 +387,17 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
     def voted_pairs(
         self, after: tuple[Any, str] | None = None, limit: int | None = None
     ) -> list[dict[str, Any]]:
-        """Unflagged voted pairs with their prompt and both candidate texts, oldest first: all
-        of them, or a page of `limit` after the row whose (voted_at, vote_id) is `after`."""
+        """Unflagged voted pairs with their prompt, both candidate texts and where the vote came
+        from (session, client tag), oldest first: all of them, or a page of `limit` after the
+        row whose (voted_at, vote_id) is `after`."""
         where, params = "v.flagged IS NULL", []
         if after is not None:
             where += " AND (v.created_at, v.id) > (?, ?)"
             params += list(after)
         return self._prompt_rows(
             "SELECT p.id AS pair_id, p.prompt, p.model_version, v.choice, v.source, "
-            "v.id AS vote_id, v.created_at AS voted_at, a.text AS text_a, b.text AS text_b "
+            "v.id AS vote_id, v.created_at AS voted_at, v.session_id, v.client, "
+            "a.text AS text_a, b.text AS text_b "
             "FROM votes v JOIN pairs p ON p.id = v.pair_id "
             f"{BOTH_CANDIDATES} "
             f"WHERE {where} ORDER BY v.created_at, v.id"

@@ -3,8 +3,9 @@ limits per session, address and in total, a share of the backlog per address, re
 refused while they arrive, and scheduled cycles refused when one source cast most of the votes.
 
 Through `assistant run` on the shared tiny engine and real HTTP. Clients at different addresses
-are told apart the way a reverse proxy tells the app: `X-Forwarded-For`, which the server trusts
-from loopback only (uvicorn's default).
+connect from different loopback addresses (127.0.0.2, ...: all of 127.0.0.0/8 is this machine);
+a made-up `X-Forwarded-For` changes nothing unless `--forwarded-allow-ips` names the sender
+(tests/test_proxy.py: behind nginx).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import time
 import duckdb
 import httpx
 
-from assistant.limits import SlidingWindow, VoteLimits
+from assistant.limits import SessionLimit, SlidingWindow, VoteLimits
 from assistant.sessions import MAX_SESSION_CHARS, SessionKeys
 
 
-def _from(address: str, **headers: str) -> dict[str, str]:
-    return {"X-Forwarded-For": address, **headers}
+def _from(address: str) -> httpx.HTTPTransport:
+    """Connections from `address`: to the app, another client."""
+    return httpx.HTTPTransport(local_address=address)
 
 
 def _turn(app, headers: dict | None = None) -> dict:
@@ -30,10 +32,11 @@ def _turn(app, headers: dict | None = None) -> dict:
     return r.json()
 
 
-def _vote(app, pair_id: str, headers: dict) -> httpx.Response:
-    return httpx.post(
-        app.url + "/api/vote", json={"pair_id": pair_id, "choice": "a"}, headers=headers
-    )
+def _vote(app, pair_id: str, headers: dict | None = None, address: str = "127.0.0.1"):
+    with httpx.Client(transport=_from(address), timeout=120) as client:
+        return client.post(
+            app.url + "/api/vote", json={"pair_id": pair_id, "choice": "a"}, headers=headers
+        )
 
 
 def test_sessions_are_issued_by_the_server_and_made_up_ones_refused(tiny_app):
@@ -63,16 +66,18 @@ def test_votes_are_limited_per_address_and_in_total(tiny_app_factory):
     pairs = [_turn(app)["pair_id"] for _ in range(5)]
     # a vote on a pair that does not exist costs nothing: looked up before it is counted
     for _ in range(3):
-        assert _vote(app, "no-such-pair", _from("10.0.0.1")).status_code == 404
-    assert _vote(app, pairs[0], _from("10.0.0.1")).status_code == 200
-    assert _vote(app, pairs[1], _from("10.0.0.1")).status_code == 200
-    # a third from the same address is refused, whichever session it brings
-    for headers in (_from("10.0.0.1"), _from("10.0.0.1", **app.new_session())):
+        assert _vote(app, "no-such-pair").status_code == 404
+    assert _vote(app, pairs[0]).status_code == 200
+    assert _vote(app, pairs[1]).status_code == 200
+    # a third from the same address is refused, whichever session it brings, and whatever
+    # address it claims to be forwarded for (no --forwarded-allow-ips: nobody is believed)
+    spoofed = {"X-Forwarded-For": "127.0.0.9"}
+    for headers in (None, app.new_session(), spoofed, {**spoofed, **app.new_session()}):
         refused = _vote(app, pairs[2], headers)
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
         assert "from this address: at most 2 a minute" in refused.json()["error"]
-    assert _vote(app, pairs[2], _from("10.0.0.2")).status_code == 200  # a third vote in all
-    refused = _vote(app, pairs[3], _from("10.0.0.3"))
+    assert _vote(app, pairs[2], address="127.0.0.2").status_code == 200  # a third vote in all
+    refused = _vote(app, pairs[3], address="127.0.0.3")
     assert refused.status_code == 429 and "everybody together" in refused.json()["error"]
     app.stop()
     con = duckdb.connect(str(app.db), read_only=True)
@@ -81,7 +86,7 @@ def test_votes_are_limited_per_address_and_in_total(tiny_app_factory):
     # the address is kept only as a keyed tag: two from one client, one from another
     tags = [c for (c,) in clients]
     assert len(tags) == 3 and tags[0] == tags[1] != tags[2]
-    assert all(t.startswith("c-") and "10.0.0" not in t for t in tags)
+    assert all(t.startswith("c-") and "127.0.0" not in t for t in tags)
 
 
 def test_one_address_gets_its_share_of_the_backlog_not_all_of_it(tiny_app_factory):
@@ -90,15 +95,19 @@ def test_one_address_gets_its_share_of_the_backlog_not_all_of_it(tiny_app_factor
     )
 
     async def run():
-        async with httpx.AsyncClient(base_url=app.url, timeout=120) as client:
+        def client(address):
+            transport = httpx.AsyncHTTPTransport(local_address=address)
+            return httpx.AsyncClient(base_url=app.url, timeout=120, transport=transport)
 
-            def chat(address):
-                return client.post("/api/chat", json={"message": "hi"}, headers=_from(address))
+        async with client("127.0.0.2") as one, client("127.0.0.3") as other:
 
-            # all three at once: whichever of 10.0.0.1's two is admitted first holds its one
+            def chat(c):
+                return c.post("/api/chat", json={"message": "hi"})
+
+            # all three at once: whichever of 127.0.0.2's two is admitted first holds its one
             # place for the whole generation (an engine round trip at least), so the other is
             # refused; a fixed sleep before the second raced a first reply that ended early
-            return await asyncio.gather(chat("10.0.0.1"), chat("10.0.0.1"), chat("10.0.0.2"))
+            return await asyncio.gather(chat(one), chat(one), chat(other))
 
     one, two, other = asyncio.run(run())
     assert other.status_code == 200
@@ -184,6 +193,17 @@ def test_refused_votes_are_not_counted_against_the_other_limits():
     for i in range(4):  # the refusal took nothing from the address's or the total's allowance
         assert limits.charge(f"s{i + 2}", "c1", now=2.0) is None
     assert "this address" in limits.charge("s9", "c1", now=3.0).message
+
+
+def test_sessions_issued_to_one_address_are_limited_per_minute():
+    limit = SessionLimit(per_address=2)
+    assert limit.charge("c1", now=0.0) is None and limit.charge("c1", now=1.0) is None
+    refusal = limit.charge("c1", now=2.0)
+    assert refusal is not None and refusal.retry_after_s == 59  # the first is 2 s old
+    assert "too many new sessions from this address: at most 2 a minute" in refusal.message
+    assert limit.charge("c2", now=2.0) is None  # another address has its own allowance
+    assert limit.charge("c1", now=61.0) is None  # the first one is over a minute old
+    assert SessionLimit(per_address=0).charge("c1", now=0.0) is None  # 0: no limit
 
 
 def test_session_ids_are_checked_by_their_tag(tmp_path):

@@ -34,14 +34,16 @@ def test_flags_map_onto_typed_config():
     )
     named = build_parser().parse_args(
         ["run", "--allowed-host", "a.example", "--allowed-host", "b.example",
-         "--retention-days", "30"]
+         "--retention-days", "30", "--forwarded-allow-ips", "127.0.0.1, 10.0.0.0/8"]
     )  # fmt: skip
     served = config_from_args(named).validate().serve
     assert served.allowed_hosts == ["a.example", "b.example"] and served.retention_days == 30.0
+    assert served.trusted_proxies() == ["127.0.0.1", "10.0.0.0/8"]
     assert {"localhost", "127.0.0.1", "a.example"} <= set(served.trusted_hosts())
     config = config_from_args(args).validate()
     assert config.serve.port == 9000 and config.serve.max_backlog == 3
     assert config.serve.allowed_hosts == [] and config.serve.retention_days == 0
+    assert config.serve.trusted_proxies() == []  # no proxy's X-Forwarded-For is believed
     assert config.sampling.temperature == 0.5
     assert config.engine.vllm_url == "http://gpu:8000"
     assert config.engine.extra_args == ["--enforce-eager"]
@@ -57,6 +59,7 @@ def test_flags_map_onto_typed_config():
         ("engine", "extra_args", ["--host=0.0.0.0"], "may not set --host"),
         ("engine", "extra_args", ["--enforce-eager", "--port", "9"], "may not set --host"),
         ("serve", "retention_days", -1.0, "--retention-days"),
+        ("serve", "forwarded_allow_ips", "nginx.local", "--forwarded-allow-ips takes IP"),
     ],
 )
 def test_invalid_settings_fail_with_the_fix(section, name, value, message):
@@ -113,6 +116,47 @@ def test_hub_id_without_network_or_cache_says_what_to_do(tmp_path):
     out = run_cli(tmp_path, "--model", "someorg/some-model", env=env)
     assert out.returncode == 2
     assert "--model DIR" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "share"),
+    [
+        ([], 0.5),  # on loopback too: behind the documented proxy the app listens there
+        (["--host", "0.0.0.0"], 0.5),
+        (["--single-user"], 1.0),  # one person casts every vote: their votes retrain it
+        (["--single-user", "--host", "0.0.0.0"], 1.0),  # the Docker image
+        (["--max-vote-source-share", "0.3"], 0.3),
+    ],
+)
+def test_one_sources_share_of_the_votes_is_capped_unless_single_user(flags, share):
+    config = config_from_args(build_parser().parse_args(["run", *flags])).validate()
+    assert config.max_source_share == share
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--single-user", "--forwarded-allow-ips", "127.0.0.1"], "make run SINGLE_USER="),
+        (["--single-user", "--max-vote-source-share", "0.5"], "pass one of them"),
+    ],
+)
+def test_single_user_contradicting_other_flags_is_refused(flags, message):
+    config = config_from_args(build_parser().parse_args(["run", *flags]))
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_make_run_is_a_single_user_install_unless_told_otherwise():
+    def command(*make_args: str) -> str:
+        out = subprocess.run(
+            ["make", "-n", "run", *make_args], cwd=REPO, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if " run --data-dir " in line)
+
+    assert "--single-user" in command()  # the Docker image's CMD is `make run` too
+    assert "--single-user" not in command("SINGLE_USER=", "ARGS=--forwarded-allow-ips 127.0.0.1")
+    assert 'CMD ["make", "run"' in (REPO / "Dockerfile").read_text()
 
 
 @pytest.mark.parametrize(

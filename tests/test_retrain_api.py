@@ -185,7 +185,10 @@ def test_cli_retrain_versions_rollback_without_the_app(tiny_app_factory, tiny_mo
             timeout=600,
         )
 
-    out = cli("retrain", "--model", str(tiny_model_dir), "--retrain-preset", "fast")
+    # one session cast every vote: without the app, the CLI is told it is one person's install
+    out = cli(
+        "retrain", "--model", str(tiny_model_dir), "--retrain-preset", "fast", "--single-user"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "status: deployed" in out.stdout and "version: v0001" in out.stdout
     assert "reward model" in out.stderr  # progress bar on the terminal

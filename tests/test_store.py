@@ -278,7 +278,10 @@ def test_canary_rows_and_the_votes_that_straddle_two_versions(store):
     store.record_vote(same.pair_id, "a")  # not a cross-version pair: not counted
     rows = store.cross_version_votes(("v0001", "v0000"))
     voted_at = rows[0].pop("voted_at")  # when it was cast: a decided canary counts until then
-    assert rows == [{"choice": "a", "version_a": "v0001", "version_b": "v0000"}]
+    assert rows == [
+        {"choice": "a", "version_a": "v0001", "version_b": "v0000", "session_id": None,
+         "client": None}
+    ]  # fmt: skip
     assert voted_at.tzinfo is not None
     store.finish_canary(store.running_canary()["id"], "retired", "users said no")
     canary_turn("b")  # cast after the decision
