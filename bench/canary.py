@@ -140,8 +140,9 @@ def repeat_canary_test(n: int) -> int:
                 flush=True,
             )
         print(f"run {i}: rc {returncode}, {time.perf_counter() - started:.0f} s", flush=True)
-        if returncode:
-            print(out[-3000:], flush=True)
+        if returncode:  # where it failed (pytest's E lines and test frames), then the tail
+            where = [line for line in out.splitlines() if line.startswith(("E ", "tests/"))]
+            print("\n".join(where[:40]), "\n...\n", out[-2000:], flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     print(f"\ncanary test: {n - failures}/{n} passed ({machine})")
     return 1 if failures else 0
