@@ -19,9 +19,9 @@ from pathlib import Path
 
 from alignment.job import Job, JobResult
 from alignment.labels import agreement_rate, weighted_ai_rows
-from alignment.lifetime import die_with_parent
 from alignment.serving import serve_version
 from alignment.sources import cap_source_share
+from engine.lifetime import die_with_parent
 from storage import AppError, ConflictError, Store
 from storage.export import preference_records, verdict_records
 

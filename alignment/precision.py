@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from alignment.config import ATTENTIONS, PRECISIONS
-from alignment.hardware import cpu_has_bf16
+from engine.hardware import cpu_has_bf16
 
 
 def use_bf16(precision: str, device: str) -> bool:

@@ -23,8 +23,8 @@ from typing import Protocol, runtime_checkable
 
 import httpx
 
-from alignment.engine_http import async_client
-from alignment.engine_http import client as engine_client
+from engine.http import async_client
+from engine.http import client as engine_client
 
 log = logging.getLogger(__name__)
 _names = itertools.count()

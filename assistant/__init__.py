@@ -1,1 +1,1 @@
-"""Serving side: configuration, the engine interface, the chat service and the HTTP app."""
+"""Serving side: configuration, the chat service, the HTTP app and the CLI (vLLM is `engine`)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from alignment.canary import CanaryDecision, CanaryVotes, count_canary_votes, decide
 from alignment.config import CanaryConfig
 from alignment.serving import serve_version
-from assistant.engine import Challenger, EngineError
+from engine.protocol import Challenger, EngineError
 from storage import ConflictError
 from storage.canaries import CanaryEnd
 

@@ -23,9 +23,9 @@ from typing import Protocol
 
 from alignment.monitors import annotated_versions
 from assistant.config import SamplingConfig, ServeConfig
-from assistant.engine import Challenger, Engine, PairProgress
 from assistant.limits import SessionLimit, VoteLimits
 from assistant.prompt_variants import PromptVariants, shipped_variants
+from engine.protocol import Challenger, Engine, PairProgress
 from storage import AppError, ConflictError, InvalidInputError, Store
 from storage.export import demonstration_records, preference_records
 from storage.rules import check_storable

@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(config)
         elif args.command == "provision":
-            from assistant.provision import provision_embedded
+            from engine.provision import provision_embedded
 
             print(provision_embedded(config.data_dir))
         elif args.command == "export":

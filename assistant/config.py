@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alignment.config import CanaryConfig, LoopConfig
 from assistant import environment
+from engine.config import EngineConfig
 from storage.errors import AppError
 
 
@@ -28,57 +29,6 @@ def _help(text: str, **kwargs):
 
 def default_data_dir() -> Path:
     return environment.data_dir()
-
-
-@dataclass
-class EngineConfig:
-    """Where replies come from: an embedded vLLM server we start, or an external one by URL."""
-
-    model: str | None = _help(
-        "local checkpoint directory or hub id to serve; default: embedded SmolLM2-135M-Instruct",
-        default=None,
-    )
-    vllm_url: str | None = _help(
-        "base URL of an external vLLM OpenAI-compatible server (e.g. http://gpu-box:8000); "
-        "when set, no engine is started here",
-        default=None,
-    )
-    served_model_name: str = _help("model name the engine serves under", default="policy")
-    max_model_len: int = _help("context window in tokens (prompt + reply)", default=2048)
-    dtype: str = _help(
-        "weight dtype for the embedded engine: auto (bfloat16 on a GPU or a CPU with "
-        "AVX-512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and about 3x "
-        "slower batched), or any vLLM --dtype",
-        default="auto",
-    )
-    max_num_seqs: int = _help(
-        "sequences the engine batches at once (each turn is 2 sequences)", default=32
-    )
-    gpu_memory_utilization: float = _help(
-        "vLLM memory fraction; on CPU builds it is the fraction of the NUMA node's RAM",
-        default=0.3,
-    )
-    kv_cache_gib: int = _help("CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", default=1)
-    compile: str = _help(
-        "torch.compile the model: auto (GPU yes; CPU no: the CPU compile cache does not reload, "
-        "so each start would spend ~60 s compiling for ~1.25x decode speed), yes, no",
-        default="auto",
-    )
-    lora_rollouts: bool = _help(
-        "start the embedded engine with LoRA support so PPO samples its current policy "
-        "(on-policy rollouts) while users keep the serving weights",
-        default=True,
-    )
-    startup_timeout_s: float = _help("how long to wait for the engine to come up", default=600.0)
-    nice: int = _help(
-        "scheduling niceness of the embedded engine's processes (0: same as the app). On a small "
-        "machine a positive value lets the app answer votes and pages at once while the engine "
-        "generates (bench/RESULTS.md)",
-        default=0,
-    )
-    extra_args: list[str] = _help(
-        "extra command-line arguments passed to the embedded `vllm serve`", default_factory=list
-    )
 
 
 @dataclass
@@ -302,20 +252,7 @@ class AppConfig:
             ),
             (self.cai.rounds >= 1, "--cai-rounds must be at least 1"),
             (self.cai.ai_label_weight >= 0, "--ai-label-weight must be >= 0"),
-            (
-                e.compile in ("auto", "yes", "no"),
-                f"--compile must be auto, yes or no, got {e.compile!r}",
-            ),
-            (0 < e.gpu_memory_utilization <= 1, "--gpu-memory-utilization must be in (0, 1]"),
-            (
-                e.vllm_url is None or e.vllm_url.startswith(("http://", "https://")),
-                f"--vllm-url must start with http:// or https://, got {e.vllm_url!r}",
-            ),
-            (
-                not any(a.split("=")[0] in REBINDING_VLLM_ARGS for a in e.extra_args),
-                "--vllm-arg may not set --host, --port or --uds: the embedded engine listens on "
-                "loopback only, where the app expects it and picks its port",
-            ),
+            *((False, problem) for problem in e.problems()),
             (
                 all(_is_address_or_network(a) for a in s.trusted_proxies()),
                 f"--forwarded-allow-ips takes IP addresses or networks, comma-separated (e.g. "
@@ -374,9 +311,6 @@ def _is_address_or_network(value: str) -> bool:
 
 # `vllm serve` options that would move the embedded engine off loopback (or off the port the app
 # talks to); its development endpoints would then be open beyond this machine's users.
-REBINDING_VLLM_ARGS = ("--host", "--port", "--uds")
-
-
 # The sections of AppConfig that hold plain settings, by name: what `run`'s flags and a --config
 # file's mappings are read into.
 SECTIONS: dict[str, type] = {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from assistant import environment
 from assistant.config import AppConfig, ConfigError
-from assistant.engine import EngineError
+from engine.protocol import EngineError
 from storage.rules import version_name
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class ModelSource:
 
 def resolve_model(config: AppConfig) -> ModelSource:
     """The checkpoint to serve: --model, or the embedded default (provisioned on first use)."""
-    from assistant.provision import is_checkpoint, provision_embedded
+    from engine.provision import is_checkpoint, provision_embedded
 
     model = config.engine.model
     if model is None:
@@ -138,8 +138,8 @@ class Runtime:
 def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
     """Open the store and start (or reach) the engine; raises ConfigError/StoreError early."""
     from alignment.loop import AlignmentLoop, remove_user_data
-    from assistant.vllm_client import VLLMServerEngine
-    from assistant.vllm_server import EmbeddedVLLMServer
+    from engine.vllm_client import VLLMServerEngine
+    from engine.vllm_server import EmbeddedVLLMServer
     from storage import Store
     from storage.private import private_folder
 
@@ -171,6 +171,7 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
             config.data_dir / "logs" / "engine.log",
             private_socket=True,
             max_lora_rank=lora_rank,
+            environment=environment.child_environment(),  # none of the app's secrets
         )
         embedded.start()
         try:
@@ -208,12 +209,12 @@ def build_app(config: AppConfig):
     from assistant.api import build_api_router, install_error_handler, set_session_cookie
     from assistant.canary_service import CanaryService
     from assistant.chat_service import ChatService, RateLimitError
-    from assistant.engine_watch import EngineWatch
     from assistant.limits import BodyLimit
     from assistant.openai_api import build_openai_router
     from assistant.page_auth import PageAuth
     from assistant.sessions import SESSION_COOKIE, SessionKeys
     from assistant.variant_service import VariantService
+    from engine.watch import EngineWatch
     from ui.page import CSS, build_page
 
     constitution = active_constitution(config)  # before the engine: a bad file fails fast

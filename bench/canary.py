@@ -30,10 +30,10 @@ import httpx
 
 from alignment.config import PPOConfig
 from assistant.config import EngineConfig
-from assistant.engine import Challenger
-from assistant.vllm_client import VLLMServerEngine
-from assistant.vllm_server import EmbeddedVLLMServer
 from bench.generation import PROMPTS
+from engine.protocol import Challenger
+from engine.vllm_client import VLLMServerEngine
+from engine.vllm_server import EmbeddedVLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 SMOL = REPO / "data" / "models" / "SmolLM2-135M-Instruct"

@@ -32,8 +32,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from assistant.config import EngineConfig
-    from assistant.vllm_client import VLLMServerEngine
-    from assistant.vllm_server import EmbeddedVLLMServer
+    from engine.vllm_client import VLLMServerEngine
+    from engine.vllm_server import EmbeddedVLLMServer
     from harness.tiny_model import (
         CHEERFUL,
         PLAIN,

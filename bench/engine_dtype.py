@@ -2,7 +2,7 @@
 
 bf16 is fast only where the CPU computes it (AVX-512-BF16, AMX); elsewhere vLLM's CPU build falls
 back to emulated bf16 matmuls ("Failed to create oneDNN linear" in its log). `EngineConfig.dtype`
-`auto` picks by the CPU's flags (`assistant.vllm_server.engine_dtype`); this measures what the
+`auto` picks by the CPU's flags (`engine.vllm_server.engine_dtype`); this measures what the
 choice is worth: decode tokens/s for 1 and for 8 concurrent prompts of 2 replies x 64 forced
 tokens, each dtype on a fresh engine.
 
@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from alignment.engine_http import async_client
-from alignment.hardware import cpu_has_bf16
 from assistant.config import EngineConfig
-from assistant.vllm_server import EmbeddedVLLMServer
+from engine.hardware import cpu_has_bf16
+from engine.http import async_client
+from engine.vllm_server import EmbeddedVLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = 64

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from assistant.config import EngineConfig
-from assistant.vllm_server import EmbeddedVLLMServer
+from engine.vllm_server import EmbeddedVLLMServer
 from harness.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ from pathlib import Path
 from alignment.config import CycleConfig, GateConfig, PPOConfig, RewardConfig, cycle_config
 from alignment.cycle import run_cycle
 from alignment.rollouts import vllm_generate
-from assistant.vllm_client import VLLMServerEngine
+from engine.vllm_client import VLLMServerEngine
 from storage.export import to_trl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def main() -> None:
     import argparse
 
     from assistant.config import EngineConfig
-    from assistant.vllm_server import EmbeddedVLLMServer
+    from engine.vllm_server import EmbeddedVLLMServer
     from harness.tiny_model import (
         TOPICS,
         TWO_STYLE_RETRAIN_CONFIG,

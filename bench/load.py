@@ -200,7 +200,7 @@ def main() -> None:
     import duckdb
 
     from assistant.config import EngineConfig
-    from assistant.vllm_server import EmbeddedVLLMServer
+    from engine.vllm_server import EmbeddedVLLMServer
     from harness.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
     from harness.tiny_model import build_tiny_checkpoint
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from alignment.engine_http import client as engine_client
 from alignment.rollouts import VLLMRollouts
 from assistant.config import EngineConfig
-from assistant.vllm_server import EmbeddedVLLMServer
+from engine.http import client as engine_client
+from engine.vllm_server import EmbeddedVLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 SMOL = REPO / "data/models/SmolLM2-135M-Instruct"

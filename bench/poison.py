@@ -127,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from assistant.config import EngineConfig
-    from assistant.vllm_server import EmbeddedVLLMServer
+    from engine.vllm_server import EmbeddedVLLMServer
     from harness.tiny_model import build_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench-poison-") as tmp:

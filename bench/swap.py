@@ -94,8 +94,8 @@ def make_adapter(out: Path) -> Path:
 
 def main() -> None:
     from assistant.config import EngineConfig
-    from assistant.vllm_client import VLLMServerEngine
-    from assistant.vllm_server import EmbeddedVLLMServer
+    from engine.vllm_client import VLLMServerEngine
+    from engine.vllm_server import EmbeddedVLLMServer
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,7 +41,7 @@ def two_style_model(tmp_path_factory) -> Path:
 def tiny_engine_url(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
     """A real vLLM server (CPU build) serving the tiny model, shared by the whole session."""
     from assistant.config import EngineConfig
-    from assistant.vllm_server import EmbeddedVLLMServer
+    from engine.vllm_server import EmbeddedVLLMServer
 
     config = EngineConfig(max_model_len=TINY_MAX_MODEL_LEN, max_num_seqs=32, compile="no")
     server = EmbeddedVLLMServer(
@@ -61,7 +61,7 @@ def restores_tiny_engine(tiny_engine_url, tiny_model_dir) -> Iterator[None]:
     also when the test fails halfway, so later tests never run on the wrong weights."""
     import asyncio
 
-    from assistant.vllm_client import VLLMServerEngine
+    from engine.vllm_client import VLLMServerEngine
 
     yield
 

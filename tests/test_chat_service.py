@@ -11,7 +11,7 @@ import pytest
 
 from assistant.chat_service import BusyError, ChatService, RateLimitError
 from assistant.config import SamplingConfig, ServeConfig
-from assistant.engine import CandidateDraft, PairProgress
+from engine.protocol import CandidateDraft, PairProgress
 from storage import ConflictError, InvalidInputError, NotFoundError, Store
 from tests import store_reads
 

@@ -302,7 +302,7 @@ def test_run_without_a_token_generates_one_prints_it_and_the_cli_uses_it(
 
 def test_the_engines_lora_rank_follows_the_ppo_adapters(tmp_path):
     from assistant.server import engine_lora_rank
-    from assistant.vllm_server import EmbeddedVLLMServer
+    from engine.vllm_server import EmbeddedVLLMServer
 
     config = AppConfig()
     assert engine_lora_rank(config) == 16
@@ -377,8 +377,8 @@ def test_one_yaml_file_holds_every_setting_and_flags_override_it(tmp_path):
 def test_the_engines_dtype_follows_what_the_hardware_computes(
     monkeypatch, tmp_path, setting, cpu, native_bf16, expected
 ):
-    from assistant import vllm_server
     from assistant.config import EngineConfig
+    from engine import vllm_server
 
     monkeypatch.setattr(vllm_server, "cpu_has_bf16", lambda: native_bf16)
     monkeypatch.setattr(vllm_server, "_on_cpu", lambda: cpu)

@@ -12,7 +12,7 @@ import pytest
 from alignment.constitution import ConstitutionError, load_constitution, parse_constitution
 from alignment.critic import CAIWorker, Critic, label_from_probabilities
 from alignment.labels import agreement_rate
-from assistant.vllm_client import VLLMServerEngine
+from engine.vllm_client import VLLMServerEngine
 from storage import Store
 from storage.store import CandidateRecord
 from tests import store_reads

@@ -15,7 +15,7 @@ from alignment.config import GateConfig, RewardConfig, preset
 from alignment.cycle import CycleConfig, run_cycle
 from alignment.gate import Comparisons, count_comparisons, gate_decision, reward_refusal
 from alignment.rollouts import vllm_generate
-from assistant.vllm_client import VLLMServerEngine
+from engine.vllm_client import VLLMServerEngine
 from tests.test_reward_model import synthetic_preferences
 
 

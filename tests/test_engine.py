@@ -8,8 +8,8 @@ import json
 import httpx
 import pytest
 
-from assistant.engine import EngineError, PromptTooLongError
-from assistant.vllm_client import VLLMServerEngine
+from engine.protocol import EngineError, PromptTooLongError
+from engine.vllm_client import VLLMServerEngine
 from harness.tiny_model import build_tiny_checkpoint
 
 # Seeded sampling is reproducible (vLLM does not allow n=2 at temperature 0).
@@ -139,7 +139,7 @@ def test_pairs_asked_for_during_a_swap_are_labelled_with_the_weights_that_answer
     ],
 )
 def test_context_overflow_messages_are_recognised(message):
-    from assistant.vllm_client import _says_too_long
+    from engine.vllm_client import _says_too_long
 
     assert _says_too_long(message)
     assert not _says_too_long("engine core died unexpectedly")

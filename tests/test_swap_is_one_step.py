@@ -16,7 +16,7 @@ import httpx
 
 from alignment.config import CanaryConfig
 from assistant.canary_service import CanaryService
-from assistant.vllm_client import VLLMServerEngine
+from engine.vllm_client import VLLMServerEngine
 from storage import Store
 
 

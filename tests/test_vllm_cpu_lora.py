@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from assistant import vllm_cpu_lora as fast
+from engine import vllm_cpu_lora as fast
 
 reference = pytest.importorskip("vllm.lora.ops.torch_ops")
 
@@ -77,11 +77,11 @@ def test_the_plugin_is_installed_for_vllm():
     from importlib.metadata import entry_points
 
     names = {e.value for e in entry_points(group="vllm.general_plugins")}
-    assert "assistant.vllm_cpu_lora:register" in names
+    assert "engine.vllm_cpu_lora:register" in names
 
 
 def _greedy(url: str, model: str) -> str:
-    from alignment.engine_http import client
+    from engine.http import client
 
     with client(url, timeout=120) as http:
         r = http.post(
@@ -106,11 +106,11 @@ def test_engine_applies_adapters_and_leaves_the_base_weights_alone(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from alignment.engine_http import client
+    from engine.http import client
 
     # conftest's engine log (pytest also links each numbered folder as "...current")
     (log,) = {p.resolve() for p in tmp_path_factory.getbasetemp().glob("logs*/tiny-engine.log")}
-    assert "CPU LoRA ops from assistant.vllm_cpu_lora" in log.read_text(errors="replace")
+    assert "CPU LoRA ops from engine.vllm_cpu_lora" in log.read_text(errors="replace")
     base_before = _greedy(tiny_engine_url, "policy")
     names = []
     for seed in (1, 2):

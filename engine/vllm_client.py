@@ -28,8 +28,8 @@ from contextlib import asynccontextmanager
 
 import httpx
 
-from alignment.engine_http import async_client
-from assistant.engine import (
+from engine.http import async_client
+from engine.protocol import (
     CandidateDraft,
     Challenger,
     EngineError,

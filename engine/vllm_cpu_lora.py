@@ -155,5 +155,5 @@ def register() -> None:
         setattr(punica_cpu, name, here[name])
     # under vLLM's logger, so the line lands in the engine's log
     logging.getLogger("vllm.assistant_cpu_lora").info(
-        "CPU LoRA ops from assistant.vllm_cpu_lora: %s", ", ".join(replaced)
+        "CPU LoRA ops from engine.vllm_cpu_lora: %s", ", ".join(replaced)
     )

@@ -1,7 +1,7 @@
 """The engine interface the chat service depends on, and the plain data it returns.
 
 The service never sees vLLM: it asks an `Engine` for a pair of candidates (streamed), the serving
-weight version, and later a weight reload. `assistant.vllm_client.VLLMServerEngine` is the one
+weight version, and later a weight reload. `engine.vllm_client.VLLMServerEngine` is the one
 real implementation (embedded or external vLLM server alike); tests may bring fakes.
 """
 

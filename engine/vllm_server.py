@@ -2,7 +2,7 @@
 
 On this kind of machine it is vLLM's CPU build; on a GPU box the official build; the command line
 is the same `vllm serve` either way. The engine core is a further child process of the server.
-This module only manages the process: talking to it is `assistant.vllm_client`.
+This module only manages the process: talking to it is `engine.vllm_client`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,30 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
 
-from alignment.engine_http import client as engine_client
-from alignment.engine_http import socket_url
-from alignment.hardware import cpu_has_bf16
-from alignment.lifetime import die_with_parent
-from assistant import environment
-from assistant.config import EngineConfig
-from assistant.engine import EngineError
+from engine.config import EngineConfig
+from engine.hardware import cpu_has_bf16
+from engine.http import client as engine_client
+from engine.http import socket_url
+from engine.lifetime import die_with_parent
+from engine.protocol import EngineError
+
+
+def engine_environment(base: Mapping[str, str], kv_cache_gib: int | None) -> dict[str, str]:
+    """The embedded vLLM process's environment: `base` plus what the app needs of vLLM (an
+    operator's own setting of any of them wins). `kv_cache_gib`: on a CPU only."""
+    env = dict(base)
+    # Weight hot-swap needs the dev endpoints (/collective_rpc, /reset_prefix_cache), which
+    # listen on a private socket; on-policy rollouts load the PPO adapter at runtime.
+    env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+    env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+    if kv_cache_gib is not None:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    return env
 
 
 def free_port() -> int:
@@ -77,9 +90,13 @@ class EmbeddedVLLMServer:
         log_path: Path,
         private_socket: bool = False,
         max_lora_rank: int = 16,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         """`max_lora_rank` is derived from the PPO adapter's rank (`server.engine_lora_rank`),
-        not a setting: a smaller one would silently push PPO to off-policy rollouts."""
+        not a setting: a smaller one would silently push PPO to off-policy rollouts.
+        `environment`: what the engine's process starts from (the app passes its own without
+        its secrets, `assistant.environment.child_environment`); None: this process's."""
+        self.base_environment = dict(os.environ if environment is None else environment)
         self.model_path = model_path
         self.config = config
         self.max_lora_rank = max_lora_rank
@@ -155,7 +172,9 @@ class EmbeddedVLLMServer:
         ]
 
     def start(self) -> None:
-        env = environment.engine_environment(self.config.kv_cache_gib if _on_cpu() else None)
+        env = engine_environment(
+            self.base_environment, self.config.kv_cache_gib if _on_cpu() else None
+        )
         self.run_dir.mkdir(mode=0o700, exist_ok=True)  # again after a stop (a restart)
         env.setdefault("VLLM_RPC_BASE_PATH", str(self.run_dir))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,91 @@
+"""The engine's settings: which vLLM serves the replies and how the embedded one is started.
+
+Part of the app's one configuration (`assistant.config.AppConfig.engine`), kept here beside the
+code that reads it; its own rules (`EngineConfig.problems`) are checked with the rest at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# What would move the embedded engine off its private socket (its dev endpoints reload weights).
+REBINDING_VLLM_ARGS = ("--host", "--port", "--uds")
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class EngineConfig:
+    """Where replies come from: an embedded vLLM server we start, or an external one by URL."""
+
+    model: str | None = _help(
+        "local checkpoint directory or hub id to serve; default: embedded SmolLM2-135M-Instruct",
+        default=None,
+    )
+    vllm_url: str | None = _help(
+        "base URL of an external vLLM OpenAI-compatible server (e.g. http://gpu-box:8000); "
+        "when set, no engine is started here",
+        default=None,
+    )
+    served_model_name: str = _help("model name the engine serves under", default="policy")
+    max_model_len: int = _help("context window in tokens (prompt + reply)", default=2048)
+    dtype: str = _help(
+        "weight dtype for the embedded engine: auto (bfloat16 on a GPU or a CPU with "
+        "AVX-512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and about 3x "
+        "slower batched), or any vLLM --dtype",
+        default="auto",
+    )
+    max_num_seqs: int = _help(
+        "sequences the engine batches at once (each turn is 2 sequences)", default=32
+    )
+    gpu_memory_utilization: float = _help(
+        "vLLM memory fraction; on CPU builds it is the fraction of the NUMA node's RAM",
+        default=0.3,
+    )
+    kv_cache_gib: int = _help("CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", default=1)
+    compile: str = _help(
+        "torch.compile the model: auto (GPU yes; CPU no: the CPU compile cache does not reload, "
+        "so each start would spend ~60 s compiling for ~1.25x decode speed), yes, no",
+        default="auto",
+    )
+    lora_rollouts: bool = _help(
+        "start the embedded engine with LoRA support so PPO samples its current policy "
+        "(on-policy rollouts) while users keep the serving weights",
+        default=True,
+    )
+    startup_timeout_s: float = _help("how long to wait for the engine to come up", default=600.0)
+    nice: int = _help(
+        "scheduling niceness of the embedded engine's processes (0: same as the app). On a small "
+        "machine a positive value lets the app answer votes and pages at once while the engine "
+        "generates (bench/RESULTS.md)",
+        default=0,
+    )
+    extra_args: list[str] = _help(
+        "extra command-line arguments passed to the embedded `vllm serve`", default_factory=list
+    )
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each in words that say the fix (the app's
+        configuration raises the first one at start)."""
+        checks = [
+            (
+                self.compile in ("auto", "yes", "no"),
+                f"--compile must be auto, yes or no, got {self.compile!r}",
+            ),
+            (
+                0 < self.gpu_memory_utilization <= 1,
+                "--gpu-memory-utilization must be in (0, 1]",
+            ),
+            (
+                self.vllm_url is None or self.vllm_url.startswith(("http://", "https://")),
+                f"--vllm-url must start with http:// or https://, got {self.vllm_url!r}",
+            ),
+            (
+                not any(a.split("=")[0] in REBINDING_VLLM_ARGS for a in self.extra_args),
+                "--vllm-arg may not set --host, --port or --uds: the embedded engine listens on "
+                "its private socket, where the app expects it",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
