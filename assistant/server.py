@@ -135,8 +135,9 @@ class Runtime:
         self.store.close()
 
 
-def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
-    """Open the store and start (or reach) the engine; raises ConfigError/StoreError early."""
+def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
+    """Open the store and start (or reach) the engine; raises ConfigError/StoreError early.
+    `engine`: one already made (a test's `harness.fake_engine.FakeEngine`), started by nobody."""
     from alignment.loop import AlignmentLoop, remove_user_data
     from engine.vllm_client import VLLMServerEngine
     from engine.vllm_server import EmbeddedVLLMServer
@@ -152,7 +153,9 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
             remove_user_data(Path(run["job"]))  # the copies of chats it never got to delete
     embedded: EmbeddedVLLMServer | None = None
     version = BASE_VERSION
-    if config.engine.vllm_url:
+    if engine is not None:
+        store.ensure_base_version(BASE_VERSION, config.engine.model or "given", {"model": "given"})
+    elif config.engine.vllm_url:
         url = config.engine.vllm_url
         _check_external(url)
         # With --model too, retraining knows the served checkpoint; otherwise it cannot retrain.
@@ -180,7 +183,8 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
             embedded.stop()
             raise
         url = embedded.url
-    engine = VLLMServerEngine(url, config.engine.served_model_name, version)
+    if engine is None:
+        engine = VLLMServerEngine(url, config.engine.served_model_name, version)
     loop = AlignmentLoop(
         store,
         engine,
@@ -196,8 +200,9 @@ def open_runtime(config: AppConfig, on_progress=None) -> Runtime:
     return Runtime(store, engine, loop, embedded)
 
 
-def build_app(config: AppConfig):
-    """Return a FastAPI app whose lifespan owns the runtime (engine, store)."""
+def build_app(config: AppConfig, runtime: Runtime | None = None):
+    """Return a FastAPI app whose lifespan owns the runtime (engine, store): the one given (a
+    test's, around a fake engine: the app's edge then runs in-process), else one it opens."""
     import gradio as gr
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
@@ -217,8 +222,11 @@ def build_app(config: AppConfig):
     from engine.watch import EngineWatch
     from ui.page import CSS, build_page
 
-    constitution = active_constitution(config)  # before the engine: a bad file fails fast
-    runtime = open_runtime(config)  # a read-only data directory is refused here, with the reason
+    if runtime is None:
+        constitution = active_constitution(config)  # before the engine: a bad file fails fast
+        runtime = open_runtime(config)  # a read-only data directory is refused here, with why
+    else:
+        constitution = active_constitution(config, runtime.store)
     try:
         sessions = SessionKeys.load_or_create(
             config.data_dir / "secrets" / "session.key", config.serve.session_days
@@ -346,16 +354,18 @@ async def _retention(store, days: float, every_s: float = 3600.0) -> None:
         await asyncio.sleep(every_s)
 
 
-def active_constitution(config: AppConfig):
+def active_constitution(config: AppConfig, store=None):
     """--constitution FILE if given; else the latest edited version in the database; else the
-    shipped default. The database is opened read-only here only to peek; the app writes later."""
+    shipped default. Without an open `store` the database is opened read-only here only to
+    peek; the app writes later."""
     from alignment.constitution import load_constitution, parse_constitution
     from storage import Store, StoreError
 
     if config.cai.constitution is not None:
         return load_constitution(config.cai.constitution)
+    opened = store is None
     try:
-        store = Store(config.database, read_only=True)
+        store = Store(config.database, read_only=True) if opened else store
     except StoreError:
         return load_constitution()
     try:
@@ -363,7 +373,8 @@ def active_constitution(config: AppConfig):
     except Exception:  # noqa: BLE001 - an old database without the table: use the default
         latest = None
     finally:
-        store.close()
+        if opened:
+            store.close()
     return parse_constitution(latest["body"]) if latest else load_constitution()
 
 
