@@ -8,6 +8,7 @@ only checked for reachability.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import sys
@@ -211,10 +212,16 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
     from alignment.scheduler import RetrainScheduler
     from assistant.admin import AdminSignIns
     from assistant.admin_login import build_admin_login_router
-    from assistant.api import build_api_router, install_error_handler, set_session_cookie
+    from assistant.api import (
+        build_api_router,
+        install_error_handler,
+        require_admin,
+        set_session_cookie,
+    )
     from assistant.canary_service import CanaryService
     from assistant.chat_service import ChatService, RateLimitError
     from assistant.limits import BodyLimit
+    from assistant.metrics import ResponseCounts, app_registry, build_metrics_router
     from assistant.openai_api import build_openai_router
     from assistant.page_auth import PageAuth
     from assistant.sessions import SESSION_COOKIE, SessionKeys
@@ -324,11 +331,16 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
             set_session_cookie(response, sessions.issue())
         return response
 
+    # Added last, so outermost: every answer counts, refusals of the middlewares above included.
+    by_status: collections.Counter[int] = collections.Counter()
+    app.add_middleware(ResponseCounts, by_status=by_status)
     install_error_handler(app)
     app.include_router(build_api_router(service, sessions, runtime.loop, cai, canary, variants))
     sign_ins = AdminSignIns()
     app.include_router(build_admin_login_router(sign_ins))
     app.include_router(build_openai_router(service, sessions))
+    registry = app_registry(runtime.store, service, canary, by_status)
+    app.include_router(build_metrics_router(registry, runtime.engine, require_admin))
     app.state.service = service
     app.state.runtime = runtime
     page = build_page(

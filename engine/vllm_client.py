@@ -357,6 +357,19 @@ class VLLMServerEngine:
             raise _error_from(resp)
         return resp
 
+    async def metrics(self) -> str:
+        """vLLM's own Prometheus metrics (queue, KV cache, tokens), as the server writes them."""
+        return (await self._http_get("/metrics")).text
+
+    async def _http_get(self, route: str) -> httpx.Response:
+        try:
+            resp = await self._http.get(route)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
+        if resp.status_code >= 400:
+            raise _error_from(resp)
+        return resp
+
     async def aclose(self) -> None:
         await self._http.aclose()
 

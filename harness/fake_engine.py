@@ -84,5 +84,8 @@ class FakeEngine:
             }
         ).encode()
 
+    async def metrics(self) -> str:
+        return "# TYPE fake_engine_up gauge\nfake_engine_up 1\n"
+
     async def aclose(self) -> None:
         pass

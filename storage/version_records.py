@@ -129,6 +129,28 @@ class VersionRecords:
                 [status, json.dumps(metrics or {}, default=str), error, run_id],
             )
 
+    def activity(self) -> dict[str, Any]:
+        """Totals for monitoring (`GET /metrics`), in one read: turns, votes by choice, flagged
+        votes, and the retrain cycles by how they ended with their seconds."""
+        rows = self._rows(
+            "SELECT 'turns' AS kind, NULL AS name, count(*) AS n, NULL AS seconds FROM pairs "
+            "UNION ALL SELECT 'votes', choice, count(*), NULL FROM votes GROUP BY choice "
+            "UNION ALL SELECT 'flagged', NULL, count(*), NULL FROM votes "
+            "WHERE flagged IS NOT NULL "
+            "UNION ALL SELECT 'cycles', status, count(*), "
+            "sum(epoch(coalesce(finished_at, now()) - started_at)) FROM training_runs "
+            "GROUP BY status"
+        )
+        out: dict[str, Any] = {"turns": 0, "flagged": 0, "votes": {}, "cycles": {}}
+        for r in rows:
+            if r["kind"] in ("turns", "flagged"):
+                out[r["kind"]] = r["n"]
+            elif r["kind"] == "votes":
+                out["votes"][r["name"]] = r["n"]
+            else:
+                out["cycles"][r["name"]] = (r["n"], float(r["seconds"] or 0.0))
+        return out
+
     def training_runs(self) -> list[dict[str, Any]]:
         rows = self._rows(
             "SELECT id, kind, status, started_at, finished_at, metrics, error "

@@ -209,6 +209,9 @@ def test_health_and_versions(tiny_app):
     assert versions["serving"] == "v0000"
     assert [v["version"] for v in versions["versions"]] == ["v0000"]
     assert versions["versions"][0]["status"] == "serving"
+    # the engine's own metrics, from the real vLLM server, through the app (admin only)
+    engine = httpx.get(tiny_app.url + "/metrics/engine", headers=tiny_app.admin_headers())
+    assert engine.status_code == 200 and "vllm:" in engine.text, engine.text[:300]
 
 
 def test_export_endpoint_returns_trl_records(tiny_app):
