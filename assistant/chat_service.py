@@ -29,7 +29,7 @@ from engine.protocol import Challenger, Engine, PairProgress
 from storage import AppError, ConflictError, InvalidInputError, Store
 from storage.export import demonstration_records, preference_records
 from storage.rules import check_storable
-from storage.store import CandidateRecord, RecordedVote
+from storage.store import CandidateRecord, RecordedVote, VoteWrite
 
 SLOTS = ("a", "b")
 
@@ -371,16 +371,13 @@ class ChatService:
                 )
             return None
 
-        options = {
-            "voter": voter, "session_id": session_id, "client": client, "admit": admit,
-            "demonstration": demonstration,
-        }  # fmt: skip
-        # On this thread, durable on the store's journal: under load every hand-off to another
-        # thread waited for a core (bench/RESULTS.md). A pair the store no longer keeps in
-        # memory: awaited on its writer thread (group commit), not through the turns' pool.
-        recorded = self.store.acknowledge_vote(pair_id, choice, **options)
-        if recorded is None:
-            recorded = await asyncio.wrap_future(self.store.submit_vote(pair_id, choice, **options))
+        write = VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)
+        # On this thread: a recent pair's vote comes back answered from the store's journal,
+        # and is taken without yielding to the loop (under load every hand-off waited for a
+        # core, bench/RESULTS.md). Otherwise awaited on the store's writer thread (group
+        # commit), not through the turns' pool.
+        stored = self.store.vote(write)
+        recorded = stored.result() if stored.done() else await asyncio.wrap_future(stored)
         if self.canary is not None and recorded.flagged is None:
             await self.canary.vote_cast(recorded.versions)
         return recorded

@@ -142,7 +142,7 @@ def isolated_write_latency(n: int = 200, stored: int = 0) -> dict:
     `stored` voted turns already. What the store costs by itself, to
     compare with the figures under load, and how that grows with the database."""
     from storage import Store
-    from storage.store import CandidateRecord
+    from storage.store import CandidateRecord, VoteWrite
 
     with tempfile.TemporaryDirectory() as tmp:
         if stored:
@@ -162,13 +162,14 @@ def isolated_write_latency(n: int = 200, stored: int = 0) -> dict:
                 "v0000", i, candidates,
             )  # fmt: skip
             pair_ms.append(1000 * (time.perf_counter() - start))
-            start = time.perf_counter()
             if i % 2:  # the writer thread's path: a pair the store no longer keeps in memory
-                store.record_vote(pair.pair_id, "a")
-                writer_ms.append(1000 * (time.perf_counter() - start))
-            else:  # the app's path for a recent pair: the journal line
-                assert store.acknowledge_vote(pair.pair_id, "a") is not None
-                vote_ms.append(1000 * (time.perf_counter() - start))
+                store._acknowledged.forget_pair(pair.pair_id)
+            start = time.perf_counter()
+            voted = store.vote(VoteWrite(pair.pair_id, "a"))
+            # the app's path for a recent pair: answered from its journal line, on this thread
+            assert i % 2 or voted.done()
+            voted.result()
+            (writer_ms if i % 2 else vote_ms).append(1000 * (time.perf_counter() - start))
         store.close()
     return {
         "isolated_turn_write_p50_ms": percentile(pair_ms, 50),

@@ -13,6 +13,7 @@ error and writes nothing; the others in the batch are stored.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from typing import Any, ClassVar
 import duckdb
 
 from storage.errors import ConflictError, ForbiddenError, NotFoundError
-from storage.rules import continued_slot, new_id
+from storage.rules import check_storable, continued_slot, new_id, validate_choice, validate_voter
 from storage.vote_journal import JournaledVote
 
 
@@ -156,6 +157,10 @@ class VoteWrite:
     have no vote yet: it may raise to refuse the vote (nothing is stored), and returns the
     reason to flag it (kept, left out of training) or None. It is asked once, however often the
     batch runs.
+
+    Made once per vote, where it enters the store, and checked as it is made: nothing the
+    database would refuse reaches either path, the journal or the writer (the edge checks the
+    same; this is the store's own fence).
     """
 
     pair_id: str
@@ -167,6 +172,24 @@ class VoteWrite:
     demonstration: str | None = None
     vote_id: str = field(default_factory=new_id)
     _admitted: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.demonstration is not None and self.choice != "both_bad":
+            raise ValueError("a demonstration goes with the choice 'both_bad'")
+        validate_choice(self.choice)
+        validate_voter(self.voter)
+        for name, text in (
+            ("pair_id", self.pair_id), ("session_id", self.session_id), ("client", self.client),
+            ("text", self.demonstration),
+        ):  # fmt: skip
+            check_storable(text, name)
+
+    def journaled(self, recorded: RecordedVote) -> JournaledVote:
+        """This vote's journal line, as it was answered (`recorded`, by `_vote`)."""
+        return JournaledVote(
+            recorded.vote_id, self.pair_id, self.choice, self.voter, self.session_id, self.client,
+            recorded.flagged, recorded.demonstration_id, self.demonstration, time.time(),
+        )  # fmt: skip
 
     def _flag(self, age: float, words: int) -> str | None:
         if not self._admitted:

@@ -13,7 +13,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,14 +33,7 @@ from storage.request_writes import (
     VoteWrite,
     check_session,
 )
-from storage.rules import (
-    BOTH_CANDIDATES,
-    check_storable,
-    new_id,
-    session_hash,
-    validate_choice,
-    validate_voter,
-)
+from storage.rules import BOTH_CANDIDATES, new_id, session_hash
 from storage.set_aside import SetAside, set_aside_path
 from storage.version_records import VersionRecords
 from storage.vote_journal import JournaledVote, VoteJournal, journal_path
@@ -61,7 +53,7 @@ class OpenedTurn:
 class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
     """The app's records in one DuckDB file, safe to call from any thread.
 
-    Votes on recent pairs are acknowledged from a journal line (`acknowledge_vote`,
+    Votes on recent pairs are acknowledged from a journal line (`vote`,
     `storage.vote_journal`) and stored by the writer thread right after; votes a crash left in
     the journal are stored when the file is next opened."""
 
@@ -272,56 +264,42 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         return stored
 
     def record_vote(self, pair_id: str, choice: str, **options: Any) -> RecordedVote:
-        """`submit_vote` (same arguments), waited for: for callers that have a thread to block."""
-        return self.submit_vote(pair_id, choice, **options).result()
+        """`vote` waited for, for callers that have a thread to block (`options`: `VoteWrite`'s)."""
+        return self.vote(VoteWrite(pair_id, choice, **options)).result()
 
-    def submit_vote(
-        self,
-        pair_id: str,
-        choice: str,
-        *,
-        voter: str | None = None,
-        session_id: str | None = None,
-        client: str | None = None,
-        admit: Callable[[float, int], str | None] | None = None,
-        demonstration: str | None = None,
-    ) -> Future[RecordedVote]:
+    def vote(self, write: VoteWrite) -> Future[RecordedVote]:
         """Store a vote and continue the conversation with the chosen reply (the rules and
-        `admit` are `storage.request_writes.VoteWrite`'s), in one transaction with the writes
-        queued beside it. The future resolves to the vote once it is durable, or to its error;
-        an async caller awaits it without holding a thread."""
-        write = _vote_write(pair_id, choice, voter, session_id, client, admit, demonstration)
-        self._acknowledged.forget_pair(pair_id)  # later votes on it are checked against this one
+        `admit` are `VoteWrite`'s). The future resolves to the vote once it is durable, or to
+        its refusal; an async caller awaits it without holding a thread.
+
+        A vote on a pair written since the app started (the last few thousand) is decided here,
+        on the caller's thread, from the facts kept when the pair was written, and is durable
+        once its journal line is `fsync`ed: the future comes back already resolved, and the
+        writer thread stores the vote right after. Any other vote is decided and stored by the
+        writer thread, in one transaction with the writes queued beside it.
+
+        Call it on the thread the request arrived on: under load each hand-off to another
+        thread waits for a core (bench/RESULTS.md, "Votes acknowledged from a journal")."""
+        acknowledged = self._acknowledge(write)
+        if acknowledged is not None:
+            return acknowledged
+        self._acknowledged.forget_pair(write.pair_id)  # later votes on it are checked against this
         return self._write_grouped(write)
 
-    def acknowledge_vote(
-        self,
-        pair_id: str,
-        choice: str,
-        *,
-        voter: str | None = None,
-        session_id: str | None = None,
-        client: str | None = None,
-        admit: Callable[[float, int], str | None] | None = None,
-        demonstration: str | None = None,
-    ) -> RecordedVote | None:
-        """`submit_vote` without waiting for the writer, for a pair written since the app
-        started (the last few thousand): decided on the same rules from the facts kept when
-        the pair was written, answered once its journal line is `fsync`ed, stored by the writer
-        thread right after. None: the pair is not among them; `submit_vote` decides it.
-
-        Run on the thread the request arrived on: under load each hand-off to another thread
-        waits for a core (bench/RESULTS.md, "Votes acknowledged from a journal")."""
-        write = _vote_write(pair_id, choice, voter, session_id, client, admit, demonstration)
+    def _acknowledge(self, write: VoteWrite) -> Future[RecordedVote] | None:
+        """The vote decided and journaled, when its pair is a recent one; None: it is not (or
+        the journal cannot take votes), the writer decides it."""
+        answered: Future[RecordedVote] = Future()
         with self._vote_lock:  # the check that the pair has no vote, and the vote, as one
-            facts = self._acknowledged.facts(pair_id)
+            facts = self._acknowledged.facts(write.pair_id)
             if self._journal is None or self._journal.broken or self._closing or facts is None:
-                return None  # (closing: `submit_vote` says so, before anything is journaled)
-            recorded = write._vote(facts.as_found())
-            journaled = JournaledVote(
-                recorded.vote_id, pair_id, choice, voter, session_id, client, recorded.flagged,
-                recorded.demonstration_id, demonstration, time.time(),
-            )  # fmt: skip
+                return None  # (closing: the writer says so, before anything is journaled)
+            try:
+                recorded = write._vote(facts.as_found())
+            except Exception as exc:  # noqa: BLE001 - the vote's own refusal, its answer
+                answered.set_exception(exc)
+                return answered
+            journaled = write.journaled(recorded)
 
             def queue(line: int) -> None:
                 self._acknowledged.acknowledged(line, recorded)
@@ -330,8 +308,12 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             try:
                 self._journal.append(journaled, then=queue)
             except OSError as exc:
-                raise StorageWriteError(self._journal.path, str(exc)) from exc
-        return recorded
+                error = StorageWriteError(self._journal.path, str(exc))
+                error.__cause__ = exc
+                answered.set_exception(error)
+                return answered
+        answered.set_result(recorded)
+        return answered
 
     def _store_acknowledged(self, line: int, vote: JournaledVote) -> None:
         stored = self._write_grouped(StoreAcknowledgedVote(vote))
@@ -416,26 +398,3 @@ def _hashed_session(vote: JournaledVote) -> JournaledVote:
     if vote.session_id is None or "." not in vote.session_id:
         return vote
     return dataclasses.replace(vote, session_id=session_hash(vote.session_id))
-
-
-def _vote_write(
-    pair_id: str,
-    choice: str,
-    voter: str | None,
-    session_id: str | None,
-    client: str | None,
-    admit: Callable[[float, int], str | None] | None,
-    demonstration: str | None,
-) -> VoteWrite:
-    """A vote's checks before either path (journal or writer) takes it: nothing the database
-    would refuse is acknowledged (the edge checks the same; this is the store's own fence)."""
-    if demonstration is not None and choice != "both_bad":
-        raise ValueError("a demonstration goes with the choice 'both_bad'")
-    validate_choice(choice)
-    validate_voter(voter)
-    for field, text in (
-        ("pair_id", pair_id), ("session_id", session_id), ("client", client),
-        ("text", demonstration),
-    ):  # fmt: skip
-        check_storable(text, field)
-    return VoteWrite(pair_id, choice, voter, session_id, client, admit, demonstration)

@@ -121,10 +121,11 @@ def test_a_deleted_conversation_leaves_the_database_file_when_the_store_closes(t
     db = data / "assistant.duckdb"
     store = Store(db)
     gone, gone_pair = _chat(store, f"delete me {MARKER}")
-    store.acknowledge_vote(gone_pair, "both_bad", session_id="s",
-                           demonstration=f"my own reply {MARKER}")  # fmt: skip
+    store.record_vote(gone_pair, "both_bad", session_id="s",
+                      demonstration=f"my own reply {MARKER}")  # fmt: skip
     kept, kept_pair = _chat(store, "keep me")
-    assert store.acknowledge_vote(kept_pair, "a", session_id="s") is not None  # journaled
+    store.record_vote(kept_pair, "a", session_id="s")
+    assert [v.pair_id for v in store._journal.read()] == [gone_pair, kept_pair]  # journaled
     store._await_acknowledged_writes()
     store._cursor().execute("CHECKPOINT")
     before = _found(data)
@@ -155,7 +156,7 @@ def test_after_a_crash_the_next_open_erases_what_was_deleted(tmp_path):
         "from tests.test_chats_at_rest import _chat\n"
         "store = Store(sys.argv[1])\n"
         "kept, pair = _chat(store, 'keep me')\n"
-        "store.acknowledge_vote(pair, 'b', session_id='s')\n"
+        "store.record_vote(pair, 'b', session_id='s')\n"
         "store.delete_conversation(sys.argv[2])\n"
         "print(json.dumps(kept), flush=True)\n"
         "os._exit(9)  # killed: no close, no checkpoint, no compaction\n"

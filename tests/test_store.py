@@ -16,7 +16,7 @@ from storage import (
     StoreError,
 )
 from storage.migrations import MIGRATIONS
-from storage.store import CandidateRecord
+from storage.store import CandidateRecord, VoteWrite
 from tests import store_reads
 
 
@@ -32,6 +32,22 @@ def _candidates(text_a="reply A", text_b="reply B"):
 def _turn(store: Store, conversation_id: str, message: str, **kw):
     prompt = store.transcript(conversation_id) + [{"role": "user", "content": message}]
     return store.record_pair(conversation_id, message, prompt, "v0000", 7, _candidates(**kw))
+
+
+def _journaled(store: Store, pair_id: str, choice: str, **options):
+    """`store.vote`, checked to be answered at once from a new journal line (a recent pair)."""
+    lines = len(store._journal.read())
+    answered = store.vote(VoteWrite(pair_id, choice, **options))
+    assert answered.done() and len(store._journal.read()) == lines + 1
+    return answered.result()
+
+
+def _writer_vote(store: Store, pair_id: str, choice: str, **options):
+    """`store.vote` on the writer's path: the store forgets the pair's facts first, as if it
+    was written before the store opened, so that DuckDB decides the vote."""
+    write = VoteWrite(pair_id, choice, **options)
+    store._acknowledged.forget_pair(pair_id)
+    return store.vote(write)
 
 
 @pytest.fixture
@@ -369,7 +385,7 @@ def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store
     monkeypatch.setattr(store, "_write", lambda body: transactions.append(1) or original(body))
 
     release, held = _hold_the_writer(store)
-    together = [store.submit_vote(p, "a") for p in pairs[:3]]
+    together = [_writer_vote(store, p, "a") for p in pairs[:3]]
     release.set()
     assert [f.result(10).pair_id for f in together] == pairs[:3]
     held.result(10)
@@ -378,11 +394,11 @@ def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store
     transactions.clear()
     release, held = _hold_the_writer(store)
     mixed = [
-        store.submit_vote(pairs[3], "b"),
-        store.submit_vote("no-such-pair", "a"),
-        store.submit_vote(pairs[0], "b"),  # already voted above
-        store.submit_vote(pairs[3], "a"),  # the first in this batch took it
-        store.submit_vote(pairs[4], "both_bad", demonstration="my own reply"),
+        _writer_vote(store, pairs[3], "b"),
+        _writer_vote(store, "no-such-pair", "a"),
+        _writer_vote(store, pairs[0], "b"),  # already voted above
+        _writer_vote(store, pairs[3], "a"),  # the first in this batch took it
+        _writer_vote(store, pairs[4], "both_bad", demonstration="my own reply"),
     ]
     release.set()
     assert mixed[0].result(10).continued_with == "reply B"
@@ -403,7 +419,7 @@ def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store
         con.execute("INSERT INTO no_such_table VALUES (1)")
 
     failing = store._write_grouped(broken)
-    last = store.submit_vote(pairs[5], "a")
+    last = _writer_vote(store, pairs[5], "a")
     release.set()
     assert last.result(10).continued_with == "reply A"
     with pytest.raises(Exception, match="no_such_table"):
@@ -417,12 +433,12 @@ def test_closing_the_store_commits_what_is_queued(tmp_path):
     store = Store(path)
     pairs = [_turn(store, store.create_conversation(), f"q{i}").pair_id for i in range(3)]
     release, _ = _hold_the_writer(store)
-    queued = [store.submit_vote(p, "a") for p in pairs]
+    queued = [_writer_vote(store, p, "a") for p in pairs]
     release.set()
     store.close()
     assert all(f.done() for f in queued)
     with pytest.raises(StoreError):
-        store.submit_vote(pairs[0], "b")
+        store.vote(VoteWrite(pairs[0], "b"))
     reopened = Store(path)
     assert store_reads.count(reopened, "votes") == 3
     reopened.close()
@@ -465,14 +481,15 @@ def test_a_vote_on_a_recent_pair_is_answered_from_its_journal_line_and_stored_af
     other = _turn(store, store.create_conversation("s1"), "q").pair_id
     release, held = _hold_the_writer(store)
     try:
-        recorded = store.acknowledge_vote(pair.pair_id, "b", session_id="s1")
-        assert recorded is not None and recorded.continued_with == "second"
+        recorded = _journaled(store, pair.pair_id, "b", session_id="s1")
+        assert recorded.continued_with == "second"
         assert recorded.versions == {"a": "v0000", "b": "v0000"}
-        with pytest.raises(ConflictError):  # the same rules as the writer's path
-            store.acknowledge_vote(pair.pair_id, "a", session_id="s1")
+        with pytest.raises(ConflictError):  # the same rules as the writer's path, answered now
+            store.vote(VoteWrite(pair.pair_id, "a", session_id="s1")).result(0)
         with pytest.raises(ForbiddenError):
-            store.acknowledge_vote(other, "a", session_id="someone else")
-        assert store.acknowledge_vote("not-a-recent-pair", "a") is None  # the writer's path
+            store.vote(VoteWrite(other, "a", session_id="someone else")).result(0)
+        unknown = store.vote(VoteWrite("not-a-recent-pair", "a"))
+        assert not unknown.done()  # the writer's path (the writer is held)
         assert store._journal.path.stat().st_size > 0
 
         opened = store.open_turn(conv, "s1")
@@ -490,12 +507,47 @@ def test_a_vote_on_a_recent_pair_is_answered_from_its_journal_line_and_stored_af
     finally:
         release.set()
     held.result(10)
+    with pytest.raises(NotFoundError):
+        unknown.result(10)
     reader.join(10)
     assert seen == [None]
     assert store_reads.pair(store, pair.pair_id)["vote"]["choice"] == "b"
     assert store.transcript(conv)[-1] == {"role": "assistant", "content": "second"}
     # the next turn goes after the reply, which was stored first
     assert store_reads.pair(store, _turn(store, conv, "more").pair_id)["position"] == 2
+
+
+def test_a_vote_takes_the_journal_for_a_recent_pair_and_the_writer_otherwise(tmp_path):
+    """One call for every vote: the store answers a vote on a pair it wrote since it opened
+    from a new journal line, at once; one on an older pair from DuckDB, on its writer, with no
+    line. A refused vote journals nothing on either path."""
+    path = tmp_path / "paths.duckdb"
+    store = Store(path)
+    older = _turn(store, store.create_conversation("s"), "before the restart").pair_id
+    store.close()
+    store = Store(path)  # it keeps no facts of the pairs written before it opened
+    try:
+        recent = _turn(store, store.create_conversation("s"), "q").pair_id
+        with pytest.raises(InvalidInputError, match="must be one of"):
+            store.vote(VoteWrite(recent, "c", session_id="s"))
+        with pytest.raises(ForbiddenError):
+            store.vote(VoteWrite(recent, "a", session_id="someone else")).result(0)
+        assert store._journal.read() == []  # refused: nothing journaled
+
+        answered = store.vote(VoteWrite(recent, "b", session_id="s"))
+        assert answered.done()  # resolved on this thread, from its line
+        assert answered.result().continued_with == "reply B"
+        assert [v.pair_id for v in store._journal.read()] == [recent]
+
+        with pytest.raises(ForbiddenError):
+            store.vote(VoteWrite(older, "a", session_id="someone else")).result(10)
+        assert store.vote(VoteWrite(older, "a", session_id="s")).result(10).continued_with == (
+            "reply A"
+        )
+        assert [v.pair_id for v in store._journal.read()] == [recent]  # no line for the writer's
+        assert {r["pair_id"]: r["choice"] for r in store.voted_pairs()} == {recent: "b", older: "a"}
+    finally:
+        store.close()
 
 
 def test_acknowledged_votes_left_in_the_journal_are_stored_on_the_next_open(tmp_path):
@@ -532,12 +584,12 @@ def test_acknowledged_votes_left_in_the_journal_are_stored_on_the_next_open(tmp_
 def test_deleting_a_conversation_leaves_nothing_of_it_in_the_journal(store):
     conv = store.create_conversation("s")
     pair = _turn(store, conv, "q")
-    store.acknowledge_vote(pair.pair_id, "both_bad", session_id="s", demonstration="my secret")
+    _journaled(store, pair.pair_id, "both_bad", session_id="s", demonstration="my secret")
     store.delete_conversation(conv)
     assert b"my secret" not in store._journal.path.read_bytes()
-    assert store.acknowledge_vote(pair.pair_id, "a", session_id="s") is None  # forgotten
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError):  # forgotten: the writer's path, which finds no pair
         store.record_vote(pair.pair_id, "a", session_id="s")
+    assert store._journal.read() == []
 
 
 def test_an_acknowledged_vote_whose_write_fails_is_tried_again_before_its_next_turn(
@@ -564,7 +616,7 @@ def test_an_acknowledged_vote_whose_write_fails_is_tried_again_before_its_next_t
     monkeypatch.setattr(request_writes.StoreAcknowledgedVote, "run_batch", classmethod(failing))
     conv = store.create_conversation("s")
     pair = _turn(store, conv, "q", text_a="kept")
-    assert store.acknowledge_vote(pair.pair_id, "a", session_id="s") is not None
+    _journaled(store, pair.pair_id, "a", session_id="s")
     store.pending_pair(conv)  # the writer has had it (and failed)
     assert store.open_turn(conv, "s").history[-1] == {"role": "assistant", "content": "kept"}
     with pytest.raises(StorageWriteError):
@@ -602,12 +654,12 @@ def test_a_vote_the_database_could_not_store_is_refused_before_its_journal_line(
     options = {"choice": "a", **options}
     choice = options.pop("choice")
     with pytest.raises(InvalidInputError, match=f"'{field}'") as refused:
-        store.acknowledge_vote(pair.pair_id, choice, **options)
+        store.vote(VoteWrite(pair.pair_id, choice, **options))
     assert refused.value.status == 422
     with pytest.raises(InvalidInputError, match=f"'{field}'"):  # the writer's path alike
-        store.record_vote(pair.pair_id, choice, **options)
+        _writer_vote(store, pair.pair_id, choice, **options)
     assert store._journal.read() == []  # nothing was acknowledged
-    assert store.acknowledge_vote(pair.pair_id, "a", voter="Ünïcode ok \u202e") is not None
+    _journaled(store, pair.pair_id, "a", voter="Ünïcode ok \u202e")
 
 
 def _journal_line(vote_id: str, pair_id: str, voter: str | None) -> bytes:
@@ -651,14 +703,15 @@ def test_an_acknowledged_vote_the_database_refuses_is_set_aside_and_blocks_no_wr
 ):
     """Defence in depth: were a check ever missed and such a vote acknowledged, the writer sets
     it aside at once instead of retrying it forever while every other write waits."""
+    from storage import request_writes
     from storage import store as store_module
 
-    monkeypatch.setattr(store_module, "check_storable", lambda text, field: None)
-    monkeypatch.setattr(store_module, "validate_voter", lambda voter: voter)
+    monkeypatch.setattr(request_writes, "check_storable", lambda text, field: None)
+    monkeypatch.setattr(request_writes, "validate_voter", lambda voter: voter)
     monkeypatch.setattr(store_module, "RETRY_PAUSE_S", 60.0)  # a retry would stall the writer
     bad_conv = store.create_conversation("s")
     bad = _turn(store, bad_conv, "q")
-    assert store.acknowledge_vote(bad.pair_id, "a", session_id="s", voter=LONE_SURROGATE)
+    _journaled(store, bad.pair_id, "a", session_id="s", voter=LONE_SURROGATE)
     conv = store.create_conversation("s")
     for n in range(5):  # other users' turns and votes go through the same writer
         pair = _turn(store, conv, f"turn {n}")
@@ -668,5 +721,6 @@ def test_an_acknowledged_vote_the_database_refuses_is_set_aside_and_blocks_no_wr
     assert store_reads.pair(store, bad.pair_id)["vote"] is None
     assert store_reads.count(store, "votes") == 5
     # its conversation is not stuck: the pair can be voted on again (checked against DuckDB)
-    assert store.acknowledge_vote(bad.pair_id, "b", session_id="s") is None
+    lines = len(store._journal.read())
     assert store.record_vote(bad.pair_id, "b", session_id="s").choice == "b"
+    assert len(store._journal.read()) == lines  # no line: the writer's path
