@@ -54,6 +54,10 @@ class CanaryService:
     def running(self) -> bool:
         return self.current is not None
 
+    @property
+    def challenger_version(self) -> str | None:
+        return self.current["challenger"] if self.current is not None else None
+
     # --- life cycle -----------------------------------------------------------------------
 
     async def start(self, version: str, parent: str, adapter: str, manifest: dict) -> None:

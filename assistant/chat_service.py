@@ -129,6 +129,11 @@ class Canary(Protocol):
 
     async def vote_cast(self, versions: dict[str, str]) -> None: ...
 
+    @property
+    def challenger_version(self) -> str | None:
+        """The running canary's challenger, else None."""
+        ...
+
 
 class ChatService:
     def __init__(
@@ -284,17 +289,37 @@ class ChatService:
             if not self._generating_by_client[client]:
                 del self._generating_by_client[client]
 
-    async def openai_chat(self, body: object, *, client: str | None = None) -> AsyncIterator[bytes]:
-        """An OpenAI chat-completions request answered by the serving version, for other tools
-        (Open WebUI, LangChain, an OpenAI client): one reply, not a pair, not logged; it takes a
-        place in the backlog like a turn."""
+    @property
+    def challenger_version(self) -> str | None:
+        """The version a running canary is trying on some pairs, if any."""
+        return self.canary.challenger_version if self.canary is not None else None
+
+    async def openai_chat(
+        self, body: object, *, client: str | None = None, challenger: bool = False
+    ) -> AsyncIterator[bytes]:
+        """An OpenAI chat-completions request answered by the serving version (or, asked by
+        name, the running challenger), for other tools (Open WebUI's arena, LangChain, an
+        OpenAI client): one reply, not a pair, not logged; it takes a place in the backlog like
+        a turn. It is prompted as the page's turns are: the default prompt variant and
+        `--system-prompt`, unless the request brings a system message of its own."""
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise InvalidInputError("'messages' must be a list of chat messages", 422)
         if not isinstance(body.get("n", 1), int) or body.get("n", 1) != 1:
-            raise InvalidInputError("'n' must be 1 on this route", 422)
+            raise InvalidInputError(
+                "'n' must be 1 on this route: one reply per request (the page's pairs are how "
+                "this app compares two replies; ask twice for two)",
+                422,
+            )
+        version = self.challenger_version if challenger else None
+        if challenger and version is None:
+            raise InvalidInputError("no challenger is being tried now: ask for the serving model")
+        messages = body["messages"]
+        if not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+            default = self.variants.by_name[self.variants.default]
+            messages = default.messages(messages, self.serve.system_prompt)
         self._admit(client)
         try:
-            async for chunk in self.engine.forward_chat(body):
+            async for chunk in self.engine.forward_chat({**body, "messages": messages}, version):
                 yield chunk
         finally:
             self._release(client)

@@ -1,9 +1,12 @@
 """`GET /v1/models` and `POST /v1/chat/completions`: the aligned model for other tools.
 
 Open WebUI, LangChain or a plain OpenAI client can use the version the users trained: requests are
-answered by the serving version (streaming too), one reply each, not logged as pairs. The route
-has its own key (`ASSISTANT_OPENAI_API_KEY`; off without it), takes places in the backlog like a
-chat turn, and answers errors in OpenAI's shape `{"error": {"message", "type", "code"}}`.
+answered by the serving version (streaming too), one reply each, not logged as pairs, prompted as
+the page's turns are (the default prompt variant, `--system-prompt`). While a canary runs, the
+challenger is listed too (`aligned-assistant-challenger`), so Open WebUI's arena can compare
+them. The route has its own key (`ASSISTANT_OPENAI_API_KEY`; off without it), takes places in the
+backlog like a chat turn, and answers errors in OpenAI's shape `{"error": {"message", "type",
+"code"}}`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from assistant.chat_service import ChatService
 from assistant.sessions import SessionKeys
 from storage import AppError
 
-MODEL_ID = "aligned-assistant"
+MODEL_ID = "aligned-assistant"  # the serving version (any other model name means it too)
+CHALLENGER_ID = "aligned-assistant-challenger"  # the running canary's challenger, while it runs
 
 
 def openai_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -43,16 +47,23 @@ def build_openai_router(service: ChatService, sessions: SessionKeys) -> APIRoute
     async def models(request: Request):
         if (refused := refusal(request)) is not None:
             return refused
+        # the serving version, and while a canary runs its challenger: Open WebUI's arena (or
+        # any client) can then put the two side by side
+        models = [(MODEL_ID, service.model_version)]
+        if (challenger := service.challenger_version) is not None:
+            models.append((CHALLENGER_ID, challenger))
+        now = int(time.time())
         return {
             "object": "list",
             "data": [
                 {
-                    "id": MODEL_ID,
+                    "id": model_id,
                     "object": "model",
-                    "created": int(time.time()),
+                    "created": now,
                     "owned_by": "aligned-assistant",
-                    "version": service.model_version,
+                    "version": version,
                 }
+                for model_id, version in models
             ],
         }
 
@@ -63,7 +74,9 @@ def build_openai_router(service: ChatService, sessions: SessionKeys) -> APIRoute
         client = sessions.client_tag(request.client.host if request.client else None)
         try:
             body = await read_json(request)
-            chunks = service.openai_chat(body, client=client)
+            chunks = service.openai_chat(
+                body, client=client, challenger=body.get("model") == CHALLENGER_ID
+            )
             # the first chunk settles the status: admission, validation and the engine's own
             # refusals all happen before it
             first = await anext(chunks, b"")

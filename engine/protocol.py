@@ -113,6 +113,11 @@ class Engine(Protocol):
 
     async def healthy(self) -> bool: ...
 
+    def forward_chat(self, body: dict, challenger: str | None = None) -> AsyncIterator[bytes]:
+        """An OpenAI chat-completions request passed through (to `challenger`'s adapter while it
+        is loaded), its answer's bytes as they come."""
+        ...
+
     async def reload_weights(
         self, path: str, version: str, commit: Callable[[float], Awaitable[None]] | None = None
     ) -> float:

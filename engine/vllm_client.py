@@ -269,13 +269,15 @@ class VLLMServerEngine:
             with contextlib.suppress(httpx.HTTPError):  # not loaded (an engine restart): fine
                 await self._http.post("/v1/unload_lora_adapter", json={"lora_name": name})
 
-    async def forward_chat(self, body: dict) -> AsyncIterator[bytes]:
+    async def forward_chat(self, body: dict, challenger: str | None = None) -> AsyncIterator[bytes]:
         """An OpenAI chat-completions request passed through as it is (the model name set to
-        the served one), its answer's bytes as they come: JSON, or server-sent events when
-        `body["stream"]`. For the app's OpenAI-compatible route."""
+        the served one, or to `challenger`'s adapter while it is loaded), its answer's bytes as
+        they come: JSON, or server-sent events when `body["stream"]`. For the app's
+        OpenAI-compatible route."""
         async with self._gate.request():
+            model = challenger if challenger in self._adapters else self.model_name
             request = self._http.build_request(
-                "POST", "/v1/chat/completions", json={**body, "model": self.model_name}
+                "POST", "/v1/chat/completions", json={**body, "model": model}
             )
             try:
                 resp = await self._http.send(request, stream=True)

@@ -24,6 +24,7 @@ class FakeEngine:
         self.adapters: set[str] = set()
         self.reloads: list[tuple[str, str]] = []  # (path, version) of each swap
         self.up = True
+        self.forwarded: list[dict] = []  # what the OpenAI-compatible route passed on
 
     @property
     def model_version(self) -> str:
@@ -76,11 +77,15 @@ class FakeEngine:
     ) -> dict[str, float]:
         return dict.fromkeys(options, 1.0 / len(options))
 
-    async def forward_chat(self, body: dict) -> AsyncIterator[bytes]:
+    async def forward_chat(self, body: dict, challenger: str | None = None) -> AsyncIterator[bytes]:
+        version = challenger if challenger in self.adapters else self._version
+        self.forwarded.append({**body, "answered_by": version})
         yield json.dumps(
             {
                 "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": f"hi from {version}"}}
+                ],
             }
         ).encode()
 
