@@ -113,3 +113,46 @@ def test_the_page_shows_a_failed_cycles_public_text_not_its_error(tmp_path):
         asyncio.run(loop.retrain())
     line = asyncio.run(loop_line(loop, None))
     assert "the disk is full" in line and "/srv" not in line
+
+
+def test_the_page_says_a_new_version_is_being_tried_and_how_many_votes_decide_it(tmp_path):
+    """A running canary on the chat page's loop line (a real store, the real canary service
+    around a fake engine): the challenger's name and the votes still needed."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from alignment.config import CanaryConfig
+    from assistant.canary_service import CanaryService
+    from harness.fake_engine import FakeEngine
+    from storage import Store
+    from ui.page import loop_line
+
+    store = Store(tmp_path / "db.duckdb")
+    store.ensure_base_version("v0000", str(tmp_path / "base"), {})
+    for name in ("v0001", "adapter"):
+        (tmp_path / name).mkdir()
+    store.start_canary("v0001", "v0000", str(tmp_path / "adapter"), 0.5, {"path": str(tmp_path)})
+    loop = SimpleNamespace(running=False, stage="idle", last=None)
+
+    async def line() -> str:
+        canary = CanaryService(store, FakeEngine(), CanaryConfig(min_votes=30), asyncio.Lock())
+        await canary.resume()
+        return await loop_line(loop, None, canary)
+
+    text = asyncio.run(line())
+    assert "A new version, **v0001**, is being tried on some replies" in text, text
+    assert "at least 30 more votes to go" in text, text
+    store.close()
+
+
+def test_a_vote_too_fast_to_have_read_says_it_does_not_count():
+    from storage.request_writes import RecordedVote
+    from ui.page import vote_note
+
+    def answer(flagged):
+        return RecordedVote("v", "p", "a", "c", "reply", flagged, {"a": "v0", "b": "v0"})
+
+    assert vote_note("a", answer(None)) == "Vote saved: A is better."
+    note = vote_note("a", answer("voted 0.4 s after the replies; reading 60 words needs 12 s"))
+    assert note.startswith("Vote saved: A is better. It was kept, but it does not count")
+    assert "reading 60 words needs 12 s" in note

@@ -33,13 +33,16 @@ HOW_TO = (
 )
 
 
-async def loop_line(loop, scheduler) -> str:
-    """What the retrain loop is doing, in a line a user reads: a cycle running, how the last
-    one ended, or how many votes until the next one starts by itself."""
+async def loop_line(loop, scheduler, canary=None) -> str:
+    """What the retrain loop is doing, in a line a user reads: a cycle running, a new version
+    being tried on some replies (and how many more votes decide it), how the last one ended,
+    or how many votes until the next one starts by itself."""
     if loop is None:
         return ""
     if loop.running:
         return f"Retraining on your votes now ({loop.stage}); this version answers meanwhile."
+    if canary is not None and canary.running:
+        return challenger_line(await canary.status())
     parts = []
     last = loop.last
     if last and last.get("status") == "deployed":
@@ -57,6 +60,43 @@ async def loop_line(loop, scheduler) -> str:
             else "A retrain starts shortly."
         )
     return " ".join(parts)
+
+
+def vote_note(choice: str, answer) -> str:
+    """What the page says once a vote is saved: which versions and prompts wrote the replies
+    when that is news, and, for a vote cast faster than reading both replies, that it was kept
+    but does not count toward training (nor toward the next retrain)."""
+    saved = (
+        "Vote saved: both bad. Edit your message and ask again."
+        if choice == "both_bad"
+        else f"Vote saved: {VOTE_LABELS[choice]}."
+    )
+    note = saved + _canary_reveal(answer.versions, answer.variants)
+    if answer.flagged:
+        note += (
+            f" It was kept, but it does not count toward training or the next retrain "
+            f"({answer.flagged}): take the time to read both replies before voting."
+        )
+    return note
+
+
+def challenger_line(status: dict) -> str:
+    """A running canary, for every visitor: a new version answers one side of some pairs
+    (which one is said after the vote), and the votes on those decide whether it serves all."""
+    votes = status["votes"]
+    counted = votes["challenger"] + votes["serving"] + votes["tie"]
+    line = (
+        f"A new version, **{status['challenger']}**, is being tried on some replies: your votes "
+        "on those decide whether it serves everyone"
+    )
+    needed = status["min_votes"] - counted
+    if needed > 0:
+        return f"{line}; at least {needed} more vote{'s' if needed != 1 else ''} to go."
+    cap = status.get("max_votes") or 0
+    if cap:
+        left = max(cap - counted, 0)
+        return f"{line}; any vote may decide it now, {left} more at most."
+    return f"{line}; any vote may decide it now."
 
 
 def _empty_state() -> dict:
@@ -211,23 +251,17 @@ def build_page(
                     except AppError as exc:
                         yield view(st, hist, a, b, note=f"⚠ {exc.public()}", votable=True)
                         return
-                    reveal = _canary_reveal(answer.versions, answer.variants)
                     pending = st["pending_text"]
                     st = {**st, "pair_id": None, "pending_text": None}
                     if choice == "both_bad":
                         # Neither reply continues: the turn is dropped and the text offered again.
-                        yield view(
-                            st,
-                            hist[:-1],
-                            msg=pending,
-                            note="Vote saved: both bad. Edit your message and ask again." + reveal,
-                        )
+                        yield view(st, hist[:-1], msg=pending, note=vote_note(choice, answer))
                         return
                     chosen = answer.continued_with  # the store's rule (a tie: A)
                     yield view(
                         st,
                         [*hist, {"role": "assistant", "content": chosen}],
-                        note=f"Vote saved: {VOTE_LABELS[choice]}.{reveal}",
+                        note=vote_note(choice, answer),
                     )
 
                 return on_vote
@@ -298,7 +332,7 @@ def build_page(
             )
 
             async def on_tick():
-                return await loop_line(loop, scheduler)
+                return await loop_line(loop, scheduler, canary)
 
             page.load(on_tick, None, loop_status)
             timer.tick(on_tick, None, loop_status, show_progress="hidden")

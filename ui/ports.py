@@ -54,3 +54,11 @@ class PageAuth(Protocol):
     def visitor(self, request) -> dict[str, str | None]: ...
 
     def admin_problem(self, request) -> str | None: ...
+
+
+class Canary(Protocol):
+    """`assistant.canary_service.CanaryService`, as far as the page's lines use it."""
+
+    running: bool
+
+    async def status(self) -> dict[str, Any]: ...
