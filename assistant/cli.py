@@ -24,6 +24,7 @@ from pathlib import Path
 
 from alignment.config import PRESETS
 from assistant.config import SECTIONS, AppConfig, ConfigError, ServeConfig
+from storage.export import FORMATS
 
 # The `run` options that map straight onto a config field, in the groups `--help` shows:
 # (flag, config section, field, metavar). Choices and defaults come from the config dataclasses.
@@ -205,10 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(exp)
     exp.add_argument(
         "--format",
-        choices=["trl", "hh", "sft"],
+        choices=list(FORMATS),
         default="trl",
-        help="trl: conversational prompt/chosen/rejected; hh: HH-RLHF text; sft: the replies "
-        "users wrote themselves, as TRL conversational SFT messages",
+        help="trl: conversational prompt/chosen/rejected; hh: HH-RLHF text; kto: TRL's "
+        "unpaired prompt/completion/label, ties and both-bad included; arena: LMArena/FastChat "
+        "battles between two versions (a canary's pairs); sft: the replies users wrote "
+        "themselves, as TRL conversational SFT messages",
     )
     exp.add_argument(
         "--output", "-o", type=Path, required=True, help="output file: .jsonl or .parquet"
@@ -261,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
         "app does this by itself when it stops, and when it starts after a crash.",
     )
     _add_common(compact)
+    imp = sub.add_parser(
+        "import",
+        help="seed the votes from a preference dataset (TRL or HH-RLHF), while the app is stopped",
+        description="Store each row of a preference dataset as a pair and a decisive vote for its "
+        "chosen reply, from the source `import:NAME`, so the reward models train on it before "
+        "users arrive. Reads JSON lines or Parquet in TRL's conversational or standard "
+        "preference format (prompt/chosen/rejected, the prompt may be implicit) or HH-RLHF's "
+        "text pairs. Every row is checked first: refused rows are listed, and then nothing is "
+        "imported unless --skip-refused; the rest go in one transaction.",
+    )
+    _add_common(imp)
+    imp.add_argument("file", type=Path, help="a .jsonl or .parquet file")
+    imp.add_argument("--source", required=True, help="a name for where these votes come from")
+    imp.add_argument(
+        "--skip-refused", action="store_true", help="import the rows that pass, list the others"
+    )
     for p in (retrain, versions, rollback, prune, push):
         _add_common(p)
         p.add_argument(
@@ -651,6 +670,36 @@ def cmd_compact(args: argparse.Namespace, config: AppConfig) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace, config: AppConfig) -> int:
+    from storage import Store
+    from storage.importing import parse_rows, read_rows
+
+    if not args.file.is_file():
+        raise ConfigError(f"{args.file}: no such file")
+    pairs, refused = parse_rows(read_rows(args.file))
+    for r in refused[:20]:
+        print(f"row {r.row}: {r.reason}", file=sys.stderr)
+    if len(refused) > 20:
+        print(f"... and {len(refused) - 20} more refused rows", file=sys.stderr)
+    if refused and not args.skip_refused:
+        print(
+            f"nothing imported: {len(refused)} of {len(pairs) + len(refused)} rows refused "
+            "(fix them, or pass --skip-refused to import the others)",
+            file=sys.stderr,
+        )
+        return 1
+    store = Store(config.database)  # refused while the app holds the database
+    try:
+        n = store.import_preferences(pairs, args.source)
+    finally:
+        store.close()
+    print(
+        f"imported {n} preference pairs as votes from import:{args.source}"
+        + (f" ({len(refused)} rows refused)" if refused else "")
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -683,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_push(args, config)
         elif args.command == "compact":
             return cmd_compact(args, config)
+        elif args.command == "import":
+            return cmd_import(args, config)
     except AppError as exc:  # every error a user may be told about (storage.errors)
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,14 @@
 - `hh`: Anthropic HH-RLHF's text format: `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
   "rejected": ...}`.
 
+- `kto`: TRL's unpaired preference format, two rows per vote, ties and both-bad included:
+  `{"prompt": [messages...], "completion": [{"role": "assistant", ...}], "label": bool}`: the
+  winner true and the loser false; a tie's two replies true (the conversation went on with
+  them), a both-bad's two false.
+- `arena`: LMArena/FastChat's battle format, for votes on pairs whose replies came from two
+  versions (a canary's): `{"question_id", "model_a", "model_b", "winner", "conversation_a",
+  "conversation_b", "turn", "tstamp"}`, `winner` one of `model_a`, `model_b`, `tie`,
+  `tie (bothbad)`, as FastChat's Elo and Bradley-Terry notebooks read it.
 - `sft`: the replies users wrote themselves (demonstrations), in TRL's conversational SFT
   format: `{"messages": [...the prompt..., {"role": "assistant", "content": <their reply>}]}`.
 
@@ -25,8 +33,8 @@ from pathlib import Path
 from storage.errors import InvalidInputError
 from storage.private import private_fd
 
-FORMATS = ("trl", "hh", "sft")
-PREFERENCE_FORMATS = ("trl", "hh")
+FORMATS = ("trl", "hh", "kto", "arena", "sft")
+PREFERENCE_FORMATS = ("trl", "hh", "kto", "arena")
 
 
 def winner_loser(row: dict) -> tuple[str, str] | None:
@@ -68,6 +76,38 @@ def to_hh(row: dict) -> dict | None:
     }
 
 
+def to_kto(row: dict) -> list[dict]:
+    accepted = {
+        "a": (True, False), "b": (False, True), "tie": (True, True), "both_bad": (False, False)
+    }[row["choice"]]  # fmt: skip
+    return [
+        {"prompt": row["prompt"], "completion": [{"role": "assistant", "content": text}],
+         "label": label}
+        for text, label in zip((row["text_a"], row["text_b"]), accepted, strict=True)
+    ]  # fmt: skip
+
+
+ARENA_WINNER = {"a": "model_a", "b": "model_b", "tie": "tie", "both_bad": "tie (bothbad)"}
+
+
+def to_arena(row: dict) -> list[dict]:
+    """A battle between two versions; a pair whose replies came from one version is none."""
+    if row["version_a"] == row["version_b"]:
+        return []
+    return [
+        {
+            "question_id": row["pair_id"],
+            "model_a": row["version_a"],
+            "model_b": row["version_b"],
+            "winner": ARENA_WINNER[row["choice"]],
+            "conversation_a": [*row["prompt"], {"role": "assistant", "content": row["text_a"]}],
+            "conversation_b": [*row["prompt"], {"role": "assistant", "content": row["text_b"]}],
+            "turn": sum(1 for m in row["prompt"] if m["role"] == "user"),
+            "tstamp": row["voted_at"].timestamp(),
+        }
+    ]
+
+
 def demonstration_records(rows: Iterable[dict]) -> list[dict]:
     """Demonstrations (`Store.demonstrations` rows) in TRL's conversational SFT format."""
     return [{"messages": [*r["prompt"], {"role": "assistant", "content": r["text"]}]} for r in rows]
@@ -78,8 +118,11 @@ def preference_records(rows: Iterable[dict], fmt: str) -> list[dict]:
         raise InvalidInputError(
             f"format must be one of {', '.join(PREFERENCE_FORMATS)}, got {fmt!r}"
         )
-    convert = to_trl if fmt == "trl" else to_hh
-    return [r for r in map(convert, rows) if r is not None]
+    if fmt in ("trl", "hh"):
+        convert = to_trl if fmt == "trl" else to_hh
+        return [r for r in map(convert, rows) if r is not None]
+    expand = to_kto if fmt == "kto" else to_arena
+    return [record for row in rows for record in expand(row)]
 
 
 def verdict_records(rows: Iterable[dict]) -> list[dict]:

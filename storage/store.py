@@ -23,7 +23,8 @@ from storage.cai_records import CAIRecords
 from storage.canaries import CanaryRecords
 from storage.compaction import compact_if_marked, mark_erasure
 from storage.database import Database
-from storage.errors import NotFoundError, StorageWriteError, StoreError
+from storage.errors import InvalidInputError, NotFoundError, StorageWriteError, StoreError
+from storage.importing import ImportedPair, import_rows
 from storage.request_writes import (
     CandidateRecord,
     PairWrite,
@@ -33,7 +34,7 @@ from storage.request_writes import (
     VoteWrite,
     check_session,
 )
-from storage.rules import BOTH_CANDIDATES, new_id, session_hash
+from storage.rules import BOTH_CANDIDATES, check_storable, new_id, session_hash
 from storage.set_aside import SetAside, set_aside_path
 from storage.version_records import VersionRecords
 from storage.vote_journal import JournaledVote, VoteJournal, journal_path
@@ -338,6 +339,14 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         with contextlib.suppress(StoreError):  # closing: the next open stores it
             self._store_acknowledged(line, vote)
 
+    def import_preferences(self, pairs: list[ImportedPair], source: str) -> int:
+        """Preference pairs from a dataset, each stored as a pair and a decisive vote from
+        `import:SOURCE` (`storage.importing`), all in one transaction."""
+        check_storable(source, "source")
+        if not source or len(source) > 100:
+            raise InvalidInputError("the source's name must be 1 to 100 characters")
+        return self._write(lambda con: import_rows(con, pairs, source))
+
     def demonstrations(self) -> list[dict[str, Any]]:
         """(prompt, the reply the user wrote) per demonstration whose vote is not flagged,
         oldest first: the SFT stage's human examples and the `sft` export."""
@@ -378,6 +387,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
             params += list(after)
         return self._prompt_rows(
             "SELECT p.id AS pair_id, p.prompt, p.model_version, v.choice, v.source, "
+            "a.model_version AS version_a, b.model_version AS version_b, "
             "v.id AS vote_id, v.created_at AS voted_at, v.session_id, v.client, "
             "a.text AS text_a, b.text AS text_b "
             "FROM votes v JOIN pairs p ON p.id = v.pair_id "

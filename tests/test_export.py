@@ -46,6 +46,39 @@ def test_hh_format_is_human_assistant_text_without_system():
     assert record["rejected"] == "\n\nHuman: Hi\n\nAssistant: Go away."
 
 
+def test_kto_format_carries_every_vote_as_two_labelled_completions():
+    records = preference_records(ROWS, "kto")
+    assert [(r["completion"][0]["content"], r["label"]) for r in records] == [
+        ("Go away.", False), ("Hello!", True),  # b won
+        ("4", True), ("four", True),  # a tie: both let stand
+        ("?", False), ("!", False),  # both bad
+    ]  # fmt: skip
+    assert records[0]["prompt"] == ROWS[0]["prompt"]
+
+
+def test_arena_format_holds_battles_between_two_versions_only():
+    from datetime import datetime, timezone
+
+    when = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
+    rows = [
+        {**ROWS[0], "pair_id": "p1", "version_a": "v0001", "version_b": "v0000", "voted_at": when},
+        {**ROWS[2], "pair_id": "p2", "version_a": "v0000", "version_b": "v0001", "voted_at": when},
+        {**ROWS[1], "pair_id": "p3", "version_a": "v0000", "version_b": "v0000", "voted_at": when},
+    ]
+    first, second = preference_records(rows, "arena")  # p3: one version, no battle
+    assert first == {
+        "question_id": "p1",
+        "model_a": "v0001",
+        "model_b": "v0000",
+        "winner": "model_b",
+        "conversation_a": [*ROWS[0]["prompt"], {"role": "assistant", "content": "Go away."}],
+        "conversation_b": [*ROWS[0]["prompt"], {"role": "assistant", "content": "Hello!"}],
+        "turn": 1,
+        "tstamp": when.timestamp(),
+    }
+    assert second["winner"] == "tie (bothbad)" and second["model_a"] == "v0000"
+
+
 def test_unknown_format_refused():
     with pytest.raises(InvalidInputError, match="trl, hh"):
         preference_records(ROWS, "csv")
