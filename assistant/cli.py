@@ -390,16 +390,17 @@ def cmd_export(args: argparse.Namespace, config: AppConfig) -> int:
         finally:
             store.close()
     write_records(records, args.output)
-    print(f"wrote {len(records)} preference pairs ({args.format}) to {args.output}")
+    print(f"wrote {len(records)} records ({args.format}) to {args.output}")
     if args.push:
         import tempfile
 
-        from assistant.hub import dataset_card, upload
+        from assistant.hub import data_file_name, dataset_card, upload
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            (folder / f"preferences{args.output.suffix}").write_bytes(args.output.read_bytes())
-            (folder / "README.md").write_text(dataset_card(len(records), args.format))
+            name = data_file_name(args.format, args.output.suffix)
+            (folder / name).write_bytes(args.output.read_bytes())
+            (folder / "README.md").write_text(dataset_card(len(records), args.format, name))
             print(f"pushed to {upload(folder, args.push, 'dataset', args.private)}")
     return 0
 
@@ -409,7 +410,14 @@ def cmd_push(args: argparse.Namespace, config: AppConfig) -> int:
     import shutil
     import tempfile
 
-    from assistant.hub import HubError, model_card, public_name, strip_server_paths, upload
+    from assistant.hub import (
+        HubError,
+        base_model,
+        model_card,
+        public_name,
+        strip_server_paths,
+        upload,
+    )
 
     rows = _versions(args, config)["versions"]
     version = next((r for r in rows if r["version"] == args.version), None)
@@ -418,11 +426,11 @@ def cmd_push(args: argparse.Namespace, config: AppConfig) -> int:
     path = Path(version.get("path") or "")
     if not (path / "config.json").exists():
         raise HubError(f"{args.version}'s weights are not on disk (pruned?): nothing to push")
-    base = (version.get("manifest") or {}).get("base_model") or config.engine.model or "base model"
+    base, license = base_model(rows, version, config.engine.model)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / args.version
         shutil.copytree(path, folder, symlinks=False)
-        (folder / "README.md").write_text(model_card(version, public_name(str(base))))
+        (folder / "README.md").write_text(model_card(version, public_name(base), license))
         strip_server_paths(folder, [config.data_dir, config.database.parent, path])
         print(f"pushed {args.version} to {upload(folder, args.repo, 'model', args.private)}")
     return 0

@@ -24,8 +24,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) else "n/a"
 
 
-def model_card(version: dict[str, Any], base_model: str) -> str:
-    """A model card (README.md with YAML front matter) for one row of `versions`."""
+def model_card(version: dict[str, Any], base_model: str, license: str | None = None) -> str:
+    """A model card (README.md, huggingface_hub's `ModelCard`) for one row of `versions`: the
+    base model the chain of versions started from, its license, and the cycle's figures."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     manifest = version.get("manifest") or {}
     gate = manifest.get("gate") or {}
     reward = manifest.get("reward") or {}
@@ -47,15 +50,25 @@ def model_card(version: dict[str, Any], base_model: str) -> str:
         ("status when pushed", version.get("status", "n/a")),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return f"""---
-library_name: transformers
-base_model: {base_model}
-tags: [rlhf, ppo, lora, online-aligned-assistant]
----
-# {version["version"]}: aligned from users' votes
+    data = ModelCardData(
+        library_name="transformers",
+        base_model=base_model,
+        license=license or "other",  # the base model's terms apply
+        pipeline_tag="text-generation",
+        tags=["rlhf", "ppo", "lora", "online-aligned-assistant"],
+    )
+    terms = (
+        f"License: {license}, the base model's."
+        if license
+        else "License: the base model's terms apply (not recorded here)."
+    )
+    hub_id = "/" in base_model
+    base = f"[{base_model}](https://huggingface.co/{base_model})" if hub_id else base_model
+    body = f"""# {version["version"]}: aligned from users' votes
 
-Trained by an online-aligned-assistant retrain cycle: a Bradley-Terry reward-model ensemble on
-the users' decisive votes, PPO with a KL penalty on a LoRA adapter, merged into these weights.
+Fine-tuned from {base} by an online-aligned-assistant retrain cycle: a Bradley-Terry
+reward-model ensemble on the users' decisive votes, PPO with a KL penalty on a LoRA adapter,
+merged into these weights.
 
 | | |
 |---|---|
@@ -63,27 +76,69 @@ the users' decisive votes, PPO with a KL penalty on a LoRA adapter, merged into 
 
 An ordinary checkpoint: `transformers` loads it, and `vllm serve <this repo>` serves it.
 The win rate is the reward models' judgement on held-out prompts, not a human evaluation.
+{terms}
 """
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
-def dataset_card(records: int, fmt: str) -> str:
-    layout = (
-        "TRL's conversational preference format: `prompt`, `chosen`, `rejected` (message lists)"
-        if fmt == "trl"
-        else "HH-RLHF text pairs: `chosen`, `rejected`"
+def base_model(versions: list[dict], version: dict, fallback: str | None) -> tuple[str, str | None]:
+    """(the base model, its license) a version descends from: recorded on the first version of
+    its chain (`v0000`'s manifest), else the app's --model, else unknown."""
+    by_name = {v["version"]: v for v in versions}
+    root, seen = version, set()
+    while root.get("parent") in by_name and root["version"] not in seen:
+        seen.add(root["version"])
+        root = by_name[root["parent"]]
+    manifest = root.get("manifest") or {}
+    name = manifest.get("base_model") or fallback or manifest.get("model") or "unknown"
+    return str(name), manifest.get("license")
+
+
+# What each exported format holds, for its dataset card.
+LAYOUTS = {
+    "trl": "TRL's conversational preference format: `prompt`, `chosen`, `rejected` (message "
+    "lists), one row per decisive vote (A or B); ties, both-bad votes and votes flagged as too "
+    "fast are left out. Train TRL's `RewardTrainer` or `DPOTrainer` on it.",
+    "hh": "HH-RLHF text pairs: `chosen`, `rejected` (`\\n\\nHuman: ...\\n\\nAssistant: ...`), one "
+    "row per decisive vote (A or B); ties and both-bad votes are left out.",
+    "kto": "TRL's unpaired preference format: `prompt`, `completion`, `label`, two rows per vote "
+    "(the winner true, the loser false; a tie's replies true, a both-bad's false). Train TRL's "
+    "`KTOTrainer` on it.",
+    "arena": "LMArena/FastChat battles between two versions of the assistant: `question_id`, "
+    "`model_a`, `model_b`, `winner` (`model_a`, `model_b`, `tie`, `tie (bothbad)`), "
+    "`conversation_a`, `conversation_b`, `turn`, `tstamp`. FastChat's Elo and Bradley-Terry "
+    "notebooks read it as it is.",
+    "sft": "supervised fine-tuning data, not preferences: the replies the users wrote themselves "
+    "when both candidates were bad, in TRL's conversational SFT format (`messages`: the "
+    "conversation, then their reply as the assistant's turn). Train TRL's `SFTTrainer` on it.",
+}
+
+
+def data_file_name(fmt: str, suffix: str) -> str:
+    return f"{'demonstrations' if fmt == 'sft' else 'preferences'}{suffix}"
+
+
+def dataset_card(records: int, fmt: str, file_name: str | None = None) -> str:
+    """A dataset card (huggingface_hub's `DatasetCard`) saying what the exported file holds."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    file_name = file_name or data_file_name(fmt, ".jsonl")
+    sft = fmt == "sft"
+    data = DatasetCardData(
+        tags=["online-aligned-assistant", *(["sft"] if sft else ["rlhf", "preference"])],
+        task_categories=["text-generation"],
+        configs=[{"config_name": "default", "data_files": file_name}],
     )
-    return f"""---
-tags: [rlhf, preference, dpo, reward-model, online-aligned-assistant]
----
-# Preference pairs from an online-aligned assistant
+    what = "replies written by the assistant's users" if sft else "rows of votes cast by its users"
+    loader = "parquet" if file_name.endswith(".parquet") else "json"
+    body = f"""# {"Demonstrations" if sft else "Preference data"} from an online-aligned assistant
 
-{records} decisive votes (A or B) cast by the assistant's users on pairs of candidate replies;
-ties, both-bad votes and votes flagged as too fast are left out. Layout: {layout}, in
-`preferences.jsonl`. Load with `datasets.load_dataset("json", data_files="preferences.jsonl")`
-and train TRL's `RewardTrainer` or `DPOTrainer` on it.
+{records} {what}, in `{file_name}`. Layout: {LAYOUTS[fmt]}
+Load with `datasets.load_dataset("{loader}", data_files="{file_name}")`.
 
 These are people's conversations: publish them only with their consent.
 """
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 def without_server_paths(value: Any) -> Any:

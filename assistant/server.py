@@ -51,17 +51,25 @@ def closed_gradio_route(path: str) -> bool:
 class ModelSource:
     path: str  # what the engine loads: a local directory or a hub id
     description: str
+    base_model: str | None = None  # the hub id a model card names, when known
+    license: str | None = None  # the base model's, when known
+
+    def manifest(self) -> dict:
+        """The base version's record: what every version descends from (model cards say it)."""
+        return {"model": self.description, "base_model": self.base_model, "license": self.license}
 
 
 def resolve_model(config: AppConfig) -> ModelSource:
     """The checkpoint to serve: --model, or the embedded default (provisioned on first use)."""
-    from engine.provision import is_checkpoint, provision_embedded
+    from engine.provision import EMBEDDED_HUB_ID, is_checkpoint, provision_embedded
 
     model = config.engine.model
     if model is None:
         return ModelSource(
             str(provision_embedded(config.data_dir).resolve()),
             "SmolLM2-135M-Instruct (embedded default)",
+            EMBEDDED_HUB_ID,
+            "apache-2.0",
         )
     path = Path(model).expanduser()
     if path.exists():
@@ -77,7 +85,7 @@ def resolve_model(config: AppConfig) -> ModelSource:
             f"--model {model}: no such directory. Pass a checkpoint directory, a "
             "hub id (org/name), or leave it out for the embedded default"
         )
-    return ModelSource(_hub_snapshot(model), model)
+    return ModelSource(_hub_snapshot(model), model, base_model=model)
 
 
 def _hub_snapshot(repo_id: str) -> str:
@@ -161,10 +169,10 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
         _check_external(url)
         # With --model too, retraining knows the served checkpoint; otherwise it cannot retrain.
         source = resolve_model(config) if config.engine.model else ModelSource(url, "external")
-        store.ensure_base_version(BASE_VERSION, source.path, {"model": source.description})
+        store.ensure_base_version(BASE_VERSION, source.path, source.manifest())
     else:
         source = resolve_model(config)
-        store.ensure_base_version(BASE_VERSION, source.path, {"model": source.description})
+        store.ensure_base_version(BASE_VERSION, source.path, source.manifest())
         serving = store.serving_version()
         if serving and serving["version"] != BASE_VERSION and Path(serving["path"]).is_dir():
             # A restart serves what was deployed last, not the base checkpoint.

@@ -33,13 +33,42 @@ def data_dir(tmp_path):
 
 
 def test_model_card_carries_the_versions_figures():
-    card = model_card({"version": "v0001", "parent": "v0000", "manifest": MANIFEST}, "SmolLM2")
-    assert card.startswith("---\nlibrary_name: transformers\nbase_model: SmolLM2\n")
+    from huggingface_hub import DatasetCard, ModelCard
+
+    card = model_card(
+        {"version": "v0001", "parent": "v0000", "manifest": MANIFEST},
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "apache-2.0",
+    )
+    meta = ModelCard(card).data  # what the Hub reads from the front matter
+    assert meta.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta.license == "apache-2.0" and meta.library_name == "transformers"
     assert "| parent version | v0000 |" in card
     assert "| decisive votes trained on | 104 |" in card
     assert "0.94 [0.74, 0.99] on 18 comparisons" in card and "0.79 on 19 votes" in card
     assert "vllm serve" in card
-    assert "17 decisive votes" in dataset_card(17, "trl") and "consent" in dataset_card(17, "trl")
+    unknown = ModelCard(model_card({"version": "v0002", "manifest": {}}, "my-base")).data
+    assert unknown.license == "other"  # not recorded: the card does not make one up
+    trl = dataset_card(17, "trl")
+    assert "17 rows of votes" in trl and "consent" in trl and "`prompt`, `chosen`" in trl
+    sft = DatasetCard(dataset_card(5, "sft", "demonstrations.parquet"))
+    assert "supervised fine-tuning data, not preferences" in sft.text
+    assert 'load_dataset("parquet", data_files="demonstrations.parquet")' in sft.text
+    assert sft.data.configs[0]["data_files"] == "demonstrations.parquet"
+
+
+def test_the_base_model_and_its_license_come_from_the_first_version():
+    from assistant.hub import base_model
+
+    versions = [
+        {"version": "v0000", "parent": None,
+         "manifest": {"model": "SmolLM2 (embedded)", "base_model": "HF/SmolLM2", "license": "mit"}},
+        {"version": "v0001", "parent": "v0000", "manifest": MANIFEST},
+        {"version": "v0002", "parent": "v0001", "manifest": MANIFEST},
+    ]  # fmt: skip
+    assert base_model(versions, versions[2], "--model") == ("HF/SmolLM2", "mit")
+    old = [{**versions[0], "manifest": {"model": "base"}}, *versions[1:]]  # an older database
+    assert base_model(old, old[2], None) == ("base", None)
 
 
 def test_push_without_a_login_or_offline_says_so(data_dir, monkeypatch, capsys):
