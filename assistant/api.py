@@ -7,7 +7,7 @@ Routes (documented in docs/api.md):
   POST /api/demonstration {"pair_id", "text"}: both were bad; this reply continues instead
   GET  /api/health
   GET  /api/versions -> {"serving", "versions": [...]}  (server paths only with the token)
-  GET  /api/export?format=trl|hh -> JSON lines of preference data, streamed  (admin token)
+  GET  /api/export?format=trl|hh|kto|arena|sft -> JSON lines, streamed  (admin token)
   DELETE /api/conversations/{id}  (from the session that started it)
   POST /api/retrain, POST /api/rollback {"version"}, POST /api/prune {"keep"}  (admin token)
   GET  /api/canary; POST /api/canary/promote, POST /api/canary/retire  (admin token)

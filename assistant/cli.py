@@ -5,7 +5,9 @@ answers at once.
 
   assistant run        start the page and API (default: embedded SmolLM2 on the CPU)
   assistant provision  make sure the embedded model checkpoint exists
-  assistant export     write preference data (TRL or HH-RLHF format) as JSONL or Parquet
+  assistant export     write preference data (TRL, HH-RLHF, KTO, LMArena) or the users'
+                       own replies (SFT) as JSONL or Parquet
+  assistant import     seed the votes from a TRL or HH-RLHF preference dataset
   assistant retrain    one retrain-and-deploy cycle now (through the app if it runs)
   assistant versions   list versions with their gate figures
   assistant rollback   serve an earlier version
