@@ -204,6 +204,14 @@ def unjudged_last(shaped: torch.Tensor, outside: torch.Tensor, penalty: float) -
 
 
 class PPOTrainer:
+    """PPO on the policy's LoRA adapter, the reference being the same model with the adapter
+    disabled (no second copy of the weights). A round: sample rollouts (from the serving engine
+    with the current adapter when `generate` is a `Rollouts`, else in-process), score them with
+    the reward-model ensemble (mean minus spread), subtract a per-token KL penalty to the
+    reference, take advantages (RLOO across each prompt's samples, or GAE with the value head),
+    then clipped policy and value updates over minibatches. The maths is in `ppo_math`, tested
+    against hand-computed values; this class owns the loop and the tensors' shapes."""
+
     def __init__(
         self,
         policy: PolicyWithValueHead,

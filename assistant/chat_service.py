@@ -136,6 +136,16 @@ class Canary(Protocol):
 
 
 class ChatService:
+    """What users do, whoever asks (the page, the JSON API, the OpenAI-compatible route): a
+    turn answered by two candidates streamed from the engine and stored as one pair, a vote
+    (or a reply the user wrote) that continues the conversation, deletion, and the admission
+    rules in front of them (backlog and its share per address, vote and session limits).
+
+    It knows the engine only by its protocol (`engine.protocol.Engine`) and the store by its
+    calls; it knows no screen and no HTTP: errors are `AppError`s the edges turn into answers.
+    Which pairs are canary pairs is the canary's to say (`pick`), which prompt each candidate
+    gets the prompt variants'."""
+
     def __init__(
         self, store: Store, engine: Engine, sampling: SamplingConfig, serve: ServeConfig
     ) -> None:
@@ -207,12 +217,9 @@ class ChatService:
             last: PairProgress | None = None
             challenger = self.canary.pick() if self.canary is not None else None
             prompt, per_candidate, arms = self._prompts(conversation, challenger is None)
-            extra: dict = {}  # engines that know neither canaries nor variants need not
-            if challenger is not None:
-                extra["challenger"] = challenger
-            if per_candidate is not None:
-                extra["per_candidate"] = per_candidate
-            stream = self.engine.stream_pair(prompt, self.sampling.as_dict(), seed, **extra)
+            stream = self.engine.stream_pair(
+                prompt, self.sampling.as_dict(), seed, challenger, per_candidate
+            )
             async for progress in stream:
                 last = progress
                 a, b = progress.candidates

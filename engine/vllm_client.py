@@ -75,6 +75,12 @@ class _SwapGate:
 
 
 class VLLMServerEngine:
+    """The `Engine` over one vLLM OpenAI-compatible server (embedded on a private socket, or
+    external by URL): pairs as one `n=2` request (or one per version or prompt variant),
+    streamed; weight swaps through the server's pause/reload/resume routes behind `_SwapGate`,
+    so each reply is labelled with the weights that wrote it; challengers as LoRA adapters.
+    One client per server: several replicas are several of these (the replica work)."""
+
     def __init__(
         self, base_url: str, model_name: str, model_version: str, request_timeout_s: float = 600.0
     ) -> None:

@@ -28,14 +28,7 @@ def package_imports() -> dict[str, dict[str, list[str]]]:
     for package in ALLOWED:
         for path in sorted((REPO / package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names = [node.module]
-                else:
-                    continue
-                for name in names:
-                    top = name.split(".")[0]
+                for top in _imported_tops(node):
                     if top in ALLOWED and top != package:
                         where = f"{path.relative_to(REPO)}:{node.lineno}"
                         found[package].setdefault(top, []).append(where)
@@ -66,3 +59,24 @@ def test_the_engine_package_holds_what_talks_to_vllm():
             if "vllm.entrypoints" in text or "/collective_rpc" in text:
                 offenders.append(str(path.relative_to(REPO)))
     assert not offenders, offenders
+
+
+def test_benchmarks_and_the_harness_need_no_test_suite():
+    """The Docker image ships bench/ and harness/ but not tests/ (`make demo` runs there): no
+    module of theirs may import `tests`."""
+    offenders = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for folder in ("bench", "harness")
+        for path in (REPO / folder).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if "tests" in _imported_tops(node)
+    ]
+    assert not offenders, offenders
+
+
+def _imported_tops(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {a.name.split(".")[0] for a in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return {node.module.split(".")[0]}
+    return set()
