@@ -172,7 +172,7 @@ def _run_stages(
     t = time.perf_counter()
     steps = trainer.train(
         train_prompts,
-        on_step=lambda s: say("ppo", s.as_dict()),
+        on_step=lambda s: say("ppo", {**s.as_dict(), "max_steps": config.ppo.steps}),
         should_stop=budget.ppo_stopper(config.ppo.steps),
     )
     seconds["ppo"] = time.perf_counter() - t

@@ -4,6 +4,10 @@ storage -> snapshot files -> `alignment.worker` process -> new version -> engine
 At most one cycle runs at a time. A failed or killed worker leaves serving untouched and the run is
 marked failed; weights are swapped only after a complete result is read. The engine swap drains
 in-flight requests (they finish on the old weights), queues new ones and resets the prefix cache.
+
+A cycle is known by its run id (its `training_runs` row): `start` answers with it as soon as the
+run is recorded and lets the cycle go on in the background; `run` and `follow` read the row and
+the worker's progress file, so a restarted app still answers for finished cycles.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from alignment.job import Job, JobResult
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 # What anyone may read of a failed cycle (the page's status line): the error itself can name
 # paths and the engine's URL; it goes to the log and the run's record.
 CYCLE_FAILED = "the cycle failed; the server log says why"
+POLL_S = 0.5  # how often the worker's progress file is read (it writes a line per step)
+QUIET_S = 15.0  # `follow` says it is alive at least this often: proxies drop a silent stream
 
 
 class AlignmentLoop:
@@ -68,13 +74,17 @@ class AlignmentLoop:
         self.stage = "idle"
         self.events: list[dict] = []  # the running (or last) cycle's progress lines
         self.last: dict | None = None  # the last cycle's summary, for the page's status line
+        self.run_id: str | None = None  # the running (or last) cycle's, once it is recorded
+        self._background: set[asyncio.Task] = set()  # cycles `start` runs (the loop holds
+        # only weak references to tasks)
 
     @property
     def running(self) -> bool:
         return self.lock.locked()
 
-    async def retrain(self) -> dict:
-        """One cycle now; returns a summary (deployed, rejected or failed)."""
+    async def retrain(self, recorded: asyncio.Future | None = None) -> dict:
+        """One cycle now; returns a summary (deployed, rejected or failed). `recorded`, if
+        given, gets the run id as soon as the cycle is recorded (see `start`)."""
         if self.lock.locked():
             raise ConflictError("a retrain cycle is already running")
         if self.canary is not None and self.canary.running:
@@ -84,15 +94,95 @@ class AlignmentLoop:
                 "judging the last version; promote or retire it first"
             )
         async with self.lock:
+            self.run_id = None
             try:
-                self.last = await self._cycle()
+                self.last = await self._cycle(recorded)
                 return self.last
             except Exception as exc:
                 said = exc.public() if isinstance(exc, AppError) else CYCLE_FAILED
                 self.last = {"status": "failed", "error": str(exc), "public_error": said}
+                if self.run_id is not None:  # recorded, then failed: its record says so
+                    await self._record_failure(self.run_id, said, exc)
                 raise
             finally:
                 self.stage = "idle"
+
+    async def _record_failure(self, run_id: str, said: str, exc: Exception) -> None:
+        try:
+            await asyncio.to_thread(
+                self.store.finish_run, run_id, "failed", {"public_error": said}, str(exc)
+            )
+        except Exception:  # noqa: BLE001 - the cycle's own error is the one to raise
+            log.exception("could not record cycle %s as failed", run_id)
+
+    async def start(self) -> str:
+        """Start one cycle and return its run id as soon as it is recorded (its votes
+        snapshotted, the worker about to start); it goes on in the background, and `run`
+        and `follow` report on it. What refuses a cycle (one running, a canary, no decisive
+        votes) raises here, as it does from `retrain`."""
+        recorded: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def cycle() -> None:
+            try:
+                await self.retrain(recorded)
+            except Exception as exc:  # noqa: BLE001 - nobody awaits this task: said or logged
+                if not recorded.done():
+                    recorded.set_exception(exc)  # refused before it was recorded
+                else:
+                    log.warning("cycle %s failed: %s", self.run_id, exc)  # and recorded so
+            finally:
+                if not recorded.done():  # stopped (the app is stopping) before it was recorded
+                    recorded.cancel()
+
+        task = asyncio.create_task(cycle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        # a caller that goes away (a client hanging up) must not cancel the cycle's future
+        return await asyncio.shield(recorded)
+
+    async def aclose(self) -> None:
+        """Stop a cycle `start` runs (the app is stopping): its worker dies with the app, and
+        the next start marks the run interrupted, as for a cycle a request or the scheduler
+        ran."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def run(self, run_id: str) -> dict:
+        """A cycle by its run id: `{"run_id", "status", "started_at", "finished_at", "events",
+        "result"}`; `status` is "running" until it ends, `events` its progress lines so far,
+        `result` the summary `retrain` returned (null while it runs). NotFoundError for an id
+        that is no cycle."""
+        row = await asyncio.to_thread(self.store.training_run, run_id)
+        job = row["config"].get("job")
+        events = await asyncio.to_thread(read_progress, Path(job) / "progress.jsonl") if job else []
+        return {
+            "run_id": run_id,
+            "status": row["status"],
+            "started_at": row["started_at"],
+            "finished_at": row["finished_at"],
+            "events": events,
+            "result": None if row["status"] == "running" else run_summary(row),
+        }
+
+    async def follow(self, run_id: str, after: int = 0) -> AsyncIterator[tuple[str, int, dict]]:
+        """A cycle's progress as it goes: ("progress", n, line) for each progress line past
+        the first `after` (n counts from 1), then ("result", n, summary) once it has ended;
+        ("quiet", n, {}) when nothing came for `QUIET_S`. Ends after the result."""
+        seen, said_at = after, time.monotonic()
+        while True:
+            run = await self.run(run_id)
+            for line in run["events"][seen:]:
+                seen += 1
+                said_at = time.monotonic()
+                yield "progress", seen, line
+            if run["status"] != "running":
+                yield "result", seen, run["result"]
+                return
+            if time.monotonic() - said_at >= QUIET_S:
+                said_at = time.monotonic()
+                yield "quiet", seen, {}
+            await asyncio.sleep(POLL_S)
 
     async def _sft_examples(self) -> list[dict]:
         """Constitutional revisions ("ai") and the replies users wrote themselves ("human")."""
@@ -102,7 +192,7 @@ class AlignmentLoop:
             {"prompt": d["prompt"], "revision": d["text"], "source": "human"} for d in human
         ]
 
-    async def _cycle(self) -> dict:
+    async def _cycle(self, recorded: asyncio.Future | None = None) -> dict:
         self.stage = "snapshot"
         rows = await asyncio.to_thread(self.store.voted_pairs)
         # no one session or address decides alone what everybody is served
@@ -163,6 +253,9 @@ class AlignmentLoop:
                 "job": str(job),
             },
         )
+        self.run_id = run_id
+        if recorded is not None and not recorded.done():
+            recorded.set_result(run_id)
 
         self.stage = "training"
         started = time.perf_counter()
@@ -270,15 +363,10 @@ class AlignmentLoop:
         seen = 0
         while True:
             try:
-                code = await asyncio.wait_for(proc.wait(), timeout=0.5)
+                code = await asyncio.wait_for(proc.wait(), timeout=POLL_S)
             except asyncio.TimeoutError:
                 code = None
-            lines = progress.read_text().splitlines() if progress.exists() else []
-            for line in lines[seen:]:
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line being written; read it next time
+            for event in read_progress(progress)[seen:]:
                 seen += 1
                 self.events.append(event)
                 self.stage = event.get("stage", self.stage)
@@ -331,6 +419,41 @@ class AlignmentLoop:
                 await self.canary.finish("retired", f"an admin rolled back to {version}")
             swap = await serve_version(self.store, self.engine, version)
             return {"status": "serving", "version": version, "swap_seconds": swap}
+
+
+def read_progress(path: Path) -> list[dict]:
+    """The progress lines the worker has written to its job's `progress.jsonl` so far (up to
+    one it is still writing)."""
+    events = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written; read it next time
+    return events
+
+
+def run_summary(row: dict) -> dict:
+    """A finished cycle's summary from its `training_runs` row, in the shape `retrain`
+    returned it (the row keeps its metrics, and the error whose first line it answered)."""
+    status, metrics, version = row["status"], row["metrics"], row["config"].get("version")
+    if status == "refused":  # by the scheduler, before it started (`Store.refuse_cycle`)
+        return {"status": status, "reason": row["error"], **metrics}
+    if status == "failed":
+        return {
+            "status": status,
+            "version": version,
+            "error": (row["error"] or "").splitlines()[0] if row["error"] else "",
+            "public_error": metrics.get("public_error", CYCLE_FAILED),
+        }
+    if status == "rejected":
+        return {
+            "status": status,
+            "version": version,
+            "reason": metrics["gate"]["reason"],
+            **metrics,
+        }
+    return {"status": status, "version": version, **metrics}
 
 
 USER_DATA_FILES = ("preferences.jsonl", "verdicts.jsonl", "prompts.jsonl", "revisions.jsonl")

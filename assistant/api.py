@@ -9,7 +9,9 @@ Routes (documented in docs/api.md):
   GET  /api/versions -> {"serving", "versions": [...]}  (server paths only with the token)
   GET  /api/export?format=trl|hh|kto|arena|sft -> JSON lines, streamed  (admin token)
   DELETE /api/conversations/{id}  (from the session that started it)
-  POST /api/retrain, POST /api/rollback {"version"}, POST /api/prune {"keep"}  (admin token)
+  POST /api/retrain -> 202 {"run_id", "status": "running"} (?wait=true: the summary, at the end)
+  GET  /api/retrain/{run_id} -> status, progress, result; GET /api/retrain/{run_id}/events: SSE
+  POST /api/rollback {"version"}, POST /api/prune {"keep"}  (these four: admin token)
   GET  /api/canary; POST /api/canary/promote, POST /api/canary/retire  (admin token)
   GET  /api/constitution, PUT /api/constitution (admin), GET /api/critiques/{id} (admin)
   GET  /api/prompt-variants; PUT /api/prompt-variants, POST /api/prompt-variants/default (admin)
@@ -48,6 +50,8 @@ from assistant.protocol import (
     PruneAnswer,
     PruneRequest,
     RetrainAnswer,
+    RetrainRun,
+    RetrainStarted,
     RollbackAnswer,
     RollbackRequest,
     SessionAnswer,
@@ -255,11 +259,64 @@ def build_api_router(
         "/retrain",
         response_model=RetrainAnswer,
         response_model_exclude_unset=True,
+        responses={
+            **ERRORS,
+            202: {"model": RetrainStarted, "description": "started; Location: its status"},
+        },
+    )
+    async def retrain(request: Request, wait: str = "false"):
+        """Start a cycle: 202 with its run id at once. With `?wait=true` the answer is its
+        summary, once the cycle has ended (up to its budget, 15 minutes by default)."""
+        require_admin(request)
+        if wait not in ("true", "false"):
+            raise InvalidInputError("'wait' must be true or false", 422)
+        if wait == "true":
+            return await loop.retrain()
+        run_id = await loop.start()
+        return JSONResponse(
+            {"run_id": run_id, "status": "running"},
+            status_code=202,
+            headers={"Location": f"{router.prefix}/retrain/{run_id}"},
+        )
+
+    @router.get(
+        "/retrain/{run_id}",
+        response_model=RetrainRun,
+        response_model_exclude_unset=True,
         responses=ERRORS,
     )
-    async def retrain(request: Request):
+    async def retrain_run(run_id: str, request: Request):
         require_admin(request)
-        return await loop.retrain()
+        return await loop.run(run_id)
+
+    @router.get(
+        "/retrain/{run_id}/events",
+        responses={
+            **ERRORS,
+            200: {"content": {"text/event-stream": {}}, "description": "progress, then result"},
+        },
+    )
+    async def retrain_events(run_id: str, request: Request):
+        """Server-Sent Events: `progress` for each progress line (its `id` counts them; a
+        reconnecting client's `Last-Event-ID` resumes after it), then one `result` with the
+        summary, and the stream ends; a comment line when nothing happened for a while."""
+        require_admin(request)
+        await loop.run(run_id)  # an unknown id is a 404, before the stream starts
+        after = request.headers.get("last-event-id", "0")
+        if not after.isdigit():
+            raise InvalidInputError("Last-Event-ID must be the number of a progress event")
+
+        async def stream():
+            async for kind, n, body in loop.follow(run_id, int(after)):
+                if kind == "quiet":
+                    yield b": still running\n\n"
+                else:
+                    data = json.dumps(body, ensure_ascii=False, default=str)
+                    yield f"event: {kind}\nid: {n}\ndata: {data}\n\n".encode()
+
+        # no-store and X-Accel-Buffering: a proxy must pass each event on as it comes
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     @router.post(
         "/rollback",

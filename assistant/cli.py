@@ -20,7 +20,10 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -469,8 +472,6 @@ def _ask_app(
     the URL, and the app's refusals as errors the CLI prints."""
     import httpx
 
-    token = args.token or _admin_token(args)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     print(f"the database is in use by the running app; asking it at {args.url}", file=sys.stderr)
     try:
         resp = httpx.request(
@@ -478,7 +479,7 @@ def _ask_app(
             f"{args.url.rstrip('/')}/api/{route}",
             json=body,
             params=params,
-            headers=headers,
+            headers=_app_headers(args),
             timeout=None,
         )
     except httpx.HTTPError as exc:
@@ -486,13 +487,24 @@ def _ask_app(
             f"the database is locked by another process and the app at "
             f"{args.url} did not answer ({exc}); pass --url"
         ) from exc
+    _check_answer(resp)
+    return resp
+
+
+def _app_headers(args: argparse.Namespace) -> dict[str, str]:
+    token = args.token or _admin_token(args)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _check_answer(resp) -> None:
+    """The app's refusal as an error the CLI prints."""
     if resp.status_code >= 400:
+        resp.read()  # a streamed answer too
         try:
             error = resp.json().get("error", resp.text)
         except ValueError:  # not JSON: a proxy's page, say
             error = resp.text[:200]
         raise ConfigError(f"the app refused ({resp.status_code}): {error}")
-    return resp
 
 
 def _call_app(args: argparse.Namespace, method: str, route: str, body: dict | None = None):
@@ -510,33 +522,13 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
                 "restart it "
                 "with these, or stop it to retrain offline with them"
             )
-        summary = _call_app(args, "POST", "retrain")
+        run_id = _call_app(args, "POST", "retrain")["run_id"]
+        print(f"cycle {run_id} started; following its progress", file=sys.stderr)
+        summary = _follow_cycle(args, run_id)
     else:
         from assistant.server import open_runtime
 
-        def show(event: dict) -> None:
-            stage = event.get("stage")
-            if stage == "reward_model" and "step" in event:
-                member = event.get("member", 0)  # or "shared": the one they go on from
-                label = f"reward model {member + 1}" if isinstance(member, int) else "reward models"
-                _bar(label, event["step"], event.get("max_steps") or 1)
-            elif stage == "ppo":
-                _bar(
-                    "PPO",
-                    event["step"] + 1,
-                    config_steps,
-                    f"reward {event['reward_mean']:+.3f} KL {event['kl']:.3f}",
-                )
-            elif stage in ("gate", "merge", "done", "failed") and len(event) > 2:
-                print(
-                    f"\n[{stage}] "
-                    + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "stage"))
-                )
-
-        from alignment.config import cycle_config
-
-        config_steps = cycle_config(config.retrain_preset, config.retrain_overrides()).ppo.steps
-        runtime = open_runtime(config, on_progress=show)
+        runtime = open_runtime(config, on_progress=_show_progress)
 
         async def once():
             try:
@@ -564,6 +556,77 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
     elif "canary" in summary:
         print(f"canary: {summary['canary']}")
     return 0 if summary["status"] in ("deployed", "rejected", "challenger") else 1
+
+
+def _show_progress(event: dict) -> None:
+    """A cycle's progress line (`alignment.worker` writes them) on the terminal."""
+    stage = event.get("stage")
+    if stage == "reward_model" and "step" in event:
+        member = event.get("member", 0)  # or "shared": the one they go on from
+        label = f"reward model {member + 1}" if isinstance(member, int) else "reward models"
+        _bar(label, event["step"], event.get("max_steps") or 1)
+    elif stage == "ppo":
+        _bar(
+            "PPO",
+            event["step"] + 1,
+            event.get("max_steps") or event["step"] + 1,
+            f"reward {event['reward_mean']:+.3f} KL {event['kl']:.3f}",
+        )
+    elif stage in ("gate", "merge", "done", "failed") and len(event) > 2:
+        print(
+            f"\n[{stage}] "
+            + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "stage"))
+        )
+
+
+def _follow_cycle(args: argparse.Namespace, run_id: str) -> dict:
+    """Follow a cycle the app runs through its progress stream (GET /api/retrain/ID/events),
+    drawing the progress bar; returns its summary. A dropped stream is taken up again where it
+    broke (Last-Event-ID)."""
+    import httpx
+
+    url = f"{args.url.rstrip('/')}/api/retrain/{run_id}/events"
+    seen, drops = 0, 0
+    while True:
+        headers = {**_app_headers(args), "Last-Event-ID": str(seen)}
+        try:
+            # the app sends a comment at least every 15 s while the cycle runs
+            with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(60)) as resp:
+                _check_answer(resp)
+                for kind, n, data in _server_sent_events(resp.iter_lines()):
+                    if kind == "result":
+                        return data
+                    seen, drops = n, 0
+                    _show_progress(data)
+            problem = "the stream ended before the cycle did"
+        except httpx.HTTPError as exc:
+            problem = str(exc) or type(exc).__name__
+        drops += 1
+        if drops > 3:
+            raise ConfigError(
+                f"lost the app's progress stream ({problem}); the cycle goes on: "
+                f"GET /api/retrain/{run_id} says how it ends"
+            )
+        time.sleep(2)
+
+
+def _server_sent_events(lines) -> Iterator[tuple[str, int, dict]]:
+    """(event, id, JSON data) for each event in a text/event-stream, comments skipped."""
+    kind, number, data = "message", 0, ""
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, number, json.loads(data)
+            kind, data = "message", ""
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                kind = value
+            elif field == "id" and value.isdigit():
+                number = int(value)
+            elif field == "data":
+                data += value
 
 
 def _reward_line(r: dict) -> str:

@@ -117,6 +117,22 @@ class RetrainAnswer(Answer):
     version: str | None = None
 
 
+class RetrainStarted(Answer):
+    run_id: str = Field(description="GET /api/retrain/{run_id} follows it")
+    status: Literal["running"]
+
+
+class RetrainRun(Answer):
+    run_id: str
+    status: str = Field(description='"running" until the cycle ends, then its summary\'s status')
+    started_at: str
+    finished_at: str | None = None
+    events: list[dict[str, Any]] = Field(description="its progress lines so far")
+    result: RetrainAnswer | None = Field(
+        None, description="once it ended: the summary POST /api/retrain?wait=true answers"
+    )
+
+
 class RollbackAnswer(Answer):
     status: str
     version: str

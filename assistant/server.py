@@ -138,6 +138,7 @@ class Runtime:
     embedded: object | None
 
     async def aclose(self) -> None:
+        await self.loop.aclose()  # a cycle started through the API, before what it uses
         await self.engine.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)

@@ -108,7 +108,9 @@ def main() -> None:
             collect = time.perf_counter() - t
             t = time.perf_counter()
             cycle = httpx.post(
-                app.url + "/api/retrain", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=None
+                app.url + "/api/retrain?wait=true",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=None,
             ).json()
             cycle_wall = time.perf_counter() - t
             load = (

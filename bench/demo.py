@@ -98,7 +98,7 @@ def main() -> int:
         say(f"{decisive} decisive votes; v0's replies are liked {before:.2f} of the time")
         say("retraining: reward models, PPO with KL on LoRA, the gate (a minute or two) ...")
         cycle = httpx.post(
-            app.url + "/api/retrain", headers=app.admin_headers(), timeout=1800
+            app.url + "/api/retrain?wait=true", headers=app.admin_headers(), timeout=1800
         ).json()
         gate = cycle.get("gate") or {}
         if cycle.get("status") != "deployed":

@@ -140,7 +140,7 @@ def cast_vote(app: AppProcess, pair_id: str, a: bool, b: bool) -> str:
 def retrain(app: AppProcess, headers: dict) -> tuple[dict, dict]:
     """One cycle through `POST /api/retrain`: its answer, and what every bench reports of it."""
     t0 = time.perf_counter()
-    cycle = httpx.post(app.url + "/api/retrain", headers=headers, timeout=3600).json()
+    cycle = httpx.post(app.url + "/api/retrain?wait=true", headers=headers, timeout=3600).json()
     reward, gate = cycle.get("reward") or {}, cycle.get("gate") or {}
     return cycle, {
         "status": cycle["status"],

@@ -160,6 +160,22 @@ class VersionRecords:
             r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
         return rows
 
+    def training_run(self, run_id: str) -> dict[str, Any]:
+        """One retrain cycle's row (`kind` 'cycle'), its JSON decoded and times in ISO 8601."""
+        rows = self._rows(
+            "SELECT id, status, started_at, finished_at, config, metrics, error "
+            "FROM training_runs WHERE id = ? AND kind = 'cycle'",
+            [run_id],
+        )
+        if not rows:
+            raise NotFoundError(f"unknown retrain run {run_id!r}")
+        row = rows[0]
+        for key in ("config", "metrics"):
+            row[key] = json.loads(row[key]) if row[key] else {}
+        for key in ("started_at", "finished_at"):
+            row[key] = row[key].isoformat() if row[key] is not None else None
+        return row
+
     def new_decisive_votes(self) -> tuple[int, float | None]:
         """(decisive votes since the last cycle started, minutes since then or None if never)."""
         rows = self._rows(

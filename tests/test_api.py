@@ -370,6 +370,11 @@ def test_openapi_schema_describes_the_pinned_routes(tiny_app):
     paths = schema["paths"]
     for route in ("/api/chat", "/api/vote", "/api/session", "/api/versions", "/api/canary"):
         assert route in paths, route
+    retrain = paths["/api/retrain"]["post"]
+    assert retrain["responses"]["202"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "RetrainStarted"
+    )
+    assert "/api/retrain/{run_id}" in paths and "/api/retrain/{run_id}/events" in paths
     vote_body = paths["/api/vote"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert vote_body["required"] == ["pair_id", "choice"]
     assert vote_body["properties"]["choice"]["enum"] == ["a", "b", "tie", "both_bad"]

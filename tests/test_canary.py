@@ -63,7 +63,7 @@ def _train_challenger(app: AppProcess, wants, attempts: int = 3) -> str:
         for turn in asyncio.run(chat_turns(app, prompts)):
             a, b = (c["text"] for c in turn["candidates"])
             _vote(app, turn, _user_choice(a, b, wants))
-        r = httpx.post(app.url + "/api/retrain", headers=ADMIN, timeout=900)
+        r = httpx.post(app.url + "/api/retrain?wait=true", headers=ADMIN, timeout=900)
         assert r.status_code == 200, r.text
         cycle = r.json()
         print("CANARY-CYCLE " + json.dumps({"status": cycle["status"], "gate": cycle["gate"]}))

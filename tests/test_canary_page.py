@@ -25,7 +25,7 @@ def test_page_hides_the_challenger_until_the_vote_and_admin_retires_it(
         turn = httpx.post(app.url + "/api/chat", json={"message": f"hi {i}"}, timeout=120).json()
         httpx.post(app.url + "/api/vote", json={"pair_id": turn["pair_id"], "choice": "ab"[i % 2]})
     admin = {"Authorization": f"Bearer {TOKEN}"}
-    cycle = httpx.post(app.url + "/api/retrain", headers=admin, timeout=600).json()
+    cycle = httpx.post(app.url + "/api/retrain?wait=true", headers=admin, timeout=600).json()
     assert cycle["status"] == "challenger", cycle
     challenger = cycle["version"]
 

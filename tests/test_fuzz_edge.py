@@ -40,6 +40,10 @@ ROUTES = [
     ("POST", "/api/rollback"),
     ("POST", "/api/prune"),
     ("POST", "/api/retrain"),  # without the token only: with it a cycle would start
+    ("GET", "/api/retrain/{text}"),
+    ("GET", "/api/retrain/{text}/events"),
+    ("GET", "/metrics"),
+    ("GET", "/metrics/engine"),
     ("POST", "/api/canary/promote"),
     ("POST", "/api/canary/retire"),
     ("PUT", "/api/prompt-variants"),

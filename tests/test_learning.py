@@ -67,7 +67,7 @@ def test_deployed_version_satisfies_the_users_preference_more_than_v0(
             assert vote.status_code == 200, vote.text
         assert decisive >= 16, f"only {decisive} decisive votes: v0 should split about half"
 
-        result = _admin(app, "retrain")
+        result = _admin(app, "retrain?wait=true")
         assert result.status_code == 200, result.text
         cycle = result.json()
         # one machine-readable line for `python -m bench.learning --repeat N`

@@ -107,7 +107,7 @@ def test_job_folders_are_private_and_lose_the_chats_once_the_cycle_ends(
     for i, choice in enumerate(["a", "b", "tie", "a", "both_bad", "b", "a", "b"]):
         turn = _turn(app, f"job question {i}?", carol)
         _vote(app, turn["pair_id"], choice, carol)  # ties and both-bad go to verdicts.jsonl
-    cycle = httpx.post(app.url + "/api/retrain", headers=app.admin_headers(), timeout=600)
+    cycle = httpx.post(app.url + "/api/retrain?wait=true", headers=app.admin_headers(), timeout=600)
     assert cycle.status_code == 200, cycle.text
     (job,) = (app.data_dir / "jobs").iterdir()
     assert stat.S_IMODE(job.stat().st_mode) == 0o700

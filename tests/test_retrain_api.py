@@ -1,6 +1,13 @@
-"""Retrain, deploy and roll back through the running app's API (tiny model, real engine)."""
+"""Retrain, deploy and roll back through the running app's API (tiny model, real engine).
+
+`POST /api/retrain` starts a cycle and answers at once; `GET /api/retrain/{id}` and its event
+stream follow it, and `assistant retrain` follows it with its progress bar.
+"""
 
 from __future__ import annotations
+
+import json
+import time
 
 import httpx
 
@@ -10,6 +17,43 @@ TOKEN = "s3cret-token"
 def post(app, route, body=None, token=TOKEN, timeout=600):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.post(f"{app.url}/api/{route}", json=body or {}, headers=headers, timeout=timeout)
+
+
+def get(app, path, token=TOKEN):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(app.url + path, headers=headers, timeout=30)
+
+
+def server_sent_events(app, run_id, last_event_id=None) -> list[tuple[str, str, dict]]:
+    """(event, id, data) of each event `GET /api/retrain/{id}/events` streams, as they come,
+    read until the stream ends (it does once the cycle has)."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    events, block = [], {}
+    url = f"{app.url}/api/retrain/{run_id}/events"
+    with httpx.stream("GET", url, headers=headers, timeout=60) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith(":"):
+                continue  # the stream's sign of life
+            if line:
+                field, _, value = line.partition(": ")
+                block[field] = value
+            elif block:
+                events.append((block["event"], block["id"], json.loads(block["data"])))
+                block = {}
+    return events
+
+
+def finished(app, run_id, timeout=600) -> dict:
+    """`GET /api/retrain/{id}` once the cycle has ended."""
+    deadline = time.monotonic() + timeout
+    while (run := get(app, f"/api/retrain/{run_id}").json())["status"] == "running":
+        assert time.monotonic() < deadline, run
+        time.sleep(1)
+    return run
 
 
 def test_admin_routes_refuse_when_the_token_is_set_empty(tiny_app_factory, monkeypatch):
@@ -40,11 +84,40 @@ def test_retrain_deploys_new_version_then_rollback(tiny_app_factory, tiny_model_
             timeout=30,
         )
 
-    result = post(app, "retrain")
-    assert result.status_code == 200, result.text
-    body = result.json()
+    asked = time.monotonic()
+    started = post(app, "retrain")
+    answered_in = time.monotonic() - asked
+    assert started.status_code == 202, started.text
+    run_id = started.json()["run_id"]
+    assert started.json() == {"run_id": run_id, "status": "running"}
+    assert started.headers["location"] == f"/api/retrain/{run_id}"
+    running = get(app, started.headers["location"])
+    assert running.status_code == 200, running.text
+    assert running.json()["status"] == "running" and running.json()["result"] is None
+    assert post(app, "retrain").status_code == 409  # one cycle at a time
+    assert get(app, f"/api/retrain/{run_id}", token=None).status_code == 401
+    assert get(app, f"/api/retrain/{run_id}/events", token="wrong").status_code == 401
+    assert get(app, "/api/retrain/no-such-run").status_code == 404
+    assert get(app, "/api/retrain/no-such-run/events").status_code == 404
+
+    # the event stream: each progress line as it comes, numbered, then the summary; it ends
+    events = server_sent_events(app, run_id)
+    *progress, (last, _, body) = events
+    assert last == "result" and {kind for kind, _, _ in progress} == {"progress"}
+    assert [int(n) for _, n, _ in progress] == list(range(1, len(progress) + 1))
+    stages = [line["stage"] for _, _, line in progress]
+    assert {"reward_model", "ppo", "gate", "done"} <= set(stages), stages
     assert body["status"] == "deployed" and body["version"] == "v0001", body
     assert body["swap_seconds"] > 0 and body["reward"]["n_train"] > 0
+    # answered long before the cycle ended
+    assert answered_in < min(30, body["cycle_seconds"] / 3), (answered_in, body["cycle_seconds"])
+    done = get(app, f"/api/retrain/{run_id}").json()
+    assert done["status"] == "deployed" and done["result"] == body and done["finished_at"]
+    assert done["events"] == [line for _, _, line in progress]
+    # a client that reconnects with Last-Event-ID gets the rest only
+    n = len(progress)
+    again = server_sent_events(app, run_id, last_event_id=n - 2)
+    assert again == [*events[n - 2 : n], ("result", str(n), body)]
 
     versions = httpx.get(app.url + "/api/versions").json()
     assert versions["serving"] == "v0001"
@@ -73,8 +146,8 @@ def _vote_some(app, n=4):
 def test_killed_cycle_is_marked_failed_and_serving_continues(
     tiny_app_factory, tiny_model_dir, monkeypatch
 ):
-    import threading
-    import time
+    import subprocess
+    import sys
     from pathlib import Path
 
     import psutil
@@ -83,9 +156,8 @@ def test_killed_cycle_is_marked_failed_and_serving_continues(
     monkeypatch.setenv("ASSISTANT_OPENAI_API_KEY", "openai-key")
     app = tiny_app_factory("--model", str(tiny_model_dir), "--retrain-preset", "fast")
     _vote_some(app)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(resp=post(app, "retrain")))
-    thread.start()
+    started = post(app, "retrain")
+    assert started.status_code == 202, started.text
     worker = None
     deadline = time.monotonic() + 60
     while worker is None and time.monotonic() < deadline:
@@ -105,28 +177,34 @@ def test_killed_cycle_is_marked_failed_and_serving_continues(
         assert secret not in environ, secret
     time.sleep(1.0)
     worker.kill()  # kill -9 mid-cycle
-    thread.join(timeout=120)
-    body = result["resp"].json()
+    body = finished(app, started.json()["run_id"], timeout=120)["result"]
     assert body["status"] == "failed", body
     # Serving is untouched: same version, chat still works.
     assert httpx.get(app.url + "/api/versions").json()["serving"] == "v0000"
     turn = httpx.post(app.url + "/api/chat", json={"message": "still here?"}, timeout=120)
     assert turn.status_code == 200 and turn.json()["model_version"] == "v0000"
     httpx.post(app.url + "/api/vote", json={"pair_id": turn.json()["pair_id"], "choice": "a"})
-    # The next cycle works.
-    again = post(app, "retrain").json()
-    assert again["status"] == "deployed", again
+    # The next cycle works: `assistant retrain` starts it and follows it with its progress bar.
+    out = subprocess.run(
+        [sys.executable, "-m", "assistant", "retrain", "--url", app.url]
+        + ["--data-dir", str(app.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # (v0001 was the killed cycle's: no two cycles write the same folder)
+    assert "status: deployed" in out.stdout and "version: v0002" in out.stdout, out.stdout
+    assert "reward models: " in out.stdout and "gate: " in out.stdout  # the summary
+    assert "following its progress" in out.stderr
+    assert "reward model" in out.stderr and "PPO" in out.stderr  # the progress bar
     post(app, "rollback", {"version": "v0000"})  # leave the shared engine on the base weights
 
 
 def test_app_killed_mid_cycle_takes_its_worker_along_and_restart_marks_the_run_failed(
     tiny_app_factory, tiny_model_dir, monkeypatch, tmp_path
 ):
-    import contextlib
-    import json
     import signal
-    import threading
-    import time
 
     import duckdb
     import psutil
@@ -137,17 +215,12 @@ def test_app_killed_mid_cycle_takes_its_worker_along_and_restart_marks_the_run_f
         "--model", str(tiny_model_dir), "--retrain-preset", "fast", data_dir=data
     )
     _vote_some(app)
-
-    def retrain():
-        with contextlib.suppress(httpx.HTTPError):  # the app dies under this request
-            post(app, "retrain")
-
-    threading.Thread(target=retrain, daemon=True).start()
+    run_id = post(app, "retrain").json()["run_id"]
     worker, deadline = None, time.monotonic() + 60
     while worker is None and time.monotonic() < deadline:
         worker = next(
-            (p for p in psutil.process_iter(["cmdline"])
-             if "alignment.worker" in " ".join(p.info["cmdline"] or [])),
+            (p for p in psutil.Process(app.proc.pid).children()  # this app's, not another's
+             if "alignment.worker" in " ".join(p.cmdline())),
             None,
         )  # fmt: skip
         time.sleep(0.1)
@@ -156,6 +229,10 @@ def test_app_killed_mid_cycle_takes_its_worker_along_and_restart_marks_the_run_f
     worker.wait(timeout=30)  # ... and its worker goes with it (raises if still alive)
 
     app = tiny_app_factory("--model", str(tiny_model_dir), data_dir=data)
+    # the restarted app still answers for the cycle, from its record
+    run = get(app, f"/api/retrain/{run_id}").json()
+    assert run["status"] == "failed" and run["result"]["status"] == "failed", run
+    assert "interrupted" in run["result"]["error"] and run["finished_at"]
     app.stop()
     con = duckdb.connect(str(app.db), read_only=True)
     status, error, config = con.execute(
@@ -200,3 +277,61 @@ def test_cli_retrain_versions_rollback_without_the_app(tiny_app_factory, tiny_mo
     assert "v0000 serving" in " ".join(cli("versions").stdout.split())
     missing = cli("rollback", "v0042")
     assert missing.returncode == 2 and "unknown version" in missing.stderr
+
+
+def test_a_refused_cycle_is_refused_to_whoever_starts_it_and_one_runs_at_a_time(tmp_path):
+    """`start` answers the refusal itself (no run was recorded to follow) and leaves nothing
+    running; while a cycle holds the loop, a second start is refused at once."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+
+    from alignment.loop import AlignmentLoop
+    from storage import ConflictError
+
+    nothing = SimpleNamespace(
+        voted_pairs=list,
+        ai_labeled_pairs=list,
+        label_pairs=list,
+        logged_prompts=list,
+        new_vote_sources=dict,
+    )
+    loop = AlignmentLoop(nothing, SimpleNamespace(), tmp_path)
+
+    async def scenario() -> None:
+        with pytest.raises(ConflictError, match="no decisive votes"):
+            await loop.start()
+        await asyncio.sleep(0)
+        assert not loop.running and not loop._background and loop.run_id is None
+        async with loop.lock:  # a cycle running
+            with pytest.raises(ConflictError, match="already running"):
+                await loop.start()
+
+    asyncio.run(scenario())
+
+
+def test_a_finished_cycle_reads_back_in_the_shape_it_was_answered_in():
+    from alignment.loop import CYCLE_FAILED, run_summary
+
+    metrics = {"gate": {"reason": "not better"}, "reward": {"n_train": 3}, "ppo_steps": []}
+    row = {"config": {"version": "v0003"}, "metrics": metrics, "error": None}
+    assert run_summary({**row, "status": "rejected"}) == {
+        "status": "rejected",
+        "version": "v0003",
+        "reason": "not better",
+        **metrics,
+    }
+    deployed = {**metrics, "swap_seconds": 0.4}
+    assert run_summary({**row, "status": "deployed", "metrics": deployed}) == {
+        "status": "deployed",
+        "version": "v0003",
+        **deployed,
+    }
+    failed = {**row, "status": "failed", "metrics": {}, "error": "worker died\ntraceback"}
+    assert run_summary(failed) == {
+        "status": "failed",
+        "version": "v0003",
+        "error": "worker died",
+        "public_error": CYCLE_FAILED,
+    }
