@@ -6,17 +6,15 @@ tiny model. Every field has a default and a one-line help.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+from storage.settings import setting, updated
 
 
 def _attention():
     """The same `attention` setting in every training stage."""
-    return _help(
+    return setting(
         "attention kernel: 'auto' (eager on the CPU, whose fused kernel's backward pass is slow; "
         "sdpa on a GPU), 'eager' or 'sdpa'",
         default="auto",
@@ -28,21 +26,21 @@ class RewardConfig:
     """Bradley-Terry reward model: an adapter (LoRA by default) and a sequence-classification
     head over the base model."""
 
-    adapter: str = _help(
+    adapter: str = setting(
         "parameter-efficient method: lora, ia3, prompt_tuning or prefix_tuning "
         "(alignment/adapters.py)",
         default="lora",
     )
 
-    lora_rank: int = _help("LoRA rank of the reward model adapter", default=8)
-    lora_alpha: int = _help("LoRA alpha (scale = alpha / rank)", default=16)
-    lora_layers: int = _help(
+    lora_rank: int = setting("LoRA rank of the reward model adapter", default=8)
+    lora_alpha: int = setting("LoRA alpha (scale = alpha / rank)", default=16)
+    lora_layers: int = setting(
         "LoRA on the top N transformer layers only (0: every layer); the frozen layers below run "
         "once per conversation for every member, epoch and scoring pass "
         "(alignment/trunk_cache.py) and the backward pass stops at the lowest adapted layer",
         default=0,
     )
-    gradient_checkpointing: bool = _help(
+    gradient_checkpointing: bool = setting(
         "recompute activations in the backward pass to save memory (TRL turns it on by default; "
         "it costs a third more compute and makes gradients flow through every layer: worth it "
         "only for a large model on a GPU)",
@@ -50,56 +48,58 @@ class RewardConfig:
     )
     # ~100 votes are ~10 steps an epoch: at 2e-4 x 2 epochs the heads barely left their
     # initialisation (training loss ln 2, chance on unseen replies); bench/RESULTS.md
-    learning_rate: float = _help("AdamW learning rate", default=2e-3)
-    epochs: float = _help("passes over the training pairs", default=4.0)
-    batch_size: int = _help("pairs per optimisation step", default=8)
-    max_length: int = _help("longest prompt+reply in tokens; longer pairs are dropped", default=512)
-    heldout_fraction: float = _help("share of pairs held out to measure accuracy", default=0.2)
-    ensemble: int = _help(
+    learning_rate: float = setting("AdamW learning rate", default=2e-3)
+    epochs: float = setting("passes over the training pairs", default=4.0)
+    batch_size: int = setting("pairs per optimisation step", default=8)
+    max_length: int = setting(
+        "longest prompt+reply in tokens; longer pairs are dropped", default=512
+    )
+    heldout_fraction: float = setting("share of pairs held out to measure accuracy", default=0.2)
+    ensemble: int = setting(
         "reward models trained, each on a bootstrap resample of the votes (1: a single model)",
         default=3,
     )
-    bootstrap: bool = _help(
+    bootstrap: bool = setting(
         "each member trains on a bootstrap resample of the votes; false: on all of them, the "
         "members differing only by seed (bench/RESULTS.md compares the two on SmolLM2)",
         default=True,
     )
-    subsample: float = _help(
+    subsample: float = setting(
         "each member trains on this share of the votes, drawn without replacement, instead of a "
         "bootstrap resample (which holds about 63 % of them): more of ~100 votes per member, "
         "members still different; 0: off",
         default=0.0,
     )
-    warm_start: float = _help(
+    warm_start: float = setting(
         "share of the reward models' training spent on one model on every vote, which each "
         "member then goes on training on its own resample (the rest of the time); 0: every "
         "member from scratch. Members come out stronger for the same steps, and closer "
         "(`opening`, offline: ensemble 0.80 -> 0.91 and 0.78 -> 0.94 on unseen pairs)",
         default=0.5,
     )
-    verdict_pairs: float = _help(
+    verdict_pairs: float = setting(
         "ties and both-bad votes as training pairs across prompts, a reply the user let stand "
         "over one they refused (alignment/verdicts.py): at most this many per decisive vote; "
         "0: decisive votes only",
         default=0.0,
     )
-    ensemble_penalty: float = _help(
+    ensemble_penalty: float = setting(
         "PPO optimises mean - penalty * std of the members' scores (Coste et al. 2023)",
         default=1.0,
     )
-    support_quantile: float = _help(
+    support_quantile: float = setting(
         "replies shorter than support_fraction of this quantile of the voted replies' lengths "
         "lie outside what the reward models learned: PPO is penalised for them and the gate "
         "does not trust them (alignment/support.py); 0 disables",
         default=0.05,
     )
-    support_fraction: float = _help(
+    support_fraction: float = setting(
         "how far under the voted replies' short quantile a reply may go and still be judged: "
         "SmolLM2 learned the `complete` taste at about 0.75 of v0's length and collapsed "
         "under 0.4 of it",
         default=0.5,
     )
-    pooling: str = _help(
+    pooling: str = setting(
         "what the score head reads: 'last' (the last token's state, the usual sequence-"
         "classification head), 'mean' (its per-token scores averaged over the conversation) or "
         "'last+mean' (both added). A preference spread over the whole reply, like a count of "
@@ -107,12 +107,12 @@ class RewardConfig:
         "a cue at the end (a reply cut off): bench/RESULTS.md",
         default="last+mean",
     )
-    seed: int = _help("seed of the head initialisation and data order", default=0)
-    precision: str = _help(
+    seed: int = setting("seed of the head initialisation and data order", default=0)
+    precision: str = setting(
         "'auto' (bf16 autocast where the CPU or GPU computes bf16 natively), 'bf16' or 'fp32'",
         default="auto",
     )
-    base_weights: str = _help(
+    base_weights: str = setting(
         "dtype of the frozen base weights: 'auto' (bf16 on a GPU, fp32 on the CPU), 'bf16' or "
         "'fp32'; adapters and optimiser state stay fp32",
         default="auto",
@@ -124,66 +124,66 @@ class RewardConfig:
 class PPOConfig:
     """PPO with a per-token KL penalty against the adapter-disabled reference, on LoRA."""
 
-    adapter: str = _help(
+    adapter: str = setting(
         "lora: vLLM samples the rollouts and serves canaries from a LoRA adapter", default="lora"
     )
-    steps: int = _help("rollout-and-update rounds per cycle", default=12)
-    prompts_per_step: int = _help("prompts rolled out per round", default=8)
-    samples_per_prompt: int = _help(
+    steps: int = setting("rollout-and-update rounds per cycle", default=12)
+    prompts_per_step: int = setting("prompts rolled out per round", default=8)
+    samples_per_prompt: int = setting(
         "replies sampled per prompt in a round; the others' mean is each one's baseline (RLOO)",
         default=4,
     )
-    advantage: str = _help(
+    advantage: str = setting(
         "advantage estimator: 'rloo' (leave-one-out baseline over replies to the same prompt, "
         "no value head) or 'gae' (value head and GAE)",
         default="rloo",
     )
-    max_new_tokens: int = _help("rollout reply length in tokens", default=64)
-    temperature: float = _help("rollout sampling temperature", default=1.0)
-    ppo_epochs: int = _help("optimisation passes over each round's rollouts", default=2)
-    max_step_kl: float = _help(
+    max_new_tokens: int = setting("rollout reply length in tokens", default=64)
+    temperature: float = setting("rollout sampling temperature", default=1.0)
+    ppo_epochs: int = setting("optimisation passes over each round's rollouts", default=2)
+    max_step_kl: float = setting(
         "trust region: stop a round's updates once the policy is this far (mean per-token KL, "
         "nats) from the one that sampled it; 0 disables",
         default=0.02,
     )
-    minibatch_size: int = _help("rollouts per gradient step", default=8)
+    minibatch_size: int = setting("rollouts per gradient step", default=8)
     # 4e-4: within the 15-minute budget a cycle has 8 rounds on a 2-core CPU, not 12; at 2e-4
     # they left `plain` 2 at KL 1.5 and refused, at 4e-4 it reached 3.9 and won 0.79 (RESULTS)
-    learning_rate: float = _help("AdamW learning rate of LoRA and value head", default=4e-4)
-    lora_rank: int = _help("LoRA rank of the policy adapter", default=8)
-    lora_alpha: int = _help("LoRA alpha", default=16)
-    init_kl_coef: float = _help("initial beta of the KL penalty", default=0.2)
-    adaptive_kl: bool = _help("adapt beta toward target_kl (Ziegler et al.)", default=True)
-    target_kl: float = _help(
+    learning_rate: float = setting("AdamW learning rate of LoRA and value head", default=4e-4)
+    lora_rank: int = setting("LoRA rank of the policy adapter", default=8)
+    lora_alpha: int = setting("LoRA alpha", default=16)
+    init_kl_coef: float = setting("initial beta of the KL penalty", default=0.2)
+    adaptive_kl: bool = setting("adapt beta toward target_kl (Ziegler et al.)", default=True)
+    target_kl: float = setting(
         "target KL (nats per response) of the adaptive controller", default=6.0
     )
-    kl_horizon: int = _help("horizon of the adaptive KL controller", default=10000)
-    gamma: float = _help("discount", default=1.0)
-    lam: float = _help("GAE lambda", default=0.95)
-    cliprange: float = _help("policy ratio clip", default=0.2)
-    cliprange_value: float = _help("value clip", default=0.2)
-    vf_coef: float = _help("value loss weight", default=0.1)
-    max_grad_norm: float = _help("gradient clipping", default=1.0)
-    missing_eos_penalty: float = _help(
+    kl_horizon: int = setting("horizon of the adaptive KL controller", default=10000)
+    gamma: float = setting("discount", default=1.0)
+    lam: float = setting("GAE lambda", default=0.95)
+    cliprange: float = setting("policy ratio clip", default=0.2)
+    cliprange_value: float = setting("value clip", default=0.2)
+    vf_coef: float = setting("value loss weight", default=0.1)
+    max_grad_norm: float = setting("gradient clipping", default=1.0)
+    missing_eos_penalty: float = setting(
         "subtracted from the (scaled) score of a rollout cut off at max_new_tokens, so the "
         "policy learns to finish its replies (Huang et al. 2024); 0 disables",
         default=1.0,
     )
-    short_reply_penalty: float = _help(
+    short_reply_penalty: float = setting(
         "a rollout shorter than the voted replies (reward.support_quantile), where the reward "
         "models' scores mean nothing, scores this much under the lowest judged rollout of its "
         "round, whatever the reward models say of it; 0 disables",
         default=1.0,
     )
-    normalize_scores: bool = _help(
+    normalize_scores: bool = setting(
         "put reward-model scores on the unit scale of the first rollout batch", default=True
     )
-    seed: int = _help("seed of rollouts and updates", default=0)
-    precision: str = _help(
+    seed: int = setting("seed of rollouts and updates", default=0)
+    precision: str = setting(
         "'auto' (bf16 autocast where the CPU or GPU computes bf16 natively), 'bf16' or 'fp32'",
         default="auto",
     )
-    base_weights: str = _help(
+    base_weights: str = setting(
         "dtype of the frozen base weights: 'auto' (bf16 on a GPU, fp32 on the CPU), 'bf16' or "
         "'fp32'; adapters and optimiser state stay fp32",
         default="auto",
@@ -195,36 +195,36 @@ class PPOConfig:
 class GateConfig:
     """What a new policy must show on held-out prompts before it is served."""
 
-    min_win_rate: float = _help(
+    min_win_rate: float = setting(
         "the 95 % lower bound of the new version's win rate over the serving one (comparisons "
         "every reward model agrees on) must reach this",
         default=0.5,
     )
-    max_kl: float = _help("largest mean KL(new || reference) per reply, nats", default=10.0)
-    max_kl_per_token: float = _help(
+    max_kl: float = setting("largest mean KL(new || reference) per reply, nats", default=10.0)
+    max_kl_per_token: float = setting(
         "largest KL(new || reference) per reply token, nats: a collapse into very short "
         "replies passes the per-reply limit but not this one",
         default=0.5,
     )
-    eval_prompts: int = _help(
+    eval_prompts: int = setting(
         "held-out prompts compared, samples_per_prompt replies each; the reward models may "
         "agree on under half of the comparisons, and a 0.7 win rate on fewer than about 25 "
         "agreed ones cannot be told from chance",
         default=32,
     )
-    samples_per_prompt: int = _help("replies per held-out prompt from each version", default=2)
-    max_new_tokens: int = _help("reply length in the comparison", default=64)
-    max_short_share: float = _help(
+    samples_per_prompt: int = setting("replies per held-out prompt from each version", default=2)
+    max_new_tokens: int = setting("reply length in the comparison", default=64)
+    max_short_share: float = setting(
         "refuse a version when the share of its replies shorter than the voted ones "
         "(reward.support_quantile) exceeds the serving version's share by more than this",
         default=0.15,
     )
-    min_rm_accuracy: float = _help(
+    min_rm_accuracy: float = setting(
         "refuse the cycle when the reward models agree with fewer of the held-out human votes "
         "than this (near chance: they learned nothing to optimise)",
         default=0.6,
     )
-    min_rm_heldout: int = _help(
+    min_rm_heldout: int = setting(
         "held-out votes needed before that check applies (fewer cannot tell)", default=5
     )
 
@@ -233,18 +233,18 @@ class GateConfig:
 class LoopConfig:
     """When the background scheduler starts a cycle by itself (0 disables a trigger)."""
 
-    every_votes: int = _help("start a cycle after this many new decisive votes", default=50)
-    every_minutes: float = _help(
+    every_votes: int = setting("start a cycle after this many new decisive votes", default=50)
+    every_minutes: float = setting(
         "or after this many minutes, if any new decisive vote came", default=60.0
     )
-    poll_seconds: float = _help("how often the scheduler checks", default=10.0)
-    keep_versions: int = _help(
+    poll_seconds: float = setting("how often the scheduler checks", default=10.0)
+    keep_versions: int = setting(
         "after each deployment delete the checkpoints of all but this many newest versions "
         "(serving, previous and a challenger are always kept; 0 keeps everything; a 7B "
         "checkpoint is about 15 GB)",
         default=5,
     )
-    max_source_share: float = _help(
+    max_source_share: float = setting(
         "the most of the decisive votes one session or one client address may cast: a "
         "scheduled cycle is refused past it, and reward-model training and a canary's verdict "
         "count no more of one source's votes (default 0: 0.5, or 1, no cap, with "
@@ -258,16 +258,16 @@ class CanaryConfig:
     """How a version that passed the automatic gate is judged by the users before it takes all
     traffic (see `alignment.canary` for the decision rule)."""
 
-    share: float = _help(
+    share: float = setting(
         "share of turns whose pair sets the challenger against the serving version "
         "(0: deploy at the gate, no canary)",
         default=0.5,
     )
-    min_votes: int = _help(
+    min_votes: int = setting(
         "comparisons (decisive votes and ties on canary pairs) before a challenger can be promoted",
         default=30,
     )
-    max_votes: int = _help(
+    max_votes: int = setting(
         "at this many comparisons without a verdict the challenger is retired (0: no cap)",
         default=200,
     )
@@ -278,25 +278,25 @@ class SFTConfig:
     """Optional supervised stage on constitutional revisions and the replies users wrote
     themselves (demonstrations), loss on reply tokens only."""
 
-    enabled: bool = _help(
+    enabled: bool = setting(
         "fine-tune on (prompt, final revision) before the reward model", default=False
     )
-    demonstration_weight: int = _help(
+    demonstration_weight: int = setting(
         "times each human demonstration counts against one AI revision", default=3
     )
-    adapter: str = _help(
+    adapter: str = setting(
         "lora or ia3: what SFT trains is merged into the served weights", default="lora"
     )
-    lora_rank: int = _help("LoRA rank of the SFT adapter", default=8)
-    lora_alpha: int = _help("LoRA alpha", default=16)
-    learning_rate: float = _help("AdamW learning rate", default=2e-4)
-    epochs: float = _help("passes over the revisions", default=1.0)
-    batch_size: int = _help("examples per step", default=8)
-    max_length: int = _help("longest prompt+revision in tokens", default=512)
-    gradient_checkpointing: bool = _help(
+    lora_rank: int = setting("LoRA rank of the SFT adapter", default=8)
+    lora_alpha: int = setting("LoRA alpha", default=16)
+    learning_rate: float = setting("AdamW learning rate", default=2e-4)
+    epochs: float = setting("passes over the revisions", default=1.0)
+    batch_size: int = setting("examples per step", default=8)
+    max_length: int = setting("longest prompt+revision in tokens", default=512)
+    gradient_checkpointing: bool = setting(
         "recompute activations to save memory (TRL's default is on; see reward)", default=False
     )
-    base_weights: str = _help(
+    base_weights: str = setting(
         "dtype of the frozen base weights: 'auto' (bf16 on a GPU, fp32 on the CPU)",
         default="auto",
     )
@@ -312,7 +312,7 @@ class CycleConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     heldout_prompt_fraction: float = 0.25
-    budget_minutes: float = _help(
+    budget_minutes: float = setting(
         "wall-clock budget of a cycle: the reward models and PPO take the steps and rounds "
         "that fit, timed on this machine (alignment/budget.py); 0: all the preset asks, "
         "however long it takes",
@@ -326,6 +326,7 @@ PRESETS = ("default", "fast")
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTENTIONS = ("auto", "eager", "sdpa")
 ADVANTAGES = ("rloo", "gae")
+POOLINGS = ("last", "mean", "last+mean")
 
 
 def check(config: CycleConfig) -> CycleConfig:
@@ -352,6 +353,18 @@ def check(config: CycleConfig) -> CycleConfig:
             for stage in ("reward", "ppo", "sft")
         ),
         (config.reward.ensemble >= 1, "reward.ensemble must be at least 1"),
+        (
+            config.reward.pooling in POOLINGS,
+            f"reward.pooling must be one of {', '.join(POOLINGS)}, got {config.reward.pooling!r}",
+        ),
+        (
+            0 <= config.reward.subsample <= 1,
+            f"reward.subsample must be a share from 0 to 1, got {config.reward.subsample}",
+        ),
+        (
+            config.reward.lora_layers >= 0,
+            f"reward.lora_layers must be 0 (all) or positive, got {config.reward.lora_layers}",
+        ),
         (
             0 <= config.reward.warm_start < 1,
             "reward.warm_start must be a share from 0 to under 1",
@@ -402,43 +415,15 @@ def preset(name: str) -> CycleConfig:
 
 def cycle_config(preset_name: str, overrides: dict[str, Any] | None = None) -> CycleConfig:
     """A preset with fields overridden, e.g. {"ppo": {"steps": 16}, "gate": {"max_kl": 4}}
-    (what `--retrain-config FILE` holds). Unknown sections or fields and wrong types raise
-    ValueError naming the entry, so a typo fails at start-up rather than silently."""
-    config = preset(preset_name)
-    if not overrides:
-        return check(config)
-    if not isinstance(overrides, dict):
-        raise ValueError("the retrain config must be a JSON object of sections")
-    sections = {f.name: f for f in fields(CycleConfig)}
-    for section, values in overrides.items():
-        if section not in sections:
-            raise ValueError(
-                f"unknown retrain config section {section!r}: use {', '.join(sections)}"
-            )
-        current = getattr(config, section)
-        if not hasattr(current, "__dataclass_fields__"):
-            setattr(config, section, _typed(section, values, type(current)))
-            continue
-        if not isinstance(values, dict):
-            raise ValueError(f"retrain config section {section!r} must be an object")
-        known = {f.name for f in fields(current)}
-        changes = {}
-        for name, value in values.items():
-            if name not in known:
-                raise ValueError(
-                    f"unknown field {section}.{name} in the retrain config: "
-                    f"use {', '.join(sorted(known))}"
-                )
-            changes[name] = _typed(f"{section}.{name}", value, type(getattr(current, name)))
-        setattr(config, section, replace(current, **changes))
-    return check(config)
+    (what `--retrain-config FILE` holds), checked. The app resolves its cycle once at start
+    (`assistant.config.AppConfig.validate`); this is for scripts and tests."""
+    return check(override(preset(preset_name), overrides or {}))
 
 
-def _typed(name: str, value: Any, kind: type) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(
-            f"retrain config {name} must be {kind.__name__}, got {type(value).__name__} {value!r}"
-        )
-    return value
+def override(config: CycleConfig, overrides: dict[str, Any]) -> CycleConfig:
+    """`config` with the fields `overrides` names replaced, section by section (the fields a
+    section does not name keep their values): how each source of settings (a --config file's
+    `retrain` section, a --retrain-config file, the flags) applies over the ones before it.
+    An unknown section or field or a wrong type raises ValueError naming the entry, so a typo
+    fails at start-up rather than silently; `check` then judges the result as a whole."""
+    return updated(config, overrides)

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from alignment.config import CycleConfig, override
+
 
 @dataclass
 class Job:
@@ -20,9 +22,8 @@ class Job:
     version: str  # the name reserved for the new version
     engine_url: str  # where rollouts are sampled (the serving engine)
     versions_dir: str  # where the merged checkpoint goes
-    preset: str = "default"
-    overrides: dict = field(default_factory=dict)  # --retrain-config
-    sft: bool = False
+    # the cycle's settings as the app resolved and checked them at start (preset, files, flags)
+    cycle: CycleConfig = field(default_factory=CycleConfig)
     model_name: str = "policy"  # the served model's name at the engine
 
     def write(self, job_dir: Path) -> None:
@@ -30,7 +31,8 @@ class Job:
 
     @classmethod
     def read(cls, job_dir: Path) -> Job:
-        return cls(**json.loads((job_dir / "job.json").read_text()))
+        data = json.loads((job_dir / "job.json").read_text())
+        return cls(**{**data, "cycle": override(CycleConfig(), data.get("cycle", {}))})
 
 
 @dataclass

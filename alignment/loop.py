@@ -19,8 +19,10 @@ import shutil
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from pathlib import Path
 
+from alignment.config import CycleConfig
 from alignment.job import Job, JobResult
 from alignment.labels import agreement_rate, weighted_ai_rows
 from alignment.serving import serve_version
@@ -43,29 +45,27 @@ class AlignmentLoop:
         store: Store,
         engine,
         data_dir: Path,
-        preset: str = "default",
+        cycle: CycleConfig | None = None,
         on_progress: Callable[[dict], None] | None = None,
         *,
         worker_environment: Callable[[], dict[str, str]] | None = None,
         keep_versions: int = 5,
         ai_label_weight: float = 0.5,
-        overrides: dict | None = None,
         max_source_share: float = 1.0,
     ) -> None:
         # The running canary, if the app judges new versions by the users' votes first
         # (`assistant.canary_service`); None: a version that passes the gate deploys at once.
         self.canary = None
-        self.overrides = overrides or {}
+        # every cycle's settings, resolved once at start (`assistant.config.AppConfig.validate`:
+        # preset, files, flags); the default preset when none is given
+        self.cycle = cycle if cycle is not None else CycleConfig()
         self.keep_versions = keep_versions
-        # one setting: the retrain config's sft.enabled (`--sft` sets it)
-        self.sft = bool((self.overrides.get("sft") or {}).get("enabled"))
         self.ai_label_weight = ai_label_weight
         # the most of the decisive votes one session or address counts for (alignment.sources)
         self.max_source_share = max_source_share
         self.store = store
         self.engine = engine
         self.data_dir = data_dir
-        self.preset = preset
         self.on_progress = on_progress
         # The worker's environment, made when it starts (None: this process's): the app's
         # leaves out its secrets (`assistant.environment.child_environment`).
@@ -79,12 +79,18 @@ class AlignmentLoop:
         # only weak references to tasks)
 
     @property
+    def sft(self) -> bool:
+        """Whether cycles fine-tune on revisions and demonstrations first (`--sft`)."""
+        return self.cycle.sft.enabled
+
+    @property
     def running(self) -> bool:
         return self.lock.locked()
 
     async def retrain(self, recorded: asyncio.Future | None = None) -> dict:
-        """One cycle now; returns a summary (deployed, rejected or failed). `recorded`, if
-        given, gets the run id as soon as the cycle is recorded (see `start`)."""
+        """One cycle now, with the settings resolved at start (`self.cycle`); returns a summary
+        (deployed, rejected or failed). `recorded`, if given, gets the run id as soon as the cycle
+        is recorded (see `start`)."""
         if self.lock.locked():
             raise ConflictError("a retrain cycle is already running")
         if self.canary is not None and self.canary.running:
@@ -230,9 +236,7 @@ class AlignmentLoop:
             version=version,
             engine_url=self.engine.base_url,
             versions_dir=str(self.data_dir / "versions"),
-            preset=self.preset,
-            overrides=self.overrides,
-            sft=self.sft,
+            cycle=self.cycle,
         ).write(job)
         _write_jsonl(job / "preferences.jsonl", records)
         _write_jsonl(job / "prompts.jsonl", prompts)
@@ -248,8 +252,7 @@ class AlignmentLoop:
                 "human_pairs": len(human),
                 "votes_over_share": over_share,
                 "ai_pairs": len(records) - len(human),
-                "preset": self.preset,
-                "overrides": self.overrides,
+                "cycle": asdict(self.cycle),
                 "job": str(job),
             },
         )

@@ -33,7 +33,7 @@ import torch
 
 from alignment import adapters
 from alignment.budget import MIN_REWARD_STEPS, SCORE_PER_STEP, steps_that_fit
-from alignment.config import RewardConfig
+from alignment.config import POOLINGS, RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
 from alignment.precision import (
     attention_implementation,
@@ -77,9 +77,6 @@ def split_heldout(records: list[dict], fraction: float) -> tuple[list[dict], lis
     if not train and heldout:  # tiny data: never train on nothing
         train, heldout = heldout, []
     return train, heldout
-
-
-POOLINGS = ("last", "mean", "last+mean")
 
 
 def score_head(model) -> torch.nn.Module:

@@ -1,7 +1,7 @@
 """Run one retrain cycle in its own process: `python -m alignment.worker JOB_DIR`.
 
-The app writes `JOB_DIR/job.json` (an `alignment.job.Job`: model paths, versions, engine URL,
-preset and `--retrain-config` overrides) and the data snapshot
+The app writes `JOB_DIR/job.json` (an `alignment.job.Job`: model paths, versions, engine URL
+and the cycle's settings as the app resolved them at start) and the data snapshot
 (`preferences.jsonl`, `verdicts.jsonl` from ties and both-bad votes, `prompts.jsonl`, and
 `revisions.jsonl` for the SFT stage); the worker appends
 progress to `progress.jsonl` and writes `result.json` at the end (`error.txt` with the traceback if
@@ -18,7 +18,6 @@ import time
 import traceback
 from pathlib import Path
 
-from alignment.config import cycle_config
 from alignment.cycle import run_cycle
 from alignment.job import Job
 from alignment.rollouts import vllm_generate
@@ -46,8 +45,6 @@ def main(job_dir: str) -> int:
     revisions_file = job_path / "revisions.jsonl"
     verdicts_file = job_path / "verdicts.jsonl"  # absent in jobs written before it existed
     try:
-        config = cycle_config(job.preset, job.overrides)
-        config.sft.enabled = job.sft
         result = run_cycle(
             job.serving_model,
             job.parent,
@@ -56,7 +53,7 @@ def main(job_dir: str) -> int:
             _read_jsonl(job_path / "prompts.jsonl"),
             vllm_generate(job.engine_url, job.model_name, adapters_dir=job_path / "adapters"),
             Path(job.versions_dir),
-            config,
+            job.cycle,
             progress=say,
             revisions=_read_jsonl(revisions_file) if revisions_file.exists() else None,
             verdicts=_read_jsonl(verdicts_file) if verdicts_file.exists() else None,

@@ -91,6 +91,9 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
     ],
 }
 RUN_OPTIONS = [(flag, sec, name) for group in RUN_GROUPS.values() for flag, sec, name, _ in group]
+# The cycle's fields that have a flag: argparse dest -> the field (section.name, or a top-level
+# field of alignment.config.CycleConfig). Given, a flag wins over both retrain files.
+RETRAIN_FLAGS: dict[str, str] = {"sft": "sft.enabled", "report_to": "report_to"}
 
 
 def _field(cls: type, name: str):
@@ -356,8 +359,6 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
             setattr(getattr(config, section), name, value)
     if getattr(args, "constitution", None) is not None:
         config.cai.constitution = args.constitution
-    if getattr(args, "sft", False):  # one setting: the retrain config's sft.enabled
-        config.retrain_flags.setdefault("sft", {})["enabled"] = True
     if getattr(args, "single_user", False):
         config.serve.single_user = True
     if getattr(args, "no_cai", False):
@@ -366,8 +367,14 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         config.retrain_preset = args.retrain_preset
     if getattr(args, "retrain_config", None) is not None:
         config.retrain_config = args.retrain_config
-    if getattr(args, "report_to", None):
-        config.retrain_settings = {**config.retrain_settings, "report_to": list(args.report_to)}
+    for dest, entry in RETRAIN_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value:  # given (a store_true flag left out is False, an append one None)
+            *sections, name = entry.split(".")
+            target = config.retrain_flags
+            for section in sections:
+                target = target.setdefault(section, {})
+            target[name] = value
     if getattr(args, "vllm_args", None):
         config.engine.extra_args = list(args.vllm_args)
     if getattr(args, "allowed_hosts", None):
@@ -783,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = config_from_args(args)
+        if args.command in ("run", "retrain"):
+            config.validate()  # once, before anything starts; the cycle's settings resolved
         if args.command == "run":
             from assistant.server import serve
 

@@ -11,20 +11,17 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignment.config import CanaryConfig, LoopConfig
+from alignment.config import CanaryConfig, CycleConfig, LoopConfig
 from assistant import environment
 from engine.config import EngineConfig
 from storage.errors import AppError
+from storage.settings import setting
 
 
 class ConfigError(AppError, ValueError):
     """A setting is invalid; the message says which one and how to fix it."""
 
     status = 400
-
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
 
 
 def default_data_dir() -> Path:
@@ -35,9 +32,9 @@ def default_data_dir() -> Path:
 class SamplingConfig:
     """How the two candidates of a turn are sampled (one request, n=2, one seed)."""
 
-    temperature: float = _help("sampling temperature of both candidates", default=0.8)
-    top_p: float = _help("nucleus sampling threshold", default=0.95)
-    max_new_tokens: int = _help("longest reply in tokens", default=256)
+    temperature: float = setting("sampling temperature of both candidates", default=0.8)
+    top_p: float = setting("nucleus sampling threshold", default=0.95)
+    max_new_tokens: int = setting("longest reply in tokens", default=256)
 
     def as_dict(self) -> dict:
         return {
@@ -51,74 +48,76 @@ class SamplingConfig:
 class ServeConfig:
     """The HTTP side: the page and the JSON API."""
 
-    host: str = _help(
+    host: str = setting(
         "address to bind; keep 127.0.0.1 unless behind a reverse proxy", default="127.0.0.1"
     )
-    port: int = _help(
+    port: int = setting(
         "port of the page and API (0: pick a free one; the ready line says which)", default=7860
     )
-    max_backlog: int = _help(
+    max_backlog: int = setting(
         "turns generating at once before new ones get HTTP 503 'busy, retry'", default=16
     )
-    retry_after_s: int = _help("Retry-After seconds sent with a 503", default=5)
-    max_message_chars: int = _help("longest accepted user message in characters", default=8000)
-    reading_words_per_second: float = _help(
+    retry_after_s: int = setting("Retry-After seconds sent with a 503", default=5)
+    max_message_chars: int = setting("longest accepted user message in characters", default=8000)
+    reading_words_per_second: float = setting(
         "votes faster than reading both replies at this pace are kept but flagged and left out "
         "of training (0: never flag)",
         default=15.0,
     )
-    max_votes_per_minute: int = _help(
+    max_votes_per_minute: int = setting(
         "votes one session may cast per minute (0: no limit)", default=30
     )
-    max_votes_per_minute_per_address: int = _help(
+    max_votes_per_minute_per_address: int = setting(
         "votes one client address may cast per minute, all its sessions together (0: no limit)",
         default=60,
     )
-    max_votes_per_minute_total: int = _help(
+    max_votes_per_minute_total: int = setting(
         "votes everybody together may cast per minute (0: no limit)", default=600
     )
-    max_sessions_per_minute_per_address: int = _help(
+    max_sessions_per_minute_per_address: int = setting(
         "sessions issued to one client address per minute, the page's and the API's together "
         "(each brings its own vote allowance); past it POST /api/session gets HTTP 429 and the "
         "page is served without a new session (0: no limit)",
         default=30,
     )
-    max_backlog_share: float = _help(
+    max_backlog_share: float = setting(
         "share of --max-backlog one client address may hold; past it, HTTP 429 (1: no share)",
         default=0.25,
     )
-    system_prompt: str | None = _help("system prompt prepended to every conversation", default=None)
-    variant_share: float = _help(
+    system_prompt: str | None = setting(
+        "system prompt prepended to every conversation", default=None
+    )
+    variant_share: float = setting(
         "share of turns whose two replies differ only in their prompt variant (zero-shot, "
         "few-shot, step by step: assistant/prompt_variants.json), so that the votes rate the "
         "variants (0: never)",
         default=0.0,
     )
-    allowed_hosts: list[str] = _help(
+    allowed_hosts: list[str] = setting(
         "host names the app answers to, besides loopback names and the bound address (a page "
         "on another site cannot reach the app by pointing its own name at 127.0.0.1); '*' "
         "allows any",
         default_factory=list,
     )
-    single_user: bool = _help(
+    single_user: bool = setting(
         "one person casts every vote (make run and the Docker image pass it): no cap on one "
         "session's or address's share of the votes a cycle trains on and a canary is judged by. "
         "Without it, at most half (--max-vote-source-share)",
         default=False,
     )
-    forwarded_allow_ips: str = _help(
+    forwarded_allow_ips: str = setting(
         "addresses of the reverse proxies trusted to name the client in X-Forwarded-For, "
         "comma-separated (127.0.0.1 for a proxy on this machine that sets it, as "
         "docs/deployment.md's nginx block does); none by default, so no client can choose the "
         "address its limits are counted on",
         default="",
     )
-    retention_days: float = _help(
+    retention_days: float = setting(
         "delete conversations (and their pairs, votes and critiques) older than this many days; "
         "0 keeps them",
         default=0.0,
     )
-    session_days: float = _help(
+    session_days: float = setting(
         "a session id expires this many days after it was issued: the page then gets a new one "
         "silently, an API client a 403 (and the conversations it started can no longer be "
         "continued or deleted through it)",
@@ -141,40 +140,43 @@ class ServeConfig:
 class CAIConfig:
     """Constitutional AI in the background: critique-revision chains and AI preference labels."""
 
-    enabled: bool = _help("run the background critique/revision and AI-judge worker", default=True)
-    constitution: Path | None = _help(
+    enabled: bool = setting(
+        "run the background critique/revision and AI-judge worker", default=True
+    )
+    constitution: Path | None = setting(
         "constitution JSON file; default: the shipped one", default=None
     )
-    rounds: int = _help("critique-revision rounds per chosen reply", default=1)
-    max_new_tokens: int = _help("longest critique or revision in tokens", default=128)
-    ai_label_weight: float = _help(
+    rounds: int = setting("critique-revision rounds per chosen reply", default=1)
+    max_new_tokens: int = setting("longest critique or revision in tokens", default=128)
+    ai_label_weight: float = setting(
         "weight of AI-judge labels in reward-model training (0: human votes only)", default=0.5
     )
 
 
 @dataclass
 class AppConfig:
-    data_dir: Path = _help(
+    data_dir: Path = setting(
         "where models, the database and caches live ($ASSISTANT_DATA_DIR)",
         default_factory=default_data_dir,
     )
-    db_path: Path | None = _help("DuckDB file; default: DATA_DIR/assistant.duckdb", default=None)
-    retrain_preset: str = _help(
+    db_path: Path | None = setting("DuckDB file; default: DATA_DIR/assistant.duckdb", default=None)
+    retrain_preset: str = setting(
         "retrain cycle settings: default, or fast (for tests on the tiny model only: its gate "
         "passes any version)",
         default="default",
     )
-    retrain_config: Path | None = _help(
+    retrain_config: Path | None = setting(
         "JSON file overriding fields of the retrain preset, by section "
         '(reward, ppo, gate, sft), e.g. {"ppo": {"steps": 16}}',
         default=None,
     )
-    retrain_settings: dict = _help(
+    retrain_settings: dict = setting(
         "the retrain sections of a --config file; --retrain-config overrides them field by field",
         default_factory=dict,
     )
-    retrain_flags: dict = _help(
-        "retrain fields set by command-line flags (--sft is sft.enabled): they win over both files",
+    retrain_flags: dict = setting(
+        "retrain fields set by command-line flags (`assistant.cli.RETRAIN_FLAGS`): they win over "
+        "both files",
         default_factory=dict,
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -183,6 +185,8 @@ class AppConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
     cai: CAIConfig = field(default_factory=CAIConfig)
+    # the retrain cycle's settings, resolved once by validate() (`cycle`)
+    _cycle: CycleConfig | None = field(default=None, init=False, repr=False)
 
     @property
     def max_source_share(self) -> float:
@@ -198,37 +202,50 @@ class AppConfig:
     def database(self) -> Path:
         return self.db_path if self.db_path is not None else self.data_dir / "assistant.duckdb"
 
-    def retrain_overrides(self) -> dict:
-        """The retrain overrides: a --config file's `retrain` sections, then the --retrain-config
-        file's fields over them; checked against the cycle's dataclasses (without importing
-        torch) so a typo is refused at start-up, naming the entry."""
+    @property
+    def cycle(self) -> CycleConfig:
+        """The retrain cycle's settings, as `validate()` resolved them at start: what the loop
+        runs every cycle with and the worker receives in its job."""
+        if self._cycle is None:
+            raise RuntimeError("AppConfig.validate() resolves the cycle's settings: call it first")
+        return self._cycle
+
+    def _resolve_cycle(self) -> CycleConfig:
+        """The cycle's settings from their sources, each over the ones before it, field by field:
+        the preset (--retrain-preset), a --config file's `retrain` section, the --retrain-config
+        file, then the flags (--sft, --report-to). One rule: flags over files. Each entry is
+        checked (unknown, wrong type, a wrong value) and the error names it and its source."""
         import json
 
-        from alignment.config import cycle_config
+        from alignment.config import check, override, preset
 
-        overrides = {
-            k: dict(v) if isinstance(v, dict) else v for k, v in self.retrain_settings.items()
-        }
-        source = "the --config file's retrain section"
+        sources: list[tuple[str, object]] = []
+        if self.retrain_settings:
+            sources.append(("the --config file's retrain section", self.retrain_settings))
+        if self.retrain_config is not None:
+            name = f"--retrain-config {self.retrain_config}"
+            try:
+                sources.append((name, json.loads(Path(self.retrain_config).read_text())))
+            except OSError as exc:
+                raise ConfigError(f"cannot read {name}: {exc}") from exc
+            except ValueError as exc:  # JSONDecodeError
+                raise ConfigError(f"{name} is not valid JSON: {exc}") from exc
+        if self.retrain_flags:
+            sources.append(("the command line", self.retrain_flags))
         try:
-            if self.retrain_config is not None:
-                source = f"--retrain-config {self.retrain_config}"
-                from_file = json.loads(Path(self.retrain_config).read_text())
-                if not isinstance(from_file, dict):
-                    raise ValueError("the retrain config must be a JSON object of sections")
-                for section, values in from_file.items():
-                    if isinstance(values, dict) and isinstance(overrides.get(section), dict):
-                        overrides[section] |= values
-                    else:
-                        overrides[section] = values
-            for section, values in self.retrain_flags.items():
-                overrides[section] = {**(overrides.get(section) or {}), **values}
-            cycle_config(self.retrain_preset, overrides)
-        except OSError as exc:
-            raise ConfigError(f"cannot read {source}: {exc}") from exc
-        except ValueError as exc:  # JSONDecodeError is a ValueError
-            raise ConfigError(f"{source}: {exc}") from exc
-        return overrides
+            cycle = preset(self.retrain_preset)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        for name, overrides in sources:
+            try:
+                cycle = override(cycle, overrides)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from exc
+        try:
+            return check(cycle)
+        except ValueError as exc:  # a wrong value, or two values that do not go together
+            given = " over ".join(reversed([name for name, _ in sources])) or "the retrain preset"
+            raise ConfigError(f"{given}: {exc}") from exc
 
     def validate(self) -> AppConfig:
         s, e, p = self.serve, self.engine, self.sampling
@@ -299,7 +316,7 @@ class AppConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        self.retrain_overrides()
+        self._cycle = self._resolve_cycle()
         return self
 
 

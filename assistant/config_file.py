@@ -9,16 +9,17 @@ naming the entry, like `--retrain-config` (a typo must not be silently ignored).
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 from assistant.config import SECTIONS, AppConfig, ConfigError
+from storage.settings import typed, updated
 
 TOP_LEVEL = {"data_dir", "db", "retrain_preset", "retrain", *SECTIONS}
 
 
 def load_config_file(path: Path) -> AppConfig:
+    """The file's settings over the defaults. Its `retrain` section is kept as it is: the cycle's
+    settings are resolved, and checked, once with the others (`AppConfig.validate`)."""
     import yaml
 
     try:
@@ -35,52 +36,19 @@ def load_config_file(path: Path) -> AppConfig:
             raise ConfigError(
                 f"--config {path}: unknown setting {key!r}; use {', '.join(sorted(TOP_LEVEL))}"
             )
-        if key in SECTIONS:
-            _apply_section(path, key, value, getattr(config, key))
-        elif key == "retrain":
-            if not isinstance(value, dict):
-                raise ConfigError(f"--config {path}: 'retrain' must be a mapping of sections")
-            config.retrain_settings = value
-        elif key == "retrain_preset":
-            config.retrain_preset = _typed(path, key, value, "str")
-        elif key == "data_dir":
-            config.data_dir = Path(_typed(path, key, value, "str")).expanduser()
-        elif key == "db":
-            config.db_path = Path(_typed(path, key, value, "str")).expanduser()
-    config.retrain_overrides()  # the retrain section is checked now, not mid-cycle
+        try:
+            if key in SECTIONS:
+                setattr(config, key, updated(getattr(config, key), value, key))
+            elif key == "retrain":
+                if not isinstance(value, dict):
+                    raise ValueError("'retrain' must be a mapping of sections")
+                config.retrain_settings = value
+            elif key == "retrain_preset":
+                config.retrain_preset = typed(key, value, str)
+            elif key == "data_dir":
+                config.data_dir = typed(key, value, Path)
+            elif key == "db":
+                config.db_path = typed(key, value, Path)
+        except ValueError as exc:
+            raise ConfigError(f"--config {path}: {exc}") from exc
     return config
-
-
-def _apply_section(path: Path, section: str, values: Any, target: Any) -> None:
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: {section!r} must be a mapping of settings")
-    known = {f.name: str(f.type) for f in fields(target)}
-    for name, value in values.items():
-        if name not in known:
-            raise ConfigError(
-                f"--config {path}: unknown setting {section}.{name}; use {', '.join(sorted(known))}"
-            )
-        setattr(target, name, _typed(path, f"{section}.{name}", value, known[name]))
-
-
-def _typed(path: Path, name: str, value: Any, kind: str) -> Any:
-    """`kind` is the dataclass field's annotation, as written."""
-    optional = "None" in kind
-    base = kind.replace("| None", "").strip()
-    if value is None and optional:
-        return None
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, int | float) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-        "Path": isinstance(value, str),
-        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
-    }.get(base, False)
-    if not ok:
-        raise ConfigError(f"--config {path}: {name} must be {base}, got {value!r}")
-    if base == "float":
-        return float(value)
-    if base == "Path":
-        return Path(value).expanduser()
-    return list(value) if base == "list[str]" else value

@@ -113,19 +113,20 @@ def _hub_snapshot(repo_id: str) -> str:
         ) from exc
 
 
-VLLM_LORA_RANKS = (16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
+# The --max-lora-rank values vLLM accepts (its `vllm.config.lora.MaxLoRARanks`), from its default
+# 16 up: copied, since importing vLLM's config would load torch into the app; tests check them.
+VLLM_LORA_RANKS = (16, 32, 64, 128, 256, 320, 512)
 
 
-def engine_lora_rank(config: AppConfig) -> int:
-    """The embedded engine's --max-lora-rank, derived from the PPO adapter's rank, so a larger
-    `ppo.lora_rank` keeps rollouts on-policy instead of silently falling back."""
-    from alignment.config import cycle_config
-
-    rank = cycle_config(config.retrain_preset, config.retrain_overrides()).ppo.lora_rank
+def engine_lora_rank(rank: int) -> int:
+    """The embedded engine's --max-lora-rank for the PPO adapter's rank (`ppo.lora_rank`), so a
+    larger adapter keeps rollouts on-policy instead of silently falling back."""
     for allowed in VLLM_LORA_RANKS:
         if rank <= allowed:
             return allowed
-    raise ConfigError(f"ppo.lora_rank {rank} is over vLLM's largest LoRA rank (512)")
+    raise ConfigError(
+        f"ppo.lora_rank {rank} is over vLLM's largest LoRA rank ({VLLM_LORA_RANKS[-1]})"
+    )
 
 
 @dataclass
@@ -146,7 +147,8 @@ class Runtime:
 
 
 def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
-    """Open the store and start (or reach) the engine; raises ConfigError/StoreError early.
+    """Open the store and start (or reach) the engine for a validated `config`
+    (`AppConfig.validate`); raises ConfigError/StoreError early.
     `engine`: one already made (a test's `harness.fake_engine.FakeEngine`), started by nobody."""
     from alignment.loop import AlignmentLoop, remove_user_data
     from engine.vllm_client import VLLMServerEngine
@@ -154,8 +156,7 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
     from storage import Store
     from storage.private import private_folder
 
-    config.validate()
-    lora_rank = engine_lora_rank(config)  # raises before anything starts
+    lora_rank = engine_lora_rank(config.cycle.ppo.lora_rank)  # raises before anything starts
     private_folder(config.data_dir, ours=True)  # it holds the chats, their copies and secrets
     store = Store(config.database)  # fails fast on an unwritable path
     for run in store.fail_interrupted_runs():
@@ -199,12 +200,11 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
         store,
         engine,
         config.data_dir,
-        config.retrain_preset,
+        config.cycle,
         on_progress,
         worker_environment=environment.child_environment,
         keep_versions=config.loop.keep_versions,
         ai_label_weight=config.cai.ai_label_weight,
-        overrides=config.retrain_overrides(),
         max_source_share=config.max_source_share,
     )
     return Runtime(store, engine, loop, embedded)

@@ -6,63 +6,61 @@ code that reads it; its own rules (`EngineConfig.problems`) are checked with the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from storage.settings import setting
 
 # What would move the embedded engine off its private socket (its dev endpoints reload weights).
 REBINDING_VLLM_ARGS = ("--host", "--port", "--uds")
-
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
 class EngineConfig:
     """Where replies come from: an embedded vLLM server we start, or an external one by URL."""
 
-    model: str | None = _help(
+    model: str | None = setting(
         "local checkpoint directory or hub id to serve; default: embedded SmolLM2-135M-Instruct",
         default=None,
     )
-    vllm_url: str | None = _help(
+    vllm_url: str | None = setting(
         "base URL of an external vLLM OpenAI-compatible server (e.g. http://gpu-box:8000); "
         "when set, no engine is started here",
         default=None,
     )
-    served_model_name: str = _help("model name the engine serves under", default="policy")
-    max_model_len: int = _help("context window in tokens (prompt + reply)", default=2048)
-    dtype: str = _help(
+    served_model_name: str = setting("model name the engine serves under", default="policy")
+    max_model_len: int = setting("context window in tokens (prompt + reply)", default=2048)
+    dtype: str = setting(
         "weight dtype for the embedded engine: auto (bfloat16 on a GPU or a CPU with "
         "AVX-512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and about 3x "
         "slower batched), or any vLLM --dtype",
         default="auto",
     )
-    max_num_seqs: int = _help(
+    max_num_seqs: int = setting(
         "sequences the engine batches at once (each turn is 2 sequences)", default=32
     )
-    gpu_memory_utilization: float = _help(
+    gpu_memory_utilization: float = setting(
         "vLLM memory fraction; on CPU builds it is the fraction of the NUMA node's RAM",
         default=0.3,
     )
-    kv_cache_gib: int = _help("CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", default=1)
-    compile: str = _help(
+    kv_cache_gib: int = setting("CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", default=1)
+    compile: str = setting(
         "torch.compile the model: auto (GPU yes; CPU no: the CPU compile cache does not reload, "
         "so each start would spend ~60 s compiling for ~1.25x decode speed), yes, no",
         default="auto",
     )
-    lora_rollouts: bool = _help(
+    lora_rollouts: bool = setting(
         "start the embedded engine with LoRA support so PPO samples its current policy "
         "(on-policy rollouts) while users keep the serving weights",
         default=True,
     )
-    startup_timeout_s: float = _help("how long to wait for the engine to come up", default=600.0)
-    nice: int = _help(
+    startup_timeout_s: float = setting("how long to wait for the engine to come up", default=600.0)
+    nice: int = setting(
         "scheduling niceness of the embedded engine's processes (0: same as the app). On a small "
         "machine a positive value lets the app answer votes and pages at once while the engine "
         "generates (bench/RESULTS.md)",
         default=0,
     )
-    extra_args: list[str] = _help(
+    extra_args: list[str] = setting(
         "extra command-line arguments passed to the embedded `vllm serve`", default_factory=list
     )
 

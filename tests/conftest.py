@@ -151,6 +151,6 @@ def app_in_process(tmp_path_factory) -> Iterator:
     config.canary.share = 0
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ASSISTANT_ADMIN_TOKEN", ADMIN_TOKEN)
-        app = build_app(config, open_runtime(config, engine=FakeEngine()))
+        app = build_app(config, open_runtime(config.validate(), engine=FakeEngine()))
         with TestClient(app, base_url="http://127.0.0.1") as client:
             yield client

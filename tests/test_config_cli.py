@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -190,24 +191,25 @@ def test_cai_flags_map_onto_config(tmp_path):
     )
     config = config_from_args(args).validate()
     assert not config.cai.enabled and config.cai.rounds == 2
-    assert config.retrain_overrides()["sft"] == {"enabled": True}  # --sft is sft.enabled
+    assert config.cycle.sft.enabled  # --sft is sft.enabled
     assert config.cai.constitution == tmp_path / "c" and config.loop.every_votes == 7
     # the flag wins over a retrain file's field; the file's other fields stay
     retrain = tmp_path / "retrain.json"
     retrain.write_text('{"sft": {"enabled": false, "epochs": 2}}')
     args = build_parser().parse_args(["run", "--sft", "--retrain-config", str(retrain)])
-    assert config_from_args(args).retrain_overrides()["sft"] == {"enabled": True, "epochs": 2}
+    sft = config_from_args(args).validate().cycle.sft
+    assert sft.enabled and sft.epochs == 2.0
 
 
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ('{"ppo": {"stepz": 2}}', "unknown field ppo.stepz"),
+        ('{"ppo": {"stepz": 2}}', "unknown setting ppo.stepz"),
         ('{"ppo": {"steps": "2"}}', "ppo.steps must be int"),
         ('{"ppo": {"adaptive_kl": 1}}', "ppo.adaptive_kl must be bool"),
-        ('{"trainer": {}}', "unknown retrain config section 'trainer'"),
-        ('{"ppo": 3}', "section 'ppo' must be an object"),
-        ("[1]", "JSON object"),
+        ('{"trainer": {}}', "unknown setting trainer"),
+        ('{"ppo": 3}', "'ppo' must be a mapping"),
+        ("[1]", "must be a mapping"),
         ("{not json", "--retrain-config"),
         ('{"ppo": {"advantage": "vtrace"}}', "ppo.advantage must be one of"),
         ('{"ppo": {"samples_per_prompt": 1}}', "needs ppo.samples_per_prompt >= 2"),
@@ -219,6 +221,11 @@ def test_cai_flags_map_onto_config(tmp_path):
         ('{"sft": {"adapter": "prompt_tuning"}}', "cannot be merged into the weights vLLM serves"),
         ('{"ppo": {"adapter": "ia3"}}', "the policy must be LoRA"),
         ('{"report_to": ["wandb"]}', "unknown tracker 'wandb'"),
+        ('{"report_to": "tensorboard"}', "report_to must be list[str]"),
+        # checked at start too, not when a cycle reaches them
+        ('{"reward": {"pooling": "max"}}', "reward.pooling must be one of"),
+        ('{"reward": {"subsample": 1.5}}', "reward.subsample must be a share"),
+        ('{"reward": {"lora_layers": -1}}', "reward.lora_layers must be 0 (all) or positive"),
     ],
 )
 def test_retrain_config_file_is_checked_at_start_naming_the_entry(tmp_path, body, message):
@@ -231,7 +238,7 @@ def test_retrain_config_file_is_checked_at_start_naming_the_entry(tmp_path, body
 
 
 def test_retrain_config_overrides_only_the_fields_it_names(tmp_path):
-    from alignment.config import cycle_config, preset
+    from alignment.config import preset
 
     path = tmp_path / "retrain.json"
     path.write_text('{"ppo": {"steps": 16, "learning_rate": 1}, "gate": {"max_kl": 4}}')
@@ -239,7 +246,7 @@ def test_retrain_config_overrides_only_the_fields_it_names(tmp_path):
         ["run", "--retrain-preset", "fast", "--retrain-config", str(path)]
     )
     config = config_from_args(args).validate()
-    cycle = cycle_config(config.retrain_preset, config.retrain_overrides())
+    cycle = config.cycle
     fast = preset("fast")
     assert cycle.ppo.steps == 16 and cycle.ppo.learning_rate == 1.0  # int accepted for a float
     assert cycle.gate.max_kl == 4.0
@@ -304,22 +311,99 @@ def test_the_engines_lora_rank_follows_the_ppo_adapters(tmp_path):
     from assistant.server import engine_lora_rank
     from engine.vllm_server import EmbeddedVLLMServer
 
-    config = AppConfig()
-    assert engine_lora_rank(config) == 16
+    assert engine_lora_rank(AppConfig().validate().cycle.ppo.lora_rank) == 16
     retrain = tmp_path / "retrain.json"
     retrain.write_text('{"ppo": {"lora_rank": 48}}')
-    config.retrain_config = retrain
-    assert engine_lora_rank(config) == 64
+    config = AppConfig(retrain_config=retrain).validate()
+    assert engine_lora_rank(config.cycle.ppo.lora_rank) == 64
     engine = EmbeddedVLLMServer(
-        "model", config.engine, tmp_path / "log", max_lora_rank=engine_lora_rank(config)
+        "model", config.engine, tmp_path / "log", max_lora_rank=engine_lora_rank(64)
     )
     command, run_dir = engine.command(), engine.run_dir
     assert command[command.index("--max-lora-rank") + 1] == "64"
     del engine  # never started: its folder in /tmp goes with it all the same
     assert not run_dir.exists()
-    retrain.write_text('{"ppo": {"lora_rank": 1024}}')
     with pytest.raises(ConfigError, match="over vLLM's largest LoRA rank"):
-        engine_lora_rank(config)
+        engine_lora_rank(1024)
+
+
+def test_the_lora_ranks_are_those_the_installed_vllm_accepts():
+    """VLLM_LORA_RANKS is copied (importing vLLM's config loads torch into the app): it must be
+    what the installed vLLM's --max-lora-rank takes."""
+    import typing
+
+    lora = pytest.importorskip("vllm.config.lora")
+    from assistant.server import VLLM_LORA_RANKS
+
+    accepted = sorted(typing.get_args(lora.MaxLoRARanks))
+    # all of them from vLLM's default (16) up, in order: engine_lora_rank takes the first that fits
+    assert [r for r in accepted if r >= 16] == list(VLLM_LORA_RANKS)
+
+
+# A value for each cycle field that has a flag (RETRAIN_FLAGS): the flag as given, what it
+# sets, and another value for the files to hold.
+FLAG_CASES = {
+    "sft": (["--sft"], True, False),
+    "report_to": (["--report-to", "tensorboard"], ["tensorboard"], []),
+}
+
+
+def test_every_retrain_flag_has_a_precedence_case():
+    from assistant.cli import RETRAIN_FLAGS
+
+    assert set(FLAG_CASES) == set(RETRAIN_FLAGS)
+
+
+@pytest.mark.parametrize("dest", sorted(FLAG_CASES))
+def test_flags_win_over_the_retrain_file_which_wins_over_the_config_file(tmp_path, dest):
+    """One rule for every cycle field with a flag: --config's `retrain` < --retrain-config <
+    the flag. (`--report-to` used to lose to the retrain file.)"""
+    from assistant.cli import RETRAIN_FLAGS
+
+    flag, given, other = FLAG_CASES[dest]
+    path = RETRAIN_FLAGS[dest].split(".")  # e.g. ["sft", "enabled"]
+
+    def setting(value, **more):  # {"sft": {"enabled": value}, **more}
+        for part in reversed(path):
+            value = {part: value}
+        return {**value, **more}
+
+    def resolved(*argv):
+        cycle = config_from_args(build_parser().parse_args(["run", *argv])).validate().cycle
+        value = cycle
+        for part in path:
+            value = getattr(value, part)
+        return value, cycle
+
+    yaml_file, retrain = tmp_path / "app.yaml", tmp_path / "retrain.json"
+    yaml_file.write_text(json.dumps({"retrain": setting(given, budget_minutes=7)}))  # JSON is YAML
+    retrain.write_text(json.dumps(setting(other, heldout_prompt_fraction=0.5)))
+    files = ["--config", str(yaml_file), "--retrain-config", str(retrain)]
+    value, cycle = resolved("--config", str(yaml_file))
+    assert value == given  # the --config file over the preset
+    value, cycle = resolved(*files)
+    assert value == other and cycle.budget_minutes == 7  # the retrain file over it, by field
+    value, cycle = resolved(*files, *flag)
+    assert value == given  # the flag over both files
+    assert (cycle.budget_minutes, cycle.heldout_prompt_fraction) == (7.0, 0.5)  # theirs stay
+
+
+def test_a_bad_cycle_setting_stops_run_before_anything_starts(tmp_path):
+    retrain = tmp_path / "retrain.json"
+    retrain.write_text('{"reward": {"pooling": "max"}}')
+    out = run_cli(tmp_path / "data", "--retrain-config", str(retrain))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"--retrain-config {retrain}: reward.pooling must be one of" in out.stderr
+    assert not (tmp_path / "data").exists()  # refused before the data folder was made
+
+
+def test_the_job_carries_the_resolved_cycle_to_the_worker(tmp_path):
+    from alignment.config import cycle_config
+    from alignment.job import Job
+
+    cycle = cycle_config("fast", {"sft": {"enabled": True}, "report_to": ["tensorboard"]})
+    Job("model", "v0000", "v0001", "http://engine", "versions", cycle=cycle).write(tmp_path)
+    assert Job.read(tmp_path).cycle == cycle
 
 
 def test_one_yaml_file_holds_every_setting_and_flags_override_it(tmp_path):
@@ -338,14 +422,14 @@ def test_one_yaml_file_holds_every_setting_and_flags_override_it(tmp_path):
     assert (config.serve.port, config.serve.max_votes_per_minute) == (9000, 5)
     assert config.sampling.temperature == 1.0 and config.loop.every_votes == 7
     assert config.serve.allowed_hosts == ["chat.example.org"]
-    assert config.data_dir == tmp_path / "d" and config.retrain_overrides()["ppo"]["steps"] == 3
+    assert config.data_dir == tmp_path / "d" and config.validate().cycle.ppo.steps == 3
     # a flag given on the command line wins; the retrain config file wins field by field
     retrain = tmp_path / "retrain.json"
     retrain.write_text('{"ppo": {"learning_rate": 1e-3}}')
     args = ["run", "--config", str(good), "--port", "9100", "--retrain-config", str(retrain)]
-    config = config_from_args(build_parser().parse_args(args))
+    config = config_from_args(build_parser().parse_args(args)).validate()
     assert config.serve.port == 9100 and config.serve.max_votes_per_minute == 5
-    assert config.retrain_overrides()["ppo"] == {"steps": 3, "learning_rate": 1e-3}
+    assert (config.cycle.ppo.steps, config.cycle.ppo.learning_rate) == (3, 1e-3)
     for text, message in [
         ("serve: {prot: 9000}\n", "unknown setting serve.prot"),
         ("serve: {port: nine}\n", "serve.port must be int"),
@@ -355,14 +439,14 @@ def test_one_yaml_file_holds_every_setting_and_flags_override_it(tmp_path):
         # the embedded engine's dev endpoints (pause, weight reload, adapters) stay on its private
         # socket: no setting puts them on a TCP port that every local user can reach
         ("engine: {engine_port: 8001}\n", "unknown setting engine.engine_port"),
-        ("retrain: {ppo: {stpes: 3}}\n", "unknown field ppo.stpes"),
+        ("retrain: {ppo: {stpes: 3}}\n", "retrain section: unknown setting ppo.stpes"),
         ("serve: [1, 2]\n", "'serve' must be a mapping"),
         ("serve: {port: 1\n", "not valid YAML"),
     ]:
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ConfigError, match=message):
-            config_from_args(build_parser().parse_args(["run", "--config", str(bad)]))
+            config_from_args(build_parser().parse_args(["run", "--config", str(bad)])).validate()
 
 
 @pytest.mark.parametrize(

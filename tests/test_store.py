@@ -309,10 +309,15 @@ def test_canary_rows_and_the_votes_that_straddle_two_versions(store):
 
 
 def test_sft_is_one_setting(tmp_path):
+    from alignment.config import cycle_config
     from alignment.loop import AlignmentLoop
 
-    assert AlignmentLoop(None, None, tmp_path, overrides={"sft": {"enabled": True}}).sft
-    assert not AlignmentLoop(None, None, tmp_path, overrides={"sft": {"epochs": 2}}).sft
+    assert AlignmentLoop(
+        None, None, tmp_path, cycle_config("default", {"sft": {"enabled": True}})
+    ).sft
+    assert not AlignmentLoop(
+        None, None, tmp_path, cycle_config("default", {"sft": {"epochs": 2}})
+    ).sft
 
 
 def test_threads_write_side_by_side_and_a_pair_takes_one_vote(store):
