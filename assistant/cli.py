@@ -93,7 +93,11 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
 RUN_OPTIONS = [(flag, sec, name) for group in RUN_GROUPS.values() for flag, sec, name, _ in group]
 # The cycle's fields that have a flag: argparse dest -> the field (section.name, or a top-level
 # field of alignment.config.CycleConfig). Given, a flag wins over both retrain files.
-RETRAIN_FLAGS: dict[str, str] = {"sft": "sft.enabled", "report_to": "report_to"}
+RETRAIN_FLAGS: dict[str, str] = {
+    "sft": "sft.enabled",
+    "report_to": "report_to",
+    "retrain_budget_minutes": "budget_minutes",
+}
 
 
 def _field(cls: type, name: str):
@@ -339,6 +343,14 @@ def _add_retrain_settings(parser) -> None:
         help="also send every stage's training metrics to this tracker (tensorboard); logs in "
         "DATA_DIR/versions/runs/VERSION/tensorboard (repeatable)",
     )
+    parser.add_argument(
+        "--retrain-budget-minutes",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="wall-clock budget of a retrain cycle (15): the reward models and PPO take the steps "
+        "that fit on this machine; on a CPU without AVX-512 give it 50; 0: no budget",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
@@ -369,7 +381,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         config.retrain_config = args.retrain_config
     for dest, entry in RETRAIN_FLAGS.items():
         value = getattr(args, dest, None)
-        if value:  # given (a store_true flag left out is False, an append one None)
+        if value is not None and value is not False:  # given (store_true left out: False)
             *sections, name = entry.split(".")
             target = config.retrain_flags
             for section in sections:

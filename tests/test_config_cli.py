@@ -345,6 +345,7 @@ def test_the_lora_ranks_are_those_the_installed_vllm_accepts():
 FLAG_CASES = {
     "sft": (["--sft"], True, False),
     "report_to": (["--report-to", "tensorboard"], ["tensorboard"], []),
+    "retrain_budget_minutes": (["--retrain-budget-minutes", "50"], 50.0, 20.0),
 }
 
 
@@ -376,16 +377,16 @@ def test_flags_win_over_the_retrain_file_which_wins_over_the_config_file(tmp_pat
         return value, cycle
 
     yaml_file, retrain = tmp_path / "app.yaml", tmp_path / "retrain.json"
-    yaml_file.write_text(json.dumps({"retrain": setting(given, budget_minutes=7)}))  # JSON is YAML
+    yaml_file.write_text(json.dumps({"retrain": setting(given, ppo={"steps": 7})}))  # JSON is YAML
     retrain.write_text(json.dumps(setting(other, heldout_prompt_fraction=0.5)))
     files = ["--config", str(yaml_file), "--retrain-config", str(retrain)]
     value, cycle = resolved("--config", str(yaml_file))
     assert value == given  # the --config file over the preset
     value, cycle = resolved(*files)
-    assert value == other and cycle.budget_minutes == 7  # the retrain file over it, by field
+    assert value == other and cycle.ppo.steps == 7  # the retrain file over it, by field
     value, cycle = resolved(*files, *flag)
     assert value == given  # the flag over both files
-    assert (cycle.budget_minutes, cycle.heldout_prompt_fraction) == (7.0, 0.5)  # theirs stay
+    assert (cycle.ppo.steps, cycle.heldout_prompt_fraction) == (7, 0.5)  # theirs stay
 
 
 def test_a_bad_cycle_setting_stops_run_before_anything_starts(tmp_path):
