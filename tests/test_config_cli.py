@@ -491,3 +491,16 @@ def test_a_port_in_use_fails_at_once_with_the_reason_before_the_model_loads(
     assert run.returncode == 2, run.stderr[-3000:]
     assert f"cannot listen on 127.0.0.1:{port}" in run.stderr and "--port" in run.stderr
     assert "[engine] starting" not in run.stderr, run.stderr[-3000:]  # no model was loaded
+
+
+def test_the_settings_reference_is_written_from_the_code():
+    """docs/settings.md lists every setting as the config dataclasses define it; a field added,
+    renamed or re-defaulted without regenerating it fails here."""
+    from assistant.settings_reference import render
+
+    written = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text()
+    assert written == render(), (
+        "docs/settings.md is out of date: .venv/bin/python -m assistant.settings_reference "
+        "> docs/settings.md"
+    )
+    assert "`budget_minutes`" in written and "`--retrain-budget-minutes`" in written
