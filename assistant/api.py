@@ -28,9 +28,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Security
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from assistant.admin import admin_error
 from assistant.chat_service import ChatService
@@ -141,6 +143,21 @@ def require_admin(request: Request) -> None:
         raise problem
 
 
+ADMIN_BEARER = HTTPBearer(
+    auto_error=False,  # our own 401/403 with the API's error shape (`require_admin`)
+    scheme_name="admin token",
+    description="the admin token: ASSISTANT_ADMIN_TOKEN, or DATA_DIR/secrets/admin-token",
+)
+
+
+async def admin_only(
+    request: Request,
+    _sent: Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_BEARER)],
+) -> None:
+    """The admin routes' dependency (the credentials are read by `require_admin` itself)."""
+    require_admin(request)
+
+
 def is_admin(request: Request) -> bool:
     return _admin_problem(request) is None
 
@@ -149,6 +166,9 @@ def build_api_router(
     service: ChatService, sessions: SessionKeys, loop=None, cai=None, canary=None, variants=None
 ) -> APIRouter:
     router = APIRouter(prefix="/api")
+    # the admin routes: the token is checked before the handler reads anything, and the OpenAPI
+    # schema declares the bearer scheme they need
+    admin = APIRouter(dependencies=[Security(admin_only)])  # included in `router`: its prefix
 
     def session(request: Request, sent: str | None) -> str | None:
         """The session's hash, what the service knows it by. An id sent explicitly (in the body
@@ -255,7 +275,7 @@ def build_api_router(
     async def delete_conversation(conversation_id: str, request: Request):
         return await service.delete_conversation(conversation_id, session(request, None))
 
-    @router.post(
+    @admin.post(
         "/retrain",
         response_model=RetrainAnswer,
         response_model_exclude_unset=True,
@@ -267,7 +287,6 @@ def build_api_router(
     async def retrain(request: Request, wait: str = "false"):
         """Start a cycle: 202 with its run id at once. With `?wait=true` the answer is its
         summary, once the cycle has ended (up to its budget, 15 minutes by default)."""
-        require_admin(request)
         if wait not in ("true", "false"):
             raise InvalidInputError("'wait' must be true or false", 422)
         if wait == "true":
@@ -279,17 +298,16 @@ def build_api_router(
             headers={"Location": f"{router.prefix}/retrain/{run_id}"},
         )
 
-    @router.get(
+    @admin.get(
         "/retrain/{run_id}",
         response_model=RetrainRun,
         response_model_exclude_unset=True,
         responses=ERRORS,
     )
     async def retrain_run(run_id: str, request: Request):
-        require_admin(request)
         return await loop.run(run_id)
 
-    @router.get(
+    @admin.get(
         "/retrain/{run_id}/events",
         responses={
             **ERRORS,
@@ -300,7 +318,6 @@ def build_api_router(
         """Server-Sent Events: `progress` for each progress line (its `id` counts them; a
         reconnecting client's `Last-Event-ID` resumes after it), then one `result` with the
         summary, and the stream ends; a comment line when nothing happened for a while."""
-        require_admin(request)
         await loop.run(run_id)  # an unknown id is a 404, before the stream starts
         after = request.headers.get("last-event-id", "0")
         if not after.isdigit():
@@ -318,7 +335,7 @@ def build_api_router(
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
-    @router.post(
+    @admin.post(
         "/rollback",
         response_model=RollbackAnswer,
         response_model_exclude_unset=True,
@@ -326,7 +343,6 @@ def build_api_router(
         openapi_extra=body_schema(RollbackRequest),
     )
     async def rollback(request: Request):
-        require_admin(request)
         data = parse(RollbackRequest, await read_json(request))
         return await loop.rollback(data.version)
 
@@ -334,24 +350,22 @@ def build_api_router(
     async def canary_status():
         return await canary.status()
 
-    @router.post(
+    @admin.post(
         "/canary/promote",
         response_model=CanaryAnswer,
         response_model_exclude_unset=True,
         responses=ERRORS,
     )
     async def canary_promote(request: Request):
-        require_admin(request)
         return await canary.promote()
 
-    @router.post(
+    @admin.post(
         "/canary/retire",
         response_model=CanaryAnswer,
         response_model_exclude_unset=True,
         responses=ERRORS,
     )
     async def canary_retire(request: Request):
-        require_admin(request)
         return await canary.retire()
 
     @router.get(
@@ -360,17 +374,16 @@ def build_api_router(
     async def prompt_variants():
         return await variants.status()
 
-    @router.put(
+    @admin.put(
         "/prompt-variants",
         response_model=VariantsAnswer,
         response_model_exclude_unset=True,
         responses=ERRORS,
     )
     async def replace_prompt_variants(request: Request):
-        require_admin(request)
         return await variants.replace(await read_json(request))
 
-    @router.post(
+    @admin.post(
         "/prompt-variants/default",
         response_model=VariantsAnswer,
         response_model_exclude_unset=True,
@@ -378,18 +391,16 @@ def build_api_router(
         openapi_extra=body_schema(DefaultVariantRequest),
     )
     async def default_prompt_variant(request: Request):
-        require_admin(request)
         data = parse(DefaultVariantRequest, await read_json(request))
         return await variants.make_default(data.name)
 
-    @router.post(
+    @admin.post(
         "/prune",
         response_model=PruneAnswer,
         responses=ERRORS,
         openapi_extra=body_schema(PruneRequest),
     )
     async def prune(request: Request):
-        require_admin(request)
         data = parse(PruneRequest, await read_json(request))
         return await loop.prune(data.keep)
 
@@ -401,22 +412,19 @@ def build_api_router(
             **await cai.agreement(),
         }
 
-    @router.put("/constitution", response_model=ConstitutionEditedAnswer, responses=ERRORS)
+    @admin.put("/constitution", response_model=ConstitutionEditedAnswer, responses=ERRORS)
     async def edit_constitution(request: Request):
-        require_admin(request)
         version = await cai.replace_constitution(await read_json(request))
         return {"version": version, "constitution": cai.constitution.as_json()}
 
-    @router.get("/critiques/{candidate_id}", response_model=CritiquesAnswer, responses=ERRORS)
+    @admin.get("/critiques/{candidate_id}", response_model=CritiquesAnswer, responses=ERRORS)
     async def critiques(candidate_id: str, request: Request):
         # a critique quotes someone's question and reply: the operator's to read, not everyone's
-        require_admin(request)
         return {"candidate_id": candidate_id, "rounds": await cai.chain(candidate_id)}
 
-    @router.get("/export")
+    @admin.get("/export")
     async def export(request: Request, format: str = "trl"):  # noqa: A002 - public name
         # every decisive vote's whole transcript: bulk reads of users' chats need the token
-        require_admin(request)
         if format not in FORMATS:
             raise InvalidInputError(f"format must be one of {', '.join(FORMATS)}", 422)
 
@@ -426,6 +434,7 @@ def build_api_router(
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    router.include_router(admin)
     return router
 
 

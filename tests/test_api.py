@@ -92,7 +92,9 @@ BAD_REQUESTS = [
 def test_bad_input_gets_4xx_json_and_changes_nothing(app_in_process, route, body, status, message):
     """The edge's refusals do not depend on the model: in-process, around a fake engine."""
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    before = app_in_process.get("/api/export", headers=admin).text
+    exported = app_in_process.get("/api/export", headers=admin)
+    assert exported.status_code == 200, exported.text  # the comparison below means something
+    before = exported.text
     resp = app_in_process.post(
         f"/api/{route}", content=body, headers={"content-type": "application/json"}
     )
@@ -382,6 +384,11 @@ def test_openapi_schema_describes_the_pinned_routes(tiny_app):
     assert {"vote_id", "continued_with", "flagged", "versions"} <= set(answer)
     errors = paths["/api/chat"]["post"]["responses"]
     assert errors["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorAnswer")
+    # the admin routes declare the bearer scheme they need; the users' routes need none
+    assert schema["components"]["securitySchemes"]["admin token"]["scheme"] == "bearer"
+    assert retrain["security"] == [{"admin token": []}]
+    assert paths["/api/export"]["get"]["security"] == [{"admin token": []}]
+    assert "security" not in paths["/api/vote"]["post"]
 
 
 def test_a_reply_the_user_wrote_continues_and_is_exported_for_sft(tiny_app):
