@@ -357,8 +357,11 @@ class VLLMServerEngine:
         return seconds
 
     async def _post(self, route: str, **kwargs) -> httpx.Response:
+        return await self._call("POST", route, **kwargs)
+
+    async def _call(self, method: str, route: str, **kwargs) -> httpx.Response:
         try:
-            resp = await self._http.post(route, **kwargs)
+            resp = await self._http.request(method, route, **kwargs)
         except httpx.HTTPError as exc:
             raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
         if resp.status_code >= 400:
@@ -367,16 +370,7 @@ class VLLMServerEngine:
 
     async def metrics(self) -> str:
         """vLLM's own Prometheus metrics (queue, KV cache, tokens), as the server writes them."""
-        return (await self._http_get("/metrics")).text
-
-    async def _http_get(self, route: str) -> httpx.Response:
-        try:
-            resp = await self._http.get(route)
-        except httpx.HTTPError as exc:
-            raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
-        if resp.status_code >= 400:
-            raise _error_from(resp)
-        return resp
+        return (await self._call("GET", "/metrics")).text
 
     async def aclose(self) -> None:
         await self._http.aclose()
