@@ -21,8 +21,11 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # `make run` is one person's install: --single-user lets your own votes retrain it. To serve
 # other people (docs/deployment.md):  make run SINGLE_USER= ARGS="--forwarded-allow-ips 127.0.0.1"
 SINGLE_USER ?= --single-user
+# One precedence rule, flags over the YAML file: --data-dir is passed only when you set DATA
+# (make run DATA=/srv/x), so a --config file's data_dir is not overridden by the default.
+DATA_FLAG = $(if $(filter command line environment,$(origin DATA)),--data-dir $(DATA))
 run: install model
-	$(VENV)/bin/assistant run --data-dir $(DATA) $(SINGLE_USER) $(ARGS)
+	$(VENV)/bin/assistant run $(DATA_FLAG) $(SINGLE_USER) $(ARGS)
 
 # The loop learning in a few minutes on the CPU, with the page open (bench/demo.py)
 demo: install

@@ -153,11 +153,21 @@ def test_make_run_is_a_single_user_install_unless_told_otherwise():
             ["make", "-n", "run", *make_args], cwd=REPO, capture_output=True, text=True
         )
         assert out.returncode == 0, out.stderr
-        return next(line for line in out.stdout.splitlines() if " run --data-dir " in line)
+        return next(line for line in out.stdout.splitlines() if "/assistant run " in line)
 
     assert "--single-user" in command()  # the Docker image's CMD is `make run` too
     assert "--single-user" not in command("SINGLE_USER=", "ARGS=--forwarded-allow-ips 127.0.0.1")
     assert 'CMD ["make", "run"' in (REPO / "Dockerfile").read_text()
+    # one precedence rule for the Makefile too: a YAML file's data_dir stands unless DATA is set
+    gpu = "ARGS=--config examples/gpu-7b.yaml"
+    assert "--data-dir" not in command(gpu)
+    assert "--data-dir /tmp/here" in command(gpu, "DATA=/tmp/here")
+    yaml_only = build_parser().parse_args(["run", "--config", "examples/gpu-7b.yaml"])
+    assert config_from_args(yaml_only).data_dir == Path("/srv/assistant")
+    flag = build_parser().parse_args(
+        ["run", "--config", "examples/gpu-7b.yaml", "--data-dir", "/tmp/here"]
+    )
+    assert config_from_args(flag).data_dir == Path("/tmp/here")
 
 
 @pytest.mark.parametrize(
