@@ -25,7 +25,7 @@ class HeldEngine:
     def __init__(self) -> None:
         self.release = asyncio.Event()
 
-    async def stream_pair(self, messages, sampling, seed):
+    async def stream_pair(self, messages, sampling, seed, challenger=None, per_candidate=None):
         drafts = (CandidateDraft(0, seed, "one two"), CandidateDraft(1, seed + 1, "three"))
         yield PairProgress(drafts, self.model_version)
         await self.release.wait()

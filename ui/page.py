@@ -85,9 +85,10 @@ def challenger_line(status: dict) -> str:
     (which one is said after the vote), and the votes on those decide whether it serves all."""
     votes = status["votes"]
     counted = votes["challenger"] + votes["serving"] + votes["tie"]
+    # not named: a visitor could then tell its replies by the version the page shows after
     line = (
-        f"A new version, **{status['challenger']}**, is being tried on some replies: your votes "
-        "on those decide whether it serves everyone"
+        "A new version is being tried on some replies (which ones is said after your vote): "
+        "your votes on those decide whether it serves everyone"
     )
     needed = status["min_votes"] - counted
     if needed > 0:
