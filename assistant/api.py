@@ -258,8 +258,8 @@ def build_api_router(
         response_model_exclude_unset=True,
         responses={503: {"model": HealthAnswer}},
     )
-    async def health():
-        body = await service.health()
+    async def health(request: Request):
+        body = await service.health(admin=is_admin(request))
         return JSONResponse(body, status_code=200 if body["engine"] else 503)
 
     @router.get("/versions", response_model=VersionsAnswer, response_model_exclude_unset=True)

@@ -18,7 +18,7 @@ import random
 import secrets
 import unicodedata
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from alignment.monitors import annotated_versions
@@ -467,9 +467,14 @@ class ChatService:
             rows = [public_version(r) for r in rows]
         return {"serving": self.model_version, "versions": rows}
 
-    async def health(self) -> dict:
+    async def health(self, admin: bool = False) -> dict:
         engine_ok = self.engine_note is None and await self.engine.healthy()
+        replicas = [
+            {**asdict(r), "url": r.url if admin else f"replica-{i}"}
+            for i, r in enumerate(self.engine.statuses(), start=1)
+        ]
         return {
+            "replicas": replicas,
             "status": "ok" if engine_ok else "degraded",
             "note": self.engine_note,
             "engine": engine_ok,

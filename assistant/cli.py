@@ -37,6 +37,7 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
     "model and engine": [
         ("--model", "engine", "model", "DIR|ORG/NAME"),
         ("--vllm-url", "engine", "vllm_url", "URL"),
+        ("--engine-versions-dir", "engine", "versions_dir", "PATH"),
         ("--max-model-len", "engine", "max_model_len", "TOKENS"),
         ("--max-num-seqs", "engine", "max_num_seqs", "N"),
         ("--dtype", "engine", "dtype", "DTYPE"),
@@ -160,12 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, section, name, metavar in options:
             f = _field(SECTIONS[section], name)
             typ = {"int": int, "float": float}.get(str(f.type), str)
-            described = f.default is None or "default" in f.metadata["help"]
+            repeatable = str(f.type).startswith("list")
+            described = repeatable or f.default is None or "default" in f.metadata["help"]
             groups[title].add_argument(
                 flag,
                 dest=f"{section}.{name}",
                 type=typ,
                 default=None,
+                action="append" if repeatable else "store",
                 metavar=metavar,
                 help=f.metadata["help"] + ("" if described else f" (default: {f.default})"),
             )
@@ -551,6 +554,7 @@ def cmd_retrain(args: argparse.Namespace, config: AppConfig) -> int:
 
         async def once():
             try:
+                await runtime.start()
                 return await runtime.loop.retrain()
             finally:
                 await runtime.aclose()

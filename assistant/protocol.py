@@ -99,12 +99,25 @@ class DemonstrationAnswer(VoteAnswer):
     demonstration_id: str
 
 
+class ReplicaAnswer(Answer):
+    """One engine replica. `url` is the server's address for an admin; others see its place
+    ("replica-1"), as engine addresses are private (docs/security.md)."""
+
+    url: str
+    version: str | None
+    healthy: bool
+    in_rotation: bool
+    outstanding: int
+    note: str | None = None
+
+
 class HealthAnswer(Answer):
     status: Literal["ok", "degraded"]
     engine: bool
     model_version: str
     generating: int
     max_backlog: int
+    replicas: list[ReplicaAnswer] = []
 
 
 class VersionsAnswer(Answer):

@@ -138,6 +138,11 @@ class Runtime:
     loop: object
     embedded: object | None
 
+    async def start(self) -> None:
+        """Bring the engines to the serving version before the first request (raises
+        EngineError when none can serve it)."""
+        await self.engine.prepare()
+
     async def aclose(self) -> None:
         await self.loop.aclose()  # a cycle started through the API, before what it uses
         await self.engine.aclose()
@@ -151,6 +156,8 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
     (`AppConfig.validate`); raises ConfigError/StoreError early.
     `engine`: one already made (a test's `harness.fake_engine.FakeEngine`), started by nobody."""
     from alignment.loop import AlignmentLoop, remove_user_data
+    from engine.probe import write_probe_adapter
+    from engine.replicas import ReplicaSet
     from engine.vllm_client import VLLMServerEngine
     from engine.vllm_server import EmbeddedVLLMServer
     from storage import Store
@@ -163,22 +170,34 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
         if run.get("job"):
             remove_user_data(Path(run["job"]))  # the copies of chats it never got to delete
     embedded: EmbeddedVLLMServer | None = None
-    version = BASE_VERSION
     if engine is not None:
         store.ensure_base_version(BASE_VERSION, config.engine.model or "given", {"model": "given"})
     elif config.engine.vllm_url:
-        url = config.engine.vllm_url
-        _check_external(url)
+        urls = _check_external(config.engine.vllm_url)
         # With --model too, retraining knows the served checkpoint; otherwise it cannot retrain.
-        source = resolve_model(config) if config.engine.model else ModelSource(url, "external")
+        source = resolve_model(config) if config.engine.model else ModelSource(urls[0], "external")
         store.ensure_base_version(BASE_VERSION, source.path, source.manifest())
+        version, path = _serving_weights(store)
+        probe = None
+        if config.engine.model:  # versions can be made here: prove the engines read them
+            probe = write_probe_adapter(config.data_dir / "versions", Path(source.path))
+        # the replicas are brought to `version` at start (`ReplicaSet.prepare`); a server that
+        # reports unnamed weights is taken to serve the base checkpoint it was started on
+        engine = ReplicaSet(
+            [VLLMServerEngine(u, config.engine.served_model_name, version) for u in urls],
+            version,
+            path,
+            unnamed_is=BASE_VERSION,
+            engine_path=engine_paths(config),
+            probe=str(probe) if probe else None,
+        )
     else:
         source = resolve_model(config)
         store.ensure_base_version(BASE_VERSION, source.path, source.manifest())
-        serving = store.serving_version()
-        if serving and serving["version"] != BASE_VERSION and Path(serving["path"]).is_dir():
+        version, path = _serving_weights(store)
+        if version != BASE_VERSION:
             # A restart serves what was deployed last, not the base checkpoint.
-            source, version = ModelSource(serving["path"], serving["version"]), serving["version"]
+            source = ModelSource(path, version)
         embedded = EmbeddedVLLMServer(
             source.path,
             config.engine,
@@ -193,9 +212,9 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
         except BaseException:
             embedded.stop()
             raise
-        url = embedded.url
-    if engine is None:
-        engine = VLLMServerEngine(url, config.engine.served_model_name, version)
+        client = VLLMServerEngine(embedded.url, config.engine.served_model_name, version)
+        # one replica; it (re)starts on the serving version's weights (engine.watch)
+        engine = ReplicaSet([client], version, source.path, unnamed_is=None)
     loop = AlignmentLoop(
         store,
         engine,
@@ -278,9 +297,13 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
 
     @asynccontextmanager
     async def lifespan(_app):
+        await runtime.start()  # every engine on the serving version, or the start fails
         await canary.resume()  # a canary the last run left going goes on, or is closed
         await variants.load()  # the prompt variants an admin saved, if any
-        tasks = [asyncio.create_task(scheduler.run_forever())]
+        tasks = [
+            asyncio.create_task(scheduler.run_forever()),
+            asyncio.create_task(runtime.engine.watch_forever()),  # replicas' rotation
+        ]
         if runtime.embedded is not None:
             watch = EngineWatch(
                 runtime.embedded, service, runtime.store, after_restart=canary.resume
@@ -399,15 +422,50 @@ def active_constitution(config: AppConfig, store=None):
     return parse_constitution(latest["body"]) if latest else load_constitution()
 
 
-def _check_external(url: str) -> None:
+def _check_external(urls: list[str]) -> list[str]:
+    """The external engines' URLs, once at least one answers; the others join when they do."""
     import httpx
 
-    try:
-        ok = httpx.get(url.rstrip("/") + "/health", timeout=10).status_code == 200
-    except httpx.HTTPError as exc:
-        raise EngineError(f"--vllm-url {url}: the server is unreachable ({exc!r})") from exc
-    if not ok:
-        raise EngineError(f"--vllm-url {url}: /health did not answer 200")
+    problems = []
+    for url in urls:
+        try:
+            if httpx.get(url.rstrip("/") + "/health", timeout=10).status_code == 200:
+                continue
+            problems.append(f"--vllm-url {url}: /health did not answer 200")
+        except httpx.HTTPError as exc:
+            problems.append(f"--vllm-url {url}: the server is unreachable ({exc!r})")
+    if len(problems) == len(urls):
+        raise EngineError("; ".join(problems))
+    for problem in problems:
+        log.warning("%s; it joins the rotation when it answers", problem)
+    return [u.rstrip("/") for u in urls]
+
+
+def _serving_weights(store) -> tuple[str, str | None]:
+    """The version to serve at start and where its weights are here: the last deployed one
+    while its weights exist, else the base (whose path is None for an external engine without
+    --model: nothing to send an engine that serves something else)."""
+    for row in (store.serving_version(), store.model_version(BASE_VERSION)):
+        if row and row.get("path") and Path(row["path"]).is_dir():
+            return row["version"], row["path"]
+    return BASE_VERSION, None
+
+
+def engine_paths(config: AppConfig):
+    """Where the engines see a path under the app's versions folder (`--engine-versions-dir`);
+    identity when they see it where the app does."""
+    if not config.engine.versions_dir:
+        return str
+    here = (config.data_dir / "versions").resolve()
+    there = config.engine.versions_dir.rstrip("/")
+
+    def for_engine(path: str) -> str:
+        resolved = Path(path).resolve()
+        if resolved.is_relative_to(here):
+            return f"{there}/{resolved.relative_to(here).as_posix()}"
+        return path  # the base checkpoint: the engines were started on it where it is there
+
+    return for_engine
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

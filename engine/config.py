@@ -22,9 +22,15 @@ class EngineConfig:
         "local checkpoint directory or hub id to serve; default: embedded SmolLM2-135M-Instruct",
         default=None,
     )
-    vllm_url: str | None = setting(
+    vllm_url: list[str] = setting(
         "base URL of an external vLLM OpenAI-compatible server (e.g. http://gpu-box:8000); "
-        "when set, no engine is started here",
+        "repeat it (a list in YAML) for several replicas, which the app routes to and swaps one "
+        "at a time; when set, no engine is started here",
+        default_factory=list,
+    )
+    versions_dir: str | None = setting(
+        "where the engines see the app's versions folder (a shared filesystem mounted at "
+        "another path on the engines' machines); default: the same path as here",
         default=None,
     )
     served_model_name: str = setting("model name the engine serves under", default="policy")
@@ -76,9 +82,21 @@ class EngineConfig:
                 0 < self.gpu_memory_utilization <= 1,
                 "--gpu-memory-utilization must be in (0, 1]",
             ),
+            *(
+                (
+                    url.startswith(("http://", "https://")),
+                    f"--vllm-url must start with http:// or https://, got {url!r}",
+                )
+                for url in self.vllm_url
+            ),
             (
-                self.vllm_url is None or self.vllm_url.startswith(("http://", "https://")),
-                f"--vllm-url must start with http:// or https://, got {self.vllm_url!r}",
+                len({u.rstrip("/") for u in self.vllm_url}) == len(self.vllm_url),
+                "--vllm-url names the same server twice",
+            ),
+            (
+                self.versions_dir is None or bool(self.vllm_url),
+                "--engine-versions-dir is for engines elsewhere (--vllm-url); the embedded "
+                "engine reads the versions folder where the app writes it",
             ),
             (
                 not any(a.split("=")[0] in REBINDING_VLLM_ARGS for a in self.extra_args),

@@ -113,6 +113,19 @@ class Engine(Protocol):
 
     async def healthy(self) -> bool: ...
 
+    async def prepare(self) -> None:
+        """Before the first request: make what serves the serving version (raises EngineError
+        when nothing can)."""
+        ...
+
+    async def watch_forever(self) -> None:
+        """Runs for the app's life: keeps what serves on the serving version."""
+        ...
+
+    def statuses(self) -> list:
+        """The servers behind this engine, as `/api/health` lists them."""
+        ...
+
     def forward_chat(self, body: dict, challenger: str | None = None) -> AsyncIterator[bytes]:
         """An OpenAI chat-completions request passed through (to `challenger`'s adapter while it
         is loaded), its answer's bytes as they come."""

@@ -39,6 +39,10 @@ from engine.protocol import (
 )
 
 
+class AdaptersUnsupportedError(EngineError):
+    """The server has no run-time adapter loading (no canary there, no versions-folder probe)."""
+
+
 class _SwapGate:
     """A writer-first readers-writer lock: pairs are readers, a weight swap is the writer."""
 
@@ -79,7 +83,7 @@ class VLLMServerEngine:
     external by URL): pairs as one `n=2` request (or one per version or prompt variant),
     streamed; weight swaps through the server's pause/reload/resume routes behind `_SwapGate`,
     so each reply is labelled with the weights that wrote it; challengers as LoRA adapters.
-    One client per server: several replicas are several of these (the replica work)."""
+    One client per server: several replicas are several of these (`engine.replicas`)."""
 
     def __init__(
         self, base_url: str, model_name: str, model_version: str, request_timeout_s: float = 600.0
@@ -98,6 +102,27 @@ class VLLMServerEngine:
     @property
     def model_version(self) -> str:
         return self._version
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        return frozenset(self._adapters)
+
+    async def served_version(self) -> str:
+        """The version the server says its weights are (`/weight_info`): what the app named
+        them at the last swap, or vLLM's "default" for the weights it started with."""
+        resp = await self._call("GET", "/weight_info", timeout=5.0)
+        try:
+            return str(resp.json()["weight_version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EngineError(
+                f"the engine at {self.base_url} answered /weight_info without a version "
+                "(it needs VLLM_SERVER_DEV_MODE=1)"
+            ) from exc
+
+    async def name_weights(self, version: str) -> None:
+        """Tell the server which version its weights are (no swap), and label replies so."""
+        await self._post("/update_weight_version", json={"new_version": version})
+        self._version = version
 
     async def healthy(self) -> bool:
         try:
@@ -261,6 +286,11 @@ class VLLMServerEngine:
             )
         except httpx.HTTPError as exc:
             raise EngineError(f"the engine at {self.base_url} is unreachable: {exc!r}") from exc
+        if resp.status_code == 404 and "lora" not in resp.text.lower():
+            raise AdaptersUnsupportedError(
+                f"the engine at {self.base_url} does not load adapters while it runs: start it "
+                "with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=1"
+            )
         if resp.status_code != 200 and "already" not in resp.text:
             raise EngineError(
                 f"the engine could not load the adapter {name}: {resp.status_code} "
@@ -348,6 +378,8 @@ class VLLMServerEngine:
                     json={"method": "reload_weights", "kwargs": {"weights_path": path}},
                 )
                 await self._post("/reset_prefix_cache")
+                # the server's own record, so the app reads the truth after a restart
+                await self._post("/update_weight_version", json={"new_version": version})
                 self._version = version
             finally:
                 await self._post("/resume")

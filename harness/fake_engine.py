@@ -33,6 +33,15 @@ class FakeEngine:
     async def healthy(self) -> bool:
         return self.up
 
+    async def prepare(self) -> None:
+        pass
+
+    async def watch_forever(self) -> None:
+        pass  # nothing to watch: one engine in this process
+
+    def statuses(self) -> list:
+        return []
+
     async def stream_pair(
         self,
         messages: list[dict[str, str]],

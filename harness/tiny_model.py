@@ -126,13 +126,16 @@ def topic_prompt(topic: str, i: int = 0) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Tell me about {topic} ({i})."}]
 
 
-def build_two_style_checkpoint(out_dir: Path, steps: int = 300, seed: int = 0) -> Path:
+def build_two_style_checkpoint(
+    out_dir: Path, steps: int = 300, seed: int = 0, styles: tuple[str, ...] = (CHEERFUL, PLAIN)
+) -> Path:
     """The tiny model, taught to answer every topic prompt in one of two styles, half and half.
 
     A random model's replies are noise that no preference can be read from; a real chat model
     has styles it moves between. This one has exactly two (`CHEERFUL`, `PLAIN`), chosen by its
     first reply token, so a learning test can ask: after users vote for one style, does the
-    aligned model pick it more often than v0's 50%?
+    aligned model pick it more often than v0's 50%? Given one of the `styles`, it answers only
+    in that one: replies then tell which weights wrote them (the replica tests).
     """
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -146,7 +149,7 @@ def build_two_style_checkpoint(out_dir: Path, steps: int = 300, seed: int = 0) -
             prompt = tok.apply_chat_template(
                 topic_prompt(topic, i), tokenize=False, add_generation_prompt=True
             )
-            for style in (CHEERFUL, PLAIN):
+            for style in styles:
                 texts.append(prompt + style.format(topic=topic.capitalize()) + "<|im_end|>")
     batch = tok(texts, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

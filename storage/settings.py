@@ -64,6 +64,8 @@ def _fits(value: Any, kind: Any) -> bool:
             (item,) = typing.get_args(option)
             if isinstance(value, list) and all(_fits(v, item) for v in value):
                 return True
+            if not isinstance(value, list) and _fits(value, item):
+                return True  # one value where a list goes: a list of one
         elif option is float:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 return True
@@ -82,11 +84,17 @@ def _converted(value: Any, kind: Any) -> Any:
     options = _options(kind)
     if value is None:
         return None
+    if not isinstance(value, list) and not any(_fits(value, o) for o in options if not _listed(o)):
+        return [_converted(value, typing.get_args(next(o for o in options if _listed(o)))[0])]
     if float in options and not isinstance(value, str):
         return float(value)
     if Path in options:
         return Path(value).expanduser()
     return list(value) if isinstance(value, list) else value
+
+
+def _listed(kind: Any) -> bool:
+    return typing.get_origin(kind) is list
 
 
 def _kind_name(kind: Any) -> str:

@@ -46,7 +46,7 @@ def test_flags_map_onto_typed_config():
     assert config.serve.allowed_hosts == [] and config.serve.retention_days == 0
     assert config.serve.trusted_proxies() == []  # no proxy's X-Forwarded-For is believed
     assert config.sampling.temperature == 0.5
-    assert config.engine.vllm_url == "http://gpu:8000"
+    assert config.engine.vllm_url == ["http://gpu:8000"]
     assert config.engine.extra_args == ["--enforce-eager"]
 
 
@@ -55,7 +55,9 @@ def test_flags_map_onto_typed_config():
     [
         ("sampling", "temperature", 0.0, "identical"),
         ("serve", "max_backlog", 0, "--max-backlog"),
-        ("engine", "vllm_url", "gpu-box:8000", "http://"),
+        ("engine", "vllm_url", ["gpu-box:8000"], "http://"),
+        ("engine", "vllm_url", ["http://a:8000", "http://a:8000/"], "the same server twice"),
+        ("engine", "versions_dir", "/mnt/versions", "for engines elsewhere"),
         ("engine", "max_model_len", 100, "--max-model-len"),
         ("engine", "extra_args", ["--host=0.0.0.0"], "may not set --host"),
         ("engine", "extra_args", ["--enforce-eager", "--port", "9"], "may not set --host"),
@@ -231,7 +233,7 @@ def test_cai_flags_map_onto_config(tmp_path):
         ('{"sft": {"adapter": "prompt_tuning"}}', "cannot be merged into the weights vLLM serves"),
         ('{"ppo": {"adapter": "ia3"}}', "the policy must be LoRA"),
         ('{"report_to": ["wandb"]}', "unknown tracker 'wandb'"),
-        ('{"report_to": "tensorboard"}', "report_to must be list[str]"),
+        ('{"report_to": 3}', "report_to must be list[str]"),
         # checked at start too, not when a cycle reaches them
         ('{"reward": {"pooling": "max"}}', "reward.pooling must be one of"),
         ('{"reward": {"subsample": 1.5}}', "reward.subsample must be a share"),
@@ -514,3 +516,20 @@ def test_the_settings_reference_is_written_from_the_code():
         "> docs/settings.md"
     )
     assert "`budget_minutes`" in written and "`--retrain-budget-minutes`" in written
+
+
+def test_several_engine_replicas_from_flags_or_yaml(tmp_path):
+    """`--vllm-url` is repeatable; in YAML one URL or a list; flags replace the file's list."""
+    urls = ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+    args = build_parser().parse_args(["run", "--vllm-url", urls[0], "--vllm-url", urls[1]])
+    assert config_from_args(args).validate().engine.vllm_url == urls
+    one, many = tmp_path / "one.yaml", tmp_path / "many.yaml"
+    one.write_text("engine:\n  vllm_url: http://127.0.0.1:8001\n")
+    many.write_text(f"engine:\n  vllm_url: {json.dumps(urls)}\n  versions_dir: /mnt/v\n")
+    from_one = config_from_args(build_parser().parse_args(["run", "--config", str(one)]))
+    assert from_one.validate().engine.vllm_url == urls[:1]
+    from_many = config_from_args(build_parser().parse_args(["run", "--config", str(many)]))
+    assert from_many.validate().engine.vllm_url == urls
+    assert from_many.engine.versions_dir == "/mnt/v"
+    flagged = build_parser().parse_args(["run", "--config", str(many), "--vllm-url", urls[1]])
+    assert config_from_args(flagged).validate().engine.vllm_url == urls[1:]
