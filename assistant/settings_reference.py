@@ -12,7 +12,7 @@ import typing
 from pathlib import PurePath
 
 from alignment.config import CycleConfig
-from assistant.cli import RETRAIN_FLAGS, RUN_OPTIONS
+from assistant.cli.parser import RETRAIN_FLAGS, RUN_OPTIONS
 from assistant.config import SECTIONS, AppConfig
 
 HEADER = """# Settings reference

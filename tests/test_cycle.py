@@ -173,12 +173,18 @@ def test_a_reward_model_near_chance_on_held_out_votes_refuses_the_cycle():
     from alignment.reward_model import RewardResult
 
     config = GateConfig(min_rm_accuracy=0.6, min_rm_heldout=5)
-    near_chance = RewardResult("rm", 20, 8, 0.6, 0.7, 0.5, 4)
-    refusal = reward_refusal(near_chance, config)
+
+    def result(n_heldout: int, accuracy: float) -> RewardResult:
+        return RewardResult(
+            path="rm", n_train=20, n_heldout=n_heldout, train_loss=0.6, heldout_loss=0.7,
+            heldout_accuracy=accuracy, steps=4,
+        )  # fmt: skip
+
+    refusal = reward_refusal(result(8, 0.5), config)
     assert refusal is not None and not refusal.deploy
     assert "agree with only 0.50 of 8 held-out votes" in refusal.reason
-    assert reward_refusal(RewardResult("rm", 20, 8, 0.6, 0.3, 0.75, 4), config) is None
-    assert reward_refusal(RewardResult("rm", 20, 3, 0.6, 0.7, 0.0, 4), config) is None  # too few
+    assert reward_refusal(result(8, 0.75), config) is None
+    assert reward_refusal(result(3, 0.0), config) is None  # too few
 
 
 def test_full_cycle_merges_version_and_hot_swaps_without_failures(

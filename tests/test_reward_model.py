@@ -141,22 +141,23 @@ def test_members_train_on_a_resample_a_subsample_or_every_vote(resample, monkeyp
     """`reward.bootstrap`: each member's own resample (some votes twice, about a third left out)
     or every training vote, the members differing by seed only; `reward.subsample`: each its own
     share of the votes, none twice."""
-    import alignment.reward_model as rm
+    import alignment.reward_model.train as rm
+    from alignment.reward_model.train import MemberResult
 
     class Seen(Exception):
         pass
 
     seen: list[tuple[list, int]] = []
 
-    def fake_member(base, data, out, config, seed, relay, *budget, start_from=None):
+    def fake_member(base, data, out, config, seed, relay, start_from=None, **budget):
         if out.name == "shared":  # `warm_start`'s model on every vote, before the members
             assert data == train
-            return 0.0, 1, 1, 1, None
+            return MemberResult(0.0, 1, 1, 1, None)
         assert start_from == tmp_path / "shared"  # each member goes on from it
         seen.append((data, seed))
         if len(seen) == config.ensemble:
             raise Seen
-        return 0.0, 1, 1, 1, None
+        return MemberResult(0.0, 1, 1, 1, None)
 
     monkeypatch.setattr(rm, "_train_member", fake_member)
     records = synthetic_preferences(60)

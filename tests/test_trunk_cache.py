@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from alignment import reward_model
+import alignment.reward_model.train as reward_train
 from alignment.config import RewardConfig
 from alignment.reward_model import RewardScorer, pool_scores, train_reward_model
 from alignment.trunk_cache import TrunkCache
@@ -30,7 +30,7 @@ def two_member_scorer(model_dir: str, trunk: TrunkCache | None) -> RewardScorer:
     lora = LoraConfig(
         task_type="SEQ_CLS",
         init_lora_weights=False,
-        **reward_model.lora_targets(base, top=1),
+        **reward_train.lora_targets(base, top=1),
     )
     model = get_peft_model(base, lora, adapter_name="m0")
     model.add_adapter("m1", lora)
@@ -97,13 +97,13 @@ def test_members_train_on_one_bottom_pass_and_learn_what_they_learned_without_it
         made.append(frozen_trunk(base_model, config))
         return made[-1]
 
-    frozen_trunk = reward_model.frozen_trunk
+    frozen_trunk = reward_train.frozen_trunk
     losses = {}
     for name in ("uncached", "cached"):
         if name == "uncached":
-            monkeypatch.setattr(reward_model, "frozen_trunk", lambda *a: None)
+            monkeypatch.setattr(reward_train, "frozen_trunk", lambda *a: None)
         else:
-            monkeypatch.setattr(reward_model, "frozen_trunk", recording)
+            monkeypatch.setattr(reward_train, "frozen_trunk", recording)
         logs: list[dict] = []
         result = train_reward_model(
             str(tiny_model_dir), records, tmp_path / name, config, logs.append

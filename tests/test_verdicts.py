@@ -79,12 +79,12 @@ def test_an_explicit_prompt_folds_into_both_sides():
 def test_members_train_on_the_verdict_pairs_too(share, monkeypatch, tmp_path):
     """The pairs join the training votes (each member resamples both); the held-out votes'
     prompts give none, and the held-out check stays on decisive votes."""
-    import alignment.reward_model as rm
+    import alignment.reward_model.train as rm
 
     class Seen(Exception):
         pass
 
-    def fake_member(base, data, out, config, seed, relay, *budget, start_from=None):
+    def fake_member(base, data, out, config, seed, relay, **budget):
         raise Seen(data)
 
     monkeypatch.setattr(rm, "_train_member", fake_member)

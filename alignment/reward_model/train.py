@@ -1,28 +1,14 @@
-"""Train and use the Bradley-Terry reward model (loss -log sigmoid(r_w - r_l)).
+"""Train the reward-model ensemble (TRL's `RewardTrainer` with a LoRA adapter per member),
+within a cycle's time budget, and measure it on the held-out votes (`RewardResult`).
 
-Training is TRL's `RewardTrainer` with a LoRA adapter on `AutoModelForSequenceClassification`
-(num_labels=1) over the base checkpoint; the score head is trained in full (peft's SEQ_CLS task
-saves it with the adapter). The pairs are decisive votes: ties and both-bad carry no preference
-(see `storage.export`); with `reward.verdict_pairs` their replies join as pairs across prompts
-(`alignment.verdicts`). Part of the pairs is held out, split by a hash of their content so the same
-pair lands on the same side in every cycle, and the held-out accuracy is reported.
-
-Ensemble: `RewardConfig.ensemble` members, each trained on its own bootstrap resample of the
-training pairs (Coste et al. 2023), or with `bootstrap` off on all of them with its own seed.
-They agree where the votes say something and disagree where the votes are silent, which is
-exactly where PPO finds replies that fool one model. PPO optimises the conservative score
-mean - penalty * std, and the gate counts a comparison only when every member agrees. Members
-share one base model in memory (one LoRA adapter and score head each).
-
-Input is TRL's conversational preference format; scoring uses the same chat template as training.
+The members' votes come from `alignment.reward_model.data`; after training the ensemble is loaded
+with `alignment.reward_model.score.RewardScorer` to put each member on a common scale.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -33,7 +19,7 @@ import torch
 
 from alignment import adapters
 from alignment.budget import MIN_REWARD_STEPS, SCORE_PER_STEP, steps_that_fit
-from alignment.config import POOLINGS, RewardConfig
+from alignment.config import RewardConfig
 from alignment.losses import bradley_terry_loss, preference_accuracy
 from alignment.precision import (
     attention_implementation,
@@ -42,11 +28,13 @@ from alignment.precision import (
     train_device,
     use_bf16,
 )
+from alignment.reward_model.data import member_votes, split_heldout
+from alignment.reward_model.score import RewardScorer, check_pooling, pool_scores
 from alignment.trunk_cache import TrunkCache
 from alignment.verdicts import cross_prompt_pairs, implicit
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RewardResult:
     path: str  # the ensemble's folder: member-0/, member-1/, ... and ensemble.json
     n_train: int
@@ -68,69 +56,15 @@ class RewardResult:
         return asdict(self)
 
 
-def split_heldout(records: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
-    """Deterministic split by content hash: stable across cycles as votes accumulate."""
-    train, heldout = [], []
-    for r in records:
-        digest = hashlib.sha256(json.dumps(r, sort_keys=True).encode()).digest()
-        (heldout if digest[0] / 256 < fraction else train).append(r)
-    if not train and heldout:  # tiny data: never train on nothing
-        train, heldout = heldout, []
-    return train, heldout
+@dataclass
+class MemberResult:
+    """One reward model's training, as `_train_member` ran it."""
 
-
-def score_head(model) -> torch.nn.Module:
-    """The sequence-classification head (`score`), outermost wrapper first: with peft it is the
-    ModulesToSaveWrapper that routes to the trained copy."""
-    heads = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "score"]
-    if not heads:
-        raise ValueError("the reward model has no `score` head to pool")
-    return min(heads, key=lambda nm: nm[0].count("."))[1]
-
-
-def check_pooling(pooling: str) -> None:
-    if pooling not in POOLINGS:
-        raise ValueError(f"reward.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-
-
-def pool_scores(model, pooling: str) -> None:
-    """Make the head's score at each position the mean of its per-token scores up to there
-    (`mean`), or that plus the position's own score (`last+mean`). Transformers reads the score
-    at the last non-pad token, and inputs are right-padded (TRL's collator, the scorer's
-    tokenizer), so it then reads the mean over the whole conversation. The head is linear, so
-    this is the head over the mean hidden state: a property spread over the reply (how many
-    long words) is summed rather than left to what the last token's state remembers."""
-    check_pooling(pooling)
-    if pooling == "last":
-        return
-
-    def pooled(module, args, scores: torch.Tensor) -> torch.Tensor:  # (b, T, 1)
-        positions = torch.arange(1, scores.shape[1] + 1, device=scores.device, dtype=scores.dtype)
-        running_mean = scores.cumsum(1) / positions[None, :, None]
-        return running_mean if pooling == "mean" else scores + running_mean
-
-    score_head(model).register_forward_hook(pooled)
-
-
-def bootstrap(records: list[dict], seed: int) -> list[dict]:
-    """A resample with replacement of the same size: each member sees its own view of the votes."""
-    rng = random.Random(seed)
-    return [rng.choice(records) for _ in records]
-
-
-def subsample(records: list[dict], share: float, seed: int) -> list[dict]:
-    """`share` of the records, none twice, in their order."""
-    keep = sorted(random.Random(seed).sample(range(len(records)), round(share * len(records))))
-    return [records[j] for j in keep]
-
-
-def member_votes(train: list[dict], config: RewardConfig, seed: int) -> list[dict]:
-    """The votes one ensemble member trains on: a subsample, a bootstrap resample or all."""
-    if config.ensemble < 2:
-        return train
-    if config.subsample:
-        return subsample(train, config.subsample, seed)
-    return bootstrap(train, seed) if config.bootstrap else train
+    loss: float  # TRL's mean training loss
+    steps: int  # optimiser steps taken
+    trainable_parameters: int  # adapter and score head
+    planned_steps: int  # before a budget cut them
+    step_seconds: float | None  # one step's time, measured under a budget: sizes the next member
 
 
 def train_reward_model(
@@ -159,7 +93,7 @@ def train_reward_model(
         train, verdicts or [], config.verdict_pairs, config.seed, [r["prompt"] for r in heldout]
     )
     trunk = frozen_trunk(base_model, config)  # shared by the members and the scoring after
-    members, losses, steps, trainable, planned = [], [], 0, None, None
+    members: list[MemberResult] = []
     step_seconds: float | None = None  # timed once, by the first model, under a deadline
     scored_after = 2 * len(records) * config.ensemble  # replies x members scored after training
 
@@ -171,19 +105,19 @@ def train_reward_model(
     shared, shared_steps = None, None
     if warm:  # one model on every vote first, for the share of the time `warm_start` gives it
         shared = out_dir / "shared"
-        _, shared_steps, _, _, step_seconds = _train_member(
+        first = _train_member(
             base_model,
             train + extra,
             shared,
             replace(config, epochs=warm * config.epochs * config.ensemble),
             config.seed + 999,
             lambda log: on_log({"member": "shared", **log}) if on_log else None,
-            (lambda s: warm * (deadline - time.monotonic() - scoring(s)))
+            seconds_for=(lambda s: warm * (deadline - time.monotonic() - scoring(s)))
             if deadline is not None
             else None,
-            None,
-            trunk,
+            trunk=trunk,
         )
+        shared_steps, step_seconds = first.steps, first.step_seconds
     member_config = replace(config, epochs=(1 - warm) * config.epochs) if warm else config
     for i in range(config.ensemble):
         data = member_votes(train + extra, config, config.seed * 1000 + i)
@@ -196,24 +130,24 @@ def train_reward_model(
             """This member's share of the time left, after the scoring that follows."""
             return (deadline - time.monotonic() - scoring(step_s)) / left
 
-        loss, steps, trainable, planned, step_seconds = _train_member(
+        member = _train_member(
             base_model,
             data,
             out_dir / f"member-{i}",
             member_config,
             config.seed + i,
             relay,
-            seconds_for if deadline is not None else None,
-            step_seconds,
-            trunk,
+            seconds_for=seconds_for if deadline is not None else None,
+            step_seconds=step_seconds,
+            trunk=trunk,
             start_from=shared,
         )
-        members.append(f"member-{i}")
-        losses.append(loss)
+        step_seconds = member.step_seconds
+        members.append(member)
     if shared is not None:
         shutil.rmtree(shared, ignore_errors=True)  # the members carry on from it: spent
     ensemble = {
-        "members": members,
+        "members": [f"member-{i}" for i in range(len(members))],
         "pooling": config.pooling,
         "frozen_bottom": trunk.bottom if trunk else 0,
     }
@@ -239,18 +173,19 @@ def train_reward_model(
         mean, std = torch.tensor(scale).T  # (K,), (K,)
         raw = (raw - mean[:, None]) / std[:, None]  # what `member_scores` now returns
 
+    last = members[-1]
     result = RewardResult(
-        str(out_dir),
-        len(train),
-        len(heldout),
-        sum(losses) / len(losses),
-        None,
-        None,
-        steps,
+        path=str(out_dir),
+        n_train=len(train),
+        n_heldout=len(heldout),
+        train_loss=sum(m.loss for m in members) / len(members),
+        heldout_loss=None,
+        heldout_accuracy=None,
+        steps=last.steps,
         members=len(members),
         adapter=config.adapter,
-        trainable_parameters=trainable,
-        planned_steps=planned,
+        trainable_parameters=last.trainable_parameters,
+        planned_steps=last.planned_steps,
         verdict_pairs=len(extra),
         shared_steps=shared_steps,
     )
@@ -319,11 +254,10 @@ def _train_member(
     step_seconds: float | None = None,
     trunk: TrunkCache | None = None,
     start_from: Path | None = None,
-) -> tuple[float, int, int, int, float | None]:
+) -> MemberResult:
     """One reward model with TRL's RewardTrainer. `seconds_for(step seconds)` is the time this
     member may train (None: no budget); `step_seconds` a step time already measured;
-    `start_from`: a saved adapter and head to go on training (`reward.warm_start`). Returns
-    (training loss, steps, trainable parameters, planned steps, step seconds)."""
+    `start_from`: a saved adapter and head to go on training (`reward.warm_start`)."""
     from datasets import Dataset
     from peft import LoraConfig, TaskType
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -403,7 +337,13 @@ def _train_member(
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return output.training_loss, output.global_step, trainable, planned, step_seconds
+    return MemberResult(
+        loss=output.training_loss,
+        steps=output.global_step,
+        trainable_parameters=trainable,
+        planned_steps=planned,
+        step_seconds=step_seconds,
+    )
 
 
 def _time_a_step(trainer, config: RewardConfig) -> float:
@@ -430,119 +370,3 @@ def _time_a_step(trainer, config: RewardConfig) -> float:
         times.append(time.perf_counter() - started)
     model.zero_grad(set_to_none=True)
     return min(times[1:])
-
-
-class RewardScorer:
-    """Scores whole conversations (prompt messages + the assistant reply) with every member of
-    the ensemble; `score` is the conservative mean - penalty * std that PPO optimises."""
-
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        adapters: list[str] | None = None,
-        penalty: float = 1.0,
-        scale: list[list[float]] | None = None,
-        precision: str = "auto",
-        max_length: int = 1024,
-        batch_size: int = 8,
-        trunk: TrunkCache | None = None,
-        keep_trunk: bool = False,
-    ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.adapters = adapters or [None]
-        self.penalty = penalty
-        self.scale = scale  # per member (mean, std) of its raw scores on the voted replies
-        self.precision = precision
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.disagreement: list[float] = []  # mean member std of each `score` call
-        self.trunk = trunk  # the members' shared frozen bottom: run once per batch
-        self.keep_trunk = keep_trunk  # False: forget each batch's states once scored
-
-    @classmethod
-    def load(
-        cls,
-        base_model: str,
-        ensemble_dir: str,
-        penalty: float = 1.0,
-        precision: str = "auto",
-        base_weights: str = "auto",
-        attention: str = "auto",
-        trunk: TrunkCache | None = None,
-    ) -> RewardScorer:
-        """`trunk`: a cache that already holds bottom states of these conversations (the
-        one training filled); without it one is made when the members share a frozen bottom."""
-        from peft import PeftModel
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        root = Path(ensemble_dir)
-        ensemble = json.loads((root / "ensemble.json").read_text())
-        members = ensemble["members"]
-        tokenizer = AutoTokenizer.from_pretrained(root / members[0])
-        tokenizer.padding_side = "right"  # pooling reads the score at the last non-pad token
-        base = AutoModelForSequenceClassification.from_pretrained(
-            base_model,
-            num_labels=1,
-            dtype=base_dtype(base_weights, train_device()),
-            attn_implementation=attention_implementation(attention, train_device()),
-        )
-        base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, str(root / members[0]), adapter_name=members[0])
-        for name in members[1:]:
-            model.load_adapter(str(root / name), adapter_name=name)
-        pool_scores(model, ensemble.get("pooling", "last"))
-        bottom, keep = ensemble.get("frozen_bottom", 0), trunk is not None
-        if bottom:
-            trunk = trunk or TrunkCache(bottom)
-            trunk.install(model)
-        scale = ensemble.get("scale")
-        model = model.to(train_device())
-        return cls(
-            model, tokenizer, members, penalty, scale, precision, trunk=trunk, keep_trunk=keep
-        )
-
-    @torch.no_grad()
-    def member_scores(self, conversations: list[list[dict[str, str]]]) -> torch.Tensor:
-        """(K, B): each member's score of each conversation, on the member's common scale."""
-        per_member: list[list[torch.Tensor]] = [[] for _ in self.adapters]
-        device = next(self.model.parameters()).device
-        for i in range(0, len(conversations), self.batch_size):
-            texts = [
-                self.tokenizer.apply_chat_template(c, tokenize=False)
-                for c in conversations[i : i + self.batch_size]
-            ]
-            batch = self.tokenizer(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=False,
-            ).to(device)
-            for k, name in enumerate(self.adapters):
-                if name is not None:
-                    self.model.set_adapter(name)
-                with autocast(self.precision, str(device)):
-                    logits = self.model(**batch).logits  # (b, 1)
-                per_member[k].append(logits.squeeze(-1).float().cpu())
-            if self.trunk is not None and not self.keep_trunk:
-                self.trunk.clear()  # every member has read it: PPO's batches are all new
-        if not conversations:
-            return torch.empty(len(self.adapters), 0)
-        scores = torch.stack([torch.cat(m) for m in per_member])  # (K, B)
-        if self.scale:
-            mean, std = torch.tensor(self.scale).T  # (K,), (K,)
-            scores = (scores - mean[:, None]) / std[:, None]
-        return scores
-
-    def score(self, conversations: list[list[dict[str, str]]]) -> torch.Tensor:
-        """(B,) mean - penalty * std over members: a reply only scores high if every member
-        thinks so (with one member, the plain score)."""
-        scores = self.member_scores(conversations)
-        if scores.shape[0] < 2:
-            return scores[0]
-        std = scores.std(0)
-        self.disagreement.append(std.mean().item())
-        return scores.mean(0) - self.penalty * std
