@@ -305,8 +305,13 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
             asyncio.create_task(runtime.engine.watch_forever()),  # replicas' rotation
         ]
         if runtime.embedded is not None:
+
+            async def after_restart() -> None:
+                await runtime.engine.watch_once()  # back in rotation now, not at the next round
+                await canary.resume()
+
             watch = EngineWatch(
-                runtime.embedded, service, runtime.store, after_restart=canary.resume
+                runtime.embedded, service, runtime.store, after_restart=after_restart
             )
             tasks.append(asyncio.create_task(watch.run_forever()))
         if config.cai.enabled:

@@ -122,6 +122,10 @@ class Engine(Protocol):
         """Runs for the app's life: keeps what serves on the serving version."""
         ...
 
+    async def watch_once(self) -> None:
+        """One round of `watch_forever`, now (after an engine restart)."""
+        ...
+
     def statuses(self) -> list:
         """The servers behind this engine, as `/api/health` lists them."""
         ...

@@ -39,6 +39,9 @@ class FakeEngine:
     async def watch_forever(self) -> None:
         pass  # nothing to watch: one engine in this process
 
+    async def watch_once(self) -> None:
+        pass
+
     def statuses(self) -> list:
         return []
 

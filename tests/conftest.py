@@ -55,20 +55,18 @@ def tiny_engine_url(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture
-def restores_tiny_engine(tiny_engine_url, tiny_model_dir) -> Iterator[None]:
-    """For tests that hot-swap the shared tiny engine: its original weights go back afterwards,
-    also when the test fails halfway, so later tests never run on the wrong weights."""
+def _restore_tiny_engine(url: str, model_dir: Path, always: bool = True) -> None:
+    """The shared tiny engine back on its original weights, named v0000 (apps read the name:
+    an app without --model refuses an engine that serves a version it cannot send back)."""
     import asyncio
 
     from engine.vllm_client import VLLMServerEngine
 
-    yield
-
     async def restore() -> None:
-        engine = VLLMServerEngine(tiny_engine_url, "policy", "v0000")
+        engine = VLLMServerEngine(url, "policy", "v0000")
         try:
-            await engine.reload_weights(str(tiny_model_dir), "v0000")
+            if always or await engine.served_version() not in ("v0000", "default"):
+                await engine.reload_weights(str(model_dir), "v0000")
         finally:
             await engine.aclose()
 
@@ -76,8 +74,17 @@ def restores_tiny_engine(tiny_engine_url, tiny_model_dir) -> Iterator[None]:
 
 
 @pytest.fixture
-def tiny_app_factory(tiny_engine_url, tmp_path) -> Iterator:
-    """Start apps on the shared tiny engine (the `--vllm-url` path); stopped after the test."""
+def restores_tiny_engine(tiny_engine_url, tiny_model_dir) -> Iterator[None]:
+    """For tests that hot-swap the shared tiny engine: its original weights go back afterwards,
+    also when the test fails halfway, so later tests never run on the wrong weights."""
+    yield
+    _restore_tiny_engine(tiny_engine_url, tiny_model_dir)
+
+
+@pytest.fixture
+def tiny_app_factory(tiny_engine_url, tiny_model_dir, tmp_path) -> Iterator:
+    """Start apps on the shared tiny engine (the `--vllm-url` path); stopped after the test, and
+    the engine put back on its original weights if one of them deployed a version."""
     apps: list[AppProcess] = []
 
     def start(*extra: str, data_dir: Path | None = None, cai: bool = False) -> AppProcess:
@@ -90,6 +97,7 @@ def tiny_app_factory(tiny_engine_url, tmp_path) -> Iterator:
     yield start
     for app in apps:
         app.stop()
+    _restore_tiny_engine(tiny_engine_url, tiny_model_dir, always=False)
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,22 @@ def build_variants_section(variants, auth: PageAuth) -> None:
     timer.tick(refresh, None, [table, choice], concurrency_limit=None, show_progress="hidden")
 
 
-def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
+def engines_line(health: dict) -> str:
+    """The engine replicas: each one's address, version, state and requests in flight."""
+    rows = health.get("replicas") or []
+    if len(rows) <= 1 and all(r["in_rotation"] for r in rows):
+        return ""  # one engine serving: nothing to say beyond the versions table
+    lines = ["**Engines**", "", "| engine | version | state | in flight |", "|---|---|---|---|"]
+    for r in rows:
+        state = "serving" if r["in_rotation"] else ("down" if not r["healthy"] else "out")
+        if r.get("note"):
+            state += f": {r['note']}"
+        lines.append(f"| {r['url']} | {r['version'] or '?'} | {state} | {r['outstanding']} |")
+    return "\n".join(lines)
+
+
+def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None, engines=None) -> None:
+    """`engines`: the chat service's health (async, `admin=True` shows the replicas' URLs)."""
     gr.HTML(LOGIN_FORM)
     signed_in = gr.Markdown("", elem_id="admin-signed-in")
     stage = gr.Markdown("No cycle running.", elem_id="cycle-stage")
@@ -236,6 +251,7 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
         rollback = gr.Button("Roll back")
     result = gr.Markdown("", elem_id="admin-result")
     watch = gr.Markdown("", elem_id="version-warnings")
+    engine_rows = gr.Markdown("", elem_id="engine-replicas")
     table = gr.Dataframe(headers=VERSION_COLUMNS, interactive=False, label="Versions")
     with gr.Row():
         cycle_plot = gr.ScatterPlot(
@@ -261,6 +277,7 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
                 "",
                 "",
                 _ratings_frame([]),
+                "",
             )
         history = await loop.history()
         cycle_df, step_df = _plots(history["runs"])
@@ -274,9 +291,13 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None) -> None:
             canary_line(await canary.status()) if canary is not None else "",
             _warnings(history["versions"]),
             _ratings_frame(history["versions"]),
+            engines_line(await engines(admin=True)) if engines is not None else "",
         )
 
-    outputs = [stage, table, version, cycle_plot, step_plot, canary_status, watch, rating_plot]
+    outputs = [
+        stage, table, version, cycle_plot, step_plot, canary_status, watch, rating_plot,
+        engine_rows,
+    ]  # fmt: skip
 
     def who(request: gr.Request):
         problem = auth.admin_problem(request)

@@ -342,5 +342,5 @@ def build_page(
                 build_constitution_tab(cai, auth)
         if loop is not None:
             with gr.Tab("Admin"):
-                build_admin_tab(loop, auth, canary, variants)
+                build_admin_tab(loop, auth, canary, variants, engines=service.health)
     return page

@@ -47,6 +47,8 @@ class ChatService(Protocol):
 
     async def delete_conversation(self, conversation_id: str, session_id: str | None) -> dict: ...
 
+    async def health(self, admin: bool = False) -> dict: ...
+
 
 class PageAuth(Protocol):
     """`assistant.page_auth.PageAuth`: who is looking, from the request's cookies."""
