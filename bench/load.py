@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,15 +57,23 @@ def percentile(values: list[float], p: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))], 3)
 
 
-def run_load(url: str, users: int = 32, seconds: float = 30, turns: int = 20) -> LoadResult:
-    """Each user chats and votes in turn; a new conversation every 5 turns keeps prompts short."""
+def run_load(
+    url: str,
+    users: int = 32,
+    seconds: float = 30,
+    turns: int = 20,
+    stop: threading.Event | None = None,
+) -> LoadResult:
+    """Each user chats and votes in turn; a new conversation every 5 turns keeps prompts short.
+    Users start no new turn after `seconds`, or once `stop` is set (a load that lasts as long as
+    something else runs in another thread)."""
     result = LoadResult()
     stop_at = time.monotonic() + seconds
 
     async def user(client: httpx.AsyncClient, u: int) -> None:
         conversation = None
         for turn in range(turns):
-            if time.monotonic() > stop_at:
+            if time.monotonic() > stop_at or (stop is not None and stop.is_set()):
                 return
             body = {"message": f"user {u} turn {turn}"}
             if conversation:
