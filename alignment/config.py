@@ -318,8 +318,11 @@ class CycleConfig:
         "however long it takes",
         default=15.0,
     )
-    # trackers that also receive every stage's metrics ("tensorboard"): alignment/tracking.py
-    report_to: list[str] = field(default_factory=list)
+    report_to: list[str] = setting(
+        "trackers that also receive every stage's metrics: tensorboard, wandb, mlflow, trackio "
+        "or none (alignment/tracking.py); all but tensorboard come with the `trackers` extra",
+        default_factory=list,
+    )
 
 
 PRESETS = ("default", "fast")

@@ -49,7 +49,7 @@ def run_cycle(
     seconds: dict[str, float] = {}
     budget = CycleBudget(config.budget_minutes)  # the clock starts now
     work = out_root / "runs" / new_version
-    tracker = Tracker(config.report_to, work / "tensorboard")
+    tracker = Tracker(config.report_to, work, new_version)
     try:
         return _run_stages(
             serving_model,
@@ -111,7 +111,10 @@ def _run_stages(
         }
         say("sft", {"examples": len(revisions), **sources})
         examples = sft_records(revisions, config.sft.demonstration_weight)
-        sft = train_sft(serving_model, examples, work / "sft", config.sft) | sources
+        sft = train_sft(
+            serving_model, examples, work / "sft", config.sft, on_log=lambda log: say("sft", log)
+        )
+        sft |= sources
         seconds["sft"] = time.perf_counter() - t
         say("sft", sft)
         serving_model = sft["path"]  # the SFT model is the base and KL reference from here on

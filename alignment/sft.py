@@ -8,6 +8,7 @@ then serves as the base (and KL reference) of the reward model and PPO in the sa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from alignment.adapters import peft_config
 from alignment.config import SFTConfig
 from alignment.precision import attention_implementation, base_dtype, train_device
+from alignment.tracking import trainer_relay
 
 
 def sft_records(examples: list[dict], demonstration_weight: int = 1) -> list[dict]:
@@ -56,8 +58,15 @@ def completion_loss(model, tokenizer, records: list[dict]) -> float:
     return total / max(count, 1) if count else math.nan
 
 
-def train_sft(base_model: str, records: list[dict], out_dir: Path, config: SFTConfig) -> dict:
-    """Train, merge and save; returns the merged checkpoint path and before/after losses."""
+def train_sft(
+    base_model: str,
+    records: list[dict],
+    out_dir: Path,
+    config: SFTConfig,
+    on_log: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train, merge and save; returns the merged checkpoint path and before/after losses.
+    `on_log` receives the trainer's logs with their step (the cycle's progress and trackers)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
@@ -81,7 +90,7 @@ def train_sft(base_model: str, records: list[dict], out_dir: Path, config: SFTCo
         completion_only_loss=True,
         logging_steps=1,
         save_strategy="no",
-        report_to=[],
+        report_to="none",  # its logs reach the cycle's trackers through `on_log`
         gradient_checkpointing=config.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
@@ -93,6 +102,7 @@ def train_sft(base_model: str, records: list[dict], out_dir: Path, config: SFTCo
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
         peft_config=peft_config(config.adapter, "CAUSAL_LM", config.lora_rank, config.lora_alpha),
+        callbacks=[trainer_relay(on_log)] if on_log else None,
     )
     output = trainer.train()
     after = completion_loss(trainer.model, tokenizer, records)

@@ -10,6 +10,8 @@ gets VLLM_SERVER_DEV_MODE, VLLM_ALLOW_RUNTIME_LORA_UPDATING and VLLM_CPU_KVCACHE
 `child_environment` (`engine.vllm_server.engine_environment`), each unless already set.
 The processes the app starts (the engine, the retrain worker) get neither secret: they never check
 a token or a key, and a child's environment is readable in /proc and lands in crash reports.
+The retrain worker's trackers read their own (WANDB_API_KEY, WANDB_MODE, MLFLOW_TRACKING_URI,
+TRACKIO_DIR, ...): alignment/tracking.py.
 """
 
 from __future__ import annotations

@@ -232,7 +232,8 @@ def test_cai_flags_map_onto_config(tmp_path):
         ('{"reward": {"adapter": "adalora"}}', "reward.adapter must be one of lora, ia3"),
         ('{"sft": {"adapter": "prompt_tuning"}}', "cannot be merged into the weights vLLM serves"),
         ('{"ppo": {"adapter": "ia3"}}', "the policy must be LoRA"),
-        ('{"report_to": ["wandb"]}', "unknown tracker 'wandb'"),
+        ('{"report_to": ["neptune"]}', "unknown tracker 'neptune'"),
+        ('{"report_to": ["none", "tensorboard"]}', "'none' means no tracker"),
         ('{"report_to": 3}', "report_to must be list[str]"),
         # checked at start too, not when a cycle reaches them
         ('{"reward": {"pooling": "max"}}', "reward.pooling must be one of"),

@@ -18,13 +18,17 @@ def test_sft_on_revisions_lowers_completion_loss(tiny_model_dir, tmp_path):
     revisions.append({"prompt": [{"role": "user", "content": "x"}], "revision": "  "})  # dropped
     records = sft_records(revisions)
     assert len(records) == 16
+    logs = []
     result = train_sft(
         str(tiny_model_dir),
         records,
         tmp_path / "sft",
         SFTConfig(learning_rate=5e-3, epochs=3, batch_size=8, max_length=128),
+        on_log=logs.append,
     )
     assert result["steps"] == 6
+    # every step's log reaches the cycle's progress and trackers, with its step
+    assert [log["step"] for log in logs if "loss" in log] == [1, 2, 3, 4, 5, 6]
     assert result["loss_after"] < result["loss_before"] - 0.5, result
     assert (tmp_path / "sft" / "merged" / "model.safetensors").exists()
 

@@ -30,6 +30,7 @@ from alignment.precision import (
 )
 from alignment.reward_model.data import member_votes, split_heldout
 from alignment.reward_model.score import RewardScorer, check_pooling, pool_scores
+from alignment.tracking import trainer_relay
 from alignment.trunk_cache import TrunkCache
 from alignment.verdicts import cross_prompt_pairs, implicit
 
@@ -260,7 +261,7 @@ def _train_member(
     `start_from`: a saved adapter and head to go on training (`reward.warm_start`)."""
     from datasets import Dataset
     from peft import LoraConfig, TaskType
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
@@ -276,11 +277,6 @@ def _train_member(
     )
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    class Relay(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
-
     args = TRLRewardConfig(
         output_dir=str(out_dir / "trainer"),
         per_device_train_batch_size=config.batch_size,
@@ -289,7 +285,7 @@ def _train_member(
         max_length=config.max_length,
         logging_steps=1,
         save_strategy="no",
-        report_to=[],
+        report_to="none",  # its logs reach the cycle's trackers through the relay
         gradient_checkpointing=config.gradient_checkpointing,
         use_cpu=train_device() == "cpu",
         bf16=use_bf16(config.precision, train_device()),
@@ -318,7 +314,7 @@ def _train_member(
         train_dataset=Dataset.from_list([implicit(r) for r in train]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[Relay()],
+        callbacks=[trainer_relay(on_log)],
     )
     pool_scores(trainer.model, config.pooling)
     if trunk is not None:

@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from alignment.config import PRESETS
+from alignment.tracking import NONE, TRACKERS
 from assistant.cli.app import cmd_provision, cmd_run
 from assistant.cli.data import cmd_compact, cmd_export, cmd_import
 from assistant.cli.retrain import cmd_retrain
@@ -344,10 +345,11 @@ def _add_retrain_settings(parser) -> None:
         "--report-to",
         action="append",
         default=None,
-        choices=["tensorboard"],
+        choices=[*TRACKERS, NONE],
         metavar="TRACKER",
-        help="also send every stage's training metrics to this tracker (tensorboard); logs in "
-        "DATA_DIR/versions/runs/VERSION/tensorboard (repeatable)",
+        help="also send every stage's training metrics to this tracker (tensorboard, wandb, "
+        "mlflow, trackio, none; docs/alignment.md); local logs go to "
+        "DATA_DIR/versions/runs/VERSION (repeatable)",
     )
     parser.add_argument(
         "--retrain-budget-minutes",
