@@ -35,7 +35,7 @@ test: install-test model browser nginx
 	$(PY) -m pytest
 
 test-fast: install-test
-	$(PY) -m pytest -m "not slow and not browser and not cycle and not proxy"
+	$(PY) -m pytest -m "not slow and not browser and not cycle and not proxy and not replicas"
 
 lint: install-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
@@ -47,7 +47,7 @@ bench: install model
 	$(PY) -m bench.run_all
 
 # `make run` installs what the app needs (EXTRAS: cpu here, gpu on a GPU box); `make test` adds
-# the dev extra (pytest, ruff, Playwright, hypothesis) on top.
+# the dev extra (pytest, ruff, Playwright, hypothesis, the trackers) on top.
 install: $(STAMP)
 install-test: $(TEST_STAMP)
 

@@ -142,9 +142,10 @@ class ReplicaSet:
 
     @property
     def base_url(self) -> str:
-        """Where a cycle samples its rollouts: the first replica (it loads the cycle's own
-        adapters; users' pairs meanwhile go to any replica)."""
-        return self.replicas[0].url
+        """Where a cycle samples its rollouts: the first replica in rotation (it loads the
+        cycle's own adapters; users' pairs meanwhile go to any replica)."""
+        serving = [r for r in self.replicas if r.in_rotation] or self.replicas
+        return serving[0].url
 
     @property
     def model_name(self) -> str:

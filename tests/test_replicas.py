@@ -34,6 +34,7 @@ from harness.tiny_model import (
     likes_cheerful,
 )
 
+pytestmark = pytest.mark.replicas  # two vLLM servers of its own: make test-fast leaves it out
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 STYLE_OF = {"v0001": True, "v0002": False}  # does a reply of this version have "!"?
 
