@@ -40,6 +40,15 @@ QUIET_S = 15.0  # `follow` says it is alive at least this often: proxies drop a 
 
 
 class AlignmentLoop:
+    """The one owner of retraining in the app. A cycle, a rollback and pruning all take its
+    lock, so none can run inside another: a rollback in the middle of a cycle's swap would
+    leave the store and the engine disagreeing on the serving version, and pruning could
+    delete the checkpoint a cycle is about to serve. It trains in a worker process, not here,
+    so chat stays responsive and a crashed cycle cannot touch serving; and it keeps each cycle
+    in the store, not only in memory, so a restarted app still answers for a cycle it started.
+    The scheduler, the admin API and the CLI all ask it rather than starting cycles
+    themselves."""
+
     def __init__(
         self,
         store: Store,

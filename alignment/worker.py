@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from alignment.cycle import run_cycle
+from alignment.cycle import CycleInputs, run_cycle
 from alignment.job import Job
 from alignment.rollouts import vllm_generate
 
@@ -45,19 +45,21 @@ def main(job_dir: str) -> int:
     revisions_file = job_path / "revisions.jsonl"
     verdicts_file = job_path / "verdicts.jsonl"  # absent in jobs written before it existed
     try:
-        result = run_cycle(
-            job.serving_model,
-            job.parent,
-            job.version,
-            _read_jsonl(job_path / "preferences.jsonl"),
-            _read_jsonl(job_path / "prompts.jsonl"),
-            vllm_generate(job.engine_url, job.model_name, adapters_dir=job_path / "adapters"),
-            Path(job.versions_dir),
-            job.cycle,
-            progress=say,
+        inputs = CycleInputs(
+            serving_model=job.serving_model,
+            parent_version=job.parent,
+            new_version=job.version,
+            records=_read_jsonl(job_path / "preferences.jsonl"),
+            prompts=_read_jsonl(job_path / "prompts.jsonl"),
+            serving_generate=vllm_generate(
+                job.engine_url, job.model_name, adapters_dir=job_path / "adapters"
+            ),
+            out_root=Path(job.versions_dir),
+            config=job.cycle,
             revisions=_read_jsonl(revisions_file) if revisions_file.exists() else None,
             verdicts=_read_jsonl(verdicts_file) if verdicts_file.exists() else None,
         )
+        result = run_cycle(inputs, progress=say)
         result.peak_rss_mb = _peak_rss_mb()
         result.write(job_path)
         say("done", {})

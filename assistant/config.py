@@ -155,6 +155,13 @@ class CAIConfig:
 
 @dataclass
 class AppConfig:
+    """Every setting of one app, gathered so that the CLI, a --config file and the tests build
+    the same object and `validate()` checks it once, at start, before anything is served: a
+    wrong value fails there with its fix, not minutes later inside a retrain cycle. Each
+    subsystem then gets only its own section (`engine`, `serve`, `loop`...) and the cycle's
+    settings as resolved once here (`cycle`), so no two places apply the precedence of preset,
+    files and flags differently."""
+
     data_dir: Path = setting(
         "where models, the database and caches live ($ASSISTANT_DATA_DIR)",
         default_factory=default_data_dir,

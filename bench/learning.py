@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignment.config import CycleConfig, GateConfig, PPOConfig, RewardConfig, cycle_config
-from alignment.cycle import run_cycle
+from alignment.cycle import CycleInputs, run_cycle
 from alignment.rollouts import vllm_generate
 from engine.vllm_client import VLLMServerEngine
 from storage.export import to_trl
@@ -92,16 +92,17 @@ def one_budget(url, model, work, config, prompts, likes, n_chats, seed, max_toke
         return {**row, "status": "too few decisive votes"}
     config.reward.seed = config.ppo.seed = seed
     started = time.perf_counter()
-    result = run_cycle(
-        str(model),
-        "v0000",
-        "v0001",
-        records,
-        [p for p, _ in pairs],
-        vllm_generate(url, adapters_dir=work / f"adapters-{n_chats}-{seed}"),
-        work / f"run-{n_chats}-{seed}",
-        config,
+    inputs = CycleInputs(
+        serving_model=str(model),
+        parent_version="v0000",
+        new_version="v0001",
+        records=records,
+        prompts=[p for p, _ in pairs],
+        serving_generate=vllm_generate(url, adapters_dir=work / f"adapters-{n_chats}-{seed}"),
+        out_root=work / f"run-{n_chats}-{seed}",
+        config=config,
     )
+    result = run_cycle(inputs)
     row |= {
         "cycle_s": round(time.perf_counter() - started, 1),
         "rm_heldout_acc": result.reward.get("heldout_accuracy"),

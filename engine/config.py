@@ -35,10 +35,12 @@ class EngineConfig:
     )
     served_model_name: str = setting("model name the engine serves under", default="policy")
     max_model_len: int = setting("context window in tokens (prompt + reply)", default=2048)
+    # float32 where bf16 is emulated: on a 2-core AVX2 VM bf16 decoded 8 prompts at 17 tok/s,
+    # float32 at 47 (bench/RESULTS.md, "A CPU without AVX-512: the engine in float32")
     dtype: str = setting(
         "weight dtype for the embedded engine: auto (bfloat16 on a GPU or a CPU with "
-        "AVX-512-BF16 or AMX; float32 on other CPUs, where bf16 is emulated and about 3x "
-        "slower batched), or any vLLM --dtype",
+        "AVX-512-BF16 or AMX; float32 on other CPUs, where bf16 would be emulated and slower), "
+        "or any vLLM --dtype",
         default="auto",
     )
     max_num_seqs: int = setting(
@@ -49,9 +51,12 @@ class EngineConfig:
         default=0.3,
     )
     kv_cache_gib: int = setting("CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", default=1)
+    # on the CPU, compiling took the start from 25 s to 79 s for 1.25x faster decoding, and vLLM's
+    # CPU compile cache does not reload, so every start pays it (bench/RESULTS.md, "Engine
+    # start-up and compilation")
     compile: str = setting(
-        "torch.compile the model: auto (GPU yes; CPU no: the CPU compile cache does not reload, "
-        "so each start would spend ~60 s compiling for ~1.25x decode speed), yes, no",
+        "torch.compile the model for faster decoding: auto (on a GPU; not on a CPU, where the "
+        "compiled model is not cached and every start would compile it again), yes, no",
         default="auto",
     )
     lora_rollouts: bool = setting(
@@ -60,10 +65,12 @@ class EngineConfig:
         default=True,
     )
     startup_timeout_s: float = setting("how long to wait for the engine to come up", default=600.0)
+    # under 32 simulated users on 2 cores, nice 10 moved a vote's write median from 405 to 335 ms
+    # only (bench/RESULTS.md, bench.load --engine-nice)
     nice: int = setting(
         "scheduling niceness of the embedded engine's processes (0: same as the app). On a small "
-        "machine a positive value lets the app answer votes and pages at once while the engine "
-        "generates (bench/RESULTS.md)",
+        "machine a positive value gives the app's pages and votes the CPU first while the "
+        "engine generates",
         default=0,
     )
     extra_args: list[str] = setting(

@@ -12,7 +12,7 @@ import pytest
 
 from alignment.budget import MIN_PPO_ROUNDS
 from alignment.config import GateConfig, RewardConfig, preset
-from alignment.cycle import CycleConfig, run_cycle
+from alignment.cycle import CycleConfig, CycleInputs, run_cycle
 from alignment.gate import Comparisons, count_comparisons, gate_decision, reward_refusal
 from alignment.rollouts import vllm_generate
 from engine.vllm_client import VLLMServerEngine
@@ -193,17 +193,17 @@ def test_full_cycle_merges_version_and_hot_swaps_without_failures(
     records = synthetic_preferences(24)
     prompts = [r["prompt"] for r in records]
     stages = []
-    result = run_cycle(
-        str(tiny_model_dir),
-        "v0000",
-        "v0001",
-        records,
-        prompts,
-        vllm_generate(tiny_engine_url, adapters_dir=tmp_path / "adapters"),
-        tmp_path / "versions",
-        fast_config(min_win_rate=0.0, max_kl=1e9),
-        progress=lambda stage, d: stages.append((stage, d)),
+    inputs = CycleInputs(
+        serving_model=str(tiny_model_dir),
+        parent_version="v0000",
+        new_version="v0001",
+        records=records,
+        prompts=prompts,
+        serving_generate=vllm_generate(tiny_engine_url, adapters_dir=tmp_path / "adapters"),
+        out_root=tmp_path / "versions",
+        config=fast_config(min_win_rate=0.0, max_kl=1e9),
     )
+    result = run_cycle(inputs, progress=lambda stage, d: stages.append((stage, d)))
     assert result.gate["deploy"] and result.path
     names = list(dict.fromkeys(stage for stage, _ in stages))
     assert names == ["reward_model", "ppo", "ppo_rollouts", "gate", "merge"]
@@ -263,16 +263,17 @@ def test_gate_rejects_policy_pushed_past_kl_limit(tiny_model_dir, tiny_engine_ur
     config.ppo.learning_rate = 5e-2  # push the policy away from the reference
     config.report_to = ["tensorboard"]
     config.ppo.steps, config.budget_minutes = 3, 1e-6  # a budget spent before PPO starts
-    result = run_cycle(
-        str(tiny_model_dir),
-        "v0000",
-        "v0002",
-        records,
-        [r["prompt"] for r in records],
-        vllm_generate(tiny_engine_url, adapters_dir=tmp_path / "adapters"),
-        tmp_path / "versions",
-        config,
+    inputs = CycleInputs(
+        serving_model=str(tiny_model_dir),
+        parent_version="v0000",
+        new_version="v0002",
+        records=records,
+        prompts=[r["prompt"] for r in records],
+        serving_generate=vllm_generate(tiny_engine_url, adapters_dir=tmp_path / "adapters"),
+        out_root=tmp_path / "versions",
+        config=config,
     )
+    result = run_cycle(inputs)
     assert not result.gate["deploy"] and "KL" in result.gate["reason"]
     assert result.path is None and not (tmp_path / "versions" / "v0002").exists()
     assert result.gate["kl"] > 1e-6
@@ -306,17 +307,18 @@ def test_cycle_with_sft_stage_uses_the_sft_model_as_base(tiny_model_dir, tiny_en
     config = fast_config(min_win_rate=0.0, max_kl=1e9)
     config.sft.enabled = True
     config.sft.learning_rate = 5e-3
-    result = run_cycle(
-        str(tiny_model_dir),
-        "v0000",
-        "v0003",
-        records,
-        [r["prompt"] for r in records],
-        vllm_generate(tiny_engine_url, adapters_dir=tmp_path / "adapters"),
-        tmp_path / "versions",
-        config,
+    inputs = CycleInputs(
+        serving_model=str(tiny_model_dir),
+        parent_version="v0000",
+        new_version="v0003",
+        records=records,
+        prompts=[r["prompt"] for r in records],
+        serving_generate=vllm_generate(tiny_engine_url, adapters_dir=tmp_path / "adapters"),
+        out_root=tmp_path / "versions",
+        config=config,
         revisions=revisions,
     )
+    result = run_cycle(inputs)
     assert result.sft is not None and result.sft["loss_after"] < result.sft["loss_before"]
     assert (result.sft["revisions"], result.sft["demonstrations"]) == (16, 0)
     manifest = json.loads((tmp_path / "versions" / "v0003" / "manifest.json").read_text())
