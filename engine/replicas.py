@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 # What a vLLM server reports before anyone named its weights: the checkpoint it started from.
 UNNAMED_WEIGHTS = "default"
+# A replica that answers but could not be brought to the serving version is tried again after
+# this long, not every watch round (each try pauses it and reads a whole checkpoint).
+CATCH_UP_RETRY_S = 30.0
 
 
 class VersionsFolderError(EngineError):
@@ -85,6 +88,7 @@ class Replica:
         self.outstanding = 0
         self.served: str | None = None  # its weights' version, as last read or set
         self.note: str | None = "not checked yet"
+        self.retry_at = 0.0  # after a failed catch-up: not before (a reload is not free)
 
     @property
     def url(self) -> str:
@@ -197,7 +201,7 @@ class ReplicaSet:
             replica.healthy = True
             if served == self._version and replica.in_rotation:
                 continue
-            if self._deploys.locked():
+            if self._deploys.locked() or time.monotonic() < replica.retry_at:
                 continue  # a deploy is on: it (or the next round) handles this replica
             async with self._deploys:
                 await self._catch_up(replica)
@@ -250,6 +254,7 @@ class ReplicaSet:
                     await replica.client.load_adapter(name, self._engine_path(path))
         except EngineError as exc:
             replica.leave_rotation(f"cannot serve {self._version}: {exc}")
+            replica.retry_at = time.monotonic() + CATCH_UP_RETRY_S
             log.error("engine %s cannot serve %s: %s", replica.url, self._version, exc)
             return
         replica.served = self._version
@@ -334,6 +339,7 @@ class ReplicaSet:
                             f"still serves {old_version}"
                         ) from exc
                     replica.leave_rotation(f"failed to load {version}: {exc}")
+                    replica.retry_at = time.monotonic() + CATCH_UP_RETRY_S
                     log.error("engine %s failed to load %s: %s", replica.url, version, exc)
                     continue
                 replica.served = version
