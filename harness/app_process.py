@@ -171,15 +171,14 @@ def two_style_app_args(model: Path, retrain_config: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
-    """`assistant run` flags for an app on the shared tiny engine: short, varied replies; no
-    background critique worker unless a test asks for it (it would load the shared engine); and
-    simulated users vote instantly, so their votes are not flagged as too fast to have read."""
+def tiny_app_flags(cai: bool = False) -> list[str]:
+    """`assistant run` flags for an app like the shared tiny engine's, whatever its engine:
+    short, varied replies; no background critique worker unless a test asks for it (it would
+    load the shared engine); and simulated users vote instantly, so their votes are not flagged
+    as too fast to have read. `harness.in_process` starts its apps with them too."""
     return [
         "--reading-words-per-second",
         "0",
-        "--vllm-url",
-        engine_url,
         "--max-new-tokens",
         "16",
         "--temperature",
@@ -187,5 +186,10 @@ def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
         *([] if cai else ["--no-cai"]),
         *MANY_USERS_ON_ONE_ADDRESS,
         *DEPLOY_AT_THE_GATE,
-        *extra,
     ]
+
+
+def tiny_app_args(engine_url: str, cai: bool, *extra: str) -> list[str]:
+    """`assistant run` flags for an app on the shared tiny engine (`tiny_app_flags`), then
+    `extra` (the last flag given wins)."""
+    return ["--vllm-url", engine_url, *tiny_app_flags(cai), *extra]

@@ -10,6 +10,7 @@ to end through `assistant run`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -25,6 +26,10 @@ class FakeEngine:
         self.reloads: list[tuple[str, str]] = []  # (path, version) of each swap
         self.up = True
         self.forwarded: list[dict] = []  # what the OpenAI-compatible route passed on
+        # Replies wait while `hold` is an Event not yet set: a test fills the backlog with them
+        # and sets it (`client.portal.call(engine.hold.set)`); `held` counts those waiting.
+        self.hold: asyncio.Event | None = None
+        self.held = 0
 
     @property
     def model_version(self) -> str:
@@ -53,6 +58,12 @@ class FakeEngine:
         challenger: Challenger | None = None,
         per_candidate=None,
     ) -> AsyncIterator[PairProgress]:
+        if self.hold is not None:
+            self.held += 1
+            try:
+                await self.hold.wait()
+            finally:
+                self.held -= 1
         drafts = (
             CandidateDraft(0, seed, model_version=self._version),
             CandidateDraft(1, seed + 1, model_version=self._version),

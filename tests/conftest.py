@@ -139,26 +139,12 @@ def smol_app(tmp_path_factory) -> Iterator[AppProcess]:
 @pytest.fixture(scope="module")
 def app_in_process(tmp_path_factory) -> Iterator:
     """The whole app (API, page, limits, store) in this process around a fake engine, talked to
-    through Starlette's test client, shared by a module: the edge's rules in milliseconds, no
-    vLLM started. What depends on real replies or a real process is tested through
-    `assistant run` instead."""
-    from starlette.testclient import TestClient
+    through Starlette's test client (`harness.in_process`), shared by a module like `tiny_app`:
+    the edge's rules in milliseconds, no vLLM started. What depends on real replies or a real
+    process is tested through `assistant run` instead."""
+    from harness.in_process import in_process_app
 
-    from assistant.config import AppConfig
-    from assistant.server import build_app, open_runtime
-    from harness.fake_engine import FakeEngine
-
-    config = AppConfig(data_dir=tmp_path_factory.mktemp("in-process"))
-    config.serve.max_message_chars = 4000  # as the real test apps
-    config.serve.reading_words_per_second = 0
-    config.serve.max_votes_per_minute_per_address = 0
-    config.serve.max_votes_per_minute_total = 0
-    config.serve.max_sessions_per_minute_per_address = 0
-    config.serve.max_backlog_share = 1
-    config.cai.enabled = False
-    config.canary.share = 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ASSISTANT_ADMIN_TOKEN", ADMIN_TOKEN)
-        app = build_app(config, open_runtime(config.validate(), engine=FakeEngine()))
-        with TestClient(app, base_url="http://127.0.0.1") as client:
-            yield client
+    with in_process_app(
+        tmp_path_factory.mktemp("in-process"), "--max-message-chars", "4000"
+    ) as client:
+        yield client

@@ -2,122 +2,143 @@
 limits per session, address and in total, a share of the backlog per address, request bodies
 refused while they arrive, and scheduled cycles refused when one source cast most of the votes.
 
-Through `assistant run` on the shared tiny engine and real HTTP. Clients at different addresses
-connect from different loopback addresses (127.0.0.2, ...: all of 127.0.0.0/8 is this machine);
-a made-up `X-Forwarded-For` changes nothing unless `--forwarded-allow-ips` names the sender
-(tests/test_proxy.py: behind nginx).
+In-process around a fake engine (`harness.in_process`), clients at different addresses each a
+test client connecting from its own. Through `assistant run` and real HTTP only what uvicorn
+decides: a made-up `X-Forwarded-For` changes nothing unless `--forwarded-allow-ips` names the
+sender (tests/test_proxy.py: behind nginx). There, clients connect from different loopback
+addresses (127.0.0.2, ...: all of 127.0.0.0/8 is this machine).
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import duckdb
 import httpx
 
 from assistant.limits import SessionLimit, SlidingWindow, VoteLimits
 from assistant.sessions import MAX_SESSION_CHARS, SessionKeys
+from harness.fake_engine import FakeEngine
+from harness.in_process import from_address, in_process_app, new_session
 
 
-def _from(address: str) -> httpx.HTTPTransport:
-    """Connections from `address`: to the app, another client."""
-    return httpx.HTTPTransport(local_address=address)
-
-
-def _turn(app, headers: dict | None = None) -> dict:
-    r = httpx.post(app.url + "/api/chat", json={"message": "hi"}, headers=headers, timeout=120)
+def _turn(client, headers: dict | None = None) -> dict:
+    r = client.post("/api/chat", json={"message": "hi"}, headers=headers)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def _vote(app, pair_id: str, headers: dict | None = None, address: str = "127.0.0.1"):
-    with httpx.Client(transport=_from(address), timeout=120) as client:
-        return client.post(
-            app.url + "/api/vote", json={"pair_id": pair_id, "choice": "a"}, headers=headers
-        )
+def _vote(client, pair_id: str, headers: dict | None = None):
+    return client.post("/api/vote", json={"pair_id": pair_id, "choice": "a"}, headers=headers)
 
 
-def test_sessions_are_issued_by_the_server_and_made_up_ones_refused(tiny_app):
-    page = httpx.get(tiny_app.url + "/")
+def test_sessions_are_issued_by_the_server_and_made_up_ones_refused(app_in_process):
+    client = app_in_process
+    page = client.get("/")
     cookie = page.headers["set-cookie"]
     assert cookie.startswith("assistant_session=")
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie  # no script, no other site
-    issued = tiny_app.new_session()
-    assert _turn(tiny_app, issued)["pair_id"]
+    issued = new_session(client)
+    assert _turn(client, issued)["pair_id"]
     for made_up in ("alice", issued["X-Session-Id"] + "x", "a." + "0" * 24, "x" * 100_000):
-        r = httpx.post(
-            tiny_app.url + "/api/chat",
-            json={"message": "hi"},
-            headers={"X-Session-Id": made_up},
-            timeout=30,
-        )
+        r = client.post("/api/chat", json={"message": "hi"}, headers={"X-Session-Id": made_up})
         assert r.status_code == 403 and "unknown session" in r.json()["error"], made_up[:20]
     assert len(issued["X-Session-Id"]) <= MAX_SESSION_CHARS
 
 
-def test_votes_are_limited_per_address_and_in_total(tiny_app_factory):
-    app = tiny_app_factory(
+def test_votes_are_limited_per_address_and_in_total(tmp_path):
+    flags = (
         "--max-votes-per-minute", "0",
         "--max-votes-per-minute-per-address", "2",
         "--max-votes-per-minute-total", "3",
     )  # fmt: skip
-    pairs = [_turn(app)["pair_id"] for _ in range(5)]
-    # a vote on a pair that does not exist costs nothing: looked up before it is counted
-    for _ in range(3):
-        assert _vote(app, "no-such-pair").status_code == 404
-    assert _vote(app, pairs[0]).status_code == 200
-    assert _vote(app, pairs[1]).status_code == 200
-    # a third from the same address is refused, whichever session it brings, and whatever
-    # address it claims to be forwarded for (no --forwarded-allow-ips: nobody is believed)
-    spoofed = {"X-Forwarded-For": "127.0.0.9"}
-    for headers in (None, app.new_session(), spoofed, {**spoofed, **app.new_session()}):
-        refused = _vote(app, pairs[2], headers)
-        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
-        assert "from this address: at most 2 a minute" in refused.json()["error"]
-    assert _vote(app, pairs[2], address="127.0.0.2").status_code == 200  # a third vote in all
-    refused = _vote(app, pairs[3], address="127.0.0.3")
-    assert refused.status_code == 429 and "everybody together" in refused.json()["error"]
-    app.stop()
-    con = duckdb.connect(str(app.db), read_only=True)
+    with in_process_app(tmp_path, *flags, address="10.0.0.1") as client:
+        pairs = [_turn(client)["pair_id"] for _ in range(5)]
+        # a vote on a pair that does not exist costs nothing: looked up before it is counted
+        for _ in range(3):
+            assert _vote(client, "no-such-pair").status_code == 404
+        assert _vote(client, pairs[0]).status_code == 200
+        assert _vote(client, pairs[1]).status_code == 200
+        # a third from the same address is refused, whichever session it brings
+        for headers in (None, new_session(client)):
+            refused = _vote(client, pairs[2], headers)
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+            assert "from this address: at most 2 a minute" in refused.json()["error"]
+        other = from_address(client, "10.0.0.2")
+        assert _vote(other, pairs[2]).status_code == 200  # a third vote in all
+        refused = _vote(from_address(client, "10.0.0.3"), pairs[3])
+        assert refused.status_code == 429 and "everybody together" in refused.json()["error"]
+    con = duckdb.connect(str(tmp_path / "assistant.duckdb"), read_only=True)
     clients = con.execute("SELECT client FROM votes ORDER BY created_at").fetchall()
     con.close()
     # the address is kept only as a keyed tag: two from one client, one from another
     tags = [c for (c,) in clients]
     assert len(tags) == 3 and tags[0] == tags[1] != tags[2]
-    assert all(t.startswith("c-") and "127.0.0" not in t for t in tags)
+    assert all(t.startswith("c-") and "10.0.0" not in t for t in tags)
 
 
-def test_one_address_gets_its_share_of_the_backlog_not_all_of_it(tiny_app_factory):
-    app = tiny_app_factory(
-        "--max-backlog", "4", "--max-backlog-share", "0.25", "--max-new-tokens", "200"
-    )
+def test_a_made_up_forwarded_for_is_believed_from_no_one_by_default(tiny_app_factory):
+    """uvicorn's own default believes X-Forwarded-For from 127.0.0.1: `assistant run` without
+    --forwarded-allow-ips turns that off (what only the real server shows)."""
+    app = tiny_app_factory("--max-votes-per-minute", "0", "--max-votes-per-minute-per-address", "2")
 
-    async def run():
-        def client(address):
-            transport = httpx.AsyncHTTPTransport(local_address=address)
-            return httpx.AsyncClient(base_url=app.url, timeout=120, transport=transport)
+    def vote(pair_id: str, headers: dict | None = None, address: str = "127.0.0.1"):
+        transport = httpx.HTTPTransport(local_address=address)
+        with httpx.Client(transport=transport, timeout=120) as client:
+            return client.post(
+                app.url + "/api/vote", json={"pair_id": pair_id, "choice": "a"}, headers=headers
+            )
 
-        async with client("127.0.0.2") as one, client("127.0.0.3") as other:
+    with httpx.Client(base_url=app.url, timeout=120) as client:
+        pairs = [_turn(client)["pair_id"] for _ in range(4)]
+    assert vote(pairs[0]).status_code == 200
+    assert vote(pairs[1]).status_code == 200
+    spoofed = {"X-Forwarded-For": "127.0.0.9"}
+    for headers in (spoofed, {**spoofed, **app.new_session()}):
+        refused = vote(pairs[2], headers)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert "from this address: at most 2 a minute" in refused.json()["error"]
+    assert vote(pairs[2], address="127.0.0.2").status_code == 200  # another address is not
 
-            def chat(c):
-                return c.post("/api/chat", json={"message": "hi"})
 
-            # all three at once: whichever of 127.0.0.2's two is admitted first holds its one
-            # place for the whole generation (an engine round trip at least), so the other is
-            # refused; a fixed sleep before the second raced a first reply that ended early
-            return await asyncio.gather(chat(one), chat(one), chat(other))
-
-    one, two, other = asyncio.run(run())
+def test_one_address_gets_its_share_of_the_backlog_not_all_of_it(tmp_path):
+    engine = FakeEngine()
+    engine.hold = asyncio.Event()  # replies generate until the test lets them end
+    flags = ("--max-backlog", "4", "--max-backlog-share", "0.25")
+    with (
+        in_process_app(tmp_path, *flags, engine=engine, address="10.0.0.2") as one,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        first = pool.submit(_chat, one)
+        _until(lambda: engine.held == 1)
+        # 10.0.0.2's one place is taken while its first reply generates: its second is refused
+        same = _chat(one)
+        other = pool.submit(_chat, from_address(one, "10.0.0.3"))  # someone else still has one
+        _until(lambda: engine.held == 2)
+        one.portal.call(engine.hold.set)
+        first, other = first.result(timeout=60), other.result(timeout=60)
     assert other.status_code == 200
-    assert sorted([one.status_code, two.status_code]) == [200, 429], (one.text, two.text)
-    same = one if one.status_code == 429 else two
+    assert sorted([first.status_code, same.status_code]) == [200, 429], (first.text, same.text)
     assert same.headers["retry-after"] == "5"
     assert "this address already has 1 replies generating" in same.json()["error"]
 
 
-def test_request_bodies_are_refused_while_they_arrive(tiny_app):
+def _chat(client):
+    return client.post("/api/chat", json={"message": "hi"})
+
+
+def _until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_request_bodies_are_refused_while_they_arrive(app_in_process):
+    client = app_in_process
+
     def chunks(opening: bytes = b'{"message": "'):  # no Content-Length: the server only learns
         yield opening  # the size by reading
         for _ in range(64):
@@ -133,41 +154,32 @@ def test_request_bodies_are_refused_while_they_arrive(tiny_app):
         ("/api/chat", b'{"message": "'),
         ("/admin/login", b"token="),
     ]:
-        r = httpx.post(tiny_app.url + path, content=chunks(opening), timeout=30)
+        r = client.post(path, content=chunks(opening))
         assert r.status_code == 413 and "bytes" in r.json()["error"], (path, r.text[:200])
     # a declared size over the limit is refused before any of the body is read
-    for path in (b"/api/vote", b"/gradio_api/queue/join"):
-        with socket.create_connection(("127.0.0.1", tiny_app.port), timeout=30) as sock:
-            sock.sendall(
-                b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n{"
-            )
-            answer = sock.recv(4096).decode()
-        assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    for path in ("/api/vote", "/gradio_api/queue/join"):
+        headers = {"Content-Type": "application/json", "Content-Length": "1000000000"}
+        r = client.post(path, content=b"{", headers=headers)
+        assert r.status_code == 413, r.text[:200]
     # a body within the limit still reaches Gradio whole
-    r = httpx.post(tiny_app.url + "/gradio_api/call/who", json={"data": []}, timeout=30)
+    r = client.post("/gradio_api/call/who", json={"data": []})
     assert r.status_code == 200 and r.json()["event_id"]
 
 
-def test_a_scheduled_cycle_on_one_sessions_votes_is_refused_with_the_reason(
-    tiny_app_factory, tiny_model_dir
-):
-    app = tiny_app_factory(
-        "--model", str(tiny_model_dir),
-        "--retrain-preset", "fast",
+def test_a_scheduled_cycle_on_one_sessions_votes_is_refused_with_the_reason(tmp_path):
+    flags = (
         "--retrain-every-votes", "2",
         "--retrain-poll-seconds", "0.5",
         "--max-vote-source-share", "0.5",
     )  # fmt: skip
-    session = app.new_session()
-    for _ in range(2):
-        assert _vote(app, _turn(app, session)["pair_id"], session).status_code == 200
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "scheduled cycle refused" not in app.log.read_text():
-        time.sleep(0.5)
-    assert httpx.get(app.url + "/api/versions").json()["serving"] == "v0000"
-    app.stop()
-    con = duckdb.connect(str(app.db), read_only=True)
+    with in_process_app(tmp_path, *flags) as client:
+        session = new_session(client)
+        for _ in range(2):
+            assert _vote(client, _turn(client, session)["pair_id"], session).status_code == 200
+        store = client.app.state.runtime.store
+        _until(lambda: any(r["status"] == "refused" for r in store.training_runs()))
+        assert client.get("/api/versions").json()["serving"] == "v0000"
+    con = duckdb.connect(str(tmp_path / "assistant.duckdb"), read_only=True)
     runs = con.execute("SELECT status, error FROM training_runs").fetchall()
     con.close()
     assert runs and {status for status, _ in runs} == {"refused"}
