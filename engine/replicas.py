@@ -428,9 +428,10 @@ class ReplicaSet:
                     raise
                 replica.leave_rotation("not answering", healthy=False)
                 log.error("engine %s is unreachable; out of rotation", replica.url)
-                others = [r for r in self.replicas if r.in_rotation and id(r) not in tried]
-                if started or not others:
+                if started:
                     raise
+                if not [r for r in self.replicas if r.in_rotation and id(r) not in tried]:
+                    raise NoReplicaError(f"no engine answers: {exc}") from exc
             finally:
                 replica.outstanding -= 1
 

@@ -1,0 +1,235 @@
+"""`ReplicaSet`'s rules with stand-in servers: which replica a pair goes to, what a failed or
+unreachable replica does to a rolling swap, how a returning replica is brought back.
+
+The same rules run against real vLLM servers in tests/test_replicas.py (minutes); here each
+branch is forced deterministically (a reload that fails, a server that stops answering), in
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from engine.protocol import CandidateDraft, EngineError, PairProgress
+from engine.replicas import NoReplicaError, ReplicaSet, _labelled_metrics
+
+
+class StandIn:
+    """What `ReplicaSet` uses of a `VLLMServerEngine`, with switches to break it."""
+
+    def __init__(self, url: str, served: str = "default") -> None:
+        self.base_url = url
+        self.model_name = "policy"
+        self.weights = served
+        self.up = True
+        self.fail_reload = False
+        self.adapters: set[str] = set()
+        self.reloads: list[str] = []
+        self.pairs = 0
+
+    def _answer(self) -> None:
+        if not self.up:
+            raise EngineError(f"{self.base_url} is unreachable") from httpx.ConnectError("down")
+
+    async def served_version(self) -> str:
+        self._answer()
+        return self.weights
+
+    async def name_weights(self, version: str) -> None:
+        self._answer()
+        self.weights = version
+
+    async def reload_weights(self, path, version, commit=None) -> float:
+        self._answer()
+        self.reloads.append(version)
+        if self.fail_reload:
+            raise EngineError("engine error 500: cannot load the checkpoint")
+        self.weights = version
+        if commit is not None:
+            await commit(0.1)
+        return 0.1
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        self._answer()
+        self.adapters.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapters.discard(name)
+
+    async def stream_pair(self, messages, sampling, seed, challenger=None, per_candidate=None):
+        self._answer()
+        self.pairs += 1
+        drafts = (
+            CandidateDraft(0, seed, "x", 1, "stop"),
+            CandidateDraft(1, seed + 1, "y", 1, "stop"),
+        )
+        for d in drafts:
+            d.model_version = self.weights
+        yield PairProgress(drafts, self.weights, 3, final=True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _set(*servers: StandIn, version: str = "v0001") -> ReplicaSet:
+    return ReplicaSet(list(servers), version, "/versions/v0001", unnamed_is="v0000")
+
+
+async def _pair(replicas: ReplicaSet, **kw) -> PairProgress:
+    return [p async for p in replicas.stream_pair([], {}, 1, **kw)][-1]
+
+
+def test_start_brings_every_replica_to_the_serving_version_and_names_it():
+    a, b = StandIn("http://a", served="v0001"), StandIn("http://b")  # b: fresh, on the base
+
+    async def go():
+        replicas = _set(a, b)
+        await replicas.prepare()
+        return replicas
+
+    replicas = asyncio.run(go())
+    assert (a.reloads, b.reloads) == ([], ["v0001"])  # only the one on other weights swapped
+    assert [s.version for s in replicas.statuses()] == ["v0001", "v0001"]
+    assert all(s.in_rotation for s in replicas.statuses())
+
+
+def test_pairs_go_to_the_least_busy_replica_and_a_challenger_where_its_adapter_is():
+    a, b = StandIn("http://a", "v0001"), StandIn("http://b", "v0001")
+
+    async def go():
+        replicas = _set(a, b)
+        await replicas.prepare()
+        replicas.replicas[0].outstanding = 3  # a is busy
+        await _pair(replicas)
+        b.adapters.discard("v0002")
+        a.adapters.add("v0002")
+        from engine.protocol import Challenger
+
+        await _pair(replicas, challenger=Challenger("v0002", 1))
+
+    asyncio.run(go())
+    assert (a.pairs, b.pairs) == (1, 1)  # the plain pair to b, the canary pair to a
+
+
+def test_a_replica_that_fails_the_first_reload_is_restored_and_the_deploy_fails():
+    a, b = StandIn("http://a", "v0001"), StandIn("http://b", "v0001")
+    a.fail_reload = True
+    commits: list[float] = []
+
+    async def go():
+        replicas = _set(a, b)
+        await replicas.prepare()
+
+        async def commit(seconds: float) -> None:
+            commits.append(seconds)
+
+        with pytest.raises(EngineError, match="every engine still serves v0001"):
+            await replicas.reload_weights("/versions/v0002", "v0002", commit)
+        return replicas
+
+    replicas = asyncio.run(go())
+    assert commits == [] and replicas.model_version == "v0001"
+    assert b.reloads == []  # the deploy stopped before the second replica
+    assert a.reloads == ["v0002", "v0001"]  # tried, then put back (that fails too: left out)
+
+
+def test_a_replica_failing_after_the_first_switched_leaves_rotation_until_it_catches_up():
+    a, b = StandIn("http://a", "v0001"), StandIn("http://b", "v0001")
+    b.fail_reload = True
+
+    async def go():
+        replicas = _set(a, b)
+        await replicas.prepare()
+        await replicas.reload_weights("/versions/v0002", "v0002")
+        after_deploy = [(s.version, s.in_rotation) for s in replicas.statuses()]
+        labels = {(await _pair(replicas)).model_version for _ in range(4)}
+        b.fail_reload = False
+        replicas.replicas[1].retry_at = 0  # skip the 30-s wait before the next try
+        await replicas.watch_once()
+        return after_deploy, labels, replicas.statuses()
+
+    after_deploy, labels, statuses = asyncio.run(go())
+    assert after_deploy == [("v0002", True), ("v0001", False)]  # never a mix in rotation
+    assert labels == {"v0002"}
+    assert [(s.version, s.in_rotation) for s in statuses] == [("v0002", True), ("v0002", True)]
+
+
+def test_an_unreachable_replica_is_skipped_by_the_swap_and_by_pairs_then_rejoins_updated():
+    a, b = StandIn("http://a", "v0001"), StandIn("http://b", "v0001")
+
+    async def go():
+        replicas = _set(a, b)
+        await replicas.prepare()
+        b.up = False
+        await replicas.reload_weights("/versions/v0002", "v0002")
+        for _ in range(3):
+            assert (await _pair(replicas)).model_version == "v0002"
+        b.up, b.weights = True, "default"  # restarted by its supervisor, on the base weights
+        await replicas.watch_once()
+        return replicas.statuses()
+
+    statuses = asyncio.run(go())
+    assert a.pairs == 3 and b.pairs == 0
+    assert b.reloads == ["v0002"] and b.weights == "v0002"
+    assert all(s.in_rotation and s.version == "v0002" for s in statuses)
+
+
+def test_a_pair_that_cannot_reach_its_replica_goes_to_another_and_none_left_is_503():
+    a, b = StandIn("http://a", "v0001"), StandIn("http://b", "v0001")
+
+    async def go():
+        replicas = _set(a, b)
+        await replicas.prepare()
+        a.up = False  # down, and the watch has not noticed yet
+        first = await _pair(replicas)
+        b.up = False
+        replicas.replicas[1].in_rotation = True
+        with pytest.raises(NoReplicaError) as refused:
+            await _pair(replicas)
+        return first, refused.value
+
+    first, refused = asyncio.run(go())
+    assert first.model_version == "v0001" and b.pairs == 1
+    assert refused.status == 503 and refused.retry_after_s
+
+
+def test_one_replica_swapping_holds_pairs_instead_of_refusing_them():
+    """The embedded engine is a set of one: a pair asked for during its swap waits for it."""
+    a = StandIn("http://a", "v0001")
+    gate = asyncio.Event()
+
+    async def go():
+        replicas = _set(a)
+        await replicas.prepare()
+        original = a.reload_weights
+
+        async def slow_reload(path, version, commit=None):
+            await gate.wait()
+            return await original(path, version, commit)
+
+        a.reload_weights = slow_reload
+        swap = asyncio.create_task(replicas.reload_weights("/versions/v0002", "v0002"))
+        await asyncio.sleep(0)
+        assert replicas.replicas[0].swapping and await replicas.healthy()
+        pair = asyncio.create_task(_pair(replicas))
+        await asyncio.sleep(0)
+        gate.set()
+        await swap
+        return await pair
+
+    assert asyncio.run(go()).model_version in ("v0001", "v0002")
+
+
+def test_several_replicas_metrics_are_one_exposition_labelled_by_replica():
+    text = (
+        "# HELP vllm:num_requests_running Requests running.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="policy"} 2.0\n'
+    )
+    merged = _labelled_metrics({"http://a": text, "http://b": text.replace("2.0", "5.0")})
+    assert merged.count("# TYPE vllm:num_requests_running gauge") == 1
+    assert 'replica="http://a"' in merged and 'replica="http://b"' in merged
+    assert "5.0" in merged
