@@ -22,12 +22,12 @@ each. Two apps start in front of them, `--vllm-url r1` and `--vllm-url r1 --vllm
 
 Prints a Markdown table, then one JSON line.
 
-What to expect on this box (2 cores): little or no gain. One replica's model worker already
-binds one core (vLLM reserves the other for its API server and scheduler); with two, each
-worker gets a core but the two API servers, two schedulers, the app and the simulated users all
-share the same two cores, so expect about 1x the turns per minute, or less. What a second
-replica adds here is availability: a swap, a crash or a restart takes one replica out while the
-other keeps answering.
+What to expect on this box (2 cores): a little. One replica's model worker binds one core
+(vLLM keeps the other for its API server and scheduler); a second replica's worker takes that
+core, shared with both servers' front ends, the app and the simulated users. Measured: 1.15-1.29x
+the turns per minute, 0.76-0.79x the median turn time (bench/RESULTS.md). What a second replica
+adds besides: availability: a swap, a crash or a restart takes one replica out while the other
+keeps answering.
 
 Which figures would change on a GPU box, and why:
 - turns per minute: two replicas on two GPUs double the compute (nothing shared but the app),
