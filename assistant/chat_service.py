@@ -55,6 +55,14 @@ class BusyError(AppError):
         self.retry_after_s = retry_after_s
 
 
+def _public_note(replica, admin: bool) -> str | None:
+    """Why a replica is out of rotation: the whole reason for an admin; for anyone else only its
+    state, since the reasons name engine addresses and folders (docs/security.md)."""
+    if admin or replica.note is None:
+        return replica.note
+    return "not answering" if not replica.healthy else "out of rotation"
+
+
 # Manifest entries that name places on the server (checkpoint and run folders, the engine URL).
 _PRIVATE_MANIFEST_KEYS = ("path", "model", "reward_model", "job", "engine_url", "serving_model")
 
@@ -470,7 +478,7 @@ class ChatService:
     async def health(self, admin: bool = False) -> dict:
         engine_ok = self.engine_note is None and await self.engine.healthy()
         replicas = [
-            {**asdict(r), "url": r.url if admin else f"replica-{i}"}
+            {**asdict(r), "url": r.url if admin else f"replica-{i}", "note": _public_note(r, admin)}
             for i, r in enumerate(self.engine.statuses(), start=1)
         ]
         return {

@@ -297,9 +297,13 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
 
     @asynccontextmanager
     async def lifespan(_app):
-        await runtime.start()  # every engine on the serving version, or the start fails
-        await canary.resume()  # a canary the last run left going goes on, or is closed
-        await variants.load()  # the prompt variants an admin saved, if any
+        try:
+            await runtime.start()  # every engine on the serving version, or the start fails
+            await canary.resume()  # a canary the last run left going goes on, or is closed
+            await variants.load()  # the prompt variants an admin saved, if any
+        except BaseException:
+            await runtime.aclose()
+            raise
         tasks = [
             asyncio.create_task(scheduler.run_forever()),
             asyncio.create_task(runtime.engine.watch_forever()),  # replicas' rotation

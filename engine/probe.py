@@ -14,6 +14,12 @@ import json
 from pathlib import Path
 
 PROBE_NAME = "versions-folder-probe"
+# Architectures whose attention has its own `q_proj` (the module the probe adapts); for others
+# the probe is skipped rather than refused for a module the model does not have.
+SEPARATE_Q_PROJ = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
+     "gemma3_text", "granite", "olmo", "olmo2", "starcoder2", "cohere"}
+)  # fmt: skip
 
 
 def write_probe_adapter(versions_dir: Path, checkpoint: Path) -> Path | None:
@@ -24,6 +30,8 @@ def write_probe_adapter(versions_dir: Path, checkpoint: Path) -> Path | None:
 
     try:
         config = json.loads((checkpoint / "config.json").read_text())
+        if config.get("model_type") not in SEPARATE_Q_PROJ:
+            return None  # its attention projections may be fused (e.g. Phi-3's qkv_proj)
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or hidden // heads)

@@ -136,7 +136,6 @@ class ReplicaSet:
         self.poll_s = poll_s
         self._deploys = asyncio.Lock()  # one swap (deploy or a replica's catch-up) at a time
         self._adapters: dict[str, str] = {}  # challengers loaded on the replicas: name -> path
-        self._changed = asyncio.Event()  # a replica entered rotation or finished a swap
 
     # -- what the chat service and the loop read -------------------------------------------
 
@@ -192,7 +191,13 @@ class ReplicaSet:
         for replica in self.replicas:
             if replica.swapping:
                 continue
-            served = await self._served(replica)
+            try:
+                served = await self._served(replica)
+            except EngineError as exc:  # it answers, but not with its version
+                replica.leave_rotation(f"cannot read its weights' version: {exc}", healthy=True)
+                continue
+            if replica.swapping:
+                continue  # a swap began while we asked: what we read is already stale
             if served is None:
                 if replica.healthy or replica.in_rotation:
                     log.error("engine %s stopped answering; out of rotation", replica.url)
@@ -201,17 +206,23 @@ class ReplicaSet:
             replica.healthy = True
             if served == self._version and replica.in_rotation:
                 continue
+            if replica.in_rotation and served != replica.client.model_version:
+                # restarted under us: it no longer serves what its replies would be labelled
+                replica.leave_rotation(f"serves {served}, not {replica.client.model_version}")
             if self._deploys.locked() or time.monotonic() < replica.retry_at:
                 continue  # a deploy is on: it (or the next round) handles this replica
             async with self._deploys:
                 await self._catch_up(replica)
 
     async def _served(self, replica: Replica) -> str | None:
-        """What the replica serves now (None: it does not answer)."""
+        """What the replica serves now (None: it does not answer; EngineError: it answers, but
+        not with a version, e.g. a server without VLLM_SERVER_DEV_MODE=1)."""
         try:
             named = await replica.client.served_version()
-        except EngineError:
-            return None
+        except EngineError as exc:
+            if _unreachable(exc):
+                return None
+            raise
         if named == UNNAMED_WEIGHTS:
             return self._unnamed_is or self._version
         return named
@@ -219,17 +230,26 @@ class ReplicaSet:
     async def _catch_up(self, replica: Replica) -> None:
         """Bring one replica to the serving version (with the canary's adapters) and put it in
         rotation; on failure it stays out, with the reason. Called holding `_deploys`."""
-        served = await self._served(replica)
+        try:
+            served = await self._served(replica)
+        except EngineError as exc:
+            replica.leave_rotation(f"cannot read its weights' version: {exc}", healthy=True)
+            return
         replica.served = served
         if served is None:
             replica.leave_rotation("not answering", healthy=False)
             return
         replica.healthy = True
+        if served != self._version:
+            replica.leave_rotation(f"serves {served}, not {self._version}")
         try:
             await self._prove_folder(replica)
         except VersionsFolderError as exc:
             replica.leave_rotation(str(exc))
             log.error("%s", exc)
+            return
+        except EngineError as exc:  # stopped answering during the probe
+            replica.leave_rotation(f"not answering: {exc}", healthy=False)
             return
         try:
             if served != self._version:
@@ -249,9 +269,9 @@ class ReplicaSet:
             else:
                 # name unnamed weights, so a later restart's base weights are told apart
                 await replica.client.name_weights(self._version)
-            for name, path in self._adapters.items():
-                if name not in replica.client.adapters:
-                    await replica.client.load_adapter(name, self._engine_path(path))
+            # every challenger, also those its client thinks loaded: a restart dropped them
+            for name, path in list(self._adapters.items()):
+                await replica.client.load_adapter(name, self._engine_path(path))
         except EngineError as exc:
             replica.leave_rotation(f"cannot serve {self._version}: {exc}")
             replica.retry_at = time.monotonic() + CATCH_UP_RETRY_S
@@ -259,7 +279,6 @@ class ReplicaSet:
             return
         replica.served = self._version
         replica.in_rotation, replica.note = True, None
-        self._changed.set()
 
     async def _prove_folder(self, replica: Replica) -> None:
         """The engine loads the probe adapter from the versions folder, as it will load every
@@ -299,7 +318,6 @@ class ReplicaSet:
             return await replica.client.reload_weights(self._engine_path(path), version, commit)
         finally:
             replica.swapping = False
-            self._changed.set()
 
     # -- deploys -----------------------------------------------------------------------------
 
@@ -316,14 +334,24 @@ class ReplicaSet:
             async def record(seconds: float) -> None:
                 nonlocal committed
                 self._version, self._path = version, path
-                if commit is not None:
-                    await commit(seconds)
+                try:
+                    if commit is not None:
+                        await commit(seconds)
+                except BaseException:
+                    # not recorded: the old version still serves; the watch puts this replica
+                    # back on it (it serves the new weights, out of rotation meanwhile)
+                    self._version, self._path = old_version, old_path
+                    raise
                 committed = True
 
-            reachable = [r for r in self.replicas if r.healthy]
+            # those serving first: one held out already (a failed catch-up) must not abort it
+            reachable = sorted(
+                (r for r in self.replicas if r.healthy), key=lambda r: not r.in_rotation
+            )
             if not reachable:
                 raise NoReplicaError(f"no engine answers to swap in {version}")
             for replica in reachable:
+                was_serving = replica.in_rotation
                 replica.leave_rotation(f"swapping to {version}")
                 try:
                     await self._swap(replica, path, version, None if committed else record)
@@ -332,7 +360,7 @@ class ReplicaSet:
                         replica.leave_rotation("not answering", healthy=False)
                         log.error("engine %s died during the swap to %s", replica.url, version)
                         continue
-                    if not committed:
+                    if not committed and was_serving:
                         await self._restore(replica, old_path, old_version)
                         raise EngineError(
                             f"the swap to {version} failed on {replica.url}: {exc}; every engine "
@@ -343,7 +371,7 @@ class ReplicaSet:
                     log.error("engine %s failed to load %s: %s", replica.url, version, exc)
                     continue
                 replica.served = version
-                replica.in_rotation, replica.note = True, None
+                replica.healthy, replica.in_rotation, replica.note = True, True, None
             if not committed:
                 raise NoReplicaError(
                     f"every engine stopped answering during the swap to {version}; "
@@ -361,7 +389,7 @@ class ReplicaSet:
             replica.leave_rotation(f"could not return to {version}: {exc}")
             return
         replica.served = version
-        replica.in_rotation, replica.note = True, None
+        replica.healthy, replica.in_rotation, replica.note = True, True, None
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load a challenger on every replica that answers; one that cannot gets no canary
@@ -469,8 +497,16 @@ class ReplicaSet:
             raise NoReplicaError("no engine answers for its metrics")
         if len(self.replicas) == 1:
             return await answering[0].client.metrics()
-        texts = await asyncio.gather(*(r.client.metrics() for r in answering))
-        return _labelled_metrics({r.url: text for r, text in zip(answering, texts, strict=True)})
+        texts = await asyncio.gather(
+            *(r.client.metrics() for r in answering), return_exceptions=True
+        )
+        return _labelled_metrics(
+            {
+                r.url: text
+                for r, text in zip(answering, texts, strict=True)
+                if isinstance(text, str)  # one that died since the last round: left out
+            }
+        )
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.client.aclose() for r in self.replicas))

@@ -24,9 +24,11 @@ class StandIn:
         self.base_url = url
         self.model_name = "policy"
         self.weights = served
+        self.model_version = served  # what the client labels replies with (set by the app)
         self.up = True
         self.fail_reload = False
-        self.adapters: set[str] = set()
+        self.adapters: set[str] = set()  # what the client believes loaded
+        self.on_server: set[str] = set()  # what the server holds (a restart empties it)
         self.reloads: list[str] = []
         self.pairs = 0
 
@@ -40,14 +42,14 @@ class StandIn:
 
     async def name_weights(self, version: str) -> None:
         self._answer()
-        self.weights = version
+        self.weights = self.model_version = version
 
     async def reload_weights(self, path, version, commit=None) -> float:
         self._answer()
         self.reloads.append(version)
         if self.fail_reload:
             raise EngineError("engine error 500: cannot load the checkpoint")
-        self.weights = version
+        self.weights = self.model_version = version
         if commit is not None:
             await commit(0.1)
         return 0.1
@@ -55,6 +57,7 @@ class StandIn:
     async def load_adapter(self, name: str, path: str) -> None:
         self._answer()
         self.adapters.add(name)
+        self.on_server.add(name)
 
     async def unload_adapter(self, name: str) -> None:
         self.adapters.discard(name)
@@ -233,3 +236,38 @@ def test_several_replicas_metrics_are_one_exposition_labelled_by_replica():
     assert merged.count("# TYPE vllm:num_requests_running gauge") == 1
     assert 'replica="http://a"' in merged and 'replica="http://b"' in merged
     assert "5.0" in merged
+
+
+def test_a_replica_already_out_of_rotation_does_not_abort_a_deploy():
+    """Listed first but held out (its catch-up failed): the deploy swaps the serving ones
+    first, and its failure there leaves it out instead of failing the deploy."""
+    broken, fine = StandIn("http://broken", "v0000"), StandIn("http://fine", "v0001")
+
+    async def go():
+        replicas = _set(broken, fine)
+        broken.fail_reload = True
+        await replicas.prepare()  # broken cannot catch up: out of rotation, still answering
+        held_out = replicas.statuses()[0]
+        await replicas.reload_weights("/versions/v0002", "v0002")
+        return held_out, replicas
+
+    held_out, replicas = asyncio.run(go())
+    assert not held_out.in_rotation and held_out.healthy
+    assert replicas.model_version == "v0002" and fine.weights == "v0002"
+    assert [s.in_rotation for s in replicas.statuses()] == [False, True]
+
+
+def test_a_replica_restarted_during_a_canary_gets_the_challenger_back():
+    a, b = StandIn("http://a", "v0001"), StandIn("http://b", "v0001")
+
+    async def go():
+        replicas = _set(a, b)
+        await replicas.prepare()
+        await replicas.load_adapter("v0002", "/versions/v0002.adapter")
+        b.on_server.clear()  # its supervisor restarted it: the adapter is gone, weights unnamed
+        b.weights = "default"  # (its client still believes the adapter loaded)
+        await replicas.watch_once()
+        return replicas.statuses()
+
+    statuses = asyncio.run(go())
+    assert "v0002" in b.on_server and all(s.in_rotation for s in statuses)
