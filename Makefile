@@ -15,7 +15,7 @@ MODEL  := $(DATA)/models/SmolLM2-135M-Instruct/config.json
 TORCH_CPU       := 2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: run demo test test-fast lint format bench install install-test model browser nginx clean
+.PHONY: run demo test test-fast lint format bench install install-test model browser nginx postgres clean
 
 # App options go through ARGS, e.g.  make run ARGS="--retrain-every-votes 30 --port 8080"
 # `make run` is one person's install: --single-user lets your own votes retrain it. To serve
@@ -31,10 +31,10 @@ run: install model
 demo: install
 	$(PY) -m bench.demo $(ARGS)
 
-test: install-test model browser nginx
+test: install-test model browser nginx postgres
 	$(PY) -m pytest
 
-test-fast: install-test
+test-fast: install-test postgres
 	$(PY) -m pytest -m "not slow and not browser and not cycle and not proxy and not replicas"
 
 lint: install-test
@@ -87,6 +87,13 @@ nginx:
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nginx >/dev/null; \
 	  else echo "the reverse-proxy test needs Debian's nginx: sudo apt-get install nginx"; exit 1; fi; }
+
+# Debian's PostgreSQL server for the store's tests on Postgres (harness/postgres.py starts a
+# throwaway cluster on a Unix socket; nothing is configured system-wide).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "the Postgres tests need Debian's postgresql: sudo apt-get install postgresql"; exit 1; fi; }
 
 clean:
 	rm -rf $(VENV) $(DATA)/logs .pytest_cache

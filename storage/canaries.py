@@ -91,7 +91,7 @@ class CanaryRecords:
             "SELECT model_version, text, finish_reason FROM ("
             "  SELECT model_version, text, finish_reason, row_number() OVER ("
             "    PARTITION BY model_version ORDER BY created_at DESC) AS k FROM candidates"
-            ") WHERE k <= ?",
+            ") AS ranked WHERE k <= ?",
             [per_version],
         )
 

@@ -23,6 +23,7 @@ write never takes another with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -35,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 
 import duckdb
 
+from storage import postgres
 from storage.errors import DatabaseInUseError, StorageWriteError, StoreError, WriteConflictError
 from storage.migrations import MIGRATIONS
 from storage.private import private_file, private_folder
@@ -65,12 +67,20 @@ def _is_conflict(exc: duckdb.Error) -> bool:
 class Database:
     """One DuckDB file, schema migrated on open; a cursor per thread."""
 
-    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(self, location: Path | str, *, read_only: bool = False) -> None:
+        # `location`: the DuckDB file, or a postgresql:// URL (`storage.postgres`)
+        self.url = location if postgres.is_postgres_url(location) else None
+        self.path: Path | None = None if self.url else Path(location)
+        self.location = postgres.redacted(self.url) if self.url else str(self.path)
         self._local = threading.local()
-        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._cursors: list[Any] = []
         self._cursors_lock = threading.Lock()
         self._group = _GroupCommit(self)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        if self.url:
+            if not read_only:
+                self._migrate()
+            return
         if not read_only:
             private_folder(self.path.parent)  # DuckDB's WAL there gets the umask's mode
         elif not self.path.exists():
@@ -92,13 +102,18 @@ class Database:
             private_file(self.path)
             self._migrate()
 
+    @property
+    def on_postgres(self) -> bool:
+        return self.url is not None
+
     def close(self) -> None:
         self._group.close()  # what is queued is committed first
         with self._cursors_lock:
             for cursor in self._cursors:
                 cursor.close()
             self._cursors.clear()
-        self._con.close()
+        if self._con is not None:
+            self._con.close()
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's cursor (DuckDB connections are not to be shared between threads).
@@ -106,12 +121,24 @@ class Database:
         if not getattr(self._local, "writes_may_lag", False):
             self._await_acknowledged_writes()
         cursor = getattr(self._local, "cursor", None)
+        if cursor is not None and self.url and cursor.broken:  # the server restarted: reconnect
+            self._drop_cursor(cursor)
+            cursor = None
         if cursor is None:
+            # Postgres: a connection per thread; DuckDB: a cursor of the one connection
+            cursor = postgres.open_connection(self.url) if self.url else self._con.cursor()
             with self._cursors_lock:
-                cursor = self._con.cursor()
                 self._cursors.append(cursor)
             self._local.cursor = cursor
         return cursor
+
+    def _drop_cursor(self, cursor: Any) -> None:
+        self._local.cursor = None
+        with self._cursors_lock:
+            if cursor in self._cursors:
+                self._cursors.remove(cursor)
+        with contextlib.suppress(Exception):
+            cursor.close()
 
     def _await_acknowledged_writes(self) -> None:
         """Writes acknowledged before they were stored (the store's journaled votes) must be
@@ -130,22 +157,38 @@ class Database:
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One transaction on this thread's cursor: all of it is committed, or none of it."""
         con = self._cursor()
-        con.begin()
+        try:
+            con.begin()
+        except Exception as exc:  # noqa: BLE001 - Postgres: the connection was lost
+            self._raise_translated(exc, con)
+            raise
         try:
             yield con
         except BaseException as exc:
-            con.rollback()
-            translated = _translated(exc, self.path) if isinstance(exc, duckdb.Error) else None
-            if translated is not None:
-                raise translated from exc
+            try:
+                con.rollback()
+            except Exception:  # noqa: BLE001 - the connection is gone; the server rolls back
+                self._drop_cursor(con)
+            self._raise_translated(exc, con)
             raise
         try:
             con.commit()  # a failed commit leaves no transaction open
-        except duckdb.Error as exc:
-            translated = _translated(exc, self.path)
-            if translated is not None:
-                raise translated from exc
+        except Exception as exc:  # noqa: BLE001 - translated below, or raised as it is
+            self._raise_translated(exc, con)
             raise
+
+    def _raise_translated(self, exc: BaseException, con: Any) -> None:
+        """Raise the driver's error as one of ours when it is about the storage."""
+        if self.url:
+            translated = postgres.translated(exc, self.url)
+            if translated is not None and translated.status == 503 and con.broken:
+                self._drop_cursor(con)  # the next call reconnects
+        elif isinstance(exc, duckdb.Error):
+            translated = _translated(exc, self.path)
+        else:
+            translated = None
+        if translated is not None:
+            raise translated from exc
 
     def _write(self, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run `body` in a transaction, again (from the start) when it lost a write conflict.
@@ -182,7 +225,12 @@ class Database:
         return version
 
     def _rows(self, sql: str, params: list | tuple = ()) -> list[dict[str, Any]]:
-        cur = self._cursor().execute(sql, params)
+        con = self._cursor()
+        try:
+            cur = con.execute(sql, params)
+        except Exception as exc:  # noqa: BLE001 - translated below, or raised as it is
+            self._raise_translated(exc, con)
+            raise
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
@@ -196,23 +244,36 @@ class Database:
     # --- conversations ------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        self._con.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
-            "description VARCHAR, applied_at TIMESTAMPTZ DEFAULT now())"
-        )
-        done = {r[0] for r in self._con.execute("SELECT version FROM schema_migrations").fetchall()}
-        for version, description, step in MIGRATIONS:
-            if version in done:
-                continue
-            with self._transaction() as con:
-                if callable(step):
-                    step(con)
-                else:
-                    con.execute(step)
-                con.execute(
-                    "INSERT INTO schema_migrations (version, description) VALUES (?, ?)",
-                    [version, description],
-                )
+        con = self._cursor() if self.url else self._con
+        if self.url:  # several app processes may start at once: one migrates, the others wait
+            try:
+                con.execute("SELECT pg_advisory_lock(?)", [postgres.MIGRATION_LOCK])
+            except Exception as exc:  # noqa: BLE001 - translated, or raised as it is
+                self._raise_translated(exc, con)
+                raise
+        try:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                "description VARCHAR, applied_at TIMESTAMPTZ DEFAULT now())"
+            )
+            if self.url:
+                postgres.prepare(con)
+            done = {r[0] for r in con.execute("SELECT version FROM schema_migrations").fetchall()}
+            for version, description, step in MIGRATIONS:
+                if version in done:
+                    continue
+                with self._transaction() as tx:
+                    if callable(step):
+                        step(tx)
+                    else:
+                        tx.execute(postgres.migration_sql(step) if self.url else step)
+                    tx.execute(
+                        "INSERT INTO schema_migrations (version, description) VALUES (?, ?)",
+                        [version, description],
+                    )
+        finally:
+            if self.url and not con.broken:
+                con.execute("SELECT pg_advisory_unlock(?)", [postgres.MIGRATION_LOCK])
 
 
 class _GroupCommit:
@@ -229,7 +290,7 @@ class _GroupCommit:
         future: Future[T] = Future()
         with self._lock:
             if self._closed:
-                raise StoreError(f"the database {self._db.path} is closed")
+                raise StoreError(f"the database {self._db.location} is closed")
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="duckdb-group-commit", daemon=True

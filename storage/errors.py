@@ -57,12 +57,27 @@ class WriteConflictError(StoreError):
         self.public_message = "the server was busy saving another request; try again"
 
 
+class DatabaseUnavailableError(StoreError):
+    """The database server (Postgres) is down or unreachable: nothing of this request was
+    saved; the app reconnects by itself once it is back."""
+
+    retry_after_s = 5
+
+    def __init__(self, where: str, detail: str) -> None:
+        first = detail.splitlines()[0][:200] if detail else "no answer"
+        super().__init__(
+            f"the database at {where} is not reachable ({first}); the app reconnects once it "
+            "is back"
+        )
+        self.public_message = "the server's database is not reachable right now; try again"
+
+
 class StorageWriteError(StoreError):
     """A write could not reach the disk (full, read-only, I/O error). DuckDB rolls the whole
     transaction back, so nothing of it is kept and what was committed before stays intact;
     the write succeeds again once the cause is fixed, without a restart."""
 
-    def __init__(self, path: Path, detail: str) -> None:
+    def __init__(self, path: Path | str, detail: str) -> None:
         self.disk_full = "no space left" in detail.lower()
         self.read_only = "read-only" in detail.lower()
         cause = (

@@ -30,11 +30,14 @@ def set_aside_path(database: Path) -> Path:
 class SetAside:
     """An append-only file of refused records, one JSON line each."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
+        """`path` None: a store with no journal (Postgres), where nothing is ever set aside."""
         self.path = path
         self._lock = threading.Lock()
         self._count = (
-            sum(1 for line in path.read_bytes().split(b"\n") if line) if path.exists() else 0
+            sum(1 for line in path.read_bytes().split(b"\n") if line)
+            if path is not None and path.exists()
+            else 0
         )
 
     @property

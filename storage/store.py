@@ -25,6 +25,7 @@ from storage.compaction import compact_if_marked, mark_erasure
 from storage.database import Database
 from storage.errors import InvalidInputError, NotFoundError, StorageWriteError, StoreError
 from storage.importing import ImportedPair, import_rows
+from storage.postgres import is_postgres_url
 from storage.request_writes import (
     CandidateRecord,
     PairWrite,
@@ -58,20 +59,26 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
     `storage.vote_journal`) and stored by the writer thread right after; votes a crash left in
     the journal are stored when the file is next opened."""
 
-    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
-        path = Path(path)
-        journal = journal_path(path)
-        if read_only and journal.exists() and journal.stat().st_size > 0:
-            Store(path).close()  # a crash left acknowledged votes there: store them first
-        if not read_only:
-            compact_if_marked(path)  # a deletion the last run could not erase (a crash)
+    def __init__(self, location: Path | str, *, read_only: bool = False) -> None:
+        """`location`: a DuckDB file, or a `postgresql://` URL. On Postgres a vote is
+        acknowledged once its transaction is committed there, with no local journal: a journal
+        line would let another app process on the same database take a second vote on the
+        pair, and the commit is what makes it durable for every process."""
+        on_postgres = is_postgres_url(location)
+        path = None if on_postgres else Path(location)
+        if path is not None:
+            journal = journal_path(path)
+            if read_only and journal.exists() and journal.stat().st_size > 0:
+                Store(path).close()  # a crash left acknowledged votes there: store them first
+            if not read_only:
+                compact_if_marked(path)  # a deletion the last run could not erase (a crash)
         self._acknowledged = AcknowledgedVotes()  # before any read (the migrations') waits on it
-        super().__init__(path, read_only=read_only)
+        super().__init__(location if on_postgres else path, read_only=read_only)
         self._journal: VoteJournal | None = None
         self._vote_lock = threading.Lock()  # a vote's check and its journal line, as one
         self._closing = False
-        self.set_aside = SetAside(set_aside_path(path))
-        if not read_only:
+        self.set_aside = SetAside(set_aside_path(path) if path is not None else None)
+        if not read_only and path is not None:
             self._journal = VoteJournal(journal)
             self._store_journaled_votes()
 
@@ -82,6 +89,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         if self._journal is not None:
             self._journal.applied_through(self._acknowledged.journal_stored_through(), force=True)
             self._journal.close()
+        if self.path is not None:
             compact_if_marked(self.path)  # deleted conversations leave the file
 
     def _store_journaled_votes(self) -> None:
@@ -192,7 +200,8 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         votes, AI labels, critiques, the journal's lines). Returns the rows removed per table.
         Their text leaves the database file when it is compacted (`storage.compaction`): when
         the store closes, or opens after a crash."""
-        mark_erasure(self.path)  # first: a crash after the deletion still erases it
+        if self.path is not None:  # (Postgres: docs/deployment.md, "Deleting on Postgres")
+            mark_erasure(self.path)  # first: a crash after the deletion still erases it
         with self._vote_lock:  # a vote on it now takes the writer's path (checked in DuckDB)
             self._acknowledged.forget_conversation(conversation_id)
         self._acknowledged.wait_stored()  # the ones acknowledged already are stored, to delete
@@ -248,7 +257,7 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         with the other request writes queued beside it, `storage.request_writes`)."""
         if self._acknowledged.retrying_in(conversation_id):
             raise StorageWriteError(
-                self.path, "the last vote in this conversation is not stored yet: no space left"
+                self.location, "the last vote in this conversation is not stored yet: no space left"
             )  # its reply's place comes first
         write = PairWrite(conversation_id, user_message, prompt, model_version, seed, candidates)
         stored = self._write_grouped(write).result()
@@ -360,11 +369,12 @@ class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
         the choice and each slot's variant (named `version_a`/`version_b`, the shape the
         Bradley-Terry ratings read)."""
         return self._rows(
-            "SELECT v.choice, json_extract_string(a.sampling, '$.variant') AS version_a, "
-            "json_extract_string(b.sampling, '$.variant') AS version_b "
-            f"FROM votes v JOIN pairs p ON p.id = v.pair_id {BOTH_CANDIDATES} "
-            "WHERE v.flagged IS NULL AND version_a IS NOT NULL AND version_b IS NOT NULL "
-            "AND version_a <> version_b"
+            "SELECT choice, version_a, version_b FROM ("
+            "  SELECT v.choice, json_extract_string(a.sampling, '$.variant') AS version_a, "
+            "  json_extract_string(b.sampling, '$.variant') AS version_b "
+            f"  FROM votes v JOIN pairs p ON p.id = v.pair_id {BOTH_CANDIDATES} "
+            "  WHERE v.flagged IS NULL) AS voted "
+            "WHERE version_a IS NOT NULL AND version_b IS NOT NULL AND version_a <> version_b"
         )
 
     def save_prompt_variants(self, body: dict) -> int:

@@ -64,12 +64,12 @@ class VersionRecords:
     def next_version(self) -> str:
         """The next version name, never one a recorded version or any cycle (failed or
         interrupted ones too) already took, so no two cycles write the same folder."""
-        n = self._rows(
-            "SELECT max(n) AS n FROM ("
-            "  SELECT TRY_CAST(substr(version, 2) AS INTEGER) AS n FROM model_versions"
-            "  UNION ALL SELECT TRY_CAST(substr(json_extract_string(config, '$.version'), 2) "
-            "  AS INTEGER) FROM training_runs)"
-        )[0]["n"]
+        rows = self._rows(
+            "SELECT version AS name FROM model_versions UNION ALL "
+            "SELECT json_extract_string(config, '$.version') FROM training_runs"
+        )
+        taken = [int(r["name"][1:]) for r in rows if r["name"] and r["name"][1:].isdigit()]
+        n = max(taken, default=None)
         return version_name((-1 if n is None else n) + 1)
 
     def fail_interrupted_runs(self) -> list[dict[str, Any]]:
@@ -197,9 +197,9 @@ class VersionRecords:
             "        AND flagged IS NULL AND (last.t IS NULL OR created_at > last.t)) "
             "SELECT (SELECT count(*) FROM new) AS n, "
             "  (SELECT coalesce(max(k), 0) FROM (SELECT count(*) AS k FROM new "
-            "   WHERE session_id IS NOT NULL GROUP BY session_id)) AS top_session, "
+            "   WHERE session_id IS NOT NULL GROUP BY session_id) AS per_session) AS top_session, "
             "  (SELECT coalesce(max(k), 0) FROM (SELECT count(*) AS k FROM new "
-            "   WHERE client IS NOT NULL GROUP BY client)) AS top_client"
+            "   WHERE client IS NOT NULL GROUP BY client) AS per_client) AS top_client"
         )[0]
         n = rows["n"]
         return {

@@ -148,3 +148,36 @@ def app_in_process(tmp_path_factory) -> Iterator:
         tmp_path_factory.mktemp("in-process"), "--max-message-chars", "4000"
     ) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster(tmp_path_factory) -> Iterator:
+    """A throwaway Postgres cluster for the session (`harness.postgres`: initdb + pg_ctl, a Unix
+    socket in its own folder, no TCP port); removed at the end."""
+    from harness.postgres import PostgresCluster, server_binaries
+
+    if server_binaries() is None:
+        pytest.fail("PostgreSQL's server is not installed: run `make test`, which installs it")
+    cluster = PostgresCluster(tmp_path_factory.mktemp("postgres")).start()
+    yield cluster
+    cluster.stop()
+
+
+_databases = iter(range(1_000_000))
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster) -> Iterator[str]:
+    """A new, empty database in the session's cluster, dropped after the test."""
+    name = f"test_{next(_databases)}"
+    yield postgres_cluster.create_database(name)
+    postgres_cluster.drop_database(name)
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def store_location(request, tmp_path) -> str | Path:
+    """Where a store's tests keep it: a DuckDB file, then a Postgres database (the same tests
+    for both backends)."""
+    if request.param == "duckdb":
+        return tmp_path / "db" / "test.duckdb"
+    return request.getfixturevalue("postgres_url")

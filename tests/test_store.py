@@ -50,15 +50,20 @@ def _writer_vote(store: Store, pair_id: str, choice: str, **options):
     return store.vote(write)
 
 
+# Votes acknowledged from a journal exist on DuckDB only (on Postgres a vote is acknowledged
+# after its commit: `storage.store.Store`).
+DUCKDB_ONLY = pytest.mark.parametrize("store_location", ["duckdb"], indirect=True)
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "db" / "test.duckdb")
+def store(store_location):
+    s = Store(store_location)
     yield s
     s.close()
 
 
-def test_migrations_apply_once_and_reopen_keeps_data(tmp_path):
-    path = tmp_path / "a.duckdb"
+def test_migrations_apply_once_and_reopen_keeps_data(store_location):
+    path = store_location
     s = Store(path)
     assert store_reads.schema_version(s) == MIGRATIONS[-1][0]
     conv = s.create_conversation("sess")
@@ -433,8 +438,8 @@ def test_queued_votes_commit_together_and_a_refused_one_takes_none_with_it(store
     assert store_reads.count(store, "votes") == 6
 
 
-def test_closing_the_store_commits_what_is_queued(tmp_path):
-    path = tmp_path / "q.duckdb"
+def test_closing_the_store_commits_what_is_queued(store_location):
+    path = store_location
     store = Store(path)
     pairs = [_turn(store, store.create_conversation(), f"q{i}").pair_id for i in range(3)]
     release, _ = _hold_the_writer(store)
@@ -475,6 +480,7 @@ def _pair_write(conversation_id: str, message: str):
 # --- votes acknowledged from the journal ---------------------------------------------------
 
 
+@DUCKDB_ONLY
 def test_a_vote_on_a_recent_pair_is_answered_from_its_journal_line_and_stored_after(store):
     """The writer is held, so the vote cannot be in DuckDB when it is answered: the answer
     comes from the journal. A turn's opening read already sees it; every other read waits
@@ -586,6 +592,7 @@ def test_acknowledged_votes_left_in_the_journal_are_stored_on_the_next_open(tmp_
     assert journal_path(path).stat().st_size == 0
 
 
+@DUCKDB_ONLY
 def test_deleting_a_conversation_leaves_nothing_of_it_in_the_journal(store):
     conv = store.create_conversation("s")
     pair = _turn(store, conv, "q")
@@ -597,6 +604,7 @@ def test_deleting_a_conversation_leaves_nothing_of_it_in_the_journal(store):
     assert store._journal.read() == []
 
 
+@DUCKDB_ONLY
 def test_an_acknowledged_vote_whose_write_fails_is_tried_again_before_its_next_turn(
     store, monkeypatch
 ):
@@ -652,6 +660,7 @@ LONE_SURROGATE = "\ud800"
         ({"voter": "nul\x00"}, "voter"),
     ],
 )
+@DUCKDB_ONLY
 def test_a_vote_the_database_could_not_store_is_refused_before_its_journal_line(
     store, options, field
 ):
@@ -703,6 +712,7 @@ def test_a_journaled_vote_the_database_refuses_is_set_aside_and_the_app_starts(t
     Store(path).close()  # and the next start is clean too
 
 
+@DUCKDB_ONLY
 def test_an_acknowledged_vote_the_database_refuses_is_set_aside_and_blocks_no_write(
     store, monkeypatch
 ):
