@@ -36,6 +36,22 @@ log = logging.getLogger(__name__)
 # paths and the engine's URL; it goes to the log and the run's record.
 CYCLE_FAILED = "the cycle failed; the server log says why"
 POLL_S = 0.5  # how often the worker's progress file is read (it writes a line per step)
+LEADER_ANSWER_S = 60.0  # how long a process that does not lead waits for the leader to start
+NOT_LEADING = (
+    "this app process does not lead (several share the database): {what} runs on the leading "
+    "one (GET /api/health says which leads); send it there"
+)
+
+
+class LeaderAnswer(AppError):
+    """The leading process refused (or never answered) a cycle asked for on another one: its
+    own answer, status included, passed on."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 QUIET_S = 15.0  # `follow` says it is alive at least this often: proxies drop a silent stream
 
 
@@ -86,6 +102,9 @@ class AlignmentLoop:
         self.run_id: str | None = None  # the running (or last) cycle's, once it is recorded
         self._background: set[asyncio.Task] = set()  # cycles `start` runs (the loop holds
         # only weak references to tasks)
+        # False on an app process that does not lead (several on one Postgres): its cycles
+        # are asked of the leader through the store (`assistant.leadership`)
+        self.leading = True
 
     @property
     def sft(self) -> bool:
@@ -100,6 +119,12 @@ class AlignmentLoop:
         """One cycle now, with the settings resolved at start (`self.cycle`); returns a summary
         (deployed, rejected or failed). `recorded`, if given, gets the run id as soon as the cycle
         is recorded (see `start`)."""
+        if not self.leading:  # the leader runs it; this process follows it through the store
+            run = await self.run(await self._ask_leader())
+            while run["status"] == "running":
+                await asyncio.sleep(POLL_S * 4)
+                run = await self.run(run["run_id"])
+            return run["result"]
         if self.lock.locked():
             raise ConflictError("a retrain cycle is already running")
         if self.canary is not None and self.canary.running:
@@ -135,6 +160,8 @@ class AlignmentLoop:
         snapshotted, the worker about to start); it goes on in the background, and `run`
         and `follow` report on it. What refuses a cycle (one running, a canary, no decisive
         votes) raises here, as it does from `retrain`."""
+        if not self.leading:
+            return await self._ask_leader()
         recorded: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         async def cycle() -> None:
@@ -154,6 +181,36 @@ class AlignmentLoop:
         task.add_done_callback(self._background.discard)
         # a caller that goes away (a client hanging up) must not cancel the cycle's future
         return await asyncio.shield(recorded)
+
+    async def _ask_leader(self) -> str:
+        """A cycle asked of the leading process: its run id once it has started it, or its
+        refusal as it gave it."""
+        request_id = await asyncio.to_thread(self.store.request_cycle)
+        deadline = time.monotonic() + LEADER_ANSWER_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S / 2)
+            row = await asyncio.to_thread(self.store.cycle_request, request_id)
+            if row is not None and row["run_id"]:
+                return row["run_id"]
+            if row is not None and row["error"]:
+                raise LeaderAnswer(row["error"], row["status"] or 409)
+        error = LeaderAnswer("no app process leads right now; the cycle was not started", 503)
+        error.retry_after_s = 30
+        await asyncio.to_thread(self.store.answer_cycle_request, request_id, None, "expired", 503)
+        raise error
+
+    async def serve_cycle_requests(self) -> None:
+        """On the leading process: start the cycles other processes were asked for, and answer
+        each with its run id or the refusal (the same one `start` raises here)."""
+        for request_id in await asyncio.to_thread(self.store.pending_cycle_requests):
+            try:
+                run_id = await self.start()
+            except AppError as exc:
+                await asyncio.to_thread(
+                    self.store.answer_cycle_request, request_id, None, exc.public(), exc.status
+                )
+            else:
+                await asyncio.to_thread(self.store.answer_cycle_request, request_id, run_id)
 
     async def aclose(self) -> None:
         """Stop a cycle `start` runs (the app is stopping): its worker dies with the app, and
@@ -416,6 +473,8 @@ class AlignmentLoop:
         """Delete old checkpoints (see `alignment.pruning`); not while a cycle runs."""
         from alignment.pruning import prune
 
+        if not self.leading:
+            raise ConflictError(NOT_LEADING.format(what="pruning"))
         if self.lock.locked():
             raise ConflictError("a retrain cycle is running; prune after it ends")
         async with self.lock:
@@ -423,6 +482,8 @@ class AlignmentLoop:
             return result.as_dict()
 
     async def rollback(self, version: str) -> dict:
+        if not self.leading:
+            raise ConflictError(NOT_LEADING.format(what="a rollback"))
         if self.lock.locked():
             raise ConflictError("a retrain cycle is running; roll back after it ends")
         async with self.lock:

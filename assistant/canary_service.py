@@ -45,6 +45,7 @@ class CanaryService:
         # the most of the comparisons one session or address counts for (alignment.sources)
         self.max_source_share = max_source_share
         self.lock = lock  # the retrain loop's: swaps, cycles and canary decisions never overlap
+        self.decides = True  # False on an app process that does not lead (`assistant.leadership`)
         self.current: dict | None = None  # the running canary's row
         self._rng = random.Random(seed)
         self._concluding: asyncio.Task | None = None
@@ -108,11 +109,44 @@ class CanaryService:
             return None
         return Challenger(c["challenger"], self._rng.randrange(2))
 
+    async def adopt(self) -> None:
+        """On an app process that does not lead: take the canary the leader runs (or ended)
+        from the store, its adapter loaded here too (a shared engine has it already: loading
+        it again is a no-op), so this process's turns give users its pairs as well."""
+        row = await asyncio.to_thread(self.store.running_canary)
+        if row is None:
+            self.current = None
+            return
+        if self.current is not None and self.current["id"] == row["id"]:
+            return
+        try:
+            await self.engine.load_adapter(row["challenger"], row["adapter"])
+        except EngineError as exc:
+            log.warning("canary of %s: its adapter does not load here: %s", row["challenger"], exc)
+            return
+        self.current = row
+
+    async def check(self) -> None:
+        """On the leading process, every few seconds: decide on the votes every process cast
+        (a vote cast on another process does not call `vote_cast` here)."""
+        c = self.current
+        if c is not None:
+            await self.vote_cast({"a": c["challenger"], "b": c["serving"]})
+
     async def vote_cast(self, versions: dict[str, str]) -> None:
         """After a vote on a pair with these versions: decide when the votes allow. The swap
-        (or retirement) runs in the background; the vote's answer does not wait for it."""
+        (or retirement) runs in the background; the vote's answer does not wait for it. Only
+        the leading process decides (`decides`); the others leave it to its `check`."""
         c = self.current
-        if c is None or set(versions.values()) != {c["challenger"], c["serving"]}:
+        if (
+            not self.decides
+            or c is None
+            or set(versions.values())
+            != {
+                c["challenger"],
+                c["serving"],
+            }
+        ):
             return
         verdict = decide(await self.votes(), self.config.min_votes, self.config.max_votes)
         decided_at = datetime.now(timezone.utc)  # the verdict stands on the votes until now
@@ -130,16 +164,25 @@ class CanaryService:
 
     async def promote(self) -> dict:
         """An admin promotes the challenger now, whatever the votes say so far."""
+        self._require_leading()
         async with self.lock:
             votes = await self._require_running()
             await self.finish("promoted", f"promoted by an admin after {votes.comparisons} votes")
         return await self.status()
 
     async def retire(self) -> dict:
+        self._require_leading()
         async with self.lock:
             votes = await self._require_running()
             await self.finish("retired", f"retired by an admin after {votes.comparisons} votes")
         return await self.status()
+
+    def _require_leading(self) -> None:
+        if not self.decides:
+            raise ConflictError(
+                "this app process does not lead: the canary is decided on the leading one "
+                "(GET /api/health names it); send this there"
+            )
 
     async def _require_running(self) -> CanaryVotes:
         if self.current is None:

@@ -17,7 +17,7 @@ import math
 import random
 import secrets
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -162,6 +162,8 @@ class ChatService:
         self.sampling = sampling
         self.serve = serve
         self._generating = 0
+        # whether this process leads among those sharing the database (set by the app)
+        self.leading: Callable[[], bool] = lambda: True
         self.engine_note: str | None = None  # set while the engine is being restarted
         self.vote_limits = VoteLimits(
             serve.max_votes_per_minute,
@@ -487,6 +489,8 @@ class ChatService:
             "note": self.engine_note,
             "engine": engine_ok,
             "model_version": self.model_version,
+            # several app processes on one database: whether this one leads (assistant.leadership)
+            "leader": self.leading(),
             "generating": self._generating,
             "max_backlog": self.serve.max_backlog,
             # acknowledged records the database refused, kept aside (storage.set_aside)

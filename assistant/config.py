@@ -28,6 +28,14 @@ def default_data_dir() -> Path:
     return environment.data_dir()
 
 
+def database_location(value: str | Path) -> Path | str:
+    """--db's value: a postgresql:// URL stays the string it is, anything else is a file."""
+    from storage.postgres import is_postgres_url
+
+    text = str(value)
+    return text if is_postgres_url(text) else Path(text).expanduser()
+
+
 @dataclass
 class SamplingConfig:
     """How the two candidates of a turn are sampled (one request, n=2, one seed)."""
@@ -166,7 +174,11 @@ class AppConfig:
         "where models, the database and caches live ($ASSISTANT_DATA_DIR)",
         default_factory=default_data_dir,
     )
-    db_path: Path | None = setting("DuckDB file; default: DATA_DIR/assistant.duckdb", default=None)
+    db_path: Path | str | None = setting(
+        "the database: a DuckDB file, or a postgresql:// URL that several app processes share "
+        "($ASSISTANT_DATABASE_URL); default: DATA_DIR/assistant.duckdb",
+        default_factory=environment.database_url,
+    )
     retrain_preset: str = setting(
         "retrain cycle settings: default, or fast (for tests on the tiny model only: its gate "
         "passes any version)",
@@ -206,8 +218,13 @@ class AppConfig:
         return 1.0 if self.serve.single_user else 0.5
 
     @property
-    def database(self) -> Path:
+    def database(self) -> Path | str:
+        """Where the store lives: the DuckDB file, or the Postgres URL (`database_location`)."""
         return self.db_path if self.db_path is not None else self.data_dir / "assistant.duckdb"
+
+    @property
+    def on_postgres(self) -> bool:
+        return isinstance(self.database, str)
 
     @property
     def cycle(self) -> CycleConfig:

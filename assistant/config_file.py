@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from assistant.config import SECTIONS, AppConfig, ConfigError
+from assistant.config import SECTIONS, AppConfig, ConfigError, database_location
 from storage.settings import typed, updated
 
 TOP_LEVEL = {"data_dir", "db", "retrain_preset", "retrain", *SECTIONS}
@@ -48,7 +48,7 @@ def load_config_file(path: Path) -> AppConfig:
             elif key == "data_dir":
                 config.data_dir = typed(key, value, Path)
             elif key == "db":
-                config.db_path = typed(key, value, Path)
+                config.db_path = database_location(typed(key, value, str))
         except ValueError as exc:
             raise ConfigError(f"--config {path}: {exc}") from exc
     return config

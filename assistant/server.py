@@ -155,7 +155,7 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
     """Open the store and start (or reach) the engine for a validated `config`
     (`AppConfig.validate`); raises ConfigError/StoreError early.
     `engine`: one already made (a test's `harness.fake_engine.FakeEngine`), started by nobody."""
-    from alignment.loop import AlignmentLoop, remove_user_data
+    from alignment.loop import AlignmentLoop
     from engine.probe import write_probe_adapter
     from engine.replicas import ReplicaSet
     from engine.vllm_client import VLLMServerEngine
@@ -166,9 +166,8 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
     lora_rank = engine_lora_rank(config.cycle.ppo.lora_rank)  # raises before anything starts
     private_folder(config.data_dir, ours=True)  # it holds the chats, their copies and secrets
     store = Store(config.database)  # fails fast on an unwritable path
-    for run in store.fail_interrupted_runs():
-        if run.get("job"):
-            remove_user_data(Path(run["job"]))  # the copies of chats it never got to delete
+    if not config.on_postgres:  # (on Postgres, the leading process does it when it gains)
+        fail_interrupted_runs(store)
     embedded: EmbeddedVLLMServer | None = None
     if engine is not None:
         store.ensure_base_version(BASE_VERSION, config.engine.model or "given", {"model": "given"})
@@ -229,6 +228,15 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
     return Runtime(store, engine, loop, embedded)
 
 
+def fail_interrupted_runs(store) -> None:
+    """Cycles left 'running' by a stop or crash are failed, and their chats' copies removed."""
+    from alignment.loop import remove_user_data
+
+    for run in store.fail_interrupted_runs():
+        if run.get("job"):
+            remove_user_data(Path(run["job"]))  # the copies of chats it never got to delete
+
+
 def build_app(config: AppConfig, runtime: Runtime | None = None):
     """Return a FastAPI app whose lifespan owns the runtime (engine, store): the one given (a
     test's, around a fake engine: the app's edge then runs in-process), else one it opens."""
@@ -248,6 +256,7 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
     )
     from assistant.canary_service import CanaryService
     from assistant.chat_service import ChatService, RateLimitError
+    from assistant.leadership import Leadership
     from assistant.limits import BodyLimit
     from assistant.metrics import ResponseCounts, app_registry, build_metrics_router
     from assistant.openai_api import build_openai_router
@@ -295,18 +304,82 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
         runtime.loop, runtime.store, config.loop, max_source_share=config.max_source_share
     )
 
+    leader_tasks: list[asyncio.Task] = []
+
+    def start_leader_tasks() -> None:
+        """What runs once among the app processes sharing the database: here, if it leads."""
+
+        async def serve_others() -> None:  # cycles asked for, canary votes cast, elsewhere
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    await runtime.loop.serve_cycle_requests()
+                    await canary.check()
+                except Exception:  # noqa: BLE001 - the next round tries again
+                    log.exception("serving the other app processes failed a round")
+
+        leader_tasks.append(asyncio.create_task(scheduler.run_forever()))
+        if config.cai.enabled:
+            leader_tasks.append(asyncio.create_task(cai.run_forever()))
+        if config.serve.retention_days > 0:
+            leader_tasks.append(
+                asyncio.create_task(_retention(runtime.store, config.serve.retention_days))
+            )
+        if leadership.shared:
+            leader_tasks.append(asyncio.create_task(serve_others()))
+
+    def set_part(leading: bool) -> None:
+        runtime.loop.leading = canary.decides = leading
+        runtime.engine.passive = not leading
+
+    async def on_gain() -> None:  # another process led until now (it died or lost the lock)
+        set_part(True)
+        await asyncio.to_thread(fail_interrupted_runs, runtime.store)  # its cycle died with it
+        await canary.resume()
+        start_leader_tasks()
+
+    async def on_loss() -> None:
+        set_part(False)
+        for task in leader_tasks:
+            task.cancel()
+        leader_tasks.clear()
+        await runtime.loop.aclose()  # a cycle this process ran is the next leader's to fail
+
+    async def follow() -> None:
+        serving = await asyncio.to_thread(runtime.store.serving_version)
+        if serving is not None and serving["version"] != runtime.engine.model_version:
+            runtime.engine.follow(serving["version"], serving["path"])
+            await runtime.engine.watch_once()
+        await canary.adopt()
+
+    leadership = Leadership(
+        config.database if config.on_postgres else None, on_gain, on_loss, follow
+    )
+    service.leading = lambda: leadership.leading
+
     @asynccontextmanager
     async def lifespan(_app):
         try:
+            if leadership.shared:
+                await leadership.try_lead()
+                set_part(leadership.leading)
+                if leadership.leading:
+                    await asyncio.to_thread(fail_interrupted_runs, runtime.store)
             await runtime.start()  # every engine on the serving version, or the start fails
-            await canary.resume()  # a canary the last run left going goes on, or is closed
+            if leadership.leading:
+                await canary.resume()  # a canary the last run left going goes on, or is closed
+            else:
+                await canary.adopt()
             await variants.load()  # the prompt variants an admin saved, if any
         except BaseException:
+            leadership.release()
             await runtime.aclose()
             raise
+        if leadership.leading:
+            start_leader_tasks()
         tasks = [
-            asyncio.create_task(scheduler.run_forever()),
             asyncio.create_task(runtime.engine.watch_forever()),  # replicas' rotation
+            asyncio.create_task(leadership.run_forever()),
         ]
         if runtime.embedded is not None:
 
@@ -318,17 +391,12 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
                 runtime.embedded, service, runtime.store, after_restart=after_restart
             )
             tasks.append(asyncio.create_task(watch.run_forever()))
-        if config.cai.enabled:
-            tasks.append(asyncio.create_task(cai.run_forever()))
-        if config.serve.retention_days > 0:
-            tasks.append(
-                asyncio.create_task(_retention(runtime.store, config.serve.retention_days))
-            )
         try:
             yield
         finally:
-            for task in tasks:
+            for task in [*tasks, *leader_tasks]:
                 task.cancel()
+            leadership.release()
             await runtime.aclose()
 
     app = FastAPI(

@@ -136,6 +136,9 @@ class ReplicaSet:
         self.poll_s = poll_s
         self._deploys = asyncio.Lock()  # one swap (deploy or a replica's catch-up) at a time
         self._adapters: dict[str, str] = {}  # challengers loaded on the replicas: name -> path
+        # Another app process leads (several on one Postgres): it swaps the engines they share,
+        # this one follows (`follow`) and never swaps a shared engine itself.
+        self.passive = False
 
     # -- what the chat service and the loop read -------------------------------------------
 
@@ -159,6 +162,13 @@ class ReplicaSet:
 
     async def healthy(self) -> bool:
         return any(r.healthy and (r.in_rotation or r.swapping) for r in self.replicas)
+
+    def follow(self, version: str, path: str | None) -> None:
+        """The leading process deployed `version` (read from the store): it is the serving one
+        here too. Nothing is swapped: replicas already on it return to rotation at the next
+        round of the watch, the others when the leader's rolling swap reaches them. Replies
+        stay labelled with what each replica reports, so none is mislabelled meanwhile."""
+        self._version, self._path = version, path
 
     # -- start and watch ---------------------------------------------------------------------
 
@@ -242,6 +252,9 @@ class ReplicaSet:
         replica.healthy = True
         if served != self._version:
             replica.leave_rotation(f"serves {served}, not {self._version}")
+            if self.passive and self._unnamed_is is not None:  # shared: the leader swaps it
+                replica.note += " (the leading app process swaps it)"
+                return
         try:
             await self._prove_folder(replica)
         except VersionsFolderError as exc:

@@ -77,6 +77,9 @@ class FakeEngine:
             d.latency_ms = 1.0
         yield PairProgress(drafts, self._version, 8, final=True, sampling=sampling)
 
+    def follow(self, version: str, path: str | None) -> None:
+        self._version = version  # one fake engine per app: it "serves" what the leader deployed
+
     async def load_adapter(self, name: str, path: str) -> None:
         self.adapters.add(name)
 

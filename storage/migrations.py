@@ -231,4 +231,18 @@ MIGRATIONS: list[tuple[int, str, str | Callable[[duckdb.DuckDBPyConnection], Non
         "session ids are kept only as their hash (an id is a bearer token)",
         _hash_session_ids,
     ),
+    (
+        12,
+        "retrain cycles asked for on a process that does not lead, until the leader answers",
+        """
+        CREATE TABLE cycle_requests (
+            id            VARCHAR PRIMARY KEY,
+            requested_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+            answered_at   TIMESTAMPTZ,
+            run_id        VARCHAR,
+            error         VARCHAR,
+            status        INTEGER
+        );
+        """,
+    ),
 ]

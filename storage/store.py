@@ -22,6 +22,7 @@ from storage.acknowledged_votes import AcknowledgedVotes, PairFacts
 from storage.cai_records import CAIRecords
 from storage.canaries import CanaryRecords
 from storage.compaction import compact_if_marked, mark_erasure
+from storage.cycle_requests import CycleRequests
 from storage.database import Database
 from storage.errors import InvalidInputError, NotFoundError, StorageWriteError, StoreError
 from storage.importing import ImportedPair, import_rows
@@ -52,7 +53,7 @@ class OpenedTurn:
     history: list[dict[str, str]]  # the transcript the model sees next
 
 
-class Store(CAIRecords, VersionRecords, CanaryRecords, Database):
+class Store(CAIRecords, VersionRecords, CanaryRecords, CycleRequests, Database):
     """The app's records in one DuckDB file, safe to call from any thread.
 
     Votes on recent pairs are acknowledged from a journal line (`vote`,

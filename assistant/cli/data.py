@@ -64,6 +64,13 @@ def cmd_import(args: argparse.Namespace, config: AppConfig) -> int:
 def cmd_compact(args: argparse.Namespace, config: AppConfig) -> int:
     from storage.compaction import compact
 
+    if config.on_postgres:
+        print(
+            "compact rewrites a DuckDB file; on Postgres deleted rows leave through VACUUM "
+            "(docs/deployment.md, 'Deleting on Postgres')",
+            file=sys.stderr,
+        )
+        return 2
     before, after = compact(config.database)  # refused while the app holds the database
     print(f"compacted {config.database}: {before:,} -> {after:,} bytes")
     return 0

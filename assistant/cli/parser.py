@@ -18,7 +18,7 @@ from assistant.cli.app import cmd_provision, cmd_run
 from assistant.cli.data import cmd_compact, cmd_export, cmd_import
 from assistant.cli.retrain import cmd_retrain
 from assistant.cli.versions import cmd_prune, cmd_push, cmd_rollback, cmd_versions
-from assistant.config import SECTIONS, AppConfig, ServeConfig
+from assistant.config import SECTIONS, AppConfig, ServeConfig, database_location
 from storage.export import FORMATS
 
 # The `run` options that map straight onto a config field, in the groups `--help` shows:
@@ -105,9 +105,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--db",
-        type=Path,
+        type=database_location,
         default=None,
-        metavar="FILE",
+        metavar="FILE_OR_URL",
         help=_field(AppConfig, "db_path").metadata["help"],
     )
 

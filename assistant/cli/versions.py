@@ -80,6 +80,7 @@ def cmd_push(args: argparse.Namespace, config: AppConfig) -> int:
         folder = Path(tmp) / args.version
         shutil.copytree(path, folder, symlinks=False)
         (folder / "README.md").write_text(model_card(version, public_name(base), license))
-        strip_server_paths(folder, [config.data_dir, config.database.parent, path])
+        local = [] if config.on_postgres else [config.database.parent]
+        strip_server_paths(folder, [config.data_dir, *local, path])
         print(f"pushed {args.version} to {upload(folder, args.repo, 'model', args.private)}")
     return 0
