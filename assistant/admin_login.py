@@ -1,7 +1,7 @@
 """`POST /admin/login` and `POST /admin/logout`: the page's admin sign-in, outside Gradio.
 
 A plain HTML form posts the token here once; the answer is an HttpOnly, SameSite=Strict cookie
-holding a sign-in id (`assistant.admin.AdminSignIns`), `Secure` when the page was reached over
+holding a sign-in id (`assistant.admin.SignIns`), `Secure` when the page was reached over
 HTTPS, and a redirect back to the page. The token never enters Gradio's component state, run
 history or deep links, and no script on the page can read the cookie. Signing out forgets the id
 on the server. Wrong tokens are throttled per address and in total, before the token is compared.
@@ -20,7 +20,7 @@ from assistant.admin import (
     ADMIN_COOKIE,
     ADMIN_COOKIE_MAX_AGE_S,
     AdminError,
-    AdminSignIns,
+    SignIns,
     admin_error,
 )
 from assistant.limits import SlidingWindow
@@ -41,7 +41,7 @@ def _page(message: str, status: int, headers: dict | None = None) -> HTMLRespons
     )
 
 
-def build_admin_login_router(sign_ins: AdminSignIns) -> APIRouter:
+def build_admin_login_router(sign_ins: SignIns) -> APIRouter:
     router = APIRouter(prefix="/admin")
     wrong = {"address": SlidingWindow(WRONG_PER_ADDRESS), "total": SlidingWindow(WRONG_TOTAL)}
 

@@ -5,7 +5,7 @@ cookies, tokens or keys itself (and the `ui` package imports nothing from `assis
 
 from __future__ import annotations
 
-from assistant.admin import ADMIN_COOKIE, AdminSignIns
+from assistant.admin import ADMIN_COOKIE, SignIns
 from assistant.sessions import SESSION_COOKIE, SessionKeys
 
 
@@ -15,7 +15,7 @@ def _cookie(request, name: str) -> str | None:
 
 
 class PageAuth:
-    def __init__(self, sessions: SessionKeys, sign_ins: AdminSignIns) -> None:
+    def __init__(self, sessions: SessionKeys, sign_ins: SignIns) -> None:
         self.sessions = sessions
         self.sign_ins = sign_ins
 

@@ -246,7 +246,7 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
 
     from alignment.critic import CAIWorker, Critic
     from alignment.scheduler import RetrainScheduler
-    from assistant.admin import AdminSignIns
+    from assistant.admin import AdminSignIns, SharedSignIns, SignIns
     from assistant.admin_login import build_admin_login_router
     from assistant.api import (
         build_api_router,
@@ -272,8 +272,13 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
     else:
         constitution = active_constitution(config, runtime.store)
     try:
-        sessions = SessionKeys.load_or_create(
-            config.data_dir / "secrets" / "session.key", config.serve.session_days
+        # On Postgres the app runs as several processes on one database: the key is shared there
+        sessions = (
+            SessionKeys.shared(runtime.store, config.serve.session_days)
+            if runtime.store.on_postgres
+            else SessionKeys.load_or_create(
+                config.data_dir / "secrets" / "session.key", config.serve.session_days
+            )
         )
     except OSError as exc:
         _run_async_close(runtime)
@@ -445,7 +450,10 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
     app.add_middleware(ResponseCounts, by_status=by_status)
     install_error_handler(app)
     app.include_router(build_api_router(service, sessions, runtime.loop, cai, canary, variants))
-    sign_ins = AdminSignIns()
+    # a sign-in on one process holds on every process sharing the Postgres database
+    sign_ins: SignIns = (
+        SharedSignIns(runtime.store) if runtime.store.on_postgres else AdminSignIns()
+    )
     app.include_router(build_admin_login_router(sign_ins))
     app.include_router(build_openai_router(service, sessions))
     registry = app_registry(runtime.store, service, canary, by_status)
@@ -578,7 +586,8 @@ def serve(config: AppConfig) -> None:
     environment.turn_off_gradio_analytics()
     app = build_app(config)
     try:
-        stored = ensure_admin_token(config.data_dir)
+        store = app.state.runtime.store
+        stored = ensure_admin_token(config.data_dir, store if store.on_postgres else None)
     except OSError as exc:
         raise ConfigError(f"cannot store the admin token under {config.data_dir}: {exc}") from exc
     host = f"[{config.serve.host}]" if ":" in config.serve.host else config.serve.host

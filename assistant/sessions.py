@@ -12,9 +12,11 @@ An id is a bearer token, so the service and the database never see it: `check` a
 on its hash (`storage.rules.session_hash`), which is what conversations, votes and the vote
 journal record.
 
-The key lives in the data directory (mode 0600), so sessions outlive a restart. The same key tags
-client addresses: the votes table records which client a vote came from (to see one client
-steering a cycle) without keeping anyone's IP address.
+The key lives in the data directory (mode 0600), so sessions outlive a restart; on Postgres it
+lives in the database (`SessionKeys.shared`), so that every app process behind one load balancer
+accepts the sessions any of them issued. The same key tags client addresses: the votes table
+records which client a vote came from (to see one client steering a cycle) without keeping
+anyone's IP address.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from storage.errors import AppError
 from storage.rules import session_hash
+from storage.shared_records import SharedRecords
 
 SESSION_COOKIE = "assistant_session"
 SESSION_HEADER = "x-session-id"
@@ -59,6 +62,14 @@ class SessionKeys:
             with os.fdopen(fd, "wb") as f:
                 f.write(key)
             return cls(key, session_days)
+
+    @classmethod
+    def shared(cls, store: SharedRecords, session_days: float = 30.0) -> SessionKeys:
+        """The key every app process on the store's (Postgres) database shares, created there
+        on the first start: a session issued by one process is valid on all of them, and so
+        is a client's tag."""
+        key = store.shared_key("session", lambda: secrets.token_bytes(32).hex())
+        return cls(bytes.fromhex(key), session_days)
 
     def sign(self, purpose: bytes, value: str) -> str:
         """A keyed tag of `value` for one purpose (sessions, client tags, the admin cookie)."""

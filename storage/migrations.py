@@ -232,6 +232,22 @@ MIGRATIONS: list[tuple[int, str, str | Callable[[duckdb.DuckDBPyConnection], Non
         _hash_session_ids,
     ),
     (
+        11,
+        "what app processes sharing one database agree on: signing keys, admin sign-ins",
+        """
+        CREATE TABLE shared_keys (
+            name        VARCHAR PRIMARY KEY,
+            value       VARCHAR NOT NULL,
+            created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        -- the page's live admin sign-ins: the hash of the cookie's id, never the id itself
+        CREATE TABLE admin_sign_ins (
+            id_hash     VARCHAR PRIMARY KEY,
+            issued_at   DOUBLE NOT NULL  -- seconds since the epoch
+        );
+        """,
+    ),
+    (
         12,
         "retrain cycles asked for on a process that does not lead, until the leader answers",
         """

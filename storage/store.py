@@ -38,6 +38,7 @@ from storage.request_writes import (
 )
 from storage.rules import BOTH_CANDIDATES, check_storable, new_id, session_hash
 from storage.set_aside import SetAside, set_aside_path
+from storage.shared_records import SharedRecords
 from storage.version_records import VersionRecords
 from storage.vote_journal import JournaledVote, VoteJournal, journal_path
 
@@ -53,7 +54,7 @@ class OpenedTurn:
     history: list[dict[str, str]]  # the transcript the model sees next
 
 
-class Store(CAIRecords, VersionRecords, CanaryRecords, CycleRequests, Database):
+class Store(CAIRecords, VersionRecords, CanaryRecords, CycleRequests, SharedRecords, Database):
     """The app's records in one DuckDB file, safe to call from any thread.
 
     Votes on recent pairs are acknowledged from a journal line (`vote`,
