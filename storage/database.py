@@ -37,7 +37,13 @@ from typing import Any, Protocol, TypeVar
 import duckdb
 
 from storage import postgres
-from storage.errors import DatabaseInUseError, StorageWriteError, StoreError, WriteConflictError
+from storage.errors import (
+    DatabaseInUseError,
+    DatabaseUnavailableError,
+    StorageWriteError,
+    StoreError,
+    WriteConflictError,
+)
 from storage.migrations import MIGRATIONS
 from storage.private import private_file, private_folder
 
@@ -160,8 +166,12 @@ class Database:
         try:
             con.begin()
         except Exception as exc:  # noqa: BLE001 - Postgres: the connection was lost
-            self._raise_translated(exc, con)
-            raise
+            con = self._reconnected(exc, con)  # nothing has run yet: once more on a new one
+            try:
+                con.begin()
+            except Exception as again:  # noqa: BLE001 - the server is still down
+                self._raise_translated(again, con)
+                raise
         try:
             yield con
         except BaseException as exc:
@@ -176,6 +186,17 @@ class Database:
         except Exception as exc:  # noqa: BLE001 - translated below, or raised as it is
             self._raise_translated(exc, con)
             raise
+
+    def _reconnected(self, exc: BaseException, con: Any) -> Any:
+        """Postgres: a new connection for this thread when `exc` is its old one found dropped
+        by the server (a restart while the thread left it idle: the first statement after it
+        learns so) and what failed may simply run again; else `exc`, translated."""
+        translated = postgres.translated(exc, self.url) if self.url else None
+        if isinstance(translated, DatabaseUnavailableError) and con.broken:
+            self._drop_cursor(con)
+            return self._cursor()  # the server still down: a 503 from the connect
+        self._raise_translated(exc, con)
+        raise exc
 
     def _raise_translated(self, exc: BaseException, con: Any) -> None:
         """Raise the driver's error as one of ours when it is about the storage."""
@@ -226,11 +247,19 @@ class Database:
 
     def _rows(self, sql: str, params: list | tuple = ()) -> list[dict[str, Any]]:
         con = self._cursor()
+        idle = self.url is not None and con.idle  # not in a transaction: a read may run again
         try:
             cur = con.execute(sql, params)
         except Exception as exc:  # noqa: BLE001 - translated below, or raised as it is
-            self._raise_translated(exc, con)
-            raise
+            if not idle:
+                self._raise_translated(exc, con)
+                raise
+            con = self._reconnected(exc, con)
+            try:
+                cur = con.execute(sql, params)
+            except Exception as again:  # noqa: BLE001 - the server is still down
+                self._raise_translated(again, con)
+                raise
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 

@@ -138,6 +138,14 @@ class PostgresConnection:
     def broken(self) -> bool:
         return self._con.closed or self._con.broken
 
+    @property
+    def idle(self) -> bool:
+        """No transaction open on it (as far as this side knows: a server that dropped it
+        unseen leaves it idle here until a statement fails)."""
+        from psycopg.pq import TransactionStatus
+
+        return self._con.info.transaction_status == TransactionStatus.IDLE
+
     def execute(self, sql: str, params: Any = None) -> Any:
         query, args = translate(sql, params)
         cursor = self._con.execute(query, args, prepare=False)
