@@ -166,9 +166,14 @@ class ReplicaSet:
     def follow(self, version: str, path: str | None) -> None:
         """The leading process deployed `version` (read from the store): it is the serving one
         here too. Nothing is swapped: replicas already on it return to rotation at the next
-        round of the watch, the others when the leader's rolling swap reaches them. Replies
-        stay labelled with what each replica reports, so none is mislabelled meanwhile."""
+        round of the watch (`watch_once` relabels them first), the others when the leader's
+        rolling swap reaches them. Between the leader's swap of a replica and this process's
+        next round (`poll_s`), a reply of this process from that replica is labelled with the
+        version before (docs/deployment.md says so); the leader's own replies are exact."""
         self._version, self._path = version, path
+        for replica in self.replicas:
+            if replica.in_rotation and replica.client.model_version != version:
+                replica.leave_rotation(f"serves {version} now: relabelled at the next round")
 
     # -- start and watch ---------------------------------------------------------------------
 
@@ -214,7 +219,7 @@ class ReplicaSet:
                 replica.leave_rotation("not answering", healthy=False)
                 continue
             replica.healthy = True
-            if served == self._version and replica.in_rotation:
+            if served == self._version == replica.client.model_version and replica.in_rotation:
                 continue
             if replica.in_rotation and served != replica.client.model_version:
                 # restarted under us: it no longer serves what its replies would be labelled

@@ -39,6 +39,12 @@ from engine.protocol import (
 )
 
 
+def as_text(generated: str) -> str:
+    """A model's output as text a page can show and every store can hold: NUL, which a model
+    can emit (the tiny test models do) and Postgres refuses in text, becomes U+FFFD."""
+    return generated.replace("\x00", "\ufffd")
+
+
 class AdaptersUnsupportedError(EngineError):
     """The server has no run-time adapter loading (no canary there, no versions-folder probe)."""
 
@@ -212,7 +218,7 @@ class VLLMServerEngine:
                         draft = _draft_for(choice, targets)
                         delta = choice.get("delta") or {}
                         if delta.get("content"):
-                            draft.text += delta["content"]
+                            draft.text += as_text(delta["content"])
                             changed = True
                         draft.completion_tokens += len(choice.get("token_ids") or [])
                         if choice.get("finish_reason"):
@@ -335,7 +341,7 @@ class VLLMServerEngine:
         """One reply, not streamed (critiques and revisions)."""
         body = {"model": self.model_name, "messages": messages, "seed": seed, **sampling}
         resp = await self._post("/v1/chat/completions", json=body)
-        return resp.json()["choices"][0]["message"]["content"] or ""
+        return as_text(resp.json()["choices"][0]["message"]["content"] or "")
 
     async def option_probabilities(
         self, messages: list[dict[str, str]], options: tuple[str, ...]

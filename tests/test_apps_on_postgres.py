@@ -60,7 +60,7 @@ def _stored_votes(url: str) -> set[str]:
 
 
 @pytest.fixture
-def two_apps(tiny_app_factory, tiny_model_dir, postgres_url, monkeypatch):
+def two_apps(postgres_url, tiny_app_factory, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", TOKEN)
     flags = ("--db", postgres_url, "--model", str(tiny_model_dir), "--retrain-preset", "fast")
     first = tiny_app_factory(*flags)
@@ -100,10 +100,12 @@ def test_sessions_votes_and_one_cycle_across_two_apps(two_apps, postgres_url):
     again = httpx.post(leader.url + "/api/retrain", headers=ADMIN, timeout=120)
     assert again.status_code == 409  # one cycle at a time, whoever is asked
     _wait(
-        lambda: httpx.get(f"{follower.url}/api/retrain/{run_id}", headers=ADMIN, timeout=30).json()[
-            "status"
-        ]
-        != "running",
+        lambda: (
+            httpx.get(f"{follower.url}/api/retrain/{run_id}", headers=ADMIN, timeout=30).json()[
+                "status"
+            ]
+            != "running"
+        ),
         timeout=600,
     )
     run = httpx.get(f"{follower.url}/api/retrain/{run_id}", headers=ADMIN, timeout=30).json()
@@ -118,7 +120,10 @@ def test_sessions_votes_and_one_cycle_across_two_apps(two_apps, postgres_url):
     for app in (leader, follower):
         turn = httpx.post(app.url + "/api/chat", json={"message": "after"}, timeout=120).json()
         assert turn["model_version"] == "v0001"
-        assert {c["model_version"] for c in turn["candidates"]} == {"v0001"}
+        voted = httpx.post(
+            app.url + "/api/vote", json={"pair_id": turn["pair_id"], "choice": "a"}, timeout=60
+        ).json()
+        assert voted["versions"] == {"a": "v0001", "b": "v0001"}  # what wrote each reply
 
 
 def test_the_follower_leads_within_30_s_of_the_leader_being_killed(two_apps, postgres_url):
