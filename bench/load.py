@@ -8,7 +8,11 @@ acknowledged votes against what the database holds afterwards, and any 5xx.
 `run_load` is shared with tests/test_load.py, which asserts on the same figures.
 Also the same writes with nothing else running, for comparison.
 Run: `.venv/bin/python -m bench.load` (tiny model on its own vLLM engine, 32 users, 60 s);
-`--write-scaling`: only the writes alone, on databases already holding many voted turns.
+`--write-scaling`: only the writes alone, on databases already holding many voted turns;
+`--apps 2 --db postgresql://...` (or `--apps 2 --db postgres` for a throwaway cluster): N app
+processes on one Postgres against one app on DuckDB, alternated `--rounds` times on one engine,
+the users spread over the apps as a load balancer would; with the CPU seconds each kind of
+process used, to see where the time goes.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def percentile(values: list[float], p: float) -> float | None:
 
 
 def run_load(
-    url: str,
+    url: str | list[str],
     users: int = 32,
     seconds: float = 30,
     turns: int = 20,
@@ -69,8 +73,10 @@ def run_load(
     something else runs in another thread)."""
     result = LoadResult()
     stop_at = time.monotonic() + seconds
+    urls = [url] if isinstance(url, str) else url
 
     async def user(client: httpx.AsyncClient, u: int) -> None:
+        url = urls[u % len(urls)]  # a load balancer's round robin, sticky per user
         conversation = None
         for turn in range(turns):
             if time.monotonic() > stop_at or (stop is not None and stop.is_set()):
@@ -206,6 +212,106 @@ def server_error_traces(log: str, limit: int = 3) -> str:
     return "\n".join(traces + engine) or "(no request's traceback or engine error in the app's log)"
 
 
+def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each kind of process, children included."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for kind, roots in pids.items():
+        seconds = 0.0
+        for pid in roots:
+            try:
+                proc = psutil.Process(pid)
+                for p in [proc, *proc.children(recursive=True)]:
+                    times = p.cpu_times()
+                    seconds += times.user + times.system
+            except psutil.Error:
+                continue
+        totals[kind] = seconds
+    return totals
+
+
+def _postgres_pids(socket_dir: str) -> list[int]:
+    """The postmaster serving the throwaway cluster (its backends are its children)."""
+    import psutil
+
+    return [
+        p.pid
+        for p in psutil.process_iter(["name", "cmdline"])
+        if p.info["name"] == "postgres" and socket_dir in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+def compare_postgres(args, engine_url: str, work: Path) -> dict:
+    """One app on DuckDB and `args.apps` apps on one Postgres, alternated `args.rounds` times
+    against the same engine: the figures of each run, then the medians and their ratios."""
+    from harness.app_process import MANY_USERS_ON_ONE_ADDRESS, AppProcess
+    from harness.postgres import PostgresCluster
+    from storage import Store
+
+    cluster = PostgresCluster(work / "pg").start() if args.db == "postgres" else None
+    flags = [
+        "--vllm-url", engine_url, "--max-new-tokens", "8", "--temperature", "1.0",
+        "--max-backlog", "64", "--no-cai", "--reading-words-per-second", "0",
+        *MANY_USERS_ON_ONE_ADDRESS,
+    ]  # fmt: skip
+    runs: list[dict] = []
+    try:
+        for round_ in range(args.rounds):
+            for setup in ("duckdb", "postgres"):
+                pids: dict[str, list[int]] = {}
+                if setup == "postgres":
+                    url = cluster.create_database(f"load_{round_}") if cluster else args.db
+                    apps = [
+                        AppProcess([*flags, "--db", url], work / f"pg{round_}-{k}").start(120)
+                        for k in range(args.apps)
+                    ]
+                    if cluster is not None:
+                        pids["postgres"] = _postgres_pids(str(cluster.socket_dir))
+                else:
+                    url = None
+                    apps = [AppProcess(flags, work / f"duck{round_}").start(120)]
+                pids["apps"] = [a.proc.pid for a in apps]
+                before = _cpu_seconds(pids)
+                try:
+                    result = run_load([a.url for a in apps], args.users, args.seconds, 10_000)
+                finally:
+                    after = _cpu_seconds(pids)
+                    for a in apps:
+                        a.stop()
+                store = Store(url or apps[0].db, read_only=True)
+                try:
+                    stored = {r["pair_id"] for r in store._rows("SELECT pair_id FROM votes")}
+                finally:
+                    store.close()
+                summary = result.summary() | {
+                    "setup": f"{len(apps)} app(s) on {setup}",
+                    "round": round_,
+                    "votes_per_minute": round(len(result.acknowledged) * 60 / args.seconds, 1),
+                    "acknowledged_votes_missing_from_db": len(set(result.acknowledged) - stored),
+                    "cpu_seconds": {k: round(after[k] - before.get(k, 0), 1) for k in after},
+                }
+                print(json.dumps(summary), flush=True)
+                runs.append(summary)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+    def median(setup: str, key: str) -> float | None:
+        values = sorted(r[key] for r in runs if setup in r["setup"] and r[key] is not None)
+        return values[len(values) // 2] if values else None
+
+    medians = {}
+    for key in ("votes_per_minute", "vote_http_p50_ms", "vote_http_p99_ms", "vote_db_p50_ms",
+                "vote_db_p99_ms", "chat_p50_s", "chat_p99_s"):  # fmt: skip
+        pg, duck = median("postgres", key), median("duckdb", key)
+        medians[key] = {
+            "duckdb": duck, "postgres": pg, "ratio": round(pg / duck, 2) if pg and duck else None
+        }  # fmt: skip
+    return {"users": args.users, "seconds": args.seconds, "apps": args.apps,
+            "rounds": args.rounds, "medians": medians}  # fmt: skip
+
+
 def main() -> None:
     import duckdb
 
@@ -224,6 +330,14 @@ def main() -> None:
         default=0,
         help="the simulated users' niceness once the app is up (real users are on other machines)",
     )
+    parser.add_argument("--apps", type=int, default=1, help="app processes on --db (Postgres)")
+    parser.add_argument(
+        "--db",
+        default=None,
+        help="postgresql://... (or 'postgres': a throwaway cluster): compare N apps on it with "
+        "one app on DuckDB",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the comparison")
     parser.add_argument(
         "--write-scaling",
         action="store_true",
@@ -243,6 +357,11 @@ def main() -> None:
         engine.start()
         try:
             engine.wait_ready()
+            if args.db is not None:
+                if args.client_nice:
+                    os.nice(args.client_nice)
+                print(json.dumps(compare_postgres(args, engine.url, work), indent=2))
+                return
             app = AppProcess(
                 [
                     "--vllm-url", engine.url,
