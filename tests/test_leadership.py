@@ -65,3 +65,15 @@ def test_the_lead_passes_on_when_the_leader_stops(tmp_path, postgres_url, monkey
         assert took < 30
         refused = second.post("/api/retrain", headers=ADMIN)  # its own answer now, at once
         assert refused.status_code == 409 and "does not lead" not in refused.json()["error"]
+
+
+def test_the_cli_asks_the_apps_while_one_leads_and_opens_the_database_when_none_runs(
+    tmp_path, postgres_url
+):
+    from assistant.cli.admin_client import LocalAdmin, RemoteAdmin, admin_client
+    from assistant.config import AppConfig
+
+    config = AppConfig(data_dir=tmp_path / "cli", db_path=postgres_url)
+    with in_process_app(tmp_path / "one", "--db", postgres_url):
+        assert isinstance(admin_client(config, "http://127.0.0.1:9", ADMIN_TOKEN), RemoteAdmin)
+    assert isinstance(admin_client(config, "http://127.0.0.1:9", ADMIN_TOKEN), LocalAdmin)

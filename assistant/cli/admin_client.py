@@ -63,13 +63,23 @@ def admin_client(config: AppConfig, url: str, token: str | None) -> AdminClient:
 
 
 def _app_holds_db(config: AppConfig) -> bool:
-    """Whether a running app holds the database (DuckDB lets one process write it)."""
+    """Whether a running app holds the database (DuckDB lets one process write it); on
+    Postgres, whether an app process leads there (the CLI then asks an app, never runs a cycle
+    or a rollback beside the leader)."""
     from storage import DatabaseInUseError, Store
 
     try:
-        Store(config.database, read_only=True).close()
+        Store(config.database, read_only=True).close()  # unreachable Postgres: said here
     except DatabaseInUseError:
         return True
+    if config.on_postgres:  # any number of processes open it: one runs if one leads
+        from storage.leader_lock import LeaderLock
+
+        lock = LeaderLock(config.database)
+        try:
+            return not lock.try_acquire()
+        finally:
+            lock.release()
     return False
 
 
