@@ -390,7 +390,8 @@ def build_app(config: AppConfig, runtime: Runtime | None = None):
 
             async def after_restart() -> None:
                 await runtime.engine.watch_once()  # back in rotation now, not at the next round
-                await canary.resume()
+                # the leader decides what becomes of the canary; another process takes it
+                await (canary.resume() if leadership.leading else canary.adopt())
 
             watch = EngineWatch(
                 runtime.embedded, service, runtime.store, after_restart=after_restart
