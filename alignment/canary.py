@@ -17,6 +17,13 @@ Decision rule (a documented choice; the defaults come from `CanaryConfig`):
 - at `max_votes` comparisons with neither, retire: the challenger has not been shown better, and
   the serving version, which people already accepted, keeps all traffic.
 
+Beside the raw win rate the canary shows the **style-controlled** one
+(`alignment.style_control`: a Bradley-Terry fit with the replies' length and markdown as
+covariates, on the same counted votes): what the challenger wins at equal length and markdown.
+It is shown, and written into the verdict's reason, but not decided on: the rule above stays on
+the raw votes, which are what the users said; a gain that disappears under style control is
+reported as such (`style_note`), for the admin to weigh.
+
 No one session or address decides it: the comparisons count as `alignment.sources` caps them
 (at most `max_share` of the counted ones from one source, its earliest first), so four losses
 from one voter alone retire nothing where the app serves many.
@@ -28,6 +35,7 @@ from dataclasses import asdict, dataclass
 
 from alignment.sources import cap_source_share
 from alignment.stats import wilson_interval
+from alignment.style_control import PairJudgement, judge
 
 
 @dataclass(frozen=True)
@@ -58,15 +66,24 @@ class CanaryVotes:
         return asdict(self)
 
 
+def counted_canary_rows(
+    rows: list[dict], challenger: str, serving: str, max_share: float = 1.0
+) -> tuple[list[dict], int, int]:
+    """The votes that count toward the verdict (one from each version, not both-bad, within
+    each source's share), with how many were both-bad and how many over a source's share."""
+    ours = [r for r in rows if {r["version_a"], r["version_b"]} == {challenger, serving}]
+    compared = [r for r in ours if r["choice"] != "both_bad"]
+    counted = cap_source_share(compared, max_share)
+    return counted, len(ours) - len(compared), len(compared) - len(counted)
+
+
 def count_canary_votes(
     rows: list[dict], challenger: str, serving: str, max_share: float = 1.0
 ) -> CanaryVotes:
     """Tally votes on pairs with one candidate from each version, oldest first. Each row has
     `choice`, the versions of candidates `a` and `b` (`version_a`, `version_b`) and, to cap
     one source's share of the comparisons, `session_id` and `client`; other pairs are skipped."""
-    ours = [r for r in rows if {r["version_a"], r["version_b"]} == {challenger, serving}]
-    compared = [r for r in ours if r["choice"] != "both_bad"]
-    counted = cap_source_share(compared, max_share)
+    counted, both_bad, over_share = counted_canary_rows(rows, challenger, serving, max_share)
     counts = {"challenger": 0, "serving": 0, "tie": 0}
     for row in counted:
         choice = row["choice"]
@@ -75,8 +92,29 @@ def count_canary_votes(
         else:
             winner = row["version_a"] if choice == "a" else row["version_b"]
             counts["challenger" if winner == challenger else "serving"] += 1
-    return CanaryVotes(
-        **counts, both_bad=len(ours) - len(compared), over_share=len(compared) - len(counted)
+    return CanaryVotes(**counts, both_bad=both_bad, over_share=over_share)
+
+
+def style_controlled(
+    rows: list[dict], challenger: str, serving: str, max_share: float = 1.0
+) -> PairJudgement | None:
+    """The challenger's raw and style-controlled win rate over the votes that count (as
+    `count_canary_votes` counts them; rows need `text_a`/`text_b` as well), or None before any.
+    Shown beside the verdict, never decided on."""
+    counted, _, _ = counted_canary_rows(rows, challenger, serving, max_share)
+    return judge(counted, challenger, serving) if counted else None
+
+
+def with_style(reason: str, judged: PairJudgement | None) -> str:
+    """A verdict's reason with what style control says of the same votes, for the record."""
+    if judged is None:
+        return reason
+    if judged.note:
+        return f"{reason}; {judged.note}"
+    lo, hi = judged.interval_style_controlled
+    return (
+        f"{reason}; at equal length and markdown {judged.win_rate_style_controlled:.0%} "
+        f"(95% interval {lo:.2f}-{hi:.2f})"
     )
 
 

@@ -5,8 +5,10 @@ PPO optimises a learned reward, so a version can win the reward model's gate by 
 (longer replies, replies cut off at the token limit, the same phrase every time) while people
 like it less: Gao et al. 2023 measure this over-optimisation. Per version: mean reply length in
 words, share of replies cut off at the token limit, distinct-2 (distinct word bigrams over all
-bigrams of its replies, Li et al. 2016), the gate's win rate and the users' canary win rate.
-Pure functions over rows; the chat service reads the rows from the store.
+bigrams of its replies, Li et al. 2016), the gate's win rate and the users' canary win rate,
+raw and style-controlled (`alignment.style_control`: at equal reply length and markdown; a gain
+that disappears under it is warned of). Pure functions over rows; the chat service reads the
+rows from the store.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def warnings(version: dict, parent: dict | None) -> list[str]:
             f"{gate.get('win_rate', 0):.2f}) but the users said worse ({human:.2f}, "
             f"[{interval[0]:.2f}, {interval[1]:.2f}]): the reward model may be being gamed"
         )
+    if m.get("human_style_note"):
+        out.append(f"{version['version']}: in the users' canary votes, {m['human_style_note']}")
     p = (parent or {}).get("monitors") or {}
     if min(m.get("replies", 0), p.get("replies", 0)) < MIN_REPLIES:
         return out
@@ -81,11 +85,20 @@ def warnings(version: dict, parent: dict | None) -> list[str]:
 def annotate(
     versions: list[dict], cross_votes: list[dict], replies: list[dict], canaries: list[dict]
 ) -> list[dict]:
-    """Give each version record its `rating` (Bradley-Terry over cross-version votes),
-    `monitors` (reply figures, gate and canary win rates) and `warnings`, in place."""
-    from alignment.canary import count_canary_votes
+    """Give each version record its `rating` (Bradley-Terry over cross-version votes, raw and
+    style-controlled), `monitors` (reply figures, gate and canary win rates, raw and
+    style-controlled) and `warnings`, in place. `cross_votes` rows carry the replies' texts."""
+    from alignment.canary import count_canary_votes, style_controlled
+    from alignment.style_control import row_styles
 
-    rated = _ratings(tuple((r["choice"], r["version_a"], r["version_b"]) for r in cross_votes))
+    styled = []
+    for r in cross_votes:
+        style_a, style_b = row_styles(r)
+        styled.append({**r, "style_a": style_a, "style_b": style_b})
+    rated = _ratings(
+        tuple((r["choice"], r["version_a"], r["version_b"], r["style_a"], r["style_b"])
+              for r in styled)
+    )  # fmt: skip
     by_version: dict[str, list[dict]] = {}
     for r in replies:
         by_version.setdefault(r["model_version"], []).append(r)
@@ -94,20 +107,31 @@ def annotate(
         # a decided canary's verdict stands on the votes cast until its decision, as the canary
         # itself counts them: votes on its leftover pairs do not turn the users' verdict around
         decided = c.get("decided_at")
-        counted = [v for v in cross_votes if decided is None or v["voted_at"] <= decided]
+        counted = [v for v in styled if decided is None or v["voted_at"] <= decided]
         votes = count_canary_votes(counted, c["challenger"], c["serving"])
         if votes.comparisons:
-            verdicts[c["challenger"]] = votes
+            verdicts[c["challenger"]] = (
+                votes,
+                style_controlled(counted, c["challenger"], c["serving"]),
+            )
     for v in versions:
         gate = (v.get("manifest") or {}).get("gate") or {}
         monitors = reply_monitors(by_version.get(v["version"], []))
         monitors["gate_win_rate"] = gate.get("win_rate")
-        votes = verdicts.get(v["version"])
+        votes, judged = verdicts.get(v["version"], (None, None))
         monitors["human_win_rate"] = None if votes is None else round(votes.win_rate, 4)
         monitors["human_interval"] = (
             None if votes is None else [round(x, 4) for x in votes.interval]
         )
         monitors["human_comparisons"] = 0 if votes is None else votes.comparisons
+        # the same votes at equal reply length and markdown (alignment.style_control)
+        monitors["human_win_rate_style_controlled"] = (
+            None if judged is None else round(judged.win_rate_style_controlled, 4)
+        )
+        monitors["human_interval_style_controlled"] = (
+            None if judged is None else [round(x, 4) for x in judged.interval_style_controlled]
+        )
+        monitors["human_style_note"] = None if judged is None else judged.note
         v["rating"] = rated.get(v["version"])
         v["monitors"] = monitors
     named = {v["version"]: v for v in versions}
@@ -117,12 +141,19 @@ def annotate(
 
 
 @functools.lru_cache(maxsize=4)
-def _ratings(votes: tuple[tuple[str, str, str], ...]) -> dict[str, dict]:
-    """Ratings, bootstrap and all, computed once per set of votes: the Admin tab asks every two
-    seconds and the votes rarely changed in between."""
-    from alignment.ratings import ratings
+def _ratings(votes: tuple[tuple, ...]) -> dict[str, dict]:
+    """Ratings, bootstrap and all, computed once per set of votes (choice, versions, the two
+    replies' style counts): the Admin tab asks every two seconds and the votes rarely changed
+    in between. Each rating gains its style-controlled score (`alignment.style_control`)."""
+    from alignment.ratings import ratings, style_controlled_scores
 
-    return ratings([{"choice": c, "version_a": a, "version_b": b} for c, a, b in votes])
+    rows = [
+        {"choice": c, "version_a": a, "version_b": b, "style_a": sa, "style_b": sb}
+        for c, a, b, sa, sb in votes
+    ]
+    rated = ratings(rows)
+    controlled = style_controlled_scores(rows, anchor=min(rated, default=None))
+    return {v: {**r, **controlled.get(v, {})} for v, r in rated.items()}
 
 
 def annotated_versions(store) -> list[dict]:

@@ -8,6 +8,12 @@ Bradley-Terry strengths (Hunter 2004's MM iterations), on Chatbot Arena's Elo-li
 with 95 % intervals from a bootstrap over votes, as Chatbot Arena computes them.
 
 A version compared with no other gets no rating (None), rather than a made-up default.
+
+Beside each rating, `style_controlled_scores` gives the same scale's score from the
+style-controlled fit (`alignment.style_control`: Bradley-Terry with the replies' length and
+markdown differences as covariates, LMArena's "style control"): the version's strength at equal
+reply length and markdown, with a 95 % interval from the fit's curvature (Laplace), not a
+bootstrap.
 """
 
 from __future__ import annotations
@@ -111,5 +117,26 @@ def ratings(rows: list[dict], bootstrap: int = 200, seed: int = 0) -> dict[str, 
             "score": round(score, 1),
             "interval": [round(x, 1) for x in interval],
             "votes": votes.get(v, 0),
+        }
+    return out
+
+
+def style_controlled_scores(rows: list[dict], anchor: str | None = None) -> dict[str, dict]:
+    """{version: {"score_style_controlled", "interval_style_controlled": [lo, hi]}} on the
+    ratings' scale, anchored at `anchor` (the ratings' anchor; the earliest version by
+    default). Rows as `ratings` reads them, plus the replies' texts (`text_a`, `text_b`) or
+    their style counts (`style_a`, `style_b`)."""
+    from alignment.style_control import fit as style_fit
+
+    rows = [r for r in rows if r["version_a"] != r["version_b"]]
+    fitted = style_fit(rows, reference=anchor)
+    if fitted is None:
+        return {}
+    out = {}
+    for v, theta in fitted.theta.items():
+        lo, hi = fitted.theta_interval(v)
+        out[v] = {
+            "score_style_controlled": round(ANCHOR + SCALE * theta, 1),
+            "interval_style_controlled": [round(ANCHOR + SCALE * x, 1) for x in (lo, hi)],
         }
     return out

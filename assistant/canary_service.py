@@ -19,7 +19,14 @@ import random
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alignment.canary import CanaryDecision, CanaryVotes, count_canary_votes, decide
+from alignment.canary import (
+    CanaryDecision,
+    CanaryVotes,
+    count_canary_votes,
+    decide,
+    style_controlled,
+    with_style,
+)
 from alignment.config import CanaryConfig
 from alignment.serving import serve_version
 from engine.protocol import Challenger, EngineError
@@ -148,9 +155,14 @@ class CanaryService:
             }
         ):
             return
-        verdict = decide(await self.votes(), self.config.min_votes, self.config.max_votes)
+        rows = await self._rows(c)
+        votes = count_canary_votes(rows, c["challenger"], c["serving"], self.max_source_share)
+        verdict = decide(votes, self.config.min_votes, self.config.max_votes)
         decided_at = datetime.now(timezone.utc)  # the verdict stands on the votes until now
         if verdict.decision is not None and self._concluding is None:
+            # recorded with what style control says of the same votes (shown, not decided on)
+            judged = style_controlled(rows, c["challenger"], c["serving"], self.max_source_share)
+            verdict = CanaryDecision(verdict.decision, with_style(verdict.reason, judged))
             self._concluding = asyncio.create_task(self._conclude(verdict, decided_at))
 
     async def _conclude(self, verdict: CanaryDecision, decided_at: datetime) -> None:
@@ -217,21 +229,28 @@ class CanaryService:
 
     # --- what the users said ----------------------------------------------------------------
 
-    async def votes(self, row: dict | None = None) -> CanaryVotes:
-        row = row or self.current
-        if row is None:
-            return CanaryVotes()
+    async def _rows(self, row: dict) -> list[dict]:
         # a decided canary's verdict stands on the votes cast until the decision (votes on its
         # pairs that came later are ordinary votes: they train and rate, they do not re-decide)
-        rows = await asyncio.to_thread(
+        return await asyncio.to_thread(
             self.store.cross_version_votes,
             (row["challenger"], row["serving"]),
             row.get("decided_at"),
         )
+
+    async def votes(self, row: dict | None = None) -> CanaryVotes:
+        row = row or self.current
+        if row is None:
+            return CanaryVotes()
+        rows = await self._rows(row)
         return count_canary_votes(rows, row["challenger"], row["serving"], self.max_source_share)
 
     async def status(self) -> dict:
-        """`GET /api/canary`: the running canary, else the last one, else all fields empty."""
+        """`GET /api/canary`: the running canary, else the last one, else all fields empty.
+        Beside the raw `win_rate`, `win_rate_style_controlled` (and its interval, the style
+        coefficients and `style_note`): the challenger's win rate at equal reply length and
+        markdown (`alignment.style_control`), over the same counted votes. It is shown, not
+        decided on: the decision rule stays on the raw votes (`alignment.canary`)."""
         row = self.current or await asyncio.to_thread(self.store.latest_canary)
         if row is None:
             return {
@@ -245,8 +264,13 @@ class CanaryService:
                 "reason": None,
                 "min_votes": self.config.min_votes,
                 "max_votes": self.config.max_votes,
+                **_style_fields(None),
             }
-        votes = await self.votes(row)
+        rows = await self._rows(row)
+        votes = count_canary_votes(rows, row["challenger"], row["serving"], self.max_source_share)
+        judged = await asyncio.to_thread(  # a small fit, off the event loop: pages poll this
+            style_controlled, rows, row["challenger"], row["serving"], self.max_source_share
+        )
         running = row["decision"] == "running"
         reason = (
             decide(votes, self.config.min_votes, self.config.max_votes).reason
@@ -265,4 +289,22 @@ class CanaryService:
             "reason": reason,
             "min_votes": self.config.min_votes,
             "max_votes": self.config.max_votes,
+            **_style_fields(judged),
         }
+
+
+def _style_fields(judged) -> dict:
+    """The canary status's style-controlled fields (`alignment.canary.style_controlled`)."""
+    if judged is None:
+        return {
+            "win_rate_style_controlled": None,
+            "interval_style_controlled": None,
+            "style_note": None,
+            "style": None,
+        }
+    return {
+        "win_rate_style_controlled": round(judged.win_rate_style_controlled, 4),
+        "interval_style_controlled": [round(b, 4) for b in judged.interval_style_controlled],
+        "style_note": judged.note,
+        "style": judged.style,
+    }

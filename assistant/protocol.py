@@ -161,6 +161,11 @@ class CanaryAnswer(Answer):
     interval: list[float] | None = None
     decision: str | None = None
     reason: str | None = None
+    # shown beside win_rate, not decided on (alignment.style_control)
+    win_rate_style_controlled: float | None = None
+    interval_style_controlled: list[float] | None = None
+    style_note: str | None = None
+    style: dict[str, Any] | None = None
 
 
 class VariantsAnswer(Answer):

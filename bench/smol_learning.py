@@ -42,6 +42,7 @@ from pathlib import Path
 
 import httpx
 
+from alignment.style_control import judge
 from harness.app_process import DEPLOY_AT_THE_GATE, MANY_USERS_ON_ONE_ADDRESS, AppProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,12 +264,18 @@ def run(
             app.stop()
     wins = losses = 0
     liked = {"v0": 0, "new": 0}
+    judged = []  # the decisive judgements, for the style-controlled win rate
     for ((_, topic), old), (_, new) in zip(before, after, strict=True):
         for o in old["candidates"]:
             for n in new["candidates"]:
                 lo, ln = likes(o["text"], topic), likes(n["text"], topic)
                 wins += ln and not lo
                 losses += lo and not ln
+                if ln != lo:
+                    judged.append(
+                        {"choice": "a" if ln else "b", "version_a": "new", "version_b": "v0",
+                         "text_a": n["text"], "text_b": o["text"]}
+                    )  # fmt: skip
         liked["v0"] += sum(likes(c["text"], topic) for c in old["candidates"])
         liked["new"] += sum(likes(c["text"], topic) for c in new["candidates"])
     n_replies = 2 * len(test_items)
@@ -278,6 +285,9 @@ def run(
         "liked_new": liked["new"] / n_replies,
         "win_rate_vs_v0": wins / (wins + losses) if wins + losses else None,
         "decisive_comparisons": wins + losses,
+        # the same judgements at equal reply length and markdown (alignment.style_control): a
+        # gain that is only length shows here as one that disappears (`style_note`)
+        "style_vs_v0": judge(judged, "new", "v0").as_dict() if judged else None,
         "v0": degeneration(replies(before)),
         "new": degeneration(replies(after)),
         "examples": [c["text"] for _, t in after[:3] for c in t["candidates"][:1]],

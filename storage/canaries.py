@@ -63,7 +63,9 @@ class CanaryRecords:
         self, versions: tuple[str, str] | None = None, until: Any = None
     ) -> list[dict[str, Any]]:
         """Unflagged votes on pairs whose two candidates came from different versions, oldest
-        first: choice, both versions, when it was cast and where from (session, client tag);
+        first: choice, both versions, when it was cast and where from (session, client tag),
+        both replies' texts (`text_a`, `text_b`: style-controlled judging reads their length
+        and markdown, `alignment.style_control`);
         only pairs of exactly these two versions when `versions` is given, only votes cast up
         to `until` (a decided canary's verdict) when that is given."""
         where, params = "a.model_version <> b.model_version AND v.flagged IS NULL", []
@@ -75,7 +77,7 @@ class CanaryRecords:
             params.append(until)
         return self._rows(
             "SELECT v.choice, a.model_version AS version_a, b.model_version AS version_b, "
-            "v.created_at AS voted_at, v.session_id, v.client "
+            "v.created_at AS voted_at, v.session_id, v.client, a.text AS text_a, b.text AS text_b "
             f"FROM votes v JOIN pairs p ON p.id = v.pair_id {BOTH_CANDIDATES} "
             f"WHERE {where} ORDER BY v.created_at, v.id",
             params,

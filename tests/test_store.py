@@ -301,7 +301,7 @@ def test_canary_rows_and_the_votes_that_straddle_two_versions(store):
     voted_at = rows[0].pop("voted_at")  # when it was cast: a decided canary counts until then
     assert rows == [
         {"choice": "a", "version_a": "v0001", "version_b": "v0000", "session_id": None,
-         "client": None}
+         "client": None, "text_a": "reply A", "text_b": "reply B"}
     ]  # fmt: skip
     assert voted_at.tzinfo is not None
     store.finish_canary(store.running_canary()["id"], "retired", "users said no")

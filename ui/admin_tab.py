@@ -38,7 +38,9 @@ VERSION_COLUMNS = [
     "KL",
     "RM accuracy",
     "users' rating",
+    "users' rating (style-controlled)",
     "users' win rate",
+    "users' win rate (style-controlled)",
     "words",
     "cut off",
     "distinct-2",
@@ -64,7 +66,9 @@ def _versions_frame(versions: list[dict]) -> pd.DataFrame:
                 gate.get("kl"),
                 reward.get("heldout_accuracy"),
                 _rating(v.get("rating")),
+                _rating_style_controlled(v.get("rating")),
                 _users(mon),
+                _users_style_controlled(mon),
                 mon.get("mean_words"),
                 mon.get("cut_off_share"),
                 mon.get("distinct_2"),
@@ -81,6 +85,23 @@ def _users(monitors: dict) -> str:
         f"{monitors['human_win_rate']:.2f} {format_interval(monitors['human_interval'])} "
         f"({monitors['human_comparisons']})"
     )
+
+
+def _users_style_controlled(monitors: dict) -> str:
+    """The same canary votes at equal reply length and markdown (`alignment.style_control`)."""
+    if monitors.get("human_win_rate_style_controlled") is None:
+        return ""
+    return (
+        f"{monitors['human_win_rate_style_controlled']:.2f} "
+        f"{format_interval(monitors['human_interval_style_controlled'])}"
+    )
+
+
+def _rating_style_controlled(rating: dict | None) -> str:
+    if not rating or rating.get("score_style_controlled") is None:
+        return ""
+    lo, hi = rating["interval_style_controlled"]
+    return f"{rating['score_style_controlled']:.0f} [{lo:.0f}, {hi:.0f}]"
 
 
 def _rating(rating: dict | None) -> str:
@@ -125,7 +146,18 @@ def canary_line(status: dict) -> str:
         if status["decision"] == "running"
         else f"Last canary: {status['challenger']} **{status['decision']}**"
     )
-    return f"{head}. Votes: {counts}. {status['reason'] or ''}"
+    said = f"{head}. Votes: {counts}. {status['reason'] or ''}"
+    if status.get("win_rate") is not None and status.get("win_rate_style_controlled") is not None:
+        lo, hi = status["interval_style_controlled"]
+        said += (
+            f"\n\nWin rate {status['win_rate']:.2f} {format_interval(status['interval'])}; "
+            f"style-controlled (at equal length and markdown, shown, not decided on) "
+            f"{status['win_rate_style_controlled']:.2f} [{lo:.2f}, {hi:.2f}]"
+        )
+        note = status.get("style_note")
+        if note and note not in (status["reason"] or ""):  # a verdict's reason may carry it
+            said += f": ⚠ {note}"
+    return said
 
 
 def _plots(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
