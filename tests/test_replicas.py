@@ -385,3 +385,42 @@ def test_a_cycle_deploys_to_both_replicas(replicas, two_style_model, tmp_path):
         assert after[0] != v0
     finally:
         app.stop()
+
+
+def test_weights_the_first_replica_cannot_load_leave_every_replica_on_the_old_version(
+    replicas, two_style_model, style_models, tmp_path
+):
+    """A deploy whose weights fail to load (a truncated checkpoint) fails on the first replica
+    of the rolling swap: that replica goes back to the serving weights, the deploy is refused,
+    the second replica is never touched, and both keep serving the old version."""
+    import shutil
+
+    from storage import Store
+
+    data = _data_dir(tmp_path, two_style_model, style_models)
+    broken = data / "versions" / "v0003"
+    shutil.copytree(style_models["plain"], broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    store = Store(data / "assistant.duckdb")
+    store.record_model_version("v0003", "v0000", str(broken), "previous", {})
+    store.close()
+    app = _app(replicas, two_style_model, data)
+    app.start(timeout=300)
+    try:
+        _serve(app, "v0001")
+        refused = httpx.post(
+            app.url + "/api/rollback", json={"version": "v0003"}, headers=ADMIN, timeout=300
+        )
+        assert refused.status_code >= 500, refused.text
+        assert [r.served() for r in replicas] == ["v0001", "v0001"]
+        health = _health(app)
+        assert all(r["in_rotation"] and r["version"] == "v0001" for r in health["replicas"])
+        versions = httpx.get(app.url + "/api/versions", timeout=30).json()
+        assert versions["serving"] == "v0001"
+        turns = asyncio.run(chat_turns(app, _prompts(8, "after-a-failed-deploy"), at_once=4))
+        assert {t["model_version"] for t in turns} == {"v0001"}
+        assert _serve(app, "v0002")["version"] == "v0002"  # the next deploy goes through
+    finally:
+        app.stop()
+    assert _mislabelled(_stored_replies(app.db)) == []
