@@ -258,6 +258,17 @@ class LoopConfig:
         "--single-user)",
         default=0.0,
     )
+    ray_address: str | None = setting(
+        "run each cycle as a job on this Ray cluster (its dashboard's address, e.g. "
+        "http://head:8265) instead of a child process here; the data directory, this Python "
+        "and this code must be at the same paths on its nodes (docs/deployment.md); needs the "
+        "`cluster` extra",
+        default=None,
+    )
+    cycle_gpus: int = setting(
+        "GPUs each cycle's Ray job asks for, with --ray-address (0: a CPU-only Ray cluster)",
+        default=1,
+    )
 
 
 @dataclass

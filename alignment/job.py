@@ -14,6 +14,10 @@ from pathlib import Path
 
 from alignment.config import CycleConfig, override
 
+# A cancelled cycle's job folder holds this file: a worker started after all (a Ray job that
+# Ray placed after it was stopped: `alignment.launch.RayWorker`) leaves at once, touching nothing.
+STOPPED_MARK = "stopped"
+
 
 @dataclass
 class Job:

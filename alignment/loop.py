@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import shutil
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -25,9 +24,9 @@ from pathlib import Path
 from alignment.config import CycleConfig
 from alignment.job import Job, JobResult
 from alignment.labels import agreement_rate, weighted_ai_rows
+from alignment.launch import Launcher, LocalLauncher, Worker
 from alignment.serving import serve_version
 from alignment.sources import cap_source_share
-from engine.lifetime import die_with_parent
 from storage import AppError, ConflictError, Store
 from storage.export import preference_records, verdict_records
 
@@ -74,6 +73,7 @@ class AlignmentLoop:
         on_progress: Callable[[dict], None] | None = None,
         *,
         worker_environment: Callable[[], dict[str, str]] | None = None,
+        launcher: Launcher | None = None,
         keep_versions: int = 5,
         ai_label_weight: float = 0.5,
         max_source_share: float = 1.0,
@@ -95,6 +95,8 @@ class AlignmentLoop:
         # The worker's environment, made when it starts (None: this process's): the app's
         # leaves out its secrets (`assistant.environment.child_environment`).
         self.worker_environment = worker_environment
+        # where the worker runs: a child process here, or a Ray job (`alignment.launch`)
+        self.launcher: Launcher = launcher if launcher is not None else LocalLauncher()
         self.lock = asyncio.Lock()
         self.stage = "idle"
         self.events: list[dict] = []  # the running (or last) cycle's progress lines
@@ -329,20 +331,20 @@ class AlignmentLoop:
         self.stage = "training"
         started = time.perf_counter()
         self.events = []
-        with open(job / "worker.log", "wb") as worker_log:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "alignment.worker",
-                str(job),
-                stdout=worker_log,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self.worker_environment() if self.worker_environment else None,
-                preexec_fn=die_with_parent,  # an app that dies takes its cycle with it
+        # a cycle waits to be placed (a Ray job while no GPU is free) within its budget
+        wait_s = self.cycle.budget_minutes * 60 if self.cycle.budget_minutes > 0 else None
+        try:
+            worker = await self.launcher.launch(
+                job, self.worker_environment() if self.worker_environment else None, wait_s
             )
-            code = await self._follow(proc, job / "progress.jsonl")
-        remove_user_data(job)
-        shutil.rmtree(job / "adapters", ignore_errors=True)  # PPO's, if the worker died with one
+            try:
+                code = await self._follow(worker, job / "progress.jsonl")
+            except asyncio.CancelledError:  # the app stops, or lost the lead: so does the cycle
+                await worker.stop()  # a Ray job would outlive the app; a child process not
+                raise
+        finally:
+            remove_user_data(job)
+            shutil.rmtree(job / "adapters", ignore_errors=True)  # PPO's, if the worker died
         result_path = job / "result.json"
         if code != 0 or not result_path.exists():
             error = (
@@ -427,12 +429,12 @@ class AlignmentLoop:
         await asyncio.to_thread(self.store.finish_run, run_id, "deployed", metrics)
         return {"status": "deployed", "version": version, **metrics}
 
-    async def _follow(self, proc, progress: Path) -> int:
+    async def _follow(self, worker: Worker, progress: Path) -> int:
         """Wait for the worker, relaying its progress lines as they are written."""
         seen = 0
         while True:
             try:
-                code = await asyncio.wait_for(proc.wait(), timeout=POLL_S)
+                code = await asyncio.wait_for(worker.wait(), timeout=POLL_S)
             except asyncio.TimeoutError:
                 code = None
             for event in read_progress(progress)[seen:]:

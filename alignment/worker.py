@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from alignment.cycle import CycleInputs, run_cycle
-from alignment.job import Job
+from alignment.job import STOPPED_MARK, Job
 from alignment.rollouts import vllm_generate
 
 
@@ -34,6 +34,10 @@ def _read_jsonl(path: Path) -> list:
 
 def main(job_dir: str) -> int:
     job_path = Path(job_dir)
+    if (job_path / STOPPED_MARK).exists():
+        # its cycle was cancelled while Ray waited to place it, and Ray started it anyway
+        # (`alignment.launch.RayWorker`): the app has moved on, so touch nothing
+        return 1
     job = Job.read(job_path)
     progress = (job_path / "progress.jsonl").open("a", buffering=1)
 

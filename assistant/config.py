@@ -332,6 +332,7 @@ class AppConfig:
             (0 <= self.canary.share <= 1, "--canary-share must be in [0, 1] (0: no canary)"),
             (self.canary.min_votes >= 1, "--canary-min-votes must be at least 1"),
             (self.loop.keep_versions >= 0, "--keep-versions must be >= 0 (0 keeps everything)"),
+            (self.loop.cycle_gpus >= 0, "--cycle-gpus must be >= 0 (0: a CPU-only Ray cluster)"),
             (
                 self.canary.max_votes == 0 or self.canary.max_votes >= self.canary.min_votes,
                 "--canary-max-votes must be 0 (no cap) or at least --canary-min-votes",

@@ -155,6 +155,7 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
     """Open the store and start (or reach) the engine for a validated `config`
     (`AppConfig.validate`); raises ConfigError/StoreError early.
     `engine`: one already made (a test's `harness.fake_engine.FakeEngine`), started by nobody."""
+    from alignment.launch import cycle_launcher
     from alignment.loop import AlignmentLoop
     from engine.probe import write_probe_adapter
     from engine.replicas import ReplicaSet
@@ -164,6 +165,8 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
     from storage.private import private_folder
 
     lora_rank = engine_lora_rank(config.cycle.ppo.lora_rank)  # raises before anything starts
+    # where cycles run; Ray missing, or a --ray-address that does not answer, fails here too
+    launcher = cycle_launcher(config.loop.ray_address, config.loop.cycle_gpus)
     private_folder(config.data_dir, ours=True)  # it holds the chats, their copies and secrets
     store = Store(config.database)  # fails fast on an unwritable path
     if not config.on_postgres:  # (on Postgres, the leading process does it when it gains)
@@ -221,6 +224,7 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
         config.cycle,
         on_progress,
         worker_environment=environment.child_environment,
+        launcher=launcher,
         keep_versions=config.loop.keep_versions,
         ai_label_weight=config.cai.ai_label_weight,
         max_source_share=config.max_source_share,
@@ -230,10 +234,12 @@ def open_runtime(config: AppConfig, on_progress=None, engine=None) -> Runtime:
 
 def fail_interrupted_runs(store) -> None:
     """Cycles left 'running' by a stop or crash are failed, and their chats' copies removed."""
+    from alignment.launch import stop_abandoned
     from alignment.loop import remove_user_data
 
     for run in store.fail_interrupted_runs():
         if run.get("job"):
+            stop_abandoned(Path(run["job"]))  # a Ray job outlives the app that started it
             remove_user_data(Path(run["job"]))  # the copies of chats it never got to delete
 
 

@@ -106,6 +106,24 @@ def test_missing_model_path_fails_fast(tmp_path):
     assert "no such directory" in out.stderr
 
 
+def test_a_ray_address_that_does_not_answer_or_no_ray_fails_the_start(tmp_path):
+    from engine.vllm_server import free_port
+
+    nobody = f"http://127.0.0.1:{free_port()}"  # free: nothing listens there
+    out = run_cli(tmp_path / "a", "--port", "0", "--ray-address", nobody)
+    assert out.returncode == 2, out.stderr
+    assert f"the Ray cluster at --ray-address {nobody} does not answer" in out.stderr
+    # Ray is an optional extra: without it, the start says how to install it
+    (tmp_path / "no-ray" / "ray").mkdir(parents=True)
+    (tmp_path / "no-ray" / "ray" / "__init__.py").write_text("raise ImportError('no ray')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "no-ray")}
+    out = run_cli(tmp_path / "b", "--port", "0", "--ray-address", nobody, env=env)
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'online-aligned-assistant[cluster]'" in out.stderr
+    out = run_cli(tmp_path / "c", "--port", "0", "--ray-address", nobody, "--cycle-gpus", "-1")
+    assert out.returncode == 2 and "--cycle-gpus must be >= 0" in out.stderr
+
+
 def test_unwritable_db_fails_fast(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

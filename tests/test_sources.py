@@ -105,23 +105,27 @@ def test_the_canary_counts_the_stores_votes_with_the_cap(store):
     assert asyncio.run(alone.votes(row)) == CanaryVotes(serving=4)
 
 
-def test_reward_model_training_takes_no_more_of_one_sources_votes(store, tmp_path, monkeypatch):
+def test_reward_model_training_takes_no_more_of_one_sources_votes(store, tmp_path):
     votes = [("s1", "c-x")] * 4 + [("s2", "c-y"), ("s3", "c-z")]  # s1 cast 4 of 6
     for session, client in votes:
         store.record_vote(_pair(store), "a", session_id=session, client=client)
     engine = SimpleNamespace(base_url="http://127.0.0.1:9")
 
-    async def no_worker(*_args, **_kwargs):  # stop where the worker would start
-        raise RuntimeError("no worker in this test")
-
-    monkeypatch.setattr("alignment.loop.asyncio.create_subprocess_exec", no_worker)
+    class NoWorker:  # reads what the worker would train on, and stops there
+        async def launch(self, job, environment, wait_s):
+            self.preferences = (job / "preferences.jsonl").read_text().splitlines()
+            raise RuntimeError("no worker in this test")
 
     def preferences(share: float, data_dir: str) -> list[dict]:
-        loop = AlignmentLoop(store, engine, tmp_path / data_dir, max_source_share=share)
+        launcher = NoWorker()
+        loop = AlignmentLoop(
+            store, engine, tmp_path / data_dir, max_source_share=share, launcher=launcher
+        )
         with pytest.raises(RuntimeError, match="no worker"):
             asyncio.run(loop.retrain())
         (job,) = (tmp_path / data_dir / "jobs").iterdir()
-        return [json.loads(line) for line in (job / "preferences.jsonl").read_text().splitlines()]
+        assert not (job / "preferences.jsonl").exists()  # the copies go when the cycle ends
+        return [json.loads(line) for line in launcher.preferences]
 
     # cap 2: s1's first two, s2's and s3's: s1 holds 2 of 4, half
     assert len(preferences(0.5, "shared")) == 4

@@ -70,6 +70,8 @@ RUN_GROUPS: dict[str, list[tuple[str, str, str, str]]] = {
         ("--retrain-poll-seconds", "loop", "poll_seconds", "SECONDS"),
         ("--max-vote-source-share", "loop", "max_source_share", "FRACTION"),
         ("--keep-versions", "loop", "keep_versions", "N"),
+        ("--ray-address", "loop", "ray_address", "ADDR"),
+        ("--cycle-gpus", "loop", "cycle_gpus", "N"),
     ],
     "canary (users judge a new version first)": [
         ("--canary-share", "canary", "share", "FRACTION"),

@@ -52,7 +52,7 @@ def show_progress(event: dict) -> None:
             event.get("max_steps") or event["step"] + 1,
             f"reward {event['reward_mean']:+.3f} KL {event['kl']:.3f}",
         )
-    elif stage in ("gate", "merge", "done", "failed") and len(event) > 2:
+    elif stage in ("waiting", "gate", "merge", "done", "failed") and len(event) > 2:
         print(
             f"\n[{stage}] "
             + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "stage"))
