@@ -82,12 +82,12 @@ class Replica:
             if line.startswith("vllm:request_success_total")
         )
 
-    def reply(self, prompt: str, seed: int) -> str:
+    def reply(self, prompt: str, seed: int, temperature: float = 1.0) -> str:
         body = {
             "model": "policy",
             "messages": [{"role": "user", "content": prompt}],
             "seed": seed,
-            "temperature": 1.0,
+            "temperature": temperature,
             "max_tokens": 16,
         }
         r = httpx.post(self.url + "/v1/chat/completions", json=body, timeout=60)
@@ -202,8 +202,13 @@ def test_pairs_spread_over_both_replicas_and_a_swap_reaches_both(
             assert all(r["version"] == version for r in _health(app)["replicas"])
             turns = asyncio.run(chat_turns(app, _prompts(8, version)))
             assert {t["model_version"] for t in turns} == {version}
-            # the same prompt and seed give the same text on both replicas: the same weights
-            texts = [[r.reply("Tell me about tea (x).", seed) for seed in (1, 2)] for r in replicas]
+            # the same prompt and seed give the same text on both replicas: the same weights;
+            # at the app's temperature, the one style of those weights (at 1.0 a tiny one-style
+            # model derails now and then: 'W|heese sunlightsks', a tally run's failure)
+            texts = [
+                [r.reply("Tell me about tea (x).", seed, temperature=0.3) for seed in (1, 2)]
+                for r in replicas
+            ]
             assert texts[0] == texts[1], texts
             assert all(("!" in t) == STYLE_OF[version] for t in texts[0]), texts
     finally:
