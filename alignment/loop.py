@@ -107,6 +107,8 @@ class AlignmentLoop:
         # False on an app process that does not lead (several on one Postgres): its cycles
         # are asked of the leader through the store (`assistant.leadership`)
         self.leading = True
+        self._worker = None  # the running cycle's worker, while it trains (`cancel` stops it)
+        self._cancelled: str | None = None  # who cancelled the running cycle, for its record
 
     @property
     def sft(self) -> bool:
@@ -183,6 +185,26 @@ class AlignmentLoop:
         task.add_done_callback(self._background.discard)
         # a caller that goes away (a client hanging up) must not cancel the cycle's future
         return await asyncio.shield(recorded)
+
+    async def cancel(self, run_id: str | None = None) -> dict:
+        """Stop the running cycle's worker (its Ray job, or its child process): the cycle ends
+        as failed, "cancelled by an admin", and nothing of it is deployed. `run_id`, if given,
+        must be the running cycle's. A cycle not yet training (its votes being read) or already
+        gating and deploying cannot be cancelled: the answer says so (409)."""
+        if not self.leading:
+            raise ConflictError(NOT_LEADING.format(what="the cycle"))
+        if not self.running:
+            raise ConflictError("no retrain cycle is running")
+        if run_id is not None and run_id != self.run_id:
+            raise ConflictError(f"{run_id} is not the running cycle ({self.run_id})")
+        worker = self._worker
+        if worker is None:
+            raise ConflictError(
+                f"the cycle is {self.stage}, not training: it can be cancelled while it trains"
+            )
+        self._cancelled = "cancelled by an admin"
+        await worker.stop()
+        return {"run_id": self.run_id, "status": "cancelled"}
 
     async def _ask_leader(self) -> str:
         """A cycle asked of the leading process: its run id once it has started it, or its
@@ -337,15 +359,23 @@ class AlignmentLoop:
             worker = await self.launcher.launch(
                 job, self.worker_environment() if self.worker_environment else None, wait_s
             )
+            self._worker, self._cancelled = worker, None
             try:
                 code = await self._follow(worker, job / "progress.jsonl")
             except asyncio.CancelledError:  # the app stops, or lost the lead: so does the cycle
                 await worker.stop()  # a Ray job would outlive the app; a child process not
                 raise
+            finally:
+                self._worker = None
         finally:
             remove_user_data(job)
             shutil.rmtree(job / "adapters", ignore_errors=True)  # PPO's, if the worker died
         result_path = job / "result.json"
+        if self._cancelled is not None:  # stopped by `cancel`, whatever the worker left
+            error = self._cancelled
+            await asyncio.to_thread(self.store.finish_run, run_id, "failed", None, error)
+            log.warning("cycle %s: %s", version, error)
+            return {"status": "failed", "version": version, "error": error, "public_error": error}
         if code != 0 or not result_path.exists():
             error = (
                 (job / "error.txt").read_text()[:2000]

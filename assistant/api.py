@@ -11,6 +11,7 @@ Routes (documented in docs/api.md):
   DELETE /api/conversations/{id}  (from the session that started it)
   POST /api/retrain -> 202 {"run_id", "status": "running"} (?wait=true: the summary, at the end)
   GET  /api/retrain/{run_id} -> status, progress, result; GET /api/retrain/{run_id}/events: SSE
+  POST /api/retrain/{run_id}/cancel -> stops a cycle while it trains
   POST /api/rollback {"version"}, POST /api/prune {"keep"}  (these four: admin token)
   GET  /api/canary; POST /api/canary/promote, POST /api/canary/retire  (admin token)
   GET  /api/constitution, PUT /api/constitution (admin), GET /api/critiques/{id} (admin)
@@ -334,6 +335,13 @@ def build_api_router(
         # no-store and X-Accel-Buffering: a proxy must pass each event on as it comes
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    @admin.post("/retrain/{run_id}/cancel", responses=ERRORS)
+    async def retrain_cancel(run_id: str, request: Request):
+        """Stop a cycle while it trains (its worker, or its Ray job): it ends as failed,
+        "cancelled by an admin", and nothing of it is deployed. 409 when it is not training
+        (not running, still reading its votes, or already gating and deploying)."""
+        return await loop.cancel(run_id)
 
     @admin.post(
         "/rollback",

@@ -279,6 +279,7 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None, engines=No
         retire = gr.Button("Retire challenger", size="sm")
     with gr.Row():
         retrain = gr.Button("Retrain now", variant="primary")
+        cancel = gr.Button("Cancel the cycle", size="sm")
         version = gr.Dropdown(label="Version", choices=[], allow_custom_value=True)
         rollback = gr.Button("Roll back")
     result = gr.Markdown("", elem_id="admin-result")
@@ -347,6 +348,15 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None, engines=No
             extra += f" ({cut})"
         return f"Cycle {summary['status']}: {summary['version']} {extra}"
 
+    async def on_cancel(request: gr.Request):
+        if (problem := auth.admin_problem(request)) is not None:
+            return f"⚠ {problem}"
+        try:
+            done = await loop.cancel()
+        except AppError as exc:
+            return f"⚠ {exc.public()}"
+        return f"Cycle {done['run_id']} cancelled: its worker is stopped, nothing is deployed"
+
     async def on_rollback(name: str, request: gr.Request):
         if (problem := auth.admin_problem(request)) is not None:
             return f"⚠ {problem}"
@@ -379,6 +389,7 @@ def build_admin_tab(loop, auth: PageAuth, canary=None, variants=None, engines=No
         refresh, None, outputs
     )
     retrain.click(on_retrain, None, result, concurrency_limit=None).then(refresh, None, outputs)
+    cancel.click(on_cancel, None, result, concurrency_limit=None).then(refresh, None, outputs)
     rollback.click(on_rollback, version, result, concurrency_limit=None).then(
         refresh, None, outputs
     )
