@@ -373,7 +373,9 @@ class AlignmentLoop:
         result_path = job / "result.json"
         if self._cancelled is not None:  # stopped by `cancel`, whatever the worker left
             error = self._cancelled
-            await asyncio.to_thread(self.store.finish_run, run_id, "failed", None, error)
+            await asyncio.to_thread(
+                self.store.finish_run, run_id, "failed", {"public_error": error}, error
+            )
             log.warning("cycle %s: %s", version, error)
             return {"status": "failed", "version": version, "error": error, "public_error": error}
         if code != 0 or not result_path.exists():

@@ -270,3 +270,38 @@ def test_the_ray_job_of_a_cycle_whose_app_died_is_stopped_at_the_next_start(ray_
         time.sleep(0.5)
     assert (job / "stopped").exists()  # and had Ray not placed it yet, it would leave at once
     stop_abandoned(tmp_path)  # a cycle that ran as a child process: nothing to do
+
+
+@pytest.mark.cycle  # a Ray head, and a cycle through the app
+def test_cancelling_a_cycle_stops_its_ray_job_and_deploys_nothing(
+    ray_head, tiny_app_factory, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", TOKEN)
+    app = tiny_app_factory(
+        "--model", str(tiny_model_dir),
+        "--retrain-preset", "fast",
+        "--ray-address", ray_head.address,
+        "--cycle-gpus", "0",
+    )  # fmt: skip
+    assert post(app, "retrain/no-such-run/cancel").status_code == 409  # nothing runs
+    vote(app)
+    run_id = post(app, "retrain").json()["run_id"]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    deadline = time.monotonic() + 300
+    while not httpx.get(f"{app.url}/api/retrain/{run_id}", headers=headers).json()["events"]:
+        assert time.monotonic() < deadline, "the worker never reported progress"
+        time.sleep(0.2)  # training: the worker has written its first progress line
+    cancelled = post(app, f"retrain/{run_id}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json() == {"run_id": run_id, "status": "cancelled"}
+    run = finished(app, run_id, timeout=120)
+    assert run["status"] == "failed" and run["result"]["error"] == "cancelled by an admin", run
+    assert httpx.get(app.url + "/api/versions").json()["serving"] == "v0000"
+    (job,) = jobs_of(ray_head, app)
+    deadline = time.monotonic() + 60
+    while job.status not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+        (job,) = jobs_of(ray_head, app)
+    assert job.status == "STOPPED", job
+    assert post(app, f"retrain/{run_id}/cancel").status_code == 409  # it no longer runs

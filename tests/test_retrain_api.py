@@ -133,6 +133,31 @@ def test_retrain_deploys_new_version_then_rollback(tiny_app_factory, tiny_model_
     assert post(app, "rollback", {"version": 3}).status_code == 422
 
 
+def test_a_cycle_cancelled_while_it_trains_ends_failed_and_deploys_nothing(
+    tiny_app_factory, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", TOKEN)
+    app = tiny_app_factory("--model", str(tiny_model_dir), "--retrain-preset", "fast")
+    assert post(app, "retrain/no-such-run/cancel").status_code == 409  # nothing runs
+    _vote_some(app, 6)
+    run_id = post(app, "retrain").json()["run_id"]
+    deadline = time.monotonic() + 300
+    while not get(app, f"/api/retrain/{run_id}").json()["events"]:
+        assert time.monotonic() < deadline, "the worker never reported progress"
+        time.sleep(0.2)  # training: the worker has written its first progress line
+    assert post(app, "retrain/another-run/cancel").status_code == 409  # not the running one
+    cancelled = post(app, f"retrain/{run_id}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    deadline = time.monotonic() + 120
+    while (run := get(app, f"/api/retrain/{run_id}").json())["status"] == "running":
+        assert time.monotonic() < deadline, run
+        time.sleep(0.5)
+    assert run["status"] == "failed" and run["result"]["error"] == "cancelled by an admin", run
+    assert httpx.get(app.url + "/api/versions").json()["serving"] == "v0000"
+    assert not any((app.data_dir / "versions").glob("v0001*"))  # nothing of it kept
+    assert post(app, f"retrain/{run_id}/cancel").status_code == 409
+
+
 def _vote_some(app, n=4):
     for i in range(n):
         turn = httpx.post(app.url + "/api/chat", json={"message": f"q{i}"}, timeout=120).json()
