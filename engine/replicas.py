@@ -377,6 +377,15 @@ class ReplicaSet:
                     if _unreachable(exc):
                         replica.leave_rotation("not answering", healthy=False)
                         log.error("engine %s died during the swap to %s", replica.url, version)
+                        if not committed:
+                            # vLLM's engine dies when weights fail to load (a truncated file):
+                            # the first engine to load them may have died of them, so no other
+                            # engine is given them
+                            raise EngineError(
+                                f"the engine at {replica.url} stopped answering while it loaded "
+                                f"{version}; the deploy stops there: every other engine still "
+                                f"serves {old_version}"
+                            ) from exc
                         continue
                     if not committed and was_serving:
                         await self._restore(replica, old_path, old_version)

@@ -13,6 +13,7 @@ a real cycle made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -395,9 +396,11 @@ def test_a_cycle_deploys_to_both_replicas(replicas, two_style_model, tmp_path):
 def test_weights_the_first_replica_cannot_load_leave_every_replica_on_the_old_version(
     replicas, two_style_model, style_models, tmp_path
 ):
-    """A deploy whose weights fail to load (a truncated checkpoint) fails on the first replica
-    of the rolling swap: that replica goes back to the serving weights, the deploy is refused,
-    the second replica is never touched, and both keep serving the old version."""
+    """A deploy whose weights fail to load (a truncated checkpoint) stops at the first replica
+    of the rolling swap: vLLM 0.32's engine dies when a reload fails (its log: "Error while
+    deserializing header"), so the deploy is refused there, the second replica is never given
+    those weights and keeps serving the old version alone, and the first, restarted by its
+    supervisor on the base weights, comes back on the serving version."""
     import shutil
 
     from storage import Store
@@ -418,13 +421,23 @@ def test_weights_the_first_replica_cannot_load_leave_every_replica_on_the_old_ve
             app.url + "/api/rollback", json={"version": "v0003"}, headers=ADMIN, timeout=300
         )
         assert refused.status_code >= 500, refused.text
-        assert [r.served() for r in replicas] == ["v0001", "v0001"]
-        health = _health(app)
-        assert all(r["in_rotation"] and r["version"] == "v0001" for r in health["replicas"])
+        health = _health(app)["replicas"]
+        assert not health[0]["in_rotation"], health  # it died loading them
+        assert health[1]["in_rotation"] and health[1]["version"] == "v0001", health
+        assert replicas[1].served() == "v0001"  # never given the broken weights
         versions = httpx.get(app.url + "/api/versions", timeout=30).json()
         assert versions["serving"] == "v0001"
         turns = asyncio.run(chat_turns(app, _prompts(8, "after-a-failed-deploy"), at_once=4))
         assert {t["model_version"] for t in turns} == {"v0001"}
+
+        with contextlib.suppress(ProcessLookupError):  # its API process may still be ending
+            replicas[0].kill()
+        replicas[0].start()  # its supervisor restarts it: on the base weights, unnamed
+        deadline = time.monotonic() + 120
+        while not _health(app)["replicas"][0]["in_rotation"]:
+            assert time.monotonic() < deadline, _health(app)
+            time.sleep(0.5)
+        assert [r.served() for r in replicas] == ["v0001", "v0001"]
         assert _serve(app, "v0002")["version"] == "v0002"  # the next deploy goes through
     finally:
         app.stop()
