@@ -393,7 +393,7 @@ def test_a_cycle_deploys_to_both_replicas(replicas, two_style_model, tmp_path):
         app.stop()
 
 
-def test_weights_the_first_replica_cannot_load_leave_every_replica_on_the_old_version(
+def test_weights_that_kill_the_first_replica_are_given_to_no_other(
     replicas, two_style_model, style_models, tmp_path
 ):
     """A deploy whose weights fail to load (a truncated checkpoint) stops at the first replica
