@@ -238,6 +238,11 @@ class ReplicaSet:
             if _unreachable(exc):
                 return None
             raise
+        # vLLM's API process still answers /weight_info (and renames weights) after its engine
+        # died, e.g. of weights that failed to load, until it has shut down: only /health asks
+        # the engine. A replica whose engine is dead is one that does not answer.
+        if not await replica.client.healthy():
+            return None
         if named == UNNAMED_WEIGHTS:
             return self._unnamed_is or self._version
         return named

@@ -26,6 +26,7 @@ class StandIn:
         self.weights = served
         self.model_version = served  # what the client labels replies with (set by the app)
         self.up = True
+        self.engine_dead = False  # the API process answers, its engine died
         self.fail_reload = False
         self.adapters: set[str] = set()  # what the client believes loaded
         self.on_server: set[str] = set()  # what the server holds (a restart empties it)
@@ -39,6 +40,9 @@ class StandIn:
     async def served_version(self) -> str:
         self._answer()
         return self.weights
+
+    async def healthy(self) -> bool:
+        return self.up and not self.engine_dead  # vLLM's /health asks the engine itself
 
     async def name_weights(self, version: str) -> None:
         self._answer()
@@ -271,3 +275,25 @@ def test_a_replica_restarted_during_a_canary_gets_the_challenger_back():
 
     statuses = asyncio.run(go())
     assert "v0002" in b.on_server and all(s.in_rotation for s in statuses)
+
+
+def test_a_replica_whose_engine_died_is_out_of_rotation_though_its_api_answers():
+    """vLLM's API process keeps answering /weight_info (and renames weights) for a while after
+    its engine died (of weights that failed to load): only /health asks the engine, so a
+    replica is back in rotation only when that answers, never on the version name alone."""
+
+    async def go():
+        one, two = StandIn("http://one"), StandIn("http://two")
+        replicas = ReplicaSet([one, two], "v0000", "/base", unnamed_is="v0000")
+        await replicas.prepare()
+        one.engine_dead = True
+        await replicas.watch_once()
+        assert [r.in_rotation for r in replicas.replicas] == [False, True]
+        for _ in range(3):
+            await _pair(replicas)
+        assert one.pairs == 0 and two.pairs == 3
+        one.engine_dead = False  # its supervisor restarted it
+        await replicas.watch_once()
+        assert [r.in_rotation for r in replicas.replicas] == [True, True]
+
+    asyncio.run(go())
