@@ -40,6 +40,7 @@ SAY_PENDING_AFTER_S = 2.0  # a job is PENDING for a second or so while Ray start
 LOST_AFTER_S = 60.0  # a cluster that has not answered this long fails the cycle
 CONNECT_TIMEOUT_S = 15.0  # the check at start: an address that hangs must not hang the app
 STOPPED_EXIT = -signal.SIGTERM  # a stopped Ray job reads as a worker killed by SIGTERM
+STOP_WAIT_S = 30.0  # how long `RayWorker.stop` waits for Ray to say the job stopped
 # The app machine's own: they would point a worker on another machine at the wrong devices or
 # cluster (Ray sets these for the job itself).
 MACHINE_LOCAL = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "PWD")
@@ -170,15 +171,27 @@ class RayWorker:
         self.job = job
         self.wait_s = wait_s
         self.submitted = time.monotonic()
+        self._stopped = False
         self._watch = asyncio.create_task(self._follow())
 
     async def wait(self) -> int:
-        return await asyncio.shield(self._watch)
+        try:
+            return await asyncio.shield(self._watch)
+        except asyncio.CancelledError:
+            if self._stopped and self._watch.cancelled():  # `stop` gave up waiting on Ray
+                return STOPPED_EXIT
+            raise
 
     async def stop(self) -> None:
-        self._watch.cancel()
+        """Stop the job and wait (a while) for Ray to say it stopped, so that `wait` answers
+        with its exit code: a cycle cancelled by an admin ends recorded as such."""
+        self._stopped = True
         await self._stop()
-        await self._save_logs()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._watch), STOP_WAIT_S)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - not stopped in time: leave it
+            self._watch.cancel()
+            await self._save_logs()
 
     async def _stop(self) -> None:
         (self.job / STOPPED_MARK).touch()

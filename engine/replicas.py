@@ -382,10 +382,10 @@ class ReplicaSet:
                     if _unreachable(exc):
                         replica.leave_rotation("not answering", healthy=False)
                         log.error("engine %s died during the swap to %s", replica.url, version)
-                        if not committed:
+                        if not committed and not await replica.client.healthy():
                             # vLLM's engine dies when weights fail to load (a truncated file):
-                            # the first engine to load them may have died of them, so no other
-                            # engine is given them
+                            # the first engine to load them died, maybe of them, so no other
+                            # engine is given them (one that answers again was a hiccup)
                             raise EngineError(
                                 f"the engine at {replica.url} stopped answering while it loaded "
                                 f"{version}; the deploy stops there: every other engine still "
