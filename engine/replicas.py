@@ -382,7 +382,7 @@ class ReplicaSet:
                     if _unreachable(exc):
                         replica.leave_rotation("not answering", healthy=False)
                         log.error("engine %s died during the swap to %s", replica.url, version)
-                        if not committed and not await replica.client.healthy():
+                        if not committed and await _engine_died(replica.client):
                             # vLLM's engine dies when weights fail to load (a truncated file):
                             # the first engine to load them died, maybe of them, so no other
                             # engine is given them (one that answers again was a hiccup)
@@ -542,6 +542,18 @@ class ReplicaSet:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(r.client.aclose() for r in self.replicas))
+
+
+async def _engine_died(client, watch_s: float = 5.0) -> bool:
+    """After a swap's connection broke: whether the engine is dead (vLLM's API process shuts
+    down within a second or two of its engine dying, answering /health with an error or not at
+    all), rather than a broken connection to a live one (healthy throughout `watch_s`)."""
+    deadline = time.monotonic() + watch_s
+    while time.monotonic() < deadline:
+        if not await client.healthy():
+            return True
+        await asyncio.sleep(0.5)
+    return False
 
 
 def _unreachable(exc: EngineError) -> bool:
