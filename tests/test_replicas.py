@@ -13,7 +13,6 @@ a real cycle made.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
