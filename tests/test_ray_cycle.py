@@ -163,6 +163,14 @@ def vote(app, n: int = 6) -> None:
         ).raise_for_status()
 
 
+def ray_app(factory, model, head: RayHead, gpus: str = "0", *extra: str):
+    """An app on the shared tiny engine whose cycles are Ray jobs on `head`."""
+    return factory(
+        "--model", str(model), "--retrain-preset", "fast",
+        "--ray-address", head.address, "--cycle-gpus", gpus, *extra,
+    )  # fmt: skip
+
+
 def jobs_of(head: RayHead, app) -> list:
     """The Ray jobs this app submitted (their entry point names its job folder)."""
     return [j for j in head.client().list_jobs() if str(app.data_dir) in j.entrypoint]
@@ -173,12 +181,7 @@ def test_a_cycle_runs_as_a_ray_job_deploys_and_serves(
     ray_head, tiny_app_factory, tiny_model_dir, monkeypatch
 ):
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", TOKEN)
-    app = tiny_app_factory(
-        "--model", str(tiny_model_dir),
-        "--retrain-preset", "fast",
-        "--ray-address", ray_head.address,
-        "--cycle-gpus", "0",
-    )  # fmt: skip
+    app = ray_app(tiny_app_factory, tiny_model_dir, ray_head)
     vote(app)
     started = post(app, "retrain")
     assert started.status_code == 202, started.text
@@ -277,12 +280,7 @@ def test_cancelling_a_cycle_stops_its_ray_job_and_deploys_nothing(
     ray_head, tiny_app_factory, tiny_model_dir, monkeypatch
 ):
     monkeypatch.setenv("ASSISTANT_ADMIN_TOKEN", TOKEN)
-    app = tiny_app_factory(
-        "--model", str(tiny_model_dir),
-        "--retrain-preset", "fast",
-        "--ray-address", ray_head.address,
-        "--cycle-gpus", "0",
-    )  # fmt: skip
+    app = ray_app(tiny_app_factory, tiny_model_dir, ray_head)
     assert post(app, "retrain/no-such-run/cancel").status_code == 409  # nothing runs
     vote(app)
     run_id = post(app, "retrain").json()["run_id"]
