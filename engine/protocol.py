@@ -31,6 +31,13 @@ class PromptTooLongError(EngineError):
     log_detail = False
 
 
+class WeightsLoadError(EngineError):
+    """The engine answered the swap's pause but its reload of the new weights failed: an error,
+    or a connection that broke while it loaded them (vLLM 0.32 on a truncated checkpoint). Told
+    apart from an engine that was down before it was given anything, because weights that failed
+    on one engine must be given to no other."""
+
+
 class EngineRequestError(EngineError):
     """The engine refused a request passed through to it as malformed (HTTP 4xx); the message
     is about the request, so the client is told it with the same status."""

@@ -12,10 +12,12 @@ gate) and does three things itself:
   drains its pairs in flight; `pause?mode=wait` drains everyone else's), names the weights on the
   server (`/update_weight_version`), and puts it back; then the next. The store's record is
   written once, while the first replica still holds its new pairs back, so no reply labelled with
-  the new version exists before the app says it serves. A replica that answers but fails the
-  first reload is put back on what it served and the deploy fails (every replica still serves the
-  old version); one that fails later, or is unreachable, leaves rotation and is brought to the
-  serving version by the watch before it serves again: never a mix left in rotation.
+  the new version exists before the app says it serves. Weights that fail to load on the first
+  replica given them go to no other: the deploy fails, that replica is put back on what it served
+  (or, if its engine died of them, left out until its supervisor restarts it) and every other
+  replica still serves the old version. A replica down before it is given anything, or one that
+  fails after the first took the new weights, leaves rotation and is brought to the serving
+  version by the watch before it serves again: never a mix left in rotation.
 - **Version truth.** A reply is labelled with the version of the replica that wrote it. At start,
   on each watch round and before a replica re-enters rotation, the app reads what the server
   serves (`/weight_info`) and brings it to the serving version first: a replica its supervisor
@@ -37,7 +39,7 @@ from pathlib import Path
 import httpx
 
 from engine.probe import PROBE_NAME
-from engine.protocol import Challenger, EngineError, PairProgress
+from engine.protocol import Challenger, EngineError, PairProgress, WeightsLoadError
 from engine.vllm_client import AdaptersUnsupportedError, VLLMServerEngine
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ UNNAMED_WEIGHTS = "default"
 # A replica that answers but could not be brought to the serving version is tried again after
 # this long, not every watch round (each try pauses it and reads a whole checkpoint).
 CATCH_UP_RETRY_S = 30.0
+# After a reload's connection broke: how long the engine must keep answering /health to count
+# as alive (vLLM's API process shuts down within a second or two of its engine dying).
+ENGINE_DEATH_WATCH_S = 5.0
 
 
 class VersionsFolderError(EngineError):
@@ -379,25 +384,26 @@ class ReplicaSet:
                 try:
                     await self._swap(replica, path, version, None if committed else record)
                 except EngineError as exc:
-                    if _unreachable(exc):
-                        replica.leave_rotation("not answering", healthy=False)
-                        log.error("engine %s died during the swap to %s", replica.url, version)
-                        if not committed and await _engine_died(replica.client):
-                            # vLLM's engine dies when weights fail to load (a truncated file):
-                            # the first engine to load them died, maybe of them, so no other
-                            # engine is given them (one that answers again was a hiccup)
-                            raise EngineError(
-                                f"the engine at {replica.url} stopped answering while it loaded "
-                                f"{version}; the deploy stops there: every other engine still "
-                                f"serves {old_version}"
-                            ) from exc
-                        continue
-                    if not committed and was_serving:
-                        await self._restore(replica, old_path, old_version)
+                    if not committed and isinstance(exc, WeightsLoadError):
+                        # the first engine given these weights failed to load them: no other
+                        # engine gets them (all old, never a mix left behind)
+                        await self._failed_first_load(
+                            replica, exc, was_serving, old_path, old_version
+                        )
                         raise EngineError(
-                            f"the swap to {version} failed on {replica.url}: {exc}; every engine "
-                            f"still serves {old_version}"
+                            f"the swap to {version} failed on {replica.url}: {exc}; every "
+                            f"engine still serves {old_version}"
                         ) from exc
+                    if _unreachable(exc):
+                        # down before it was given anything, or after the first engine took
+                        # the weights: the swap finishes on the others, the watch updates it
+                        replica.leave_rotation("not answering", healthy=False)
+                        log.error(
+                            "engine %s stopped answering during the swap to %s",
+                            replica.url,
+                            version,
+                        )
+                        continue
                     replica.leave_rotation(f"failed to load {version}: {exc}")
                     replica.retry_at = time.monotonic() + CATCH_UP_RETRY_S
                     log.error("engine %s failed to load %s: %s", replica.url, version, exc)
@@ -410,6 +416,27 @@ class ReplicaSet:
                     f"{old_version} still serves"
                 )
         return time.perf_counter() - started
+
+    async def _failed_first_load(
+        self,
+        replica: Replica,
+        exc: WeightsLoadError,
+        was_serving: bool,
+        old_path: str | None,
+        old_version: str,
+    ) -> None:
+        """A replica whose load of a deploy's weights failed: back on the old weights if its
+        engine lives (vLLM 0.32 may break the connection on a truncated file and live on, with
+        half-loaded weights), out of rotation if it died of them (its supervisor restarts it,
+        the watch brings it back on the serving version)."""
+        if _unreachable(exc) and await _engine_died(replica.client):
+            replica.leave_rotation("not answering", healthy=False)
+            log.error("engine %s died loading new weights: %s", replica.url, exc)
+        elif was_serving:
+            await self._restore(replica, old_path, old_version)
+        else:
+            replica.leave_rotation(f"failed to load new weights: {exc}")
+            replica.retry_at = time.monotonic() + CATCH_UP_RETRY_S
 
     async def _restore(self, replica: Replica, path: str | None, version: str) -> None:
         """Put a replica whose reload failed back on the weights it served."""
@@ -544,11 +571,11 @@ class ReplicaSet:
         await asyncio.gather(*(r.client.aclose() for r in self.replicas))
 
 
-async def _engine_died(client, watch_s: float = 5.0) -> bool:
-    """After a swap's connection broke: whether the engine is dead (vLLM's API process shuts
-    down within a second or two of its engine dying, answering /health with an error or not at
-    all), rather than a broken connection to a live one (healthy throughout `watch_s`)."""
-    deadline = time.monotonic() + watch_s
+async def _engine_died(client) -> bool:
+    """After a swap's connection broke: whether the engine is dead (its /health answers with
+    an error or not at all) rather than a broken connection to a live one (healthy throughout
+    `ENGINE_DEATH_WATCH_S`)."""
+    deadline = time.monotonic() + ENGINE_DEATH_WATCH_S
     while time.monotonic() < deadline:
         if not await client.healthy():
             return True

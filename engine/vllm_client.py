@@ -36,6 +36,7 @@ from engine.protocol import (
     EngineRequestError,
     PairProgress,
     PromptTooLongError,
+    WeightsLoadError,
 )
 
 
@@ -378,17 +379,30 @@ class VLLMServerEngine:
         async with self._gate.swap():
             # other clients' requests (the worker's rollouts) drain on the server's side
             await self._post("/pause", params={"mode": "wait"})
+            load_failed = False
             try:
-                await self._post(
-                    "/collective_rpc",
-                    json={"method": "reload_weights", "kwargs": {"weights_path": path}},
-                )
+                try:
+                    await self._post(
+                        "/collective_rpc",
+                        json={"method": "reload_weights", "kwargs": {"weights_path": path}},
+                    )
+                except EngineError as exc:
+                    load_failed = True
+                    raise WeightsLoadError(f"{exc} (loading {version} from {path})") from (
+                        exc.__cause__ or exc
+                    )
                 await self._post("/reset_prefix_cache")
                 # the server's own record, so the app reads the truth after a restart
                 await self._post("/update_weight_version", json={"new_version": version})
                 self._version = version
             finally:
-                await self._post("/resume")
+                try:
+                    await self._post("/resume")
+                except EngineError:
+                    # an engine that died of the load cannot resume: the caller must hear
+                    # that the load failed, not only that the engine stopped answering
+                    if not load_failed:
+                        raise
             seconds = time.perf_counter() - started
             if commit is not None:
                 await commit(seconds)

@@ -13,7 +13,7 @@ import asyncio
 import httpx
 import pytest
 
-from engine.protocol import CandidateDraft, EngineError, PairProgress
+from engine.protocol import CandidateDraft, EngineError, PairProgress, WeightsLoadError
 from engine.replicas import NoReplicaError, ReplicaSet, _labelled_metrics
 
 
@@ -27,7 +27,9 @@ class StandIn:
         self.model_version = served  # what the client labels replies with (set by the app)
         self.up = True
         self.engine_dead = False  # the API process answers, its engine died
-        self.fail_reload = False
+        self.fail_reload = False  # the reload answers with an error
+        self.break_reload = False  # the reload breaks the connection; the engine lives on
+        self.die_on_reload = False  # the reload kills the engine (its API answers, /health fails)
         self.adapters: set[str] = set()  # what the client believes loaded
         self.on_server: set[str] = set()  # what the server holds (a restart empties it)
         self.reloads: list[str] = []
@@ -52,7 +54,12 @@ class StandIn:
         self._answer()
         self.reloads.append(version)
         if self.fail_reload:
-            raise EngineError("engine error 500: cannot load the checkpoint")
+            raise WeightsLoadError("engine error 500: cannot load the checkpoint")
+        if self.break_reload or self.die_on_reload:  # these weights only: the old ones load
+            self.weights = "half-loaded"
+            self.engine_dead = self.die_on_reload
+            self.break_reload = self.die_on_reload = False
+            raise WeightsLoadError("connection broken") from httpx.RemoteProtocolError("eof")
         self.weights = self.model_version = version
         if commit is not None:
             await commit(0.1)
@@ -141,6 +148,51 @@ def test_a_replica_that_fails_the_first_reload_is_restored_and_the_deploy_fails(
     assert commits == [] and replicas.model_version == "v0001"
     assert b.reloads == []  # the deploy stopped before the second replica
     assert a.reloads == ["v0002", "v0001"]  # tried, then put back (that fails too: left out)
+
+
+@pytest.mark.parametrize("how", ["break_reload", "die_on_reload"])
+def test_weights_that_break_the_first_replica_are_given_to_no_other(how, monkeypatch):
+    """vLLM 0.32 on a truncated checkpoint: the reload's connection breaks, and the engine
+    either lives on with half-loaded weights (put back on the old ones) or dies (left out until
+    its supervisor restarts it). Either way the second replica never gets those weights."""
+    monkeypatch.setattr("engine.replicas.ENGINE_DEATH_WATCH_S", 0.2)
+    a, b = StandIn("http://a", "v0001"), StandIn("http://b", "v0001")
+    setattr(a, how, True)
+
+    async def go():
+        replicas = _set(a, b)
+        await replicas.prepare()
+        with pytest.raises(EngineError, match="every engine still serves v0001"):
+            await replicas.reload_weights("/versions/v0002", "v0002")
+        labels = {(await _pair(replicas)).model_version for _ in range(4)}
+        return replicas, labels
+
+    replicas, labels = asyncio.run(go())
+    assert b.reloads == [] and b.weights == "v0001"
+    assert replicas.model_version == "v0001" and labels == {"v0001"}
+    statuses = [(s.version, s.in_rotation) for s in replicas.statuses()]
+    if how == "break_reload":
+        assert a.reloads == ["v0002", "v0001"] and a.weights == "v0001"
+        assert statuses == [("v0001", True), ("v0001", True)]
+    else:
+        assert a.reloads == ["v0002"]
+        assert statuses[0][1] is False and statuses[1] == ("v0001", True)
+
+
+def test_a_first_replica_down_before_the_swap_is_skipped_and_the_deploy_goes_on():
+    a, b = StandIn("http://a", "v0001"), StandIn("http://b", "v0001")
+
+    async def go():
+        replicas = _set(a, b)
+        await replicas.prepare()
+        a.up = False  # down, and the watch has not noticed yet
+        await replicas.reload_weights("/versions/v0002", "v0002")
+        return replicas
+
+    replicas = asyncio.run(go())
+    assert replicas.model_version == "v0002" and b.weights == "v0002"
+    assert [(s.version, s.in_rotation) for s in replicas.statuses()][1] == ("v0002", True)
+    assert not replicas.statuses()[0].in_rotation
 
 
 def test_a_replica_failing_after_the_first_switched_leaves_rotation_until_it_catches_up():

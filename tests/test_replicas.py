@@ -13,6 +13,7 @@ a real cycle made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -68,7 +69,8 @@ class Replica:
         return self
 
     def kill(self) -> None:
-        os.killpg(self.server._proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # its engine died; its API may be ending
+            os.killpg(self.server._proc.pid, signal.SIGKILL)
         self.server._proc.wait(timeout=30)
 
     def served(self) -> str:
@@ -390,3 +392,54 @@ def test_a_cycle_deploys_to_both_replicas(replicas, two_style_model, tmp_path):
         assert after[0] != v0
     finally:
         app.stop()
+
+
+def test_weights_that_fail_on_the_first_replica_are_given_to_no_other(
+    replicas, two_style_model, style_models, tmp_path
+):
+    """A deploy whose weights fail to load (a truncated checkpoint) stops at the first replica
+    of the rolling swap. vLLM 0.32 breaks the reload's connection ("Error while deserializing
+    header") and either lives on with half-loaded weights or dies; the app puts a live one back
+    on the old weights, leaves a dead one out until its supervisor restarts it, and never gives
+    the second replica those weights."""
+    import shutil
+
+    from storage import Store
+
+    data = _data_dir(tmp_path, two_style_model, style_models)
+    broken = data / "versions" / "v0003"
+    shutil.copytree(style_models["plain"], broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    store = Store(data / "assistant.duckdb")
+    store.record_model_version("v0003", "v0000", str(broken), "previous", {})
+    store.close()
+    app = _app(replicas, two_style_model, data)
+    app.start(timeout=300)
+    try:
+        _serve(app, "v0001")
+        refused = httpx.post(
+            app.url + "/api/rollback", json={"version": "v0003"}, headers=ADMIN, timeout=300
+        )
+        assert refused.status_code >= 500, refused.text
+        health = _health(app)["replicas"]
+        assert health[1]["in_rotation"] and health[1]["version"] == "v0001", health
+        assert replicas[1].served() == "v0001"  # never given the broken weights
+        versions = httpx.get(app.url + "/api/versions", timeout=30).json()
+        assert versions["serving"] == "v0001"
+        turns = asyncio.run(chat_turns(app, _prompts(8, "after-a-failed-deploy"), at_once=4))
+        assert {t["model_version"] for t in turns} == {"v0001"}
+
+        if not health[0]["healthy"]:  # it died of them: its supervisor restarts it
+            replicas[0].kill()
+            replicas[0].start()  # on the base weights, unnamed
+        deadline = time.monotonic() + 120
+        while not _health(app)["replicas"][0]["in_rotation"]:
+            assert time.monotonic() < deadline, _health(app)
+            time.sleep(0.5)
+        assert [r.served() for r in replicas] == ["v0001", "v0001"]
+        assert _serve(app, "v0002")["version"] == "v0002"  # the next deploy goes through
+    finally:
+        app.stop()
+    print("first replica:", "died" if not health[0]["healthy"] else "restored", app.log)
+    assert _mislabelled(_stored_replies(app.db)) == []
