@@ -14,7 +14,8 @@ vote budget (about 10 minutes on a 2-core CPU).
 Run: `.venv/bin/python -m bench.learning` (about 10 minutes) or `... -m bench.learning --smol`.
 `--repeat N` instead runs the learning test (`tests/test_learning.py`, through the app) N times in
 fresh processes and prints the tally, each failure classified: rejected by the gate (safe) or a
-deployed version that was not better (the failure the gate exists to prevent).
+deployed version that was not better (the failure the gate exists to prevent); and the second
+cycle's tally (the loop's next turn: a version no worse than the first, or a refusal).
 Results: bench/RESULTS.md.
 """
 
@@ -162,12 +163,20 @@ def repeat_learning_test(n: int) -> int:
     import re
 
     tally = {"passed": 0, "rejected by the gate": 0, "deployed, not better": 0, "error": 0}
+    second_tally = {"passed": 0, "failed": 0, "deployed": 0, "refused": 0}
     for i in range(1, n + 1):
         started = time.perf_counter()
         returncode, out = run_test_file("tests/test_learning.py")
         cycle = re.search(r"^LEARNING-CYCLE (.*)$", out, re.M)
         result = re.search(r"^LEARNING-RESULT (.*)$", out, re.M)
-        if returncode == 0:
+        second = re.search(r"^SECOND-CYCLE (.*)$", out, re.M)
+        second_failed = "FAILED tests/test_learning.py::test_a_second_cycle" in out
+        second_tally["failed" if second_failed or not second else "passed"] += 1
+        if second:
+            second = json.loads(second.group(1))
+            second_tally["deployed" if second["status"] == "deployed" else "refused"] += 1
+        first_failed = "FAILED tests/test_learning.py::test_deployed_version" in out
+        if returncode == 0 or (result and not first_failed):
             kind = "passed"
         elif cycle and json.loads(cycle.group(1))["status"] != "deployed":
             kind = "rejected by the gate"
@@ -183,7 +192,8 @@ def repeat_learning_test(n: int) -> int:
                 {"run": i, "outcome": kind, "seconds": round(time.perf_counter() - started),
                  **measured, "gate_win_rate": gate.get("win_rate"),
                  "gate_interval": gate.get("interval"), "gate_n": gate.get("comparisons"),
-                 "kl": gate.get("kl"), "reason": gate.get("reason")}
+                 "kl": gate.get("kl"), "reason": gate.get("reason"),
+                 "second_cycle": second, "second_failed": second_failed}
             ),
             flush=True,
         )  # fmt: skip
@@ -194,7 +204,11 @@ def repeat_learning_test(n: int) -> int:
         + ", ".join(f"{k}: {v}" for k, v in tally.items() if k != "passed")
         + f" ({platform.machine()}, {os.cpu_count()} cores)"
     )
-    return 0 if tally["passed"] == n else 1
+    print(
+        f"second cycle: {second_tally['passed']}/{n} passed ({second_tally['deployed']} "
+        f"deployed a version, {second_tally['refused']} refused)"
+    )
+    return 0 if tally["passed"] == second_tally["passed"] == n else 1
 
 
 def main() -> None:

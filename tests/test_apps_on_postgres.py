@@ -138,6 +138,71 @@ def test_the_follower_leads_within_30_s_of_the_leader_being_killed(two_apps, pos
     assert pair_id in _stored_votes(postgres_url)
 
 
+def _workers(data_dir) -> list[int]:
+    """The pids of cycle workers (`python -m alignment.worker JOB`) whose job is under
+    `data_dir`."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"alignment.worker" in cmd and any(str(data_dir).encode() in c for c in cmd):
+            found.append(int(proc.name))
+    return found
+
+
+def _run(app, run_id: str) -> dict:
+    return httpx.get(f"{app.url}/api/retrain/{run_id}", headers=ADMIN, timeout=30).json()
+
+
+def test_a_cycle_cut_by_the_leaders_death_ends_once_and_the_next_leader_runs_the_next(
+    two_apps, postgres_url
+):
+    """SIGKILL the leader mid-cycle: its worker dies with it, the new leader records that
+    cycle failed (interrupted) once, nothing it made is recorded, and the next cycle, on the new
+    leader, is the only other one: no cycle runs twice or on two processes."""
+    leader, follower = two_apps
+    assert _health(leader)["leader"] and not _health(follower)["leader"]
+    session = follower.new_session()
+    for k in range(12):
+        pair_id, answer = _turn_and_vote(follower, leader, session, f"q{k}", "ab"[k % 2])
+        assert pair_id is not None, answer.text
+    started = httpx.post(follower.url + "/api/retrain", headers=ADMIN, timeout=120)
+    assert started.status_code == 202, started.text
+    cut = started.json()["run_id"]
+    _wait(lambda: _workers(leader.data_dir), timeout=120)  # the leader's worker trains
+    worker = _workers(leader.data_dir)
+    leader.stop(signal.SIGKILL)
+    _wait(lambda: not _workers(leader.data_dir), timeout=15)  # it died with its app
+    _wait(lambda: _health(follower)["leader"], timeout=30)
+    run = _run(follower, cut)
+    assert run["status"] == "failed", run  # recorded once, by the new leader
+    print(f"worker {worker} died with its leader; the cycle: {run['result']}")
+
+    again = httpx.post(follower.url + "/api/retrain", headers=ADMIN, timeout=120)
+    assert again.status_code == 202, again.text
+    nxt = again.json()["run_id"]
+    _wait(lambda: _run(follower, nxt)["status"] != "running", timeout=600)
+    finished = _run(follower, nxt)
+    assert finished["status"] in ("deployed", "challenger", "rejected"), finished
+    store = Store(postgres_url, read_only=True)
+    try:
+        cycles = store._rows(
+            "SELECT id, status FROM training_runs WHERE kind = 'cycle' ORDER BY id"
+        )
+        versions = store._rows("SELECT version FROM model_versions ORDER BY version")
+    finally:
+        store.close()
+    assert sorted(c["id"] for c in cycles) == sorted([cut, nxt])  # each ran once
+    # the cut cycle recorded no version; it keeps its name (v0001), so no two cycles ever
+    # write one folder, and the next one (recorded even when the gate rejects it) is v0002
+    assert [v["version"] for v in versions] == ["v0000", "v0002"], versions
+    assert finished["result"]["version"] == "v0002", finished
+
+
 def test_a_postgres_restart_under_load_is_a_503_and_loses_nothing(
     two_apps, postgres_cluster, postgres_url
 ):
