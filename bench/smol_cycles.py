@@ -13,7 +13,8 @@ Crowds (`--crowd`; `--family` is the majority's taste, `--other` the second one)
   - noise:     five voters of `--family`, each picking at random on 25 % of decisive pairs
   - mix:       six voters of `--family`, four of `--other` (a 60/40 crowd)
   - minority:  eight voters of `--family`, two voting the opposite of it
-  - drift:     one voter whose taste is `--family` for the first cycle, `--other` after
+  - drift:     one voter whose taste is `--family` until the first cycle, `--other` from then
+               on (its canary is judged by the new taste)
 
 After the last cycle every version that served (and v0) answers the same held-out prompts
 (after `POST /api/rollback` to it), and each is judged against its predecessor and against v0
@@ -248,7 +249,8 @@ def run(args: argparse.Namespace, seed: int) -> dict:
     vote_items = prompts(TOPICS[:-HELD_OUT_TOPICS], rng)
     test_items = prompts(TOPICS[-HELD_OUT_TOPICS:], random.Random(0))[: args.held_out]
     flags = ["--model", str(SMOL), "--retrain-every-votes", "0", "--retrain-every-minutes", "0",
-             "--reading-words-per-second", "0", "--no-cai", "--forwarded-allow-ips", "127.0.0.1",
+             "--reading-words-per-second", "0", "--max-votes-per-minute", "0", "--no-cai",
+             "--forwarded-allow-ips", "127.0.0.1",
              *MANY_USERS_ON_ONE_ADDRESS]  # fmt: skip
     if len(voters) > 1:  # a crowd: the product's own cap on one person's share of the votes
         flags += ["--max-vote-source-share", "0.5"]
@@ -269,22 +271,27 @@ def run(args: argparse.Namespace, seed: int) -> dict:
         app = AppProcess(flags, Path(tmp), env={"ASSISTANT_ADMIN_TOKEN": TOKEN}).start(timeout=600)
         try:
             session = Session(app, voters, vote_items)
+            carried = 0  # decisive votes cast while a canary ran: the next cycle trains on them
             for n in range(1, args.cycles + 1):
-                if args.crowd == "drift" and n == 2:
-                    for v in voters:
-                        v.taste = args.other
-                decisive, chats0 = 0, session.chats
+                decisive, chats0 = carried, session.chats
                 while decisive < args.votes and session.chats - chats0 < args.max_chats:
                     decisive += session.batch()
                 cycle, summary = retrain(app, HEADERS)
                 entry = {"cycle": n, "votes": decisive, "chats": session.chats - chats0,
                          **summary, "version": cycle.get("version")}  # fmt: skip
+                if args.crowd == "drift" and n == 1:  # the taste changes once the cycle ran
+                    for v in voters:
+                        v.taste = args.other
+                carried = 0
                 if cycle["status"] == "challenger":
                     canary_chats = session.chats
                     while session.canary_running():
-                        if session.chats - canary_chats >= args.max_chats:
+                        if session.chats - canary_chats >= args.max_canary_chats:
+                            # undecided at the cap: retired, as at --canary-max-votes
+                            httpx.post(app.url + "/api/canary/retire", headers=HEADERS, timeout=900)
+                            entry["canary_retired_by_the_bench"] = True
                             break
-                        decisive += session.batch()
+                        carried += session.batch()
                     canary = _get(app, "/api/canary")
                     entry["canary"] = {k: canary.get(k) for k in (
                         "decision", "reason", "win_rate", "interval", "votes",
@@ -297,23 +304,22 @@ def run(args: argparse.Namespace, seed: int) -> dict:
                 entry["minutes_so_far"] = round((time.perf_counter() - t0) / 60, 1)
                 cycles.append(entry)
                 print(json.dumps({"progress": entry}, default=str), flush=True)
-            if session.canary_running():  # its vote cap reached: judged below as it stands
-                httpx.post(app.url + "/api/canary/retire", headers=HEADERS, timeout=900)
-                cycles[-1]["canary_retired_by_the_bench"] = True
             versions = {v["version"]: v for v in _get(app, "/api/versions")["versions"]}
             replies = {v: _replies(app, test_items, v) for v in chain}
         finally:
             app.stop()
-    judges = {args.family: FAMILIES[args.family]}
-    if args.crowd in ("mix", "drift"):
-        judges[args.other] = FAMILIES[args.other]
-    judged = [_version_figures(chain, i, replies, test_items, judges) for i in range(len(chain))]
-    for entry in judged[1:]:
-        path = versions[entry["version"]]["path"]
-        kl_items = test_items[: args.kl_prompts]
-        entry["kl_to_v0"] = round(
-            kl_to_v0(path, str(SMOL), kl_items, GateConfig().max_new_tokens), 2
-        )
+        judges = {args.family: FAMILIES[args.family]}
+        if args.crowd in ("mix", "drift"):
+            judges[args.other] = FAMILIES[args.other]
+        judged = [
+            _version_figures(chain, i, replies, test_items, judges) for i in range(len(chain))
+        ]
+        for entry in judged[1:]:  # while the versions' folders (in the data directory) exist
+            path = versions[entry["version"]]["path"]
+            kl_items = test_items[: args.kl_prompts]
+            entry["kl_to_v0"] = round(
+                kl_to_v0(path, str(SMOL), kl_items, GateConfig().max_new_tokens), 2
+            )
     row |= {
         "cycles": cycles,
         "chain": judged,
@@ -336,7 +342,11 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--seed", type=int, nargs="+", default=[1])
     parser.add_argument("--votes", type=int, default=40, help="decisive votes before each cycle")
-    parser.add_argument("--max-chats", type=int, default=240, help="per vote round and per canary")
+    parser.add_argument("--max-chats", type=int, default=240, help="per vote round")
+    parser.add_argument(
+        "--max-canary-chats", type=int, default=480,
+        help="chats while a canary runs before the bench retires it undecided",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the app's default")
     parser.add_argument("--canary-share", type=float, default=None, help="default: the app's")
     parser.add_argument("--retrain-config", type=Path, default=None)
