@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -248,3 +249,84 @@ def test_postgres_restarted_under_the_store(store_location, postgres_cluster, mo
         reader.shutdown()
         writer.shutdown()
         store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 24 MB tmpfs: a disk that really fills (mounting needs root, as the test machines run)."""
+    import os
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m,mode=0777", "tmpfs", str(mount)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (uid {os.geteuid()}): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _give_to_the_server(folder: Path) -> None:
+    """A tablespace's folder must belong to the server's user, who must reach it."""
+    import os
+    import pwd
+
+    if os.geteuid() == 0:
+        account = pwd.getpwnam("postgres")
+        os.chown(folder, account.pw_uid, account.pw_gid)
+    parent = folder.parent
+    while parent != parent.parent:
+        os.chmod(parent, parent.stat().st_mode | 0o001)
+        parent = parent.parent
+
+
+def test_a_full_disk_under_postgres_is_refused_and_loses_no_acknowledged_vote(
+    postgres_cluster, small_disk
+):
+    """The database's tables on a disk that fills (a tablespace on a 24 MB tmpfs; the WAL stays
+    on the cluster's disk, as a team that puts its data on a volume of its own would have it):
+    Postgres refuses the write that does not fit ("could not extend file": 53100), the store
+    says `StorageWriteError` (the app's 507) with the disk named as the cause, every vote
+    acknowledged before is there, and writes succeed again once space is freed, on the same
+    store, without a restart."""
+    import os
+
+    import psycopg
+
+    from storage.errors import StorageWriteError
+
+    _give_to_the_server(small_disk)
+    with psycopg.connect(postgres_cluster.database_url("postgres"), autocommit=True) as con:
+        con.execute(f"CREATE TABLESPACE small_disk LOCATION '{small_disk}'")
+        con.execute('CREATE DATABASE "on_a_small_disk" TABLESPACE small_disk')
+    store = Store(postgres_cluster.database_url("on_a_small_disk"))
+    filler = small_disk / "filler"
+    try:
+        free = os.statvfs(small_disk)
+        with open(filler, "wb") as f:  # all but half a megabyte
+            f.write(b"\0" * (free.f_bavail * free.f_frsize - 512 * 1024))
+        acknowledged: list[str] = []
+        with pytest.raises(StorageWriteError) as full:
+            for i in range(20_000):
+                conversation = store.create_conversation()
+                pair = _turn(store, conversation, f"q{i} " + "words " * 300)
+                store.record_vote(pair.pair_id, "a")
+                acknowledged.append(pair.pair_id)
+        assert full.value.disk_full, full.value
+        assert acknowledged, "the disk filled before the first vote: make the filler smaller"
+        filler.unlink()
+        later = _turn(store, store.create_conversation(), "after the disk was freed")
+        assert store.record_vote(later.pair_id, "b").choice == "b"
+        stored = {r["pair_id"] for r in store._rows("SELECT pair_id FROM votes")}
+        assert set(acknowledged) | {later.pair_id} <= stored
+        print(f"{len(acknowledged)} votes acknowledged before the disk filled: {full.value}")
+    finally:
+        store.close()
+        filler.unlink(missing_ok=True)
+        postgres_cluster.drop_database("on_a_small_disk")
+        with psycopg.connect(postgres_cluster.database_url("postgres"), autocommit=True) as con:
+            con.execute("DROP TABLESPACE IF EXISTS small_disk")
