@@ -169,7 +169,7 @@ def repeat_learning_test(n: int) -> int:
         returncode, out = run_test_file("tests/test_learning.py")
         cycle = re.search(r"^LEARNING-CYCLE (.*)$", out, re.M)
         result = re.search(r"^LEARNING-RESULT (.*)$", out, re.M)
-        second = re.search(r"^SECOND-CYCLE (.*)$", out, re.M)
+        second = re.search(r"SECOND-CYCLE (\{.*)$", out, re.M)
         second_failed = "FAILED tests/test_learning.py::test_a_second_cycle" in out
         second_tally["failed" if second_failed or not second else "passed"] += 1
         if second:
